@@ -1,0 +1,235 @@
+"""Symbolic tracing: run the user's ``score_mod``/``mask_mod`` on proxies.
+
+Each proxy stands for one IR node. Python operators and the supported torch
+functions (dispatched through ``__torch_function__``) append nodes to the
+graph; indexing a captured tensor with traced indices becomes a ``load``.
+Anything that needs a concrete value (``if proxy:``, ``int(proxy)``, ``and``)
+raises :class:`SpecError` pointing at the user's line.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Callable
+
+import torch
+
+from .errors import SpecError
+from .ir.graph import Capture, Graph
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+SCORE_INPUTS = ("score", "b", "h", "q_idx", "kv_idx")
+MASK_INPUTS = ("b", "h", "q_idx", "kv_idx")
+
+# torch function / method name -> (IR op, reversed operands)
+_BINARY = {
+    "add": "add", "sub": "sub", "subtract": "sub", "mul": "mul", "multiply": "mul",
+    "div": "truediv", "divide": "truediv", "truediv": "truediv", "true_divide": "truediv",
+    "floordiv": "floordiv", "floor_divide": "floordiv", "mod": "mod", "remainder": "mod",
+    "pow": "pow", "minimum": "minimum", "maximum": "maximum",
+    "lt": "lt", "less": "lt", "le": "le", "less_equal": "le", "gt": "gt", "greater": "gt",
+    "ge": "ge", "greater_equal": "ge", "eq": "eq", "ne": "ne", "not_equal": "ne",
+    "and": "and", "bitwise_and": "and", "logical_and": "and",
+    "or": "or", "bitwise_or": "or", "logical_or": "or",
+    "xor": "xor", "bitwise_xor": "xor", "logical_xor": "xor",
+}
+_REVERSED = {"radd": "add", "rsub": "sub", "rmul": "mul", "rtruediv": "truediv", "rdiv": "truediv",
+             "rfloordiv": "floordiv", "rmod": "mod", "rpow": "pow", "rand": "and", "ror": "or", "rxor": "xor"}
+_UNARY = {
+    "neg": "neg", "negative": "neg", "abs": "abs", "absolute": "abs", "exp": "exp", "log": "log",
+    "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
+    "logical_not": "not",
+}
+SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | {"where", "clamp", "clip", "__getitem__"})
+
+
+def _user_frame(frames) -> str:
+    """``file:line: code`` of the innermost frame outside attngen and torch."""
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return "<unknown location>"
+
+
+def user_location() -> str:
+    """Where in the user's code the current trace step happens."""
+    return _user_frame(traceback.extract_stack())
+
+
+class Tracer:
+    """Records the ops applied to proxies into one :class:`Graph`."""
+
+    def __init__(self):
+        self.graph = Graph()
+        self.function = "score_mod"
+        self._captured: dict[int, int] = {}
+
+    def fail(self, message: str) -> SpecError:
+        return SpecError(f"{self.function}: {message}\n  at {user_location()}")
+
+    def capture(self, tensor: torch.Tensor) -> int:
+        """The capture index of ``tensor``, registering it on first use."""
+        key = id(tensor)
+        if key not in self._captured:
+            if tensor.is_complex():
+                raise self.fail(f"captured tensor of dtype {tensor.dtype} is not supported")
+            self._captured[key] = len(self.graph.captures)
+            self.graph.captures.append(Capture(tensor))
+        return self._captured[key]
+
+    def node(self, value) -> int:
+        """The IR node for a proxy, a Python number or a one-element tensor."""
+        if isinstance(value, Proxy):
+            if value.tracer is not self:
+                raise self.fail("a traced value from another trace was used")
+            return value.node
+        if isinstance(value, (bool, int, float)):
+            return self.graph.const(value)
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise self.fail(
+                    f"a captured tensor of shape {tuple(value.shape)} is used without indexing; "
+                    "index it with the traced indices, e.g. bias[h, q_idx, kv_idx]")
+            index = tuple(self.graph.const(0) for _ in range(value.dim()))
+            return self.graph.load(self.capture(value), index)
+        raise self.fail(f"cannot use a value of type {type(value).__name__} in a traced expression")
+
+    def apply(self, op: str, *args) -> Proxy:
+        return Proxy(self, self.graph.add(op, tuple(self.node(a) for a in args)))
+
+    def index(self, tensor: torch.Tensor, index) -> Proxy:
+        items = index if isinstance(index, tuple) else (index,)
+        if len(items) != tensor.dim() or not all(isinstance(i, (Proxy, int)) for i in items):
+            raise self.fail(
+                f"a captured tensor of shape {tuple(tensor.shape)} must be indexed with exactly "
+                f"{tensor.dim()} integer or traced indices (no slices), e.g. slopes[h] or bias[h, q_idx - kv_idx]")
+        nodes = tuple(self.node(i) for i in items)
+        if any(self.graph.dtype(n) == "float" for n in nodes):
+            raise self.fail("a captured tensor is indexed with a floating-point value")
+        return Proxy(self, self.graph.load(self.capture(tensor), nodes))
+
+    def torch_call(self, func, args, kwargs) -> Proxy:
+        name = getattr(func, "__name__", str(func)).strip("_")
+        kwargs = kwargs or {}
+        if name == "getitem":
+            return self.index(*args)
+        if name == "where":
+            return self.apply("where", *args)
+        if name in ("clamp", "clip"):
+            x, lo, hi = (list(args) + [None, None])[:3]
+            lo, hi = kwargs.get("min", lo), kwargs.get("max", hi)
+            if lo is not None:
+                x = self.apply("maximum", x, lo)
+            if hi is not None:
+                x = self.apply("minimum", x, hi)
+            return x
+        if kwargs:
+            raise self.fail(f"torch.{name} with keyword arguments {sorted(kwargs)} is not supported")
+        if name in _UNARY and len(args) == 1:
+            return self.apply(_UNARY[name], *args)
+        if name in _BINARY and len(args) == 2:
+            return self.apply(_BINARY[name], *args)
+        if name in _REVERSED and len(args) == 2:
+            return self.apply(_REVERSED[name], args[1], args[0])
+        raise self.fail(f"torch.{name} cannot be traced; supported: {', '.join(SUPPORTED_TORCH)}")
+
+
+class Proxy:
+    """A traced scalar value; Python operators and torch functions record IR ops."""
+
+    __slots__ = ("tracer", "node")
+
+    def __init__(self, tracer: Tracer, node: int):
+        self.tracer = tracer
+        self.node = node
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        tracer = next(a.tracer for a in _flatten(args) if isinstance(a, Proxy))
+        return tracer.torch_call(func, args, kwargs)
+
+    def _concrete(self, *_):
+        raise self.tracer.fail(
+            "Python control flow on a traced value (if / while / and / or / bool() / int() / float()) "
+            "cannot be compiled; use torch.where(cond, a, b) and the operators & | ~ instead")
+
+    __bool__ = __int__ = __float__ = __index__ = __len__ = __iter__ = _concrete
+    __hash__ = object.__hash__
+
+    def __getitem__(self, _):
+        raise self.tracer.fail("traced values are scalars and cannot be indexed")
+
+    def __getattr__(self, name):
+        if name in _UNARY or name in ("clamp", "clip"):
+            return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
+        raise self.tracer.fail(f"traced values have no method {name!r}")
+
+    def __repr__(self):
+        return f"Proxy(%{self.node}: {self.tracer.graph.describe(self.node)})"
+
+
+def _binary(op: str, reverse: bool = False):
+    if reverse:
+        return lambda self, other: self.tracer.apply(op, other, self)
+    return lambda self, other: self.tracer.apply(op, self, other)
+
+
+for _name, _op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "truediv"),
+                   ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"),
+                   ("and", "and"), ("or", "or"), ("xor", "xor")]:
+    setattr(Proxy, f"__{_name}__", _binary(_op))
+    setattr(Proxy, f"__r{_name}__", _binary(_op, reverse=True))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(Proxy, f"__{_name}__", _binary(_name))
+Proxy.__neg__ = lambda self: self.tracer.apply("neg", self)
+Proxy.__pos__ = lambda self: self
+Proxy.__abs__ = lambda self: self.tracer.apply("abs", self)
+Proxy.__invert__ = lambda self: self.tracer.apply("not", self)
+
+
+def _flatten(items):
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]) -> int:
+    tracer.function = name
+    graph = tracer.graph
+    args = [Proxy(tracer, graph.input(i, "float" if i == "score" else "int")) for i in inputs]
+    try:
+        result = function(*args)
+    except SpecError:
+        raise
+    except Exception as error:  # the user's function failed on proxies
+        raise SpecError(f"{name} could not be traced: {type(error).__name__}: {error}\n"
+                        f"  at {_user_frame(traceback.extract_tb(error.__traceback__))}") from error
+    return tracer.node(result)
+
+
+def trace(score_mod: Callable | None, mask_mod: Callable | None) -> Graph:
+    """Trace both functions into one graph with outputs ``score`` and ``mask``."""
+    tracer = Tracer()
+    graph = tracer.graph
+    if score_mod is None:
+        score = graph.input("score", "float")
+    else:
+        score = _call(tracer, score_mod, "score_mod", SCORE_INPUTS)
+        if graph.dtype(score) == "bool":
+            raise SpecError("score_mod must return a number, but it returned a boolean; "
+                            "boolean conditions belong in mask_mod")
+    if mask_mod is None:
+        mask = graph.const(True)
+    else:
+        mask = _call(tracer, mask_mod, "mask_mod", MASK_INPUTS)
+        if graph.dtype(mask) != "bool":
+            raise SpecError("mask_mod must return a boolean (a comparison, or & | ~ of comparisons), "
+                            f"but it returned a value of type {graph.dtype(mask)}")
+    graph.outputs = {"score": score, "mask": mask}
+    return graph
