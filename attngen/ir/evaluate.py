@@ -1,0 +1,55 @@
+"""A reference interpreter: evaluate IR outputs with torch ops on broadcastable tensors.
+
+Floats are computed in float64, ints in int64; ``//`` and ``%`` round toward
+negative infinity like Python and torch. Meant for tests and debugging.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from .graph import Graph
+
+_TORCH_DTYPE = {"float": torch.float64, "int": torch.int64, "bool": torch.bool}
+
+_FUNCTIONS = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
+    "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"), "mod": torch.remainder,
+    "pow": torch.pow, "minimum": torch.minimum, "maximum": torch.maximum,
+    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid, "sqrt": torch.sqrt,
+    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
+    "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor, "not": torch.bitwise_not,
+}
+
+
+def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor],
+                   roots: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+    """The value of every node that ``roots`` (default: all outputs) depend on."""
+    values: dict[int, torch.Tensor] = {}
+    for n in graph.order(roots):
+        attrs, args = graph.node(n), [values[a] for a in graph.args(n)]
+        op, dtype = attrs["op"], _TORCH_DTYPE[attrs["dtype"]]
+        if op == "input":
+            value = torch.as_tensor(env[attrs["name"]])
+        elif op == "const":
+            value = torch.tensor(attrs["value"], dtype=dtype)
+        elif op == "load":
+            value = graph.captures[attrs["capture"]].tensor.detach()[tuple(a.long() for a in args)]
+        elif op == "where":
+            value = torch.where(args[0].bool(), args[1].to(dtype), args[2].to(dtype))
+        elif op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            value = _FUNCTIONS[op](*args)
+        else:  # arithmetic and logic: compute in the result's type
+            value = _FUNCTIONS[op](*(a.to(dtype) for a in args))
+        values[n] = value.to(dtype)
+    return values
+
+
+def evaluate(graph: Graph, name: str, env: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The value of output ``name``, with inputs (``score``, ``q_idx``, ...) taken from ``env``."""
+    node = graph.outputs[name]
+    return evaluate_nodes(graph, env, [node])[node]
+

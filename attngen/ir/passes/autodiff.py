@@ -1,0 +1,122 @@
+"""Reverse-mode differentiation of one output with respect to the score and loaded values."""
+
+from __future__ import annotations
+
+from ..graph import Graph, rebuild
+
+
+class _Adjoints:
+    """Builds the backward nodes of one output inside a working copy of the graph."""
+
+    def __init__(self, graph: Graph, output: int):
+        self.g = graph
+        self.order = graph.order([output])
+        self.active = self._active()
+        self.parts: dict[int, list[int]] = {}
+        if output in self.active:
+            self.parts[output] = [graph.const(1.0)]
+
+    def _active(self) -> set[int]:
+        """Float nodes that depend on the score or on a load of a differentiable capture."""
+        g, active = self.g, set()
+        for n in self.order:
+            if g.dtype(n) != "float":
+                continue
+            leaf = g.input_name(n) == "score" or (
+                g.op(n) == "load" and g.captures[g.node(n)["capture"]].differentiable)
+            if leaf or any(a in active for a in g.args(n)):
+                active.add(n)
+        return active
+
+    def add(self, op: str, *args: int) -> int:
+        return self.g.add(op, args)
+
+    def const(self, value) -> int:
+        return self.g.const(value)
+
+    def adjoint(self, n: int) -> int:
+        """The sum of everything accumulated for ``n``, or 0.0."""
+        parts = self.parts.get(n) or [self.const(0.0)]
+        total = parts[0]
+        for p in parts[1:]:
+            total = self.add("add", total, p)
+        return total
+
+    def run(self) -> None:
+        for n in reversed(self.order):
+            if n in self.parts and self.g.op(n) not in ("input", "load"):
+                for arg, part in self._local(n, self.adjoint(n)):
+                    if arg in self.active:
+                        self.parts.setdefault(arg, []).append(part)
+
+    def _local(self, n: int, d: int) -> list[tuple[int, int]]:
+        """(argument, contribution to its adjoint) pairs of node ``n`` with adjoint ``d``."""
+        g, add, const = self.g, self.add, self.const
+        op, args = g.op(n), g.args(n)
+        x = args[0] if args else None
+        y = args[1] if len(args) > 1 else None
+        if op == "add":
+            return [(x, d), (y, d)]
+        if op == "sub":
+            return [(x, d), (y, add("neg", d))]
+        if op == "mul":
+            return [(x, add("mul", d, y)), (y, add("mul", d, x))]
+        if op == "truediv":
+            return [(x, add("truediv", d, y)), (y, add("neg", add("truediv", add("mul", d, n), y)))]
+        if op == "neg":
+            return [(x, add("neg", d))]
+        if op == "pow":
+            return self._pow(n, d, x, y)
+        if op == "exp":
+            return [(x, add("mul", d, n))]
+        if op == "log":
+            return [(x, add("truediv", d, x))]
+        if op == "tanh":
+            return [(x, add("mul", d, add("sub", const(1.0), add("pow", n, const(2)))))]
+        if op == "sigmoid":
+            return [(x, add("mul", d, add("mul", n, add("sub", const(1.0), n))))]
+        if op == "sqrt":
+            return [(x, add("truediv", d, add("mul", const(2.0), n)))]
+        if op == "abs":
+            sign = add("where", add("ge", x, const(0.0)), const(1.0), const(-1.0))
+            return [(x, add("mul", d, sign))]
+        if op in ("minimum", "maximum"):
+            # Ties send the whole gradient to x, so clamp(x, lo, hi) matches torch.clamp.
+            first = add("le" if op == "minimum" else "ge", x, y)
+            return [(x, add("where", first, d, const(0.0))), (y, add("where", first, const(0.0), d))]
+        if op == "where":
+            return [(y, add("where", x, d, const(0.0))), (args[2], add("where", x, const(0.0), d))]
+        return []  # floordiv, mod: piecewise constant
+
+    def _pow(self, n: int, d: int, x: int, y: int) -> list[tuple[int, int]]:
+        """d(x**y)/dx = y * x**(y-1) and d(x**y)/dy = x**y * log(x), zero where torch makes them zero."""
+        g, add, const = self.g, self.add, self.const
+        if g.is_const(y):
+            exponent = g.node(y)["value"]
+            return [(x, add("mul", d, add("mul", y, add("pow", x, const(exponent - 1)))))] if exponent != 0 else []
+        dx = add("mul", y, add("pow", x, add("sub", y, const(1))))
+        dx = add("where", add("eq", y, const(0.0)), const(0.0), dx)
+        dy = add("mul", n, add("log", x))
+        dy = add("where", add("and", add("eq", x, const(0.0)), add("ge", y, const(0.0))), const(0.0), dy)
+        return [(x, add("mul", d, dx)), (y, add("mul", d, dy))]
+
+
+def differentiate(graph: Graph, output: str = "score") -> Graph:
+    """A copy of ``graph`` with gradient outputs of ``graph.outputs[output]``.
+
+    Adds ``d_score`` (the derivative with respect to the ``score`` input) and,
+    for the k-th load of a differentiable capture that the output depends on
+    (in topological order), ``load:k`` (the loaded value) and ``grad:k`` (the
+    derivative with respect to it). Existing outputs are kept.
+    """
+    work = rebuild(graph)
+    adjoints = _Adjoints(work, work.outputs[output])
+    adjoints.run()
+    score = next((n for n in adjoints.order if work.input_name(n) == "score"), None)
+    work.outputs["d_score"] = adjoints.adjoint(score)
+    loads = [n for n in adjoints.order if work.op(n) == "load"
+             and work.captures[work.node(n)["capture"]].differentiable]
+    for k, n in enumerate(loads):
+        work.outputs[f"load:{k}"] = n
+        work.outputs[f"grad:{k}"] = adjoints.adjoint(n)
+    return rebuild(work)

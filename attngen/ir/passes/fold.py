@@ -1,0 +1,70 @@
+"""Constant folding and the identities that hold for every value (inf and NaN too)."""
+
+from __future__ import annotations
+
+import math
+
+from ..graph import OPS, Graph, copy_node, rebuild
+
+_INT32 = 2**31
+
+
+def _cast(value, dtype: str):
+    """``value`` as the Python type of ``dtype``, or None if it does not fit."""
+    if dtype == "float":
+        return float(value)
+    if dtype == "bool":
+        return bool(value) if isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int) or not -_INT32 <= value < _INT32:
+        return None  # e.g. 2 ** -1 is not an int; kernels use 32-bit indices
+    return value
+
+
+def _evaluate(new: Graph, op: str, dtype: str, args: tuple[int, ...]):
+    """The constant value of ``op`` on constant ``args``, or None if unknown."""
+    values = [new.node(a)["value"] for a in args]
+    if op in ("minimum", "maximum") and any(isinstance(v, float) and math.isnan(v) for v in values):
+        return None  # Python's min/max do not propagate NaN like torch does
+    if op == "pow" and all(type(v) is int for v in values) and abs(values[1]) > 64:
+        return None  # huge exact integer powers are slow and overflow anyway
+    try:
+        return _cast(OPS[op].evaluate(*values), dtype)
+    except (ArithmeticError, ValueError, TypeError):
+        return None
+
+
+def _identity(new: Graph, op: str, args: tuple[int, ...]) -> int | None:
+    """The argument that ``op(args)`` always equals, if any (dtypes not yet checked)."""
+    const = lambda i, v: new.is_const(args[i], v)  # noqa: E731
+    if op == "add":
+        return args[0] if const(1, 0) else args[1] if const(0, 0) else None
+    if op == "mul":
+        return args[0] if const(1, 1) else args[1] if const(0, 1) else None
+    if op in ("sub", "truediv", "pow"):
+        return args[0] if const(1, 0 if op == "sub" else 1) else None
+    if op == "neg" and new.op(args[0]) == "neg":
+        return new.args(args[0])[0]
+    if op == "where" and new.is_const(args[0]):
+        return args[1] if new.node(args[0])["value"] else args[2]
+    if op in ("and", "or") and all(new.dtype(a) == "bool" for a in args):  # 1 & x is not x for ints
+        unit = op == "and"
+        return args[1] if const(0, unit) else args[0] if const(1, unit) else None
+    return None
+
+
+def _fold(new: Graph, old: Graph, n: int, new_args: tuple[int, ...]) -> int:
+    op, dtype = old.op(n), old.dtype(n)
+    evaluate = OPS[op].evaluate
+    if evaluate is not None and all(new.is_const(a) for a in new_args):
+        value = _evaluate(new, op, dtype, new_args)
+        if value is not None:
+            return new.add("const", (), dtype, value=value)
+    same = _identity(new, op, new_args) if evaluate is not None else None
+    if same is not None and new.dtype(same) == dtype:
+        return same
+    return copy_node(new, old, n, new_args)
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate constant subexpressions and drop identity operations."""
+    return rebuild(graph, _fold)
