@@ -1,0 +1,89 @@
+"""Render the kernel module of a spec from the jinja2 templates."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from importlib import resources
+
+import jinja2
+
+from .. import __version__
+from ..ir.graph import Graph
+from .printer import TritonPrinter
+
+TEMPLATE = "attention.py.j2"
+TEMPLATE_VERSION = 1
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """The jinja2 environment over the templates shipped with attngen."""
+    loader = jinja2.FunctionLoader(lambda name: (resources.files("attngen") / "templates" / name).read_text())
+    return jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+@lru_cache(maxsize=1)
+def template_digest() -> str:
+    """A hash of the template text: part of every cache key."""
+    source = (resources.files("attngen") / "templates" / TEMPLATE).read_text()
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _axes_name(axes: frozenset) -> str:
+    return "both" if len(axes) == 2 else "".join(axes)
+
+
+def kernel_context(graph: Graph, spec_lines: list[str]) -> dict:
+    """Everything the template needs, derived from an optimized graph."""
+    printer = TritonPrinter(graph)
+    outputs = graph.outputs
+
+    score_lines, _ = printer.statements({"score": "score"})
+    if printer.axes(outputs["score"]) != {"q", "kv"} or graph.dtype(outputs["score"]) != "float":
+        score_lines.append("score = score + tl.full(qk.shape, 0.0, tl.float32)")
+
+    if graph.is_const(outputs["mask"], True):
+        mask_lines = ["mask = q_valid & kv_valid  # mask_mod is always True"]
+    else:
+        mask_lines, _ = printer.statements({"mask": "mask"})
+
+    live_lines, _ = printer.statements({"live": "block_live"})
+
+    grads = []
+    k = 0
+    while f"grad:{k}" in outputs:
+        load = outputs[f"load:{k}"]
+        grads.append({"k": k, "capture": graph.node(load)["capture"], "load": load,
+                      "axes": _axes_name(printer.index_axes(load))})
+        k += 1
+    backward_lines = []
+    if grads or not graph.is_const(outputs["d_score"], 1.0):
+        targets = {"d_score": "d_score", **{f"grad{g['k']}": f"grad:{g['k']}" for g in grads}}
+        indices = tuple(i for g in grads for i in graph.args(g["load"]))
+        backward_lines, names = printer.statements(targets, also=indices)
+        backward_lines += [f"offset{g['k']} = {printer.offset(g['load'], names)}" for g in grads]
+
+    captures = [{"index": i, "ndim": c.tensor.dim(), "differentiable": c.differentiable}
+                for i, c in enumerate(graph.captures)]
+    capture_names = [name for c in captures for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
+    return {
+        "version": __version__,
+        "template_version": TEMPLATE_VERSION,
+        "fingerprint": graph.fingerprint(),
+        "spec_lines": spec_lines,
+        "captures": captures,
+        "capture_args": "".join(f", {n}" for n in capture_names),
+        "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
+        "score_lines": score_lines,
+        "mask_lines": mask_lines,
+        "live_lines": live_lines,
+        "backward_lines": backward_lines,
+        "grads": grads,
+    }
+
+
+def render(graph: Graph, spec_lines: list[str]) -> str:
+    """The Python source of the kernel module for ``graph``."""
+    return environment().get_template(TEMPLATE).render(**kernel_context(graph, spec_lines))
