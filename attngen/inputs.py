@@ -1,0 +1,64 @@
+"""Validation of the tensors passed to an attention call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of one attention call."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    qk_dim: int
+    v_dim: int
+
+
+def check_inputs(q, k, v, dtypes=None) -> Shape:
+    """Validate q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]; return their sizes.
+
+    ``dtypes`` restricts the floating dtypes accepted (the kernels' set).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, heads, seq_len, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype}; the kernels support "
+                            f"{', '.join(str(d) for d in dtypes)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, Dqk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"key/value heads ({Hkv}) (grouped-query attention)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != Dqk:
+        raise ValueError(f"q and k must have the same head dim, got {Dqk} and {k.shape[3]}")
+    shape = Shape(B, Hq, Hkv, Lq, k.shape[2], Dqk, v.shape[3])
+    if dtypes is not None:
+        for name, d in (("q/k head dim", shape.qk_dim), ("v head dim", shape.v_dim)):
+            if not 1 <= d <= MAX_HEAD_DIM:
+                raise ValueError(f"{name} must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    return shape

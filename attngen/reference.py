@@ -1,0 +1,53 @@
+"""The oracle: attention of a spec with the full score matrix materialized.
+
+Plain torch ops at the inputs' dtype (use float64 in tests); torch autograd
+gives the backward, including gradients of captured tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .inputs import check_inputs
+from .spec import AttentionSpec
+from .stats import Stats
+
+
+def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modded scores [B, Hq, Lq, Lk] and the boolean mask of kept entries."""
+    shape = check_inputs(q, k, k)
+    scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(shape.qk_dim)
+    k = k.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    full = s.shape
+    device = q.device
+    b = torch.arange(shape.batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(shape.q_heads, device=device).view(1, -1, 1, 1)
+    q_idx = torch.arange(shape.q_len, device=device).view(1, 1, -1, 1)
+    kv_idx = torch.arange(shape.kv_len, device=device).view(1, 1, 1, -1)
+    if spec.score_mod is not None:
+        modded = torch.as_tensor(spec.score_mod(s, b, h, q_idx, kv_idx), device=device)
+        s = torch.broadcast_to(modded, full).to(q.dtype)
+    keep = torch.ones(full, dtype=torch.bool, device=device)
+    if spec.mask_mod is not None:
+        keep = keep & torch.as_tensor(spec.mask_mod(b, h, q_idx, kv_idx), device=device)
+    return s, keep
+
+
+def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False):
+    """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized."""
+    spec = spec or AttentionSpec()
+    shape = check_inputs(q, k, v)
+    s, keep = scores(q, k, spec)
+    s = torch.where(keep, s, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - lse_finite.unsqueeze(-1))
+    v = v.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
+    out = (p.to(v.dtype) @ v)
+    if not return_stats:
+        return out
+    available = {"lse": lse}
+    return out, Stats(**{name: available[name] for name in spec.stats})

@@ -1,0 +1,1 @@
+"""Runtime: disk cache, kernel loading, launch configuration, autograd."""

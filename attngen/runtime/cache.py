@@ -1,0 +1,39 @@
+"""The on-disk cache of generated kernel modules."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def cache_dir() -> Path:
+    """``$ATTNGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/attngen``, else ``~/.cache/attngen``."""
+    if os.environ.get("ATTNGEN_CACHE_DIR"):
+        return Path(os.environ["ATTNGEN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attngen"
+
+
+def cached_source(key: str, build: Callable[[], str]) -> tuple[Path, bool]:
+    """The path of the module cached under ``key``, building it on a miss.
+
+    Returns ``(path, hit)``. Writes go to a temporary file that is renamed
+    into place, so concurrent processes never see a partial module.
+    """
+    directory = cache_dir()
+    path = directory / f"{key}.py"
+    if path.exists():
+        return path, True
+    source = build()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key[:16]}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path, False

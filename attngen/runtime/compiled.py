@@ -1,0 +1,95 @@
+"""``compile(spec)``: trace, optimize, generate (or load from cache) and wrap."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import torch
+import triton
+
+from .. import __version__
+from ..codegen.render import TEMPLATE_VERSION, render, template_digest
+from ..inputs import KERNEL_DTYPES, check_inputs
+from ..ir.passes import optimize
+from ..ir.passes.intervals import block_bounds
+from ..spec import AttentionSpec
+from ..stats import Stats
+from ..trace import trace
+from .cache import cached_source
+from .config import launch_config
+from .function import AttentionFunction
+from .loader import load_kernels
+
+
+class CompiledAttention:
+    """A spec compiled to Triton kernels; call it like ``attn(q, k, v)``."""
+
+    def __init__(self, spec: AttentionSpec):
+        self.spec = spec
+        self._build()
+
+    def _build(self) -> None:
+        started = time.perf_counter()
+        self.graph = trace(self.spec.score_mod, self.spec.mask_mod)
+        self.signature = self._capture_signature()
+        identity = "\n".join([self.graph.text(), *self.spec.describe(), f"template {TEMPLATE_VERSION} {template_digest()}",
+                              f"attngen {__version__}", f"triton {triton.__version__}"])
+        self.key = hashlib.sha256(identity.encode()).hexdigest()
+        self.path, self.cache_hit = cached_source(self.key, self._generate)
+        self.compile_seconds = time.perf_counter() - started
+
+    def _capture_signature(self) -> tuple[str, ...]:
+        return tuple(c.signature() for c in self.graph.captures)
+
+    def _generate(self) -> str:
+        return render(block_bounds(optimize(self.graph)), self.spec.describe())
+
+    @property
+    def source(self) -> str:
+        """The generated kernel module's Python source."""
+        return self.path.read_text()
+
+    def _captures(self, device: torch.device) -> list[torch.Tensor]:
+        tensors = []
+        for i, capture in enumerate(self.graph.captures):
+            t = capture.tensor
+            if t.device != device:
+                raise ValueError(f"captured tensor #{i} (shape {tuple(t.shape)}, dtype {t.dtype}) is on "
+                                 f"{t.device} but q is on {device}; move it to {device}")
+            tensors.append(t.to(torch.int8) if t.dtype == torch.bool else t.contiguous())
+        return tensors
+
+    def __call__(self, q, k, v, *, return_stats: bool = False):
+        """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
+
+        With ``return_stats=True`` returns ``(out, stats)``; ``stats.lse`` is
+        the natural-log sum of exponentials of each row's kept scores.
+        """
+        shape = check_inputs(q, k, v, KERNEL_DTYPES)
+        if q.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
+        if self._capture_signature() != self.signature:  # e.g. requires_grad changed since compile
+            self._build()
+        kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
+        scale = self.spec.scale if self.spec.scale is not None else 1.0 / math.sqrt(shape.qk_dim)
+        out, lse = AttentionFunction.apply(q, k, v, kernels, float(scale), launch_config(q, shape),
+                                           *self._captures(q.device))
+        if not return_stats:
+            return out
+        available = {"lse": lse}
+        return out, Stats(**{name: available[name] for name in self.spec.stats})
+
+
+def compile(spec: AttentionSpec) -> CompiledAttention:  # noqa: A001 - public API name
+    """Compile ``spec``; the generated module is cached on disk by the spec's IR."""
+    if not isinstance(spec, AttentionSpec):
+        raise TypeError(f"compile() takes an attngen.AttentionSpec, got {type(spec).__name__}")
+    return CompiledAttention(spec)
+
+
+def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False):
+    """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``."""
+    spec = AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale)
+    return compile(spec)(q, k, v, return_stats=return_stats)

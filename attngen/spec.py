@@ -1,0 +1,80 @@
+"""``AttentionSpec``: what a user writes to describe an attention variant."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import stats as stats_module
+from .errors import SpecError
+from .norms import Normalization, Softmax
+
+
+def _check_arity(fn: Callable, name: str, params: tuple[str, ...]) -> None:
+    if not callable(fn):
+        raise SpecError(f"{name} must be a function {name}({', '.join(params)}), got {type(fn).__name__}")
+    try:
+        inspect.signature(fn).bind(*params)
+    except TypeError:
+        raise SpecError(f"{name} must take {len(params)} positional arguments ({', '.join(params)}), "
+                        f"but its signature is {inspect.signature(fn)}") from None
+    except ValueError:  # builtins without a signature: checked when traced
+        pass
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """An attention variant.
+
+    Args:
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's
+            signature); ``score`` is already multiplied by ``scale``.
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``; True keeps a key.
+        normalization: how each row of scores becomes weights (``norms.Softmax()``).
+        scale: multiplies ``q @ k^T``; ``None`` means ``1 / sqrt(Dqk)``.
+        stats: per-row statistics returned with ``return_stats=True``.
+    """
+
+    score_mod: Callable | None = None
+    mask_mod: Callable | None = None
+    normalization: Normalization = field(default_factory=Softmax)
+    scale: float | None = None
+    stats: tuple[str, ...] = ("lse",)
+
+    def __post_init__(self):
+        if self.score_mod is not None:
+            _check_arity(self.score_mod, "score_mod", ("score", "b", "h", "q_idx", "kv_idx"))
+        if self.mask_mod is not None:
+            _check_arity(self.mask_mod, "mask_mod", ("b", "h", "q_idx", "kv_idx"))
+        if not isinstance(self.normalization, Softmax):
+            raise SpecError(f"normalization must be an attngen.norms object such as norms.Softmax(), "
+                            f"got {self.normalization!r}")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
+                    or not math.isfinite(self.scale) or self.scale <= 0:
+                raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
+        stats = (self.stats,) if isinstance(self.stats, str) else tuple(self.stats)
+        unknown = [s for s in stats if s not in stats_module.SUPPORTED]
+        if unknown:
+            raise SpecError(f"unsupported stats {unknown}; supported: {', '.join(stats_module.SUPPORTED)}")
+        object.__setattr__(self, "stats", stats)
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: the source of each function and the settings."""
+        return [*_source("score_mod", self.score_mod), *_source("mask_mod", self.mask_mod),
+                f"normalization = {self.normalization!r}",
+                f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
+                f"stats = {self.stats!r}"]
+
+
+def _source(name: str, fn: Callable | None) -> list[str]:
+    if fn is None:
+        return [f"{name} = None"]
+    label = getattr(fn, "name", None) or getattr(fn, "__qualname__", repr(fn))
+    try:
+        lines = inspect.getsource(getattr(fn, "fn", fn)).strip().splitlines()
+    except (OSError, TypeError):
+        return [f"{name} = {label}"]
+    return [f"{name} = {label}:"] + [f"    {line}" for line in lines]
