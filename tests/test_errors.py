@@ -1,0 +1,97 @@
+"""User mistakes get clear errors naming the argument, never a Triton trace."""
+
+import pytest
+import torch
+
+import attngen as ag
+
+q = torch.randn(1, 4, 16, 32)
+k = torch.randn(1, 2, 16, 32)
+v = torch.randn(1, 2, 16, 16)
+attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((q[0], k, v), ValueError, "q must have 4 dimensions"),
+    ((q, k, v[0]), ValueError, "v must have 4 dimensions"),
+    ((q, k[:, :1].expand(1, 3, 16, 32), v), ValueError, "k and v must have the same number of heads"),
+    ((torch.randn(1, 3, 16, 32), k, v), ValueError, "multiple of the number of key/value heads"),
+    ((torch.randn(2, 4, 16, 32), k, v), ValueError, "batch sizes differ"),
+    ((q, k, v[:, :, :8]), ValueError, "same sequence length"),
+    ((torch.randn(1, 4, 16, 16), k, v), ValueError, "same head dim"),
+    ((q, k.half(), v), TypeError, "same dtype"),
+    ((q.double(), k.double(), v.double()), TypeError, "the kernels support"),
+    ((q.int(), k, v), TypeError, "floating-point"),
+    (("q", k, v), TypeError, "q must be a torch.Tensor"),
+    ((q[..., :0], k[..., :0], v), ValueError, "head dim must be between 1"),
+])
+def test_bad_inputs(args, error, message):
+    with pytest.raises(error, match=message):
+        attn(*args)
+
+
+def test_device_mismatch_of_captured_tensor():
+    slopes = torch.rand(4, device="meta")
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h]))
+    with pytest.raises(ValueError, match=r"captured tensor #0 .* is on meta but q is on cpu"):
+        attn(q, k, v)
+
+
+def test_python_if_on_traced_value_names_the_line():
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if q_idx > kv_idx:  # the offending line
+            return score
+        return score * 2
+    with pytest.raises(ag.SpecError, match=r"control flow.*\n  at .*test_errors.py:\d+: if q_idx > kv_idx:"):
+        ag.compile(ag.AttentionSpec(score_mod=score_mod))
+
+
+def test_and_between_traced_values_is_rejected():
+    with pytest.raises(ag.SpecError, match="use torch.where"):
+        ag.compile(ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx and kv_idx > 0))
+
+
+def test_unsupported_torch_function_is_named():
+    with pytest.raises(ag.SpecError, match=r"torch.erf cannot be traced"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: torch.erf(s)))
+
+
+def test_unindexed_captured_tensor_is_rejected():
+    bias = torch.randn(16, 16)
+    with pytest.raises(ag.SpecError, match=r"shape \(16, 16\) is used without indexing"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias))
+
+
+def test_wrong_number_of_indices_is_rejected():
+    bias = torch.randn(4, 16, 16)
+    with pytest.raises(ag.SpecError, match="must be indexed with exactly 3"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx]))
+
+
+def test_float_index_is_rejected():
+    table = torch.randn(16)
+    with pytest.raises(ag.SpecError, match="floating-point"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[s]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(score_mod=lambda s, b, h: s), "score_mod must take 5 positional arguments"),
+    (dict(mask_mod=lambda b, h, q_idx: True), "mask_mod must take 4 positional arguments"),
+    (dict(score_mod="causal"), "score_mod must be a function"),
+    (dict(scale=-1.0), "scale must be a positive finite number"),
+    (dict(stats=("lse", "bogus")), "unsupported stats"),
+    (dict(normalization="softmax"), "normalization must be an attngen.norms object"),
+])
+def test_bad_specs(kwargs, message):
+    with pytest.raises(ag.SpecError, match=message):
+        ag.AttentionSpec(**kwargs)
+
+
+def test_mask_mod_must_return_a_boolean():
+    with pytest.raises(ag.SpecError, match="mask_mod must return a boolean"):
+        ag.compile(ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: q_idx - kv_idx))
+
+
+def test_compile_rejects_non_specs():
+    with pytest.raises(TypeError, match="takes an attngen.AttentionSpec"):
+        ag.compile(lambda s, b, h, q, k: s)

@@ -1,0 +1,94 @@
+"""Compile cache, generated source, CLI entry point, and the GPU path."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import attngen as ag
+
+SPEC_SCRIPT = textwrap.dedent("""
+    import json, torch, attngen as ag
+    slopes = torch.linspace(0.1, 0.8, 4)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal & ag.masks.sliding_window(32))
+    attn = ag.compile(spec)
+    print(json.dumps({"hit": attn.cache_hit, "key": attn.key}))
+""")
+
+
+def _run(script, cache_dir):
+    env = {**os.environ, "ATTNGEN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_second_process_reuses_the_disk_cache(tmp_path):
+    first = _run(SPEC_SCRIPT, tmp_path)
+    second = _run(SPEC_SCRIPT, tmp_path)
+    assert '"hit": false' in first and '"hit": true' in second
+    assert first.split('"key"')[1] == second.split('"key"')[1]
+    assert len(list(tmp_path.glob("*.py"))) == 1
+
+
+def test_generated_source_is_deterministic(tmp_path, monkeypatch):
+    sources = []
+    for sub in ("a", "b"):
+        monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / sub))
+        spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: 4.0 * torch.tanh(s / 4.0),
+                                mask_mod=ag.masks.causal)
+        attn = ag.compile(spec)
+        assert not attn.cache_hit
+        sources.append(attn.source)
+    assert sources[0] == sources[1]
+
+
+def test_generated_source_documents_its_spec_and_skips_causal_blocks():
+    source = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)).source
+    assert "mask_mod = causal" in source and "SPEC_FINGERPRINT" in source
+    block_live = source.split("def block_live")[1].split("return live")[0]
+    assert "live = kv_lo <= q_hi" in block_live
+
+
+def _scaled_by(table):
+    return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * table[h])
+
+
+def test_captured_values_are_kernel_arguments_not_part_of_the_key():
+    assert ag.compile(_scaled_by(torch.rand(2))).key == ag.compile(_scaled_by(torch.rand(3))).key
+    assert ag.compile(_scaled_by(torch.rand(2))).key != ag.compile(_scaled_by(torch.rand(2, 2)[0].long())).key
+
+
+def test_cli_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "attngen.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("compile", "export", "show", "check", "bench"):
+        assert command in result.stdout
+
+
+def test_cli_commands_not_yet_implemented_exit_nonzero():
+    result = subprocess.run([sys.executable, "-m", "attngen.cli", "show", "spec.py"], capture_output=True, text=True)
+    assert result.returncode != 0 and "not yet implemented" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_kernels_match_reference(dtype):
+    slopes = torch.rand(8, device="cuda", requires_grad=True)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal)
+    q = torch.randn(2, 8, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    (out.float().sum() + stats.lse.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    slopes64 = slopes.detach().double().requires_grad_()
+    spec64 = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes64[h] * (q_idx - kv_idx),
+                              mask_mod=ag.masks.causal)
+    ref, ref_stats = ag.reference.attention(*leaves, spec64, return_stats=True)
+    (ref.sum() + ref_stats.lse.sum()).backward()
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip((q.grad, k.grad, v.grad, slopes.grad), (*(t.grad for t in leaves), slopes64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2)

@@ -1,0 +1,93 @@
+"""Attention variants used across the tests.
+
+A variant makes its captured tensors for a shape, then builds a spec from
+them, so the same variant can be instantiated with float32 captures for the
+kernel and float64 copies for the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import attngen as ag
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    qk_dim: int
+    v_dim: int
+
+    def __str__(self):
+        return (f"B{self.batch}-H{self.q_heads}:{self.kv_heads}-L{self.q_len}x{self.kv_len}"
+                f"-D{self.qk_dim}x{self.v_dim}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    captures: Callable[[Case, torch.Generator], dict]  # name -> tensor (learnable ones require grad)
+    spec: Callable[[dict], ag.AttentionSpec]
+
+    def __str__(self):
+        return self.name
+
+
+def _none(case, gen):
+    return {}
+
+
+def _slopes(case, gen):
+    return {"slopes": torch.rand(case.q_heads, generator=gen).requires_grad_()}
+
+
+def _bias(case, gen):
+    table = torch.randn(case.q_heads, case.q_len + case.kv_len - 1, generator=gen)
+    return {"bias": table.requires_grad_()}
+
+
+def _documents(case, gen):
+    length = max(case.q_len, case.kv_len)
+    ids = torch.sort(torch.randint(0, 4, (case.batch, length), generator=gen), dim=1).values
+    return {"doc": ids}
+
+
+def _alibi_spec(c):
+    slopes = c["slopes"]
+    return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal)
+
+
+def _bias_spec(c):
+    bias = c["bias"]
+
+    def relative_bias(s, b, h, q_idx, kv_idx):
+        return s + bias[h, q_idx - kv_idx + c["kv_len"] - 1]
+    return ag.AttentionSpec(score_mod=relative_bias)
+
+
+def _checkerboard(s, b, h, q_idx, kv_idx):
+    return torch.where((q_idx // 3 + kv_idx // 5) % 2 == 0, s * 1.5, s - 1.0)
+
+
+VARIANTS = [
+    Variant("plain", _none, lambda c: ag.AttentionSpec()),
+    Variant("causal", _none, lambda c: ag.AttentionSpec(mask_mod=ag.masks.causal)),
+    Variant("alibi", _slopes, _alibi_spec),
+    Variant("softcap", _none, lambda c: ag.AttentionSpec(
+        score_mod=lambda s, b, h, q_idx, kv_idx: 2.0 * torch.tanh(s / 2.0))),
+    Variant("relative_bias", lambda case, gen: {**_bias(case, gen), "kv_len": case.kv_len}, _bias_spec),
+    Variant("document", _documents, lambda c: ag.AttentionSpec(mask_mod=ag.masks.document(c["doc"]))),
+    Variant("sliding_window", _none, lambda c: ag.AttentionSpec(mask_mod=ag.masks.sliding_window(7))),
+    Variant("prefix_lm", _none, lambda c: ag.AttentionSpec(mask_mod=ag.masks.prefix_lm(5))),
+    Variant("empty_rows", _none, lambda c: ag.AttentionSpec(
+        mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3, scale=0.3)),
+    Variant("checkerboard", _none, lambda c: ag.AttentionSpec(score_mod=_checkerboard)),
+]
