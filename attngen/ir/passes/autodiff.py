@@ -93,7 +93,9 @@ class _Adjoints:
         g, add, const = self.g, self.add, self.const
         if g.is_const(y):
             exponent = g.node(y)["value"]
-            return [(x, add("mul", d, add("mul", y, add("pow", x, const(exponent - 1)))))] if exponent != 0 else []
+            if exponent == 0:
+                return []
+            return [(x, add("mul", d, add("mul", y, add("pow", x, const(exponent - 1)))))]
         dx = add("mul", y, add("pow", x, add("sub", y, const(1))))
         dx = add("where", add("eq", y, const(0.0)), const(0.0), dx)
         dy = add("mul", n, add("log", x))
@@ -112,8 +114,8 @@ def differentiate(graph: Graph, output: str = "score") -> Graph:
     work = rebuild(graph)
     adjoints = _Adjoints(work, work.outputs[output])
     adjoints.run()
-    score = next((n for n in adjoints.order if work.input_name(n) == "score"), None)
-    work.outputs["d_score"] = adjoints.adjoint(score)
+    score = [n for n in adjoints.order if work.input_name(n) == "score"]
+    work.outputs["d_score"] = adjoints.adjoint(score[0]) if score else work.const(0.0)
     loads = [n for n in adjoints.order if work.op(n) == "load"
              and work.captures[work.node(n)["capture"]].differentiable]
     for k, n in enumerate(loads):

@@ -1,4 +1,8 @@
-"""Constant folding and the identities that hold for every value (inf and NaN too)."""
+"""Constant folding, and identities that hold for every value, inf and NaN included.
+
+``x * 0`` is not folded (``inf * 0`` is NaN), and an identity is only applied
+when the argument has the node's dtype (``q_idx * 1.0`` converts to float).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ def _cast(value, dtype: str):
         return float(value)
     if dtype == "bool":
         return bool(value) if isinstance(value, bool) else None
-    if isinstance(value, bool) or not isinstance(value, int) or not -_INT32 <= value < _INT32:
+    if not isinstance(value, int) or not -_INT32 <= value < _INT32:
         return None  # e.g. 2 ** -1 is not an int; kernels use 32-bit indices
-    return value
+    return int(value)  # min(True, 2) is True
 
 
 def _evaluate(new: Graph, op: str, dtype: str, args: tuple[int, ...]):

@@ -22,6 +22,8 @@ from ..graph import Graph, copy_node, rebuild
 
 ARITHMETIC = frozenset({"add", "sub", "mul", "truediv", "neg", "pow", "exp", "log", "tanh", "sigmoid", "sqrt"})
 _SMALL_POWER = 4  # integer powers up to this are emitted as multiplications
+_INLINE_LIMIT = 64  # a shared subexpression larger than this (as a tree) becomes its own symbol
+_FACTOR_LIMIT = 200  # factor_terms is only tried on expressions with at most this many ops
 
 
 class Sigmoid(sympy.Function):
@@ -64,6 +66,7 @@ class _Simplifier:
         self.simplified: dict[int, int] = {}  # old node -> new node
         self.copied: dict[int, int] = {}
         self.exprs: dict[int, sympy.Expr] = {}  # old node -> sympy expression
+        self.sizes: dict[int, int] = {}  # old node -> size of its arithmetic as a tree
         self.symbols: dict[sympy.Symbol, int] = {}  # opaque symbol -> new node
         self.emitted: dict[sympy.Expr, int] = {}
 
@@ -87,12 +90,25 @@ class _Simplifier:
     def _is_arithmetic(self, n: int) -> bool:
         return self.old.op(n) in ARITHMETIC and self.old.dtype(n) == "float"
 
+    def _size(self, n: int) -> int:
+        if n not in self.sizes:
+            args = self.old.args(n) if self._is_arithmetic(n) else ()
+            self.sizes[n] = 1 + sum(self._size(a) for a in args)
+        return self.sizes[n]
+
+    def _inline(self, n: int) -> bool:
+        """False for a large shared subexpression: it becomes a symbol, as a tree it could be huge."""
+        return self._size(n) <= _INLINE_LIMIT or self.old.uses(n) <= 1
+
     def _arithmetic(self, n: int) -> int:
         expr = self.sympy(n)
-        # Pulling out common factors never expands anything, so it cannot create
-        # cancellation; keep it only if it saves ops.
-        factored = sympy.factor_terms(expr)
-        best = factored if self._convertible(factored) and _count(factored) < _count(expr) else expr
+        best = expr
+        if _count(expr) <= _FACTOR_LIMIT:
+            # Pulling out common factors never expands anything, so it cannot
+            # create cancellation; keep it only if it saves ops.
+            factored = sympy.factor_terms(expr)
+            if self._convertible(factored) and _count(factored) < _count(expr):
+                best = factored
         try:
             node = self.emit(best)
         except _Unconvertible:
@@ -106,7 +122,7 @@ class _Simplifier:
         old = self.old
         op, attrs = old.op(n), old.node(n)
         if self._is_arithmetic(n):
-            a = [self.sympy(x) for x in old.args(n)]
+            a = [self.sympy(x) if self._inline(x) else self._symbol(x) for x in old.args(n)]
             expr = {
                 "add": lambda: a[0] + a[1], "sub": lambda: a[0] - a[1], "mul": lambda: a[0] * a[1],
                 "truediv": lambda: a[0] / a[1], "neg": lambda: -a[0], "pow": lambda: a[0] ** a[1],
@@ -115,11 +131,16 @@ class _Simplifier:
         elif op == "const" and attrs["dtype"] in ("int", "float") and math.isfinite(attrs["value"]):
             expr = _number(attrs["value"])
         else:
-            node = self.simplify(n)
-            expr = sympy.Symbol(f"v{node}")
-            self.symbols[expr] = node
+            expr = self._symbol(n)
         self.exprs[n] = expr
         return expr
+
+    def _symbol(self, n: int) -> sympy.Symbol:
+        """An opaque symbol for the simplified ``n``."""
+        node = self.simplify(n)
+        symbol = sympy.Symbol(f"v{node}")
+        self.symbols[symbol] = node
+        return symbol
 
     @staticmethod
     def _convertible(expr: sympy.Expr) -> bool:
@@ -178,7 +199,7 @@ class _Simplifier:
             if factor.is_Rational:
                 sign = -1 if factor < 0 else 1
                 p, q = abs(factor.p), factor.q
-                if q != 1 and p == 1:
+                if q != 1 and p == 1 and q < 2**53:  # dividing by an exact q rounds once
                     divisor = self.new.const(float(q))
                 elif q != 1 or p != 1:
                     numerator.append(self.new.const(float(abs(factor))))
@@ -200,17 +221,13 @@ class _Simplifier:
         return self.new.add("neg", (self._as_float(result),)) if sign < 0 else result
 
     def _power(self, base: sympy.Expr, exponent: sympy.Expr) -> int:
-        new = self.new
-        if exponent == 1:
-            return self.emit(base)
-        x = self._as_float(self.emit(base))
+        """``base ** exponent`` for an exponent that is not a negative number."""
+        x = self.emit(base)
         if exponent.is_Integer and exponent <= _SMALL_POWER:
             return self._chain("mul", [x] * int(exponent))
         if exponent == sympy.Rational(1, 2):
-            return new.add("sqrt", (x,))
-        if exponent.is_Integer:
-            return new.add("pow", (x, new.const(int(exponent))))
-        return new.add("pow", (x, self._as_float(self.emit(exponent))))
+            return self.new.add("sqrt", (x,))
+        return self.new.add("pow", (self._as_float(x), self.emit(exponent)))
 
     def _chain(self, op: str, operands: list[int]) -> int:
         result = operands[0]
