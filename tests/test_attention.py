@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import attngen as ag
 from attngen.testing import assert_close
-from variants import VARIANTS, Case
+from variants import VARIANTS, Case, case_id
 
 CASES = [
     Case(1, 2, 2, 1, 1, 16, 16),        # single query, single key
@@ -73,7 +73,7 @@ def check_variant(variant, case: Case, dtype=torch.float32, seed=0, tol=2e-5):
     return out, stats
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_matches_reference(variant, case):
     check_variant(variant, case)

@@ -13,21 +13,12 @@ from typing import Callable
 import torch
 
 import attngen as ag
+from attngen.inputs import Shape as Case
 
 
-@dataclass(frozen=True)
-class Case:
-    batch: int
-    q_heads: int
-    kv_heads: int
-    q_len: int
-    kv_len: int
-    qk_dim: int
-    v_dim: int
-
-    def __str__(self):
-        return (f"B{self.batch}-H{self.q_heads}:{self.kv_heads}-L{self.q_len}x{self.kv_len}"
-                f"-D{self.qk_dim}x{self.v_dim}")
+def case_id(case: Case) -> str:
+    return (f"B{case.batch}-H{case.q_heads}:{case.kv_heads}-L{case.q_len}x{case.kv_len}"
+            f"-D{case.qk_dim}x{case.v_dim}")
 
 
 @dataclass(frozen=True)

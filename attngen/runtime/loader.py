@@ -16,7 +16,7 @@ def load_kernels(path: Path, interpret: bool) -> ModuleType:
     """The module at ``path``; with ``interpret`` its kernels run on CPU tensors."""
     key = (str(path), interpret)
     if key not in _modules:
-        name = f"attngen_kernels_{path.stem[:24]}_{'interpreted' if interpret else 'compiled'}"
+        name = f"attngen_kernels_{path.stem}_{'interpreted' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         previous = triton.knobs.runtime.interpret
