@@ -82,3 +82,10 @@ VARIANTS = [
         mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3, scale=0.3)),
     Variant("checkerboard", _none, lambda c: ag.AttentionSpec(score_mod=_checkerboard)),
 ]
+
+
+def _polynomial(s, b, h, q_idx, kv_idx):
+    return 0.05 * s ** 5 - (s * s + 1.0) ** 0.5 + torch.clamp(s, min=-1.0, max=1.0) * torch.sigmoid(s)
+
+
+VARIANTS.append(Variant("polynomial", _none, lambda c: ag.AttentionSpec(score_mod=_polynomial)))

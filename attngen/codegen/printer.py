@@ -16,22 +16,34 @@ from ..ir.graph import Graph
 AXES_OF_INPUT = {"score": frozenset({"q", "kv"}), "q_idx": frozenset({"q"}), "kv_idx": frozenset({"kv"})}
 VARIABLE_OF_INPUT = {"score": "qk"}
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
-          "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
+# Python operator precedence, low to high; an operand binding looser than its
+# operator is parenthesized.
+COMPARE, OR, XOR, AND, ADD, MUL, UNARY, ATOM = range(8)
+_INFIX = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "truediv": ("/", MUL),
+          "lt": ("<", COMPARE), "le": ("<=", COMPARE), "gt": (">", COMPARE), "ge": (">=", COMPARE),
+          "eq": ("==", COMPARE), "ne": ("!=", COMPARE), "and": ("&", AND), "or": ("|", OR), "xor": ("^", XOR)}
 _CALL = {"minimum": "tl.minimum", "maximum": "tl.maximum", "abs": "tl.abs", "exp": "tl.exp",
          "log": "tl.log", "sigmoid": "_sigmoid", "sqrt": "tl.sqrt", "tanh": "_tanh", "where": "tl.where"}
 _FLOAT_ARGS = {"truediv", "exp", "log", "tanh", "sigmoid", "sqrt"}
 
+Expr = tuple[str, int]  # source text and the precedence of its outermost operator
 
-def literal(value) -> str:
+
+def literal(value) -> Expr:
     """A Python literal Triton accepts for a constant."""
-    if isinstance(value, bool) or isinstance(value, int):
-        return repr(value)
-    if math.isinf(value):
-        return 'float("inf")' if value > 0 else 'float("-inf")'
+    if isinstance(value, (bool, int)):
+        return repr(value), (UNARY if value < 0 else ATOM)
     if math.isnan(value):
-        return 'float("nan")'
-    return repr(float(value))
+        return 'float("nan")', ATOM
+    if math.isinf(value):
+        return ('float("inf")' if value > 0 else 'float("-inf")'), ATOM
+    return repr(float(value)), (UNARY if value < 0 else ATOM)
+
+
+def operand(expr: Expr, binding: int) -> str:
+    """``expr`` as an operand of an operator of precedence ``binding``."""
+    text, precedence = expr
+    return text if precedence >= binding else f"({text})"
 
 
 class TritonPrinter:
@@ -55,13 +67,13 @@ class TritonPrinter:
         """The axes along which the element a load reads changes."""
         return frozenset().union(*(self.axes(a) for a in self.graph.args(load)))
 
-    def offset(self, load: int, names: dict[int, str]) -> str:
+    def offset(self, load: int, names: dict[int, Expr]) -> str:
         """The element offset a load node reads, as a Triton expression."""
         cap = self.graph.node(load)["capture"]
-        terms = [f"{names[a]} * cap{cap}_s{d}" for d, a in enumerate(self.graph.args(load))]
+        terms = [f"{operand(names[a], MUL + 1)} * cap{cap}_s{d}" for d, a in enumerate(self.graph.args(load))]
         return " + ".join(terms) if terms else "0"
 
-    def statements(self, targets: dict[str, str], also: tuple[int, ...] = ()) -> tuple[list[str], dict[int, str]]:
+    def statements(self, targets: dict[str, str], also: tuple[int, ...] = ()) -> tuple[list[str], dict[int, Expr]]:
         """Lines assigning each ``variable: output-name`` pair of ``targets``.
 
         Nodes used once are inlined; shared ones get a ``t<N>`` temporary.
@@ -71,89 +83,70 @@ class TritonPrinter:
         for variable, output in targets.items():
             variable_of.setdefault(self.graph.outputs[output], variable)
         keep = set(also)
-        names: dict[int, str] = {}
+        names: dict[int, Expr] = {}
         lines = []
         for n in self.graph.order(list(variable_of) + list(also)):
             expr = self._expression(n, names)
-            if self._trivial(n):
+            if self.graph.op(n) in ("input", "const"):
                 names[n] = expr
-            elif n in variable_of:
-                names[n] = variable_of[n]
-                lines.append(f"{names[n]} = {self._strip(expr)}")
-            elif n in keep or self.graph.uses(n) > 1:
-                names[n] = f"t{n}"
-                lines.append(f"t{n} = {self._strip(expr)}")
+            elif n in variable_of or n in keep or self.graph.uses(n) > 1:
+                variable = variable_of.get(n, f"t{n}")
+                lines.append(f"{variable} = {expr[0]}")
+                names[n] = (variable, ATOM)
             else:
-                names[n] = f"({expr})"
+                names[n] = expr
         for variable, output in targets.items():
-            if names[self.graph.outputs[output]] != variable:
-                lines.append(f"{variable} = {self._strip(names[self.graph.outputs[output]])}")
+            if names[self.graph.outputs[output]][0] != variable:
+                lines.append(f"{variable} = {names[self.graph.outputs[output]][0]}")
         return lines, names
 
-    def _trivial(self, n: int) -> bool:
-        return self.graph.op(n) in ("input", "const")
-
-    @staticmethod
-    def _strip(expr: str) -> str:
-        """Drop one pair of parentheses that encloses all of ``expr``."""
-        if not (expr.startswith("(") and expr.endswith(")")):
-            return expr
-        depth = 0
-        for i, char in enumerate(expr):
-            depth += {"(": 1, ")": -1}.get(char, 0)
-            if depth == 0 and i < len(expr) - 1:
-                return expr
-        return expr[1:-1]
-
-    def _as_float(self, n: int, names: dict[int, str]) -> str:
+    def _as_float(self, n: int, names: dict[int, Expr]) -> Expr:
         if self.graph.dtype(n) == "float":
-            return self._strip(names[n])
+            return names[n]
         if self.graph.op(n) == "const":
             return literal(float(self.graph.node(n)["value"]))
-        return f"{names[n]}.to(tl.float32)"
+        return f"{operand(names[n], ATOM)}.to(tl.float32)", ATOM
 
-    def _expression(self, n: int, names: dict[int, str]) -> str:
+    def _expression(self, n: int, names: dict[int, Expr]) -> Expr:
         g = self.graph
         attrs = g.node(n)
         op, args = attrs["op"], attrs["args"]
         if op == "input":
-            return VARIABLE_OF_INPUT.get(attrs["name"], attrs["name"])
+            return VARIABLE_OF_INPUT.get(attrs["name"], attrs["name"]), ATOM
         if op == "const":
             return literal(attrs["value"])
         if op == "load":
             return self._load(n, names)
-        if op in _FLOAT_ARGS:
-            operands = [self._as_float(a, names) for a in args]
-        else:
-            operands = [self._strip(names[a]) if op in _CALL else names[a] for a in args]
+        operands = [self._as_float(a, names) if op in _FLOAT_ARGS else names[a] for a in args]
         if op in _INFIX:
-            return f"{operands[0]} {_INFIX[op]} {operands[1]}"
-        if op == "truediv":
-            return f"{names[args[0]] if g.dtype(args[0]) == 'float' else operands[0]} / {operands[1]}"
-        if op == "neg":
-            return f"-{operands[0]}"
-        if op == "not":
-            return f"~{operands[0]}"
+            symbol, binding = _INFIX[op]
+            left = operand(operands[0], binding + 1 if binding == COMPARE else binding)
+            return f"{left} {symbol} {operand(operands[1], binding + 1)}", binding
+        if op in ("neg", "not"):
+            return f"{'-' if op == 'neg' else '~'}{operand(operands[0], UNARY)}", UNARY
         if op in ("floordiv", "mod"):
             kind = "float" if attrs["dtype"] == "float" else "int"
-            return f"_{op}_{kind}({self._strip(operands[0])}, {self._strip(operands[1])})"
+            return f"_{op}_{kind}({operands[0][0]}, {operands[1][0]})", ATOM
         if op == "pow":
             return self._pow(args, names)
-        return f"{_CALL[op]}({', '.join(operands)})"
+        return f"{_CALL[op]}({', '.join(text for text, _ in operands)})", ATOM
 
-    def _pow(self, args: tuple[int, int], names: dict[int, str]) -> str:
+    def _pow(self, args: tuple[int, int], names: dict[int, Expr]) -> Expr:
         base, exponent = args
         g = self.graph
+        x = operand(names[base], MUL + 1)
         if g.is_const(exponent) and float(g.node(exponent)["value"]).is_integer():
             power = int(g.node(exponent)["value"])
             if 0 < abs(power) <= 4:
-                product = " * ".join([names[base]] * abs(power))
-                return product if power > 0 else f"1.0 / ({product})"
+                product = " * ".join([x] * abs(power))
+                return (product, MUL) if power > 0 else (f"1.0 / ({product})", MUL)
+            return f"_pow_int({self._as_float(base, names)[0]}, {power})", ATOM
         if g.is_const(exponent, 0.5):
-            return f"tl.sqrt({self._as_float(base, names)})"
-        return f"tl.exp({self._as_float(exponent, names)} * tl.log({self._as_float(base, names)}))"
+            return f"tl.sqrt({self._as_float(base, names)[0]})", ATOM
+        y, x = self._as_float(exponent, names), self._as_float(base, names)
+        return f"tl.exp({operand(y, MUL)} * tl.log({x[0]}))", ATOM
 
-    def _load(self, n: int, names: dict[int, str]) -> str:
+    def _load(self, n: int, names: dict[int, Expr]) -> Expr:
         cap = self.graph.node(n)["capture"]
         axes = self.index_axes(n)
         masks = [m for axis, m in (("q", "q_valid"), ("kv", "kv_valid")) if axis in axes]
@@ -161,7 +154,7 @@ class TritonPrinter:
         value = f"tl.load(cap{cap} + {self.offset(n, names)}{mask})"
         kind = self.graph.captures[cap].kind
         if kind == "float":
-            return f"{value}.to(tl.float32)"
+            return f"{value}.to(tl.float32)", ATOM
         if kind == "bool":
-            return f"({value} != 0)"
-        return value
+            return f"{value} != 0", COMPARE
+        return value, ATOM
