@@ -566,6 +566,14 @@ def test_unbounded_sides():
     assert bounded_sides(lambda b, h, q, kv: DOC_IDS[b] + q) == (True, True)  # exact per program
 
 
+
+def test_equal_bounds_are_shared():
+    """``z`` has equal bounds built twice; as one node they decide ``z <= z``, keeping ``where`` bounded."""
+    def fn(b, h, q, kv):
+        z = q * 0 + 1
+        return torch.where(z <= z, kv, DOC_IDS[q])
+    assert bounded_sides(fn) == (True, True)
+
 def bounded_sides(fn) -> tuple[bool, bool]:
     """Which sides of ``fn``'s value the analysis bounds."""
     from attngen.ir.passes.intervals import _Analysis

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from attngen.ir.evaluate import evaluate, evaluate_nodes
 from attngen.ir.graph import Capture, Graph
 from attngen.ir.passes import cse, differentiate, fold_constants, optimize, simplify
+from attngen.ir.passes.fold import fold_node
 from attngen.trace import trace
 
 B, H, Q, K = 2, 3, 5, 6
@@ -214,6 +215,36 @@ def test_fold_identities_keep_types_and_special_values():
     for build, expected in cases:
         assert folds_to(build) == expected
 
+
+
+def test_fold_same_argument_and_absorbing_identities():
+    const, op = Graph.const, Graph.add
+    cases = [
+        (lambda g, s, q, f: op(g, "sub", (q, q)), 0),
+        (lambda g, s, q, f: op(g, "le", (q, q)), True),
+        (lambda g, s, q, f: op(g, "ne", (f, f)), False),
+        (lambda g, s, q, f: op(g, "le", (s, s)), "le(input score, input score)"),  # NaN <= NaN is False
+        (lambda g, s, q, f: op(g, "and", (f, const(g, False))), False),
+        (lambda g, s, q, f: op(g, "or", (const(g, True), f)), True),
+        (lambda g, s, q, f: op(g, "and", (q, const(g, 0))), "and(input q_idx, const 0)"),
+        (lambda g, s, q, f: op(g, "and", (f, f)), "gt(input q_idx, input kv_idx)"),
+        (lambda g, s, q, f: op(g, "minimum", (s, s)), "input score"),
+        (lambda g, s, q, f: op(g, "where", (f, s, s)), "input score"),
+        (lambda g, s, q, f: op(g, "not", (op(g, "not", (f,)),)), "gt(input q_idx, input kv_idx)"),
+    ]
+    for build, expected in cases:
+        result = folds_to(build)
+        assert result == expected and type(result) is type(expected), (result, expected)
+
+
+def test_fold_node_returns_a_constant_an_argument_or_a_new_node():
+    graph = Graph()
+    q, zero = graph.input("q_idx"), graph.const(0)
+    assert fold_node(graph, "add", (zero, q)) == q
+    six = fold_node(graph, "mul", (graph.const(2), graph.const(3)))
+    assert graph.is_const(six, 6) and graph.dtype(six) == "int"
+    added = fold_node(graph, "add", (q, six), "float")
+    assert graph.describe(added) == f"add(%{q}, %{six})" and graph.dtype(added) == "float"
 
 def test_cse_merges_duplicates_but_not_different_constants():
     graph = trace(lambda s, b, h, q, kv: torch.tanh(s * 30.0) + torch.tanh(30.0 * s) + s * 30, None)

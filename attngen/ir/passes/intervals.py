@@ -26,7 +26,7 @@ A node that does not depend on ``q_idx``/``kv_idx`` (only on ``b``, ``h``,
 constants and loads indexed by them) is exact per program; int and bool ones
 are reused as-is as ``(x, x)`` -- e.g. ``doc_id[b] == 3`` stays exact.
 
-No "infinity" constant is ever built: unboundedness is static. Bound
+Unboundedness is static (``None``), never an infinity constant. Bound
 expressions only add ops of the same magnitude as the mask's own arithmetic
 (corner products of a ``mul`` may exceed the values the mask actually reaches
 when its operands are correlated).
@@ -36,25 +36,27 @@ from __future__ import annotations
 
 import math
 
-from ..graph import OPS, Graph, rebuild, result_dtype
+from ..graph import Graph, rebuild
+from .fold import fold_node
 
 BLOCK_INPUTS = ("q_lo", "q_hi", "kv_lo", "kv_hi")
 EXACT_INPUTS = ("b", "h")
 
 # Comparisons: op -> the op with swapped operands.
 _SWAPPED = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
-# (x op x) for an int node x compared with itself.
-_REFLEXIVE = {"lt": False, "le": True, "gt": False, "ge": True, "eq": True, "ne": False}
 
 
 class _Builder:
-    """Builds folded, hash-consed nodes in ``graph``."""
+    """Builds nodes in ``graph`` with :func:`fold_node`, sharing identical ones.
+
+    Sharing (constants included) is not only for size: it lets identities such
+    as ``x - x`` and ``x <= x`` see bounds built twice the same way as one node.
+    """
 
     def __init__(self, graph: Graph):
         self.g = graph
         self.memo: dict[tuple, int] = {}
 
-    # -- leaves -------------------------------------------------------------
     def const(self, value, dtype: str | None = None) -> int:
         if dtype is None:
             dtype = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
@@ -64,85 +66,17 @@ class _Builder:
             self.memo[key] = self.g.add("const", (), dtype, value=value)
         return self.memo[key]
 
-    def cval(self, n: int | None):
-        """The value of a const node, else ``None``."""
-        if n is None or not self.g.is_const(n):
-            return None
-        return self.g.node(n)["value"]
-
     def is_true(self, n: int) -> bool:
         return self.g.is_const(n) and self.g.node(n)["value"] is True
 
     def is_false(self, n: int) -> bool:
         return self.g.is_const(n) and self.g.node(n)["value"] is False
 
-    # -- ops ----------------------------------------------------------------
     def op(self, op: str, *args: int) -> int:
-        g = self.g
-        dtype = result_dtype(op, (g.dtype(a) for a in args))
-        values = [self.cval(a) for a in args]
-        if all(g.is_const(a) for a in args) and OPS[op].evaluate is not None:
-            try:
-                value = OPS[op].evaluate(*values)
-            except (ArithmeticError, ValueError):
-                value = None
-            if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
-                return self.const(value, dtype)
-        folded = self._simplify(op, args, values, dtype)
-        if folded is not None:
-            return folded
-        key = (op, args, dtype)
-        if key not in self.memo:
-            self.memo[key] = g.add(op, args, dtype)
-        return self.memo[key]
-
-    def _simplify(self, op, args, values, dtype):
-        g = self.g
-        same_dtype = lambda n: g.dtype(n) == dtype  # noqa: E731
-        if op in ("and", "or") and dtype == "bool":
-            a, b = args
-            absorbing, neutral = (False, True) if op == "and" else (True, False)
-            if values[0] is absorbing or values[1] is absorbing:
-                return self.const(absorbing)
-            if values[0] is neutral:
-                return b
-            if values[1] is neutral:
-                return a
-            if a == b:
-                return a
-        if op == "not" and dtype == "bool":
-            (a,) = args
-            if g.op(a) == "not":
-                return g.args(a)[0]
-        if op == "where":
-            c, a, b = args
-            if values[0] is True and same_dtype(a):
-                return a
-            if values[0] is False and same_dtype(b):
-                return b
-            if a == b and same_dtype(a):
-                return a
-        if dtype == "int":
-            if op in ("minimum", "maximum") and args[0] == args[1]:
-                return args[0]
-            if op == "add":
-                if values[1] == 0 and same_dtype(args[0]):
-                    return args[0]
-                if values[0] == 0 and same_dtype(args[1]):
-                    return args[1]
-            if op == "sub":
-                if values[1] == 0 and same_dtype(args[0]):
-                    return args[0]
-                if args[0] == args[1]:
-                    return self.const(0)
-            if op == "mul":
-                if values[1] == 1 and same_dtype(args[0]):
-                    return args[0]
-                if values[0] == 1 and same_dtype(args[1]):
-                    return args[1]
-        if op in _REFLEXIVE and args[0] == args[1] and g.dtype(args[0]) != "float":
-            return self.const(_REFLEXIVE[op])
-        return None
+        if (op, args) not in self.memo:
+            n = fold_node(self.g, op, args)
+            self.memo[op, args] = self.const(self.g.node(n)["value"], self.g.dtype(n)) if self.g.is_const(n) else n
+        return self.memo[op, args]
 
     # -- None-propagating helpers --------------------------------------------
     def opt(self, op: str, *args):
