@@ -1,18 +1,168 @@
-"""The normalization applied to each row of scores.
+"""The normalization family: how a row of modded scores becomes weights.
 
-Only the softmax lives here for now; the other members of the family
-(sinks, sigmoid, ReLU^p, ...) plug into the same templates later.
+Two families share the kernel templates:
+
+* ``"softmax"`` -- online row normalizers: ``p_j = exp(l_j) / (exp(sink) + sum_k exp(l_k))``
+  over the kept keys, where the logits ``l = logits(score, h, n)`` are a traced
+  function of the score (identity for plain softmax). Optional affine output
+  ``alpha * softmax + beta``. Row statistics (``lse``) are defined.
+* ``"elementwise"`` -- no row state: ``p_j = weight(score_j, h, n)``; masked
+  keys get weight 0. The backward uses the IR derivative of ``weight``.
+
+``n`` is the number of keys (``count="length"``) or, per row, the number of
+kept keys (``count="unmasked"``). Per-head parameters are floats or tensors of
+shape ``[Hq]``; tensors that require grad receive gradients.
+
+A new normalization is a subclass overriding ``logits`` or ``weight`` (both
+are traced like a score_mod, so they may use ``torch`` functions and index
+captured tensors by ``h``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import Callable
+
+import torch
+
+COUNTS = ("length", "unmasked")
+
+
+def _check_parameter(name: str, value, allow=()) -> None:
+    if isinstance(value, str) and value in allow:
+        return
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a per-head tensor, got a bool")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.dim() > 1:
+            raise TypeError(f"{name} must be a float or a floating-point tensor of shape [heads], "
+                            f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        return
+    raise TypeError(f"{name} must be a float or a per-head tensor, got {type(value).__name__}")
+
+
+def per_head(value, h):
+    """``value[h]`` for a per-head tensor, the value itself for a float or a 0-d tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value[h]
+    return value
+
+
+def _check_count(count: str) -> None:
+    if count not in COUNTS:
+        raise ValueError(f"count must be one of {COUNTS}, got {count!r}")
 
 
 class Normalization:
     """Base class of everything accepted as ``AttentionSpec(normalization=...)``."""
 
+    family = "softmax"
+    count = "length"
+    sink = None
+    affine = None  # (alpha, beta) for an affine softmax
 
-@dataclass(frozen=True)
+    def logits(self, score, h, n):
+        """Softmax family: the logits the softmax is taken over."""
+        return score
+
+    def weight(self, score, h, n):
+        """Elementwise family: the weight of one kept key."""
+        raise NotImplementedError(f"{type(self).__name__} does not define weight()")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={_show(v)}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _show(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    return getattr(value, "__name__", None) or repr(value)
+
+
 class Softmax(Normalization):
-    """``p_ij = exp(s_ij) / sum_k exp(s_ik)`` over the unmasked keys of row i."""
+    """``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``; ``sink=None`` is plain softmax.
+
+    ``sink`` is a float (``0.0``: the off-by-one "softmax1") or a per-head
+    tensor, learnable with ``requires_grad`` ("attention sinks"). With a sink,
+    ``lse`` includes it: ``lse = log(exp(sink) + sum_k exp(s_k))``.
+    """
+
+    def __init__(self, sink=None):
+        if sink is not None:
+            _check_parameter("Softmax(sink=...)", sink)
+        self.sink = sink
+
+
+def OffByOne() -> Softmax:  # noqa: N802 - reads like the class it stands for
+    """Softmax with a fixed zero sink: ``exp(s_j) / (1 + sum_k exp(s_k))`` (softmax1)."""
+    return Softmax(sink=0.0)
+
+
+class ScalableSoftmax(Normalization):
+    """Softmax of ``s * scale * log(n)`` (scalable softmax); ``scale`` float or per-head tensor."""
+
+    def __init__(self, s=1.0, count: str = "length"):
+        _check_parameter("ScalableSoftmax(s=...)", s)
+        _check_count(count)
+        self.s, self.count = s, count
+
+    def logits(self, score, h, n):
+        return score * per_head(self.s, h) * torch.log(n)
+
+
+class AffineSoftmax(Normalization):
+    """``p = alpha * softmax(s) + beta`` over the kept keys; alpha, beta float or per-head tensors."""
+
+    def __init__(self, alpha=1.0, beta=0.0):
+        _check_parameter("AffineSoftmax(alpha=...)", alpha)
+        _check_parameter("AffineSoftmax(beta=...)", beta)
+        self.affine = (alpha, beta)
+
+
+class Sigmoid(Normalization):
+    """``p_j = sigmoid(s_j + bias)``; bias float, per-head tensor, or ``"-log n"``."""
+
+    family = "elementwise"
+
+    def __init__(self, bias=0.0, count: str = "length"):
+        _check_parameter("Sigmoid(bias=...)", bias, allow=("-log n",))
+        _check_count(count)
+        self.bias, self.count = bias, count
+
+    def weight(self, score, h, n):
+        bias = -torch.log(n) if isinstance(self.bias, str) else per_head(self.bias, h)
+        return torch.sigmoid(score + bias)
+
+
+class ReLU(Normalization):
+    """``p_j = relu(s_j) ** power / n``, ``n`` the key length or the kept count per row."""
+
+    family = "elementwise"
+
+    def __init__(self, power: int = 1, normalize: str = "length"):
+        if power not in (1, 2, 3):
+            raise ValueError(f"ReLU(power=...) must be 1, 2 or 3, got {power!r}")
+        _check_count(normalize)
+        self.power, self.count = power, normalize
+
+    def weight(self, score, h, n):
+        return torch.clamp(score, min=0.0) ** self.power / n
+
+
+class Elementwise(Normalization):
+    """``p_j = fn(s_j)`` for any traceable ``fn`` (e.g. ``lambda s: torch.sigmoid(s) ** 2``)."""
+
+    family = "elementwise"
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise TypeError(f"Elementwise(fn) needs a function of the score, got {type(fn).__name__}")
+        self.fn = fn
+
+    def weight(self, score, h, n):
+        return self.fn(score)

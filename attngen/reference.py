@@ -11,6 +11,7 @@ import math
 import torch
 
 from .inputs import check_inputs
+from .norms import Normalization
 from .spec import AttentionSpec
 from .stats import Stats
 
@@ -36,17 +37,45 @@ def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return s, keep
 
 
+def _per_head(value, like: torch.Tensor):
+    """A normalization parameter broadcastable against [B, H, Lq, Lk] tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).reshape(1, -1, 1, 1) if value.dim() == 1 else value.to(like.dtype)
+    return value
+
+
+def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
+    """Attention weights [B, H, Lq, Lk] of modded scores, and lse (None for elementwise)."""
+    h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
+    if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
+        n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+    else:
+        n = torch.tensor(float(s.shape[-1]), dtype=s.dtype, device=s.device)
+    if normalization.family == "elementwise":
+        return torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s)), None
+    logits = torch.where(keep, normalization.logits(s, h, n), float("-inf"))
+    if normalization.sink is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    else:
+        sink = torch.broadcast_to(torch.as_tensor(_per_head(normalization.sink, s), dtype=s.dtype, device=s.device),
+                                  (*s.shape[:3], 1))
+        lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1)
+    lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(logits - lse_finite.unsqueeze(-1))
+    if normalization.affine is not None:
+        alpha, beta = (_per_head(x, s) for x in normalization.affine)
+        p = alpha * p + beta * keep.to(s.dtype)
+    return p, lse
+
+
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False):
     """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized."""
     spec = spec or AttentionSpec()
     shape = check_inputs(q, k, v)
     s, keep = scores(q, k, spec)
-    s = torch.where(keep, s, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(s - lse_finite.unsqueeze(-1))
+    p, lse = weights(s, keep, spec.normalization)
     v = v.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
-    out = (p.to(v.dtype) @ v)
+    out = p.to(v.dtype) @ v
     if not return_stats:
         return out
     available = {"lse": lse}

@@ -34,31 +34,40 @@ class AttentionSpec:
         mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``; True keeps a key.
         normalization: how each row of scores becomes weights (``norms.Softmax()``).
         scale: multiplies ``q @ k^T``; ``None`` means ``1 / sqrt(Dqk)``.
-        stats: per-row statistics returned with ``return_stats=True``.
+        stats: per-row statistics returned with ``return_stats=True``;
+            ``None`` means ``("lse",)`` for the softmax family and ``()`` for
+            elementwise normalizations (which have no row normalizer).
     """
 
     score_mod: Callable | None = None
     mask_mod: Callable | None = None
     normalization: Normalization = field(default_factory=Softmax)
     scale: float | None = None
-    stats: tuple[str, ...] = ("lse",)
+    stats: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.score_mod is not None:
             _check_arity(self.score_mod, "score_mod", ("score", "b", "h", "q_idx", "kv_idx"))
         if self.mask_mod is not None:
             _check_arity(self.mask_mod, "mask_mod", ("b", "h", "q_idx", "kv_idx"))
-        if not isinstance(self.normalization, Softmax):
+        if not isinstance(self.normalization, Normalization):
             raise SpecError(f"normalization must be an attngen.norms object such as norms.Softmax(), "
                             f"got {self.normalization!r}")
+        row_stats = self.normalization.family == "softmax"
         if self.scale is not None:
             if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
                     or not math.isfinite(self.scale) or self.scale <= 0:
                 raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
-        stats = (self.stats,) if isinstance(self.stats, str) else tuple(self.stats)
+        if self.stats is None:
+            stats = ("lse",) if row_stats else ()
+        else:
+            stats = (self.stats,) if isinstance(self.stats, str) else tuple(self.stats)
         unknown = [s for s in stats if s not in stats_module.SUPPORTED]
         if unknown:
             raise SpecError(f"unsupported stats {unknown}; supported: {', '.join(stats_module.SUPPORTED)}")
+        if "lse" in stats and not row_stats:
+            raise SpecError(f"stats 'lse' is not defined for {type(self.normalization).__name__}: an elementwise "
+                            "normalization has no row normalizer; use stats=()")
         object.__setattr__(self, "stats", stats)
 
     def describe(self) -> list[str]:

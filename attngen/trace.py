@@ -200,6 +200,7 @@ def _flatten(items):
 
 
 def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]) -> int:
+    """Trace ``function`` on proxies of the named graph inputs; return its result node."""
     tracer.function = name
     graph = tracer.graph
     args = [Proxy(tracer, graph.input(i, "float" if i == "score" else "int")) for i in inputs]
@@ -213,17 +214,28 @@ def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]
     return tracer.node(result)
 
 
-def trace(score_mod: Callable | None, mask_mod: Callable | None) -> Graph:
-    """Trace both functions into one graph with outputs ``score`` and ``mask``."""
+def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=None) -> Graph:
+    """Trace the spec's functions into one graph with outputs ``score`` and ``mask``.
+
+    ``score`` is what the kernel normalizes: ``score_mod``'s result, then the
+    normalization's ``logits`` (softmax family) or ``weight`` (elementwise
+    family) of it, which may use the input ``n_keys`` or ``n_kept``.
+    """
     tracer = Tracer()
     graph = tracer.graph
-    if score_mod is None:
-        score = graph.input("score", "float")
-    else:
+    score = graph.input("score", "float")
+    if score_mod is not None:
         score = _call(tracer, score_mod, "score_mod", SCORE_INPUTS)
         if graph.dtype(score) == "bool":
             raise SpecError("score_mod must return a number, but it returned a boolean; "
                             "boolean conditions belong in mask_mod")
+    if normalization is not None:
+        modded = score
+        elementwise = normalization.family == "elementwise"
+        method = normalization.weight if elementwise else normalization.logits
+        count = "n_kept" if normalization.count == "unmasked" else "n_keys"
+        name = f"{type(normalization).__name__}.{method.__name__}"
+        score = _call(tracer, lambda h, n: method(Proxy(tracer, modded), h, n), name, ("h", count))
     if mask_mod is None:
         mask = graph.const(True)
     else:

@@ -13,7 +13,8 @@ import math
 
 from ..ir.graph import Graph
 
-AXES_OF_INPUT = {"score": frozenset({"q", "kv"}), "q_idx": frozenset({"q"}), "kv_idx": frozenset({"kv"})}
+AXES_OF_INPUT = {"score": frozenset({"q", "kv"}), "q_idx": frozenset({"q"}), "kv_idx": frozenset({"kv"}),
+                 "n_kept": frozenset({"q"})}
 VARIABLE_OF_INPUT = {"score": "qk"}
 
 # Python operator precedence, low to high; an operand binding looser than its

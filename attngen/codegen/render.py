@@ -10,6 +10,7 @@ import jinja2
 
 from .. import __version__
 from ..ir.graph import Graph
+from ..norms import Normalization
 from .printer import TritonPrinter
 
 TEMPLATE = "attention.py.j2"
@@ -35,10 +36,16 @@ def _axes_name(axes: frozenset) -> str:
     return "both" if len(axes) == 2 else "".join(axes)
 
 
-def kernel_context(graph: Graph, spec_lines: list[str]) -> dict:
-    """Everything the template needs, derived from an optimized graph."""
+def _unpack(names: list[str]) -> str:
+    """The left-hand side that unpacks a tuple of ``names``."""
+    return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
+
+
+def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization) -> dict:
+    """Everything the template needs, derived from an optimized graph and the normalization."""
     printer = TritonPrinter(graph)
     outputs = graph.outputs
+    softmax = normalization.family == "softmax"
 
     score_lines, _ = printer.statements({"score": "score"})
     if printer.axes(outputs["score"]) != {"q", "kv"} or graph.dtype(outputs["score"]) != "float":
@@ -52,30 +59,41 @@ def kernel_context(graph: Graph, spec_lines: list[str]) -> dict:
     live_lines, _ = printer.statements({"live": "block_live"})
 
     grads = []
-    k = 0
-    while f"grad:{k}" in outputs:
-        load = outputs[f"load:{k}"]
-        grads.append({"k": k, "capture": graph.node(load)["capture"], "load": load,
+    while f"grad:{len(grads)}" in outputs:
+        load = outputs[f"load:{len(grads)}"]
+        grads.append({"k": len(grads), "capture": graph.node(load)["capture"], "load": load,
                       "axes": _axes_name(printer.index_axes(load))})
-        k += 1
-    backward_lines = []
-    if grads or not graph.is_const(outputs["d_score"], 1.0):
-        targets = {"d_score": "d_score", **{f"grad{g['k']}": f"grad:{g['k']}" for g in grads}}
-        indices = tuple(i for g in grads for i in graph.args(g["load"]))
-        backward_lines, names = printer.statements(targets, also=indices)
-        backward_lines += [f"offset{g['k']} = {printer.offset(g['load'], names)}" for g in grads]
+    targets = {"d_score": "d_score", **{f"grad{g['k']}": f"grad:{g['k']}" for g in grads}}
+    backward_lines, names = printer.statements(targets, also=tuple(i for g in grads for i in graph.args(g["load"])))
+    backward_lines += [f"offset{g['k']} = {printer.offset(g['load'], names)}" for g in grads]
 
+    used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
+    counts = [name for name in ("n_keys", "n_kept") if name in used]
     captures = [{"index": i, "ndim": c.tensor.dim(), "differentiable": c.differentiable}
                 for i, c in enumerate(graph.captures)]
     capture_names = [name for c in captures for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
+    mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
+    params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
+    residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else [])
     return {
         "version": __version__,
         "template_version": TEMPLATE_VERSION,
         "fingerprint": graph.fingerprint(),
         "spec_lines": spec_lines,
+        "softmax": softmax,
+        "sink": normalization.sink is not None,
+        "affine": normalization.affine is not None,
+        "uses_kept": "n_kept" in used,
+        "norm_params": params,
+        "params_unpack": _unpack(params) if params else "",
+        "dparams_unpack": _unpack([f"d{p}" for p in params]) if params else "",
+        "residuals_unpack": _unpack(residuals) if residuals else "",
         "captures": captures,
         "capture_args": "".join(f", {n}" for n in capture_names),
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
+        "mask_args": ", ".join(mask_inputs + capture_names),
+        "tile_inputs": ", ".join(mask_inputs + counts + capture_names),
+        "tile_args": ", ".join(["qk"] + mask_inputs + counts + capture_names),
         "score_lines": score_lines,
         "mask_lines": mask_lines,
         "live_lines": live_lines,
@@ -84,6 +102,6 @@ def kernel_context(graph: Graph, spec_lines: list[str]) -> dict:
     }
 
 
-def render(graph: Graph, spec_lines: list[str]) -> str:
+def render(graph: Graph, spec_lines: list[str], normalization: Normalization) -> str:
     """The Python source of the kernel module for ``graph``."""
-    return environment().get_template(TEMPLATE).render(**kernel_context(graph, spec_lines))
+    return environment().get_template(TEMPLATE).render(**kernel_context(graph, spec_lines, normalization))

@@ -23,6 +23,29 @@ from .function import AttentionFunction
 from .loader import load_kernels
 
 
+def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torch.Tensor:
+    """A normalization parameter as a contiguous float32 [heads] tensor (autograd-connected)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((heads,), float(value), device=device)
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+    if value.dim() == 1 and value.shape[0] != heads:
+        raise ValueError(f"{name} has {value.shape[0]} entries; expected one per query head ({heads})")
+    return value.float().expand(heads).contiguous()
+
+
+def norm_parameters(normalization, heads: int, device: torch.device) -> list[torch.Tensor]:
+    """The per-head tensors the kernels take for a sink or an affine output."""
+    name = type(normalization).__name__
+    if normalization.sink is not None:
+        return [_per_head_tensor(f"{name}(sink=...)", normalization.sink, heads, device)]
+    if normalization.affine is not None:
+        alpha, beta = normalization.affine
+        return [_per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
+                _per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
+    return []
+
+
 class CompiledAttention:
     """A spec compiled to Triton kernels; call it like ``attn(q, k, v)``."""
 
@@ -32,7 +55,7 @@ class CompiledAttention:
 
     def _build(self) -> None:
         started = time.perf_counter()
-        self.graph = trace(self.spec.score_mod, self.spec.mask_mod)
+        self.graph = trace(self.spec.score_mod, self.spec.mask_mod, self.spec.normalization)
         self.signature = self._capture_signature()
         identity = "\n".join([self.graph.text(), *self.spec.describe(), f"template {TEMPLATE_VERSION} {template_digest()}",
                               f"attngen {__version__}", f"triton {triton.__version__}"])
@@ -44,7 +67,7 @@ class CompiledAttention:
         return tuple(c.signature() for c in self.graph.captures)
 
     def _generate(self) -> str:
-        return render(block_bounds(optimize(self.graph)), self.spec.describe())
+        return render(block_bounds(optimize(self.graph)), self.spec.describe(), self.spec.normalization)
 
     @property
     def source(self) -> str:
@@ -64,8 +87,9 @@ class CompiledAttention:
     def __call__(self, q, k, v, *, return_stats: bool = False):
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
 
-        With ``return_stats=True`` returns ``(out, stats)``; ``stats.lse`` is
-        the natural-log sum of exponentials of each row's kept scores.
+        With ``return_stats=True`` returns ``(out, stats)`` with the spec's
+        statistics; ``stats.lse`` is the natural-log sum of exponentials of each
+        row's kept logits (and the sink, if any).
         """
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
         if q.device.type not in ("cpu", "cuda"):
@@ -74,8 +98,9 @@ class CompiledAttention:
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         scale = self.spec.scale if self.spec.scale is not None else 1.0 / math.sqrt(shape.qk_dim)
-        out, lse = AttentionFunction.apply(q, k, v, kernels, float(scale), launch_config(q, shape),
-                                           *self._captures(q.device))
+        params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
+        out, lse = AttentionFunction.apply(q, k, v, kernels, float(scale), launch_config(q, shape), len(params),
+                                           *params, *self._captures(q.device))
         if not return_stats:
             return out
         available = {"lse": lse}

@@ -25,6 +25,7 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, *,
     """
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    actual, expected = actual.detach(), expected.detach()
     error = max_error(actual, expected)
     if baseline is not None:
         bound = 2 * max_error(baseline, expected) + atol
