@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import attngen as ag
 from attngen.testing import assert_close
+from checks import check_variant, inputs
 from variants import VARIANTS, Case, case_id
 
 CASES = [
@@ -21,56 +22,6 @@ CASES = [
     Case(1, 2, 2, 70, 33, 16, 16),      # Lq > Lk
     Case(1, 2, 1, 40, 50, 24, 40),      # head dims that are not powers of two
 ]
-
-
-def _inputs(case: Case, dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
-    q = randn(case.batch, case.q_heads, case.q_len, case.qk_dim)
-    k = randn(case.batch, case.kv_heads, case.kv_len, case.qk_dim)
-    v = randn(case.batch, case.kv_heads, case.kv_len, case.v_dim)
-    return q, k, v, gen
-
-
-def _as_float64(captures: dict) -> dict:
-    copies = {}
-    for name, value in captures.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = value.detach().double().requires_grad_(value.requires_grad)
-        copies[name] = value
-    return copies
-
-
-def _loss_and_grads(out, lse, dout, dlse, leaves):
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    loss = (out * dout).sum() + (lse * dlse).sum()
-    return torch.autograd.grad(loss, leaves, allow_unused=True)
-
-
-def check_variant(variant, case: Case, dtype=torch.float32, seed=0, tol=2e-5):
-    """Forward, lse and every gradient of ``variant`` on ``case`` vs float64."""
-    q, k, v, gen = _inputs(case, dtype, seed)
-    captures = variant.captures(case, gen)
-    learnable = [name for name, t in captures.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-    out, stats = ag.compile(variant.spec(captures))(q, k, v, return_stats=True)
-    dout = torch.randn(out.shape, generator=gen)
-    dlse = torch.randn(stats.lse.shape, generator=gen)
-    grads = _loss_and_grads(out, stats.lse, dout.to(dtype), dlse, [q, k, v, *(captures[n] for n in learnable)])
-
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    captures64 = _as_float64(captures)
-    ref_out, ref_stats = ag.reference.attention(q64, k64, v64, variant.spec(captures64), return_stats=True)
-    ref_grads = _loss_and_grads(ref_out, ref_stats.lse, dout.double(), dlse.double(),
-                                [q64, k64, v64, *(captures64[n] for n in learnable)])
-
-    assert_close("out", out, ref_out, atol=tol, rtol=tol)
-    assert_close("lse", stats.lse, ref_stats.lse, atol=tol, rtol=tol)
-    for name, grad, ref in zip(["dq", "dk", "dv", *learnable], grads, ref_grads):
-        assert grad is not None, f"no gradient for {name}"
-        assert_close(name, grad, ref, atol=tol, rtol=tol)
-    return out, stats
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -96,7 +47,7 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
 
 def test_everything_masked_has_finite_gradients():
     spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: q_idx < 0)
-    q, k, v, _ = _inputs(Case(1, 1, 1, 9, 9, 16, 16), torch.float32, 0)
+    q, k, v, _ = inputs(Case(1, 1, 1, 9, 9, 16, 16), torch.float32, 0)
     out, stats = ag.compile(spec)(q, k, v, return_stats=True)
     (out.sum() + torch.where(torch.isfinite(stats.lse), stats.lse, 0.0).sum()).backward()
     assert torch.all(out == 0) and torch.all(stats.lse == float("-inf"))
@@ -109,7 +60,7 @@ def test_half_precision_within_twice_the_torch_error(dtype):
     """FlashAttention's rule: error vs float64 <= 2 x the error of plain torch at that dtype."""
     variant = next(v for v in VARIANTS if v.name == "alibi")
     case = Case(1, 2, 2, 64, 64, 32, 32)
-    q, k, v, gen = _inputs(case, dtype, 1)
+    q, k, v, gen = inputs(case, dtype, 1)
     captures = variant.captures(case, gen)
     out = ag.compile(variant.spec(captures))(q, k, v)
     dout = torch.randn(out.shape, generator=gen)
@@ -126,7 +77,7 @@ def test_half_precision_within_twice_the_torch_error(dtype):
 
 
 def test_one_call_form_matches_compiled_spec():
-    q, k, v, _ = _inputs(Case(1, 2, 2, 30, 30, 16, 16), torch.float32, 3)
+    q, k, v, _ = inputs(Case(1, 2, 2, 30, 30, 16, 16), torch.float32, 3)
     softcap = lambda s, b, h, q_idx, kv_idx: 5.0 * torch.tanh(s / 5.0)  # noqa: E731
     one_call = ag.attention(q, k, v, score_mod=softcap, mask_mod=ag.masks.causal)
     compiled = ag.compile(ag.AttentionSpec(score_mod=softcap, mask_mod=ag.masks.causal))(q, k, v)
@@ -134,7 +85,7 @@ def test_one_call_form_matches_compiled_spec():
 
 
 def test_custom_scale_is_applied_before_score_mod():
-    q, k, v, _ = _inputs(Case(1, 1, 1, 12, 12, 16, 16), torch.float32, 4)
+    q, k, v, _ = inputs(Case(1, 1, 1, 12, 12, 16, 16), torch.float32, 4)
     seen_scale = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * 2.0, scale=0.25)
     same = ag.AttentionSpec(scale=0.5)
     torch.testing.assert_close(ag.compile(seen_scale)(q, k, v), ag.compile(same)(q, k, v), atol=1e-6, rtol=1e-5)
@@ -143,7 +94,7 @@ def test_custom_scale_is_applied_before_score_mod():
 def test_captured_tensor_updates_in_place_are_seen():
     slopes = torch.zeros(2)
     attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)))
-    q, k, v, _ = _inputs(Case(1, 2, 2, 16, 16, 16, 16), torch.float32, 5)
+    q, k, v, _ = inputs(Case(1, 2, 2, 16, 16, 16, 16), torch.float32, 5)
     before = attn(q, k, v)
     slopes.fill_(1.0)
     after = attn(q, k, v)
@@ -155,7 +106,7 @@ def test_captured_tensor_updates_in_place_are_seen():
 def test_capture_that_starts_requiring_grad_gets_a_gradient():
     slopes = torch.rand(2)
     attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)))
-    q, k, v, _ = _inputs(Case(1, 2, 2, 16, 16, 16, 16), torch.float32, 6)
+    q, k, v, _ = inputs(Case(1, 2, 2, 16, 16, 16, 16), torch.float32, 6)
     attn(q, k, v)
     slopes.requires_grad_()
     attn(q, k, v).sum().backward()

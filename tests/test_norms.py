@@ -1,0 +1,123 @@
+"""Every normalization x mask x odd shapes, forward and backward, against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen import norms
+from checks import check_variant, inputs
+from variants import Case, Variant, case_id
+
+
+def _learnable(name):
+    return lambda case, gen: {name: (0.5 + torch.rand(case.q_heads, generator=gen)).requires_grad_()}
+
+
+def _affine(case, gen):
+    return {"alpha": (0.5 + torch.rand(case.q_heads, generator=gen)).requires_grad_(),
+            "beta": (0.1 * torch.rand(case.q_heads, generator=gen)).requires_grad_()}
+
+
+def _none(case, gen):
+    return {}
+
+
+NORMS = {
+    "softmax": (_none, lambda c: norms.Softmax()),
+    "off_by_one": (_none, lambda c: norms.OffByOne()),
+    "learnable_sink": (_learnable("sink"), lambda c: norms.Softmax(sink=c["sink"])),
+    "sigmoid_-log_n": (_none, lambda c: norms.Sigmoid(bias="-log n")),
+    "sigmoid_learnable_bias": (_learnable("bias"), lambda c: norms.Sigmoid(bias=c["bias"])),
+    "relu2_length": (_none, lambda c: norms.ReLU(power=2)),
+    "relu_unmasked": (_none, lambda c: norms.ReLU(power=1, normalize="unmasked")),
+    "scalable_learnable": (_learnable("s"), lambda c: norms.ScalableSoftmax(s=c["s"])),
+    "scalable_unmasked": (_none, lambda c: norms.ScalableSoftmax(s=0.7, count="unmasked")),
+    "affine_learnable": (_affine, lambda c: norms.AffineSoftmax(alpha=c["alpha"], beta=c["beta"])),
+    "elementwise_sigmoid_squared": (_none, lambda c: norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)),
+}
+MASKS = {
+    "no_mask": None,
+    "causal": ag.masks.causal,
+    "sliding_window": ag.masks.sliding_window(5),
+    "empty_rows": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3,
+}
+CASES = [Case(1, 2, 2, 37, 37, 16, 16), Case(1, 4, 2, 50, 29, 32, 16), Case(2, 2, 1, 17, 45, 16, 32)]
+
+
+def _variant(norm_name, mask_name):
+    captures, make_norm = NORMS[norm_name]
+    mask = MASKS[mask_name]
+    return Variant(f"{norm_name}-{mask_name}", captures,
+                   lambda c: ag.AttentionSpec(mask_mod=mask, normalization=make_norm(c),
+                                              score_mod=lambda s, b, h, q_idx, kv_idx: s * 1.5))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("norm_name", NORMS)
+def test_normalization_matches_reference(norm_name, mask_name, case):
+    check_variant(_variant(norm_name, mask_name), case)
+
+
+@pytest.mark.parametrize("norm_name", NORMS)
+def test_fully_masked_rows_give_zero_output_without_nan(norm_name):
+    variant = _variant(norm_name, "empty_rows")
+    out, stats = check_variant(variant, Case(1, 2, 2, 20, 20, 16, 16))
+    assert torch.all(out[:, :, :3] == 0) and torch.isfinite(out).all()
+
+
+def test_sink_enters_lse_and_fully_masked_rows_have_lse_equal_to_the_sink():
+    sink = torch.tensor([0.5, -1.0])
+    spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3,
+                            normalization=norms.Softmax(sink=sink))
+    q, k, v, _ = inputs(Case(1, 2, 2, 10, 10, 16, 16), torch.float32, 0)
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    torch.testing.assert_close(stats.lse[0, :, :3], sink[:, None].expand(2, 3))
+
+
+def test_off_by_one_weights_sum_to_less_than_one():
+    q, k, v, _ = inputs(Case(1, 1, 1, 16, 16, 16, 16), torch.float32, 1)
+    ones = torch.ones_like(v)
+    plain = ag.compile(ag.AttentionSpec())(q, k, ones)
+    off_by_one = ag.compile(ag.AttentionSpec(normalization=norms.OffByOne()))(q, k, ones)
+    torch.testing.assert_close(plain, torch.ones_like(plain))
+    assert torch.all(off_by_one < 1) and torch.all(off_by_one > 0)
+
+
+def test_elementwise_normalizations_reject_lse():
+    with pytest.raises(ag.SpecError, match="'lse' is not defined for Sigmoid"):
+        ag.AttentionSpec(normalization=norms.Sigmoid(), stats=("lse",))
+    assert ag.AttentionSpec(normalization=norms.Sigmoid()).stats == ()
+
+
+def test_custom_normalization_subclass():
+    class Squared(norms.Normalization):
+        family = "elementwise"
+
+        def weight(self, score, h, n):
+            return score * score / n
+
+    variant = Variant("squared", _none, lambda c: ag.AttentionSpec(normalization=Squared()))
+    check_variant(variant, Case(1, 2, 2, 21, 21, 16, 16))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: norms.Softmax(sink="big"), "must be a float or a per-head tensor"),
+    (lambda: norms.Sigmoid(bias=float("nan")), "must be finite"),
+    (lambda: norms.ReLU(power=4), "must be 1, 2 or 3"),
+    (lambda: norms.ReLU(normalize="rows"), "count must be one of"),
+    (lambda: norms.ScalableSoftmax(s=torch.ones(2, 2)), "shape \\[heads\\]"),
+    (lambda: norms.Elementwise("sigmoid"), "needs a function"),
+])
+def test_bad_normalization_arguments(make, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()
+
+
+def test_per_head_parameter_with_wrong_length_is_rejected():
+    attn = ag.compile(ag.AttentionSpec(normalization=norms.Softmax(sink=torch.zeros(3))))
+    q, k, v, _ = inputs(Case(1, 2, 2, 8, 8, 16, 16), torch.float32, 0)
+    with pytest.raises(ValueError, match=r"Softmax\(sink=...\) has 3 entries; expected one per query head \(2\)"):
+        attn(q, k, v)
