@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import attngen as ag
 from attngen import norms
 from checks import check_variant, inputs
-from variants import Case, Variant, case_id
+from variants import VARIANTS, Case, Variant, case_id
 
 
 def _learnable(name):
@@ -121,3 +125,16 @@ def test_per_head_parameter_with_wrong_length_is_rejected():
     q, k, v, _ = inputs(Case(1, 2, 2, 8, 8, 16, 16), torch.float32, 0)
     with pytest.raises(ValueError, match=r"Softmax\(sink=...\) has 3 entries; expected one per query head \(2\)"):
         attn(q, k, v)
+
+
+@given(norm_name=st.sampled_from(sorted(NORMS)), variant=st.sampled_from(VARIANTS),
+       q_len=st.integers(1, 70), kv_len=st.integers(1, 70), group=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_any_normalization_with_any_score_and_mask_mod(norm_name, variant, q_len, kv_len, group, seed):
+    make_captures, make_norm = NORMS[norm_name]
+
+    def captures(case, gen):
+        return {**variant.captures(case, gen), **make_captures(case, gen)}
+
+    combined = Variant(f"{variant.name}+{norm_name}", captures, lambda c: dataclasses.replace(
+        variant.spec(c), normalization=make_norm(c), stats=None))
+    check_variant(combined, Case(1, 2 * group, 2, q_len, kv_len, 16, 32), seed=seed)
