@@ -7,7 +7,7 @@ Triton kernels with an automatically derived backward pass.
 
 __version__ = "0.1.0"
 
-from . import masks, norms, reference  # noqa: E402
+from . import masks, norms, reference, stats  # noqa: E402
 from .errors import SpecError  # noqa: E402
 from .runtime.compiled import CompiledAttention, attention, compile  # noqa: E402
 from .spec import AttentionSpec  # noqa: E402

@@ -13,7 +13,13 @@ import torch
 from .inputs import check_inputs
 from .norms import Normalization
 from .spec import AttentionSpec
-from .stats import Stats
+from . import stats as stats_module
+
+
+def _indices(shape, device) -> list[torch.Tensor]:
+    """b, h, q_idx, kv_idx as int64 tensors broadcastable to ``shape`` [B, H, Lq, Lk]."""
+    return [torch.arange(size, device=device).view([-1 if d == i else 1 for d in range(4)])
+            for i, size in enumerate(shape)]
 
 
 def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,10 +30,7 @@ def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     s = (q @ k.transpose(-1, -2)) * scale
     full = s.shape
     device = q.device
-    b = torch.arange(shape.batch, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(shape.q_heads, device=device).view(1, -1, 1, 1)
-    q_idx = torch.arange(shape.q_len, device=device).view(1, 1, -1, 1)
-    kv_idx = torch.arange(shape.kv_len, device=device).view(1, 1, 1, -1)
+    b, h, q_idx, kv_idx = _indices(full, device)
     if spec.score_mod is not None:
         modded = torch.as_tensor(spec.score_mod(s, b, h, q_idx, kv_idx), device=device)
         s = torch.broadcast_to(modded, full).to(q.dtype)
@@ -45,15 +48,17 @@ def _per_head(value, like: torch.Tensor):
 
 
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
-    """Attention weights [B, H, Lq, Lk] of modded scores, and lse (None for elementwise)."""
+    """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits
+    (both None for elementwise normalizations)."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
     else:
         n = torch.tensor(float(s.shape[-1]), dtype=s.dtype, device=s.device)
     if normalization.family == "elementwise":
-        return torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s)), None
-    logits = torch.where(keep, normalization.logits(s, h, n), float("-inf"))
+        return torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s)), None, None
+    raw_logits = normalization.logits(s, h, n)
+    logits = torch.where(keep, raw_logits, float("-inf"))
     if normalization.sink is None:
         lse = torch.logsumexp(logits, dim=-1)
     else:
@@ -65,7 +70,18 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     if normalization.affine is not None:
         alpha, beta = (_per_head(x, s) for x in normalization.affine)
         p = alpha * p + beta * keep.to(s.dtype)
-    return p, lse
+    return p, lse, raw_logits
+
+
+def _row_stats(spec: AttentionSpec, p, lse, logits, keep) -> stats_module.Stats:
+    """The requested statistics of the materialized weights."""
+    index = _indices(p.shape, p.device)
+    row_max = torch.amax(torch.where(keep, logits, float("-inf")), dim=-1) if logits is not None else None
+    expectations = {}
+    for name, g in stats_module.kernel_expectations(spec.stats):
+        values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)
+        expectations[name] = (p * torch.where(keep, values, torch.zeros_like(values))).sum(-1)
+    return stats_module.assemble(spec.stats, lse, row_max, expectations)
 
 
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False):
@@ -73,10 +89,9 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     spec = spec or AttentionSpec()
     shape = check_inputs(q, k, v)
     s, keep = scores(q, k, spec)
-    p, lse = weights(s, keep, spec.normalization)
+    p, lse, logits = weights(s, keep, spec.normalization)
     v = v.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
     out = p.to(v.dtype) @ v
     if not return_stats:
         return out
-    available = {"lse": lse}
-    return out, Stats(**{name: available[name] for name in spec.stats})
+    return out, _row_stats(spec, p, lse, logits, keep)

@@ -61,13 +61,8 @@ class AttentionSpec:
         if self.stats is None:
             stats = ("lse",) if row_stats else ()
         else:
-            stats = (self.stats,) if isinstance(self.stats, str) else tuple(self.stats)
-        unknown = [s for s in stats if s not in stats_module.SUPPORTED]
-        if unknown:
-            raise SpecError(f"unsupported stats {unknown}; supported: {', '.join(stats_module.SUPPORTED)}")
-        if "lse" in stats and not row_stats:
-            raise SpecError(f"stats 'lse' is not defined for {type(self.normalization).__name__}: an elementwise "
-                            "normalization has no row normalizer; use stats=()")
+            stats = (self.stats,) if isinstance(self.stats, (str, stats_module.Expectation)) else tuple(self.stats)
+        _check_stats(stats, self.normalization)
         object.__setattr__(self, "stats", stats)
 
     def describe(self) -> list[str]:
@@ -76,6 +71,27 @@ class AttentionSpec:
                 f"normalization = {self.normalization!r}",
                 f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
                 f"stats = {self.stats!r}"]
+
+
+def _check_stats(stats: tuple, normalization: Normalization) -> None:
+    """Reject unknown, duplicate, or (for this normalization) undefined statistics."""
+    for stat in stats:
+        if not isinstance(stat, stats_module.Expectation) and stat not in stats_module.ROW_STATS:
+            raise SpecError(f"unsupported stat {stat!r}; supported: {', '.join(stats_module.ROW_STATS)} "
+                            "and attngen.stats.expectation(g, name)")
+    names = [stats_module.stat_name(s) for s in stats]
+    if len(set(names)) != len(names):
+        raise SpecError(f"stats names must be unique, got {names}")
+    norm = type(normalization).__name__
+    if stats and normalization.family != "softmax":
+        raise SpecError(f"stats {names} are not defined for {norm}: an elementwise normalization has no "
+                        "row normalizer; use stats=()")
+    needs_distribution = [n for n, s in zip(names, stats) if n == "entropy" or isinstance(s, stats_module.Expectation)]
+    if needs_distribution and normalization.affine is not None:
+        raise SpecError(f"stats {needs_distribution} need a probability distribution, which {norm}'s affine "
+                        "output is not")
+    if "entropy" in names and normalization.sink is not None:
+        raise SpecError(f"the entropy stat is not supported with a sink ({norm}(sink=...)) yet")
 
 
 def _source(name: str, fn: Callable | None) -> list[str]:

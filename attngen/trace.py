@@ -203,7 +203,7 @@ def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]
     """Trace ``function`` on proxies of the named graph inputs; return its result node."""
     tracer.function = name
     graph = tracer.graph
-    args = [Proxy(tracer, graph.input(i, "float" if i == "score" else "int")) for i in inputs]
+    args = [Proxy(tracer, graph.input(i, "float" if i in ("score", "logit") else "int")) for i in inputs]
     try:
         result = function(*args)
     except SpecError:
@@ -214,12 +214,16 @@ def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]
     return tracer.node(result)
 
 
-def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=None) -> Graph:
-    """Trace the spec's functions into one graph with outputs ``score`` and ``mask``.
+def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=None,
+          expectations: list[tuple[str, Callable]] = ()) -> Graph:
+    """Trace the spec's functions into one graph with outputs ``score``, ``mask``
+    and ``exp0``, ``exp1``, ... (one per row expectation).
 
     ``score`` is what the kernel normalizes: ``score_mod``'s result, then the
     normalization's ``logits`` (softmax family) or ``weight`` (elementwise
-    family) of it, which may use the input ``n_keys`` or ``n_kept``.
+    family) of it, which may use the input ``n_keys`` or ``n_kept``. Each
+    expectation function is traced on the input ``logit`` (the kernel passes
+    ``score`` there).
     """
     tracer = Tracer()
     graph = tracer.graph
@@ -244,4 +248,10 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
             raise SpecError("mask_mod must return a boolean (a comparison, or & | ~ of comparisons), "
                             f"but it returned a value of type {graph.dtype(mask)}")
     graph.outputs = {"score": score, "mask": mask}
+    for e, (name, g) in enumerate(expectations):
+        before = len(graph.captures)
+        graph.outputs[f"exp{e}"] = _call(tracer, g, f"expectation {name!r}", ("logit", "b", "h", "q_idx", "kv_idx"))
+        if any(c.differentiable for c in graph.captures[before:]):
+            raise SpecError(f"expectation {name!r}: tensors captured only by the expectation function "
+                            "cannot receive gradients yet; detach them")
     return graph

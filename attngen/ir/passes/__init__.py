@@ -8,8 +8,18 @@ from .simplify import simplify
 
 
 def optimize(graph: Graph) -> Graph:
-    """The standard pipeline: fold, differentiate the score, simplify, fold, CSE."""
-    return cse(fold_constants(simplify(differentiate(fold_constants(graph)))))
+    """The standard pipeline: fold, differentiate, simplify, fold, CSE.
+
+    Differentiates ``score`` with respect to the input ``score``, and each row
+    expectation ``exp<e>`` with respect to the input ``logit`` (outputs
+    prefixed ``exp<e>.``).
+    """
+    graph = differentiate(fold_constants(graph))
+    e = 0
+    while f"exp{e}" in graph.outputs:
+        graph = differentiate(graph, f"exp{e}", wrt="logit", prefix=f"exp{e}.")
+        e += 1
+    return cse(fold_constants(simplify(graph)))
 
 
 __all__ = ["cse", "differentiate", "fold_constants", "optimize", "simplify"]

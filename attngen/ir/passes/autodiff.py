@@ -8,8 +8,9 @@ from ..graph import Graph, rebuild
 class _Adjoints:
     """Builds the backward nodes of one output inside a working copy of the graph."""
 
-    def __init__(self, graph: Graph, output: int):
+    def __init__(self, graph: Graph, output: int, wrt: str):
         self.g = graph
+        self.wrt = wrt
         self.order = graph.order([output])
         self.active = self._active()
         self.parts: dict[int, list[int]] = {}
@@ -22,7 +23,7 @@ class _Adjoints:
         for n in self.order:
             if g.dtype(n) != "float":
                 continue
-            leaf = g.input_name(n) == "score" or (
+            leaf = g.input_name(n) == self.wrt or (
                 g.op(n) == "load" and g.captures[g.node(n)["capture"]].differentiable)
             if leaf or any(a in active for a in g.args(n)):
                 active.add(n)
@@ -103,22 +104,23 @@ class _Adjoints:
         return [(x, add("mul", d, dx)), (y, add("mul", d, dy))]
 
 
-def differentiate(graph: Graph, output: str = "score") -> Graph:
+def differentiate(graph: Graph, output: str = "score", wrt: str = "score", prefix: str = "") -> Graph:
     """A copy of ``graph`` with gradient outputs of ``graph.outputs[output]``.
 
-    Adds ``d_score`` (the derivative with respect to the ``score`` input) and,
-    for the k-th load of a differentiable capture that the output depends on
-    (in topological order), ``load:k`` (the loaded value) and ``grad:k`` (the
-    derivative with respect to it). Existing outputs are kept.
+    Adds ``<prefix>d_score`` (the derivative with respect to the input named
+    ``wrt``) and, for the k-th load of a differentiable capture that the output
+    depends on (in topological order), ``<prefix>load:k`` (the loaded value)
+    and ``<prefix>grad:k`` (the derivative with respect to it). Existing
+    outputs are kept.
     """
     work = rebuild(graph)
-    adjoints = _Adjoints(work, work.outputs[output])
+    adjoints = _Adjoints(work, work.outputs[output], wrt)
     adjoints.run()
-    score = [n for n in adjoints.order if work.input_name(n) == "score"]
-    work.outputs["d_score"] = adjoints.adjoint(score[0]) if score else work.const(0.0)
+    leaf = [n for n in adjoints.order if work.input_name(n) == wrt]
+    work.outputs[f"{prefix}d_score"] = adjoints.adjoint(leaf[0]) if leaf else work.const(0.0)
     loads = [n for n in adjoints.order if work.op(n) == "load"
              and work.captures[work.node(n)["capture"]].differentiable]
     for k, n in enumerate(loads):
-        work.outputs[f"load:{k}"] = n
-        work.outputs[f"grad:{k}"] = adjoints.adjoint(n)
+        work.outputs[f"{prefix}load:{k}"] = n
+        work.outputs[f"{prefix}grad:{k}"] = adjoints.adjoint(n)
     return rebuild(work)
