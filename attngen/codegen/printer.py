@@ -14,7 +14,7 @@ import math
 from ..ir.graph import Graph
 
 AXES_OF_INPUT = {"score": frozenset({"q", "kv"}), "q_idx": frozenset({"q"}), "kv_idx": frozenset({"kv"}),
-                 "n_kept": frozenset({"q"})}
+                 "n_kept": frozenset({"q"}), "logit": frozenset({"q", "kv"})}
 VARIABLE_OF_INPUT = {"score": "qk"}
 
 # Python operator precedence, low to high; an operand binding looser than its

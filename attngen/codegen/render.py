@@ -41,7 +41,7 @@ def _unpack(names: list[str]) -> str:
     return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
 
 
-def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization) -> dict:
+def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     printer = TritonPrinter(graph)
     outputs = graph.outputs
@@ -67,6 +67,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     backward_lines, names = printer.statements(targets, also=tuple(i for g in grads for i in graph.args(g["load"])))
     backward_lines += [f"offset{g['k']} = {printer.offset(g['load'], names)}" for g in grads]
 
+    expectations = list(range(sum(1 for name in outputs if name.startswith("exp") and "." not in name)))
+    stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in expectations
+                    for prefix, suffix in (("g", ""), ("dg", ".d_score"))}
+    stat_lines, _ = printer.statements(stat_targets) if expectations else ([], {})
     used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
     counts = [name for name in ("n_keys", "n_kept") if name in used]
     captures = [{"index": i, "ndim": c.tensor.dim(), "differentiable": c.differentiable}
@@ -75,6 +79,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else [])
+    stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     return {
         "version": __version__,
         "template_version": TEMPLATE_VERSION,
@@ -88,6 +93,16 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "params_unpack": _unpack(params) if params else "",
         "dparams_unpack": _unpack([f"d{p}" for p in params]) if params else "",
         "residuals_unpack": _unpack(residuals) if residuals else "",
+        "residual_names": "".join(f"{r}, " for r in residuals),
+        "stat_names": "".join(f"{name}, " for name in stats),
+        "stats_unpack": _unpack(stats) if stats else "",
+        "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
+        "expectations": expectations,
+        "row_max": row_max,
+        "stat_lines": stat_lines,
+        "stat_returns": ", ".join(stat_targets),
+        "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
+        "stat_dp": " + ".join(f"dexp{e}[:, None] * (g{e} + dg{e})" for e in expectations),
         "captures": captures,
         "capture_args": "".join(f", {n}" for n in capture_names),
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
@@ -102,6 +117,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     }
 
 
-def render(graph: Graph, spec_lines: list[str], normalization: Normalization) -> str:
-    """The Python source of the kernel module for ``graph``."""
-    return environment().get_template(TEMPLATE).render(**kernel_context(graph, spec_lines, normalization))
+def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False) -> str:
+    """The Python source of the kernel module for ``graph`` (``row_max``: also output each row's max logit)."""
+    return environment().get_template(TEMPLATE).render(**kernel_context(graph, spec_lines, normalization, row_max))

@@ -15,7 +15,7 @@ from ..inputs import KERNEL_DTYPES, check_inputs
 from ..ir.passes import optimize
 from ..ir.passes.intervals import block_bounds
 from ..spec import AttentionSpec
-from ..stats import Stats
+from .. import stats as stats_module
 from ..trace import trace
 from .cache import cached_source
 from .config import launch_config
@@ -55,7 +55,8 @@ class CompiledAttention:
 
     def _build(self) -> None:
         started = time.perf_counter()
-        self.graph = trace(self.spec.score_mod, self.spec.mask_mod, self.spec.normalization)
+        self.expectations = stats_module.kernel_expectations(self.spec.stats)
+        self.graph = trace(self.spec.score_mod, self.spec.mask_mod, self.spec.normalization, self.expectations)
         self.signature = self._capture_signature()
         identity = "\n".join([self.graph.text(), *self.spec.describe(), f"template {TEMPLATE_VERSION} {template_digest()}",
                               f"attngen {__version__}", f"triton {triton.__version__}"])
@@ -67,7 +68,8 @@ class CompiledAttention:
         return tuple(c.signature() for c in self.graph.captures)
 
     def _generate(self) -> str:
-        return render(block_bounds(optimize(self.graph)), self.spec.describe(), self.spec.normalization)
+        return render(block_bounds(optimize(self.graph)), self.spec.describe(), self.spec.normalization,
+                      row_max="max" in self.spec.stats)
 
     @property
     def source(self) -> str:
@@ -99,12 +101,13 @@ class CompiledAttention:
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         scale = self.spec.scale if self.spec.scale is not None else 1.0 / math.sqrt(shape.qk_dim)
         params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
-        out, lse = AttentionFunction.apply(q, k, v, kernels, float(scale), launch_config(q, shape), len(params),
-                                           *params, *self._captures(q.device))
+        out, *stats = AttentionFunction.apply(q, k, v, kernels, float(scale), launch_config(q, shape), len(params),
+                                              *params, *self._captures(q.device))
         if not return_stats:
             return out
-        available = {"lse": lse}
-        return out, Stats(**{name: available[name] for name in self.spec.stats})
+        outputs = dict(zip(kernels.STAT_OUTPUTS, stats))
+        expectations = {name: outputs["expectations"][e] for e, (name, _) in enumerate(self.expectations)}
+        return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations)
 
 
 def compile(spec: AttentionSpec) -> CompiledAttention:  # noqa: A001 - public API name

@@ -6,31 +6,30 @@ import torch
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Forward returns ``(out, lse)``; backward fills q, k, v, normalization-parameter
-    and captured-tensor gradients. ``lse`` is None for elementwise normalizations."""
+    """Forward returns ``(out, *stats)`` (the module's STAT_OUTPUTS); backward fills q, k, v,
+    normalization-parameter and captured-tensor gradients."""
 
     @staticmethod
     def forward(ctx, q, k, v, kernels, scale, config, num_params, *tensors):
         params, captures = tensors[:num_params], tensors[num_params:]
-        out, lse, residuals = kernels.forward(q, k, v, captures, params, scale, config)
-        ctx.save_for_backward(q, k, v, out, lse, *residuals, *params, *captures)
+        out, stats, residuals = kernels.forward(q, k, v, captures, params, scale, config)
+        ctx.save_for_backward(q, k, v, out, *stats, *residuals, *params, *captures)
         ctx.kernels, ctx.scale, ctx.config = kernels, scale, config
-        ctx.counts = (len(residuals), num_params)
+        ctx.counts = (len(stats), len(residuals), num_params)
         ctx.set_materialize_grads(False)
-        return out, lse
+        return (out, *stats)
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *rest = ctx.saved_tensors
-        num_residuals, num_params = ctx.counts
-        residuals, rest = rest[:num_residuals], rest[num_residuals:]
-        params, captures = rest[:num_params], rest[num_params:]
+    def backward(ctx, dout, *dstats):
+        q, k, v, out, *rest = ctx.saved_tensors
+        sizes = ctx.counts
+        stats, residuals, params = (rest[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
+        captures = rest[sum(sizes):]
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None:
-            dlse = dlse.float().contiguous()
+        dstats = [None if d is None else d.float().contiguous() for d in dstats]
         dq, dk, dv, dcaptures, dparams = ctx.kernels.backward(
-            q, k, v, out, lse, residuals, dout, dlse, captures, params, ctx.scale, ctx.config)
+            q, k, v, out, stats, residuals, dout, dstats, captures, params, ctx.scale, ctx.config)
         grads = [None] * len(captures)
         for index, grad in zip(ctx.kernels.DIFFERENTIABLE_CAPTURES, dcaptures):
             grads[index] = grad.to(captures[index].dtype)
