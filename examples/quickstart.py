@@ -48,5 +48,5 @@ for name, got, want in [("out", out, ref), ("lse", stats.lse, ref_stats.lse), ("
                         ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad), ("dslopes", slopes.grad, slopes64.grad)]:
     print(f"  max |{name} - float64 reference| = {(got.double() - want).abs().max().item():.2e}")
 
-print("\ngenerated score_mod (see attn.source for the whole module):")
-print("@triton.jit\ndef score_mod" + attn.source.split("def score_mod")[1].split("\n\n")[0])
+print("\ngenerated score function (see attn.source for the whole module):")
+print("@triton.jit\ndef score_fn" + attn.source.split("def score_fn")[1].split("\n\n")[0])

@@ -79,7 +79,7 @@ def test_float_index_is_rejected():
     (dict(mask_mod=lambda b, h, q_idx: True), "mask_mod must take 4 positional arguments"),
     (dict(score_mod="causal"), "score_mod must be a function"),
     (dict(scale=-1.0), "scale must be a positive finite number"),
-    (dict(stats=("lse", "bogus")), "unsupported stats"),
+    (dict(stats=("lse", "bogus")), "unsupported stat 'bogus'"),
     (dict(normalization="softmax"), "normalization must be an attngen.norms object"),
 ])
 def test_bad_specs(kwargs, message):

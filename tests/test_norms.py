@@ -91,7 +91,7 @@ def test_off_by_one_weights_sum_to_less_than_one():
 
 
 def test_elementwise_normalizations_reject_lse():
-    with pytest.raises(ag.SpecError, match="'lse' is not defined for Sigmoid"):
+    with pytest.raises(ag.SpecError, match=r"stats \['lse'\] are not defined for Sigmoid"):
         ag.AttentionSpec(normalization=norms.Sigmoid(), stats=("lse",))
     assert ag.AttentionSpec(normalization=norms.Sigmoid()).stats == ()
 
@@ -132,9 +132,12 @@ def test_per_head_parameter_with_wrong_length_is_rejected():
 def test_any_normalization_with_any_score_and_mask_mod(norm_name, variant, q_len, kv_len, group, seed):
     make_captures, make_norm = NORMS[norm_name]
 
-    def captures(case, gen):
-        return {**variant.captures(case, gen), **make_captures(case, gen)}
+    def captures(case, gen):  # the normalization's parameters under their own names
+        return {**variant.captures(case, gen), **{f"norm.{k}": t for k, t in make_captures(case, gen).items()}}
 
-    combined = Variant(f"{variant.name}+{norm_name}", captures, lambda c: dataclasses.replace(
-        variant.spec(c), normalization=make_norm(c), stats=None))
+    def spec(c):
+        own = {k.removeprefix("norm."): t for k, t in c.items() if k.startswith("norm.")}
+        return dataclasses.replace(variant.spec(c), normalization=make_norm(own), stats=None)
+
+    combined = Variant(f"{variant.name}+{norm_name}", captures, spec)
     check_variant(combined, Case(1, 2 * group, 2, q_len, kv_len, 16, 32), seed=seed)

@@ -1,0 +1,106 @@
+"""Fused statistics (lse, max, entropy, expectations): values and gradients vs float64."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen import norms
+from checks import check_variant, inputs
+from variants import VARIANTS, Case, Variant, case_id
+
+
+def _distance(score, b, h, q_idx, kv_idx):
+    return torch.abs(q_idx - kv_idx) * 1.0
+
+
+def _soft_relu(score, b, h, q_idx, kv_idx):
+    return torch.tanh(score) * score + 0.1 * (kv_idx % 3)
+
+
+STATS = {
+    "lse": ("lse",),
+    "max": ("lse", "max"),
+    "entropy": ("entropy",),
+    "expectation_distance": (ag.stats.expectation(_distance, name="distance"),),
+    "all": ("lse", "max", "entropy", ag.stats.expectation(_soft_relu, name="soft"),
+            ag.stats.expectation(_distance, name="distance")),
+}
+BASES = {v.name: v for v in VARIANTS if v.name in ("alibi", "causal", "document", "sliding_window", "empty_rows")}
+CASES = [Case(1, 2, 2, 37, 37, 16, 16), Case(1, 4, 2, 29, 50, 32, 16), Case(2, 2, 1, 64, 64, 16, 32)]
+
+
+def _with_stats(base: Variant, stats, normalization=None) -> Variant:
+    def spec(c):
+        changes = {"stats": stats}
+        if normalization is not None:
+            changes["normalization"] = normalization(c)
+        return dataclasses.replace(base.spec(c), **changes)
+    return Variant(f"{base.name}+stats", base.captures, spec)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("stats", STATS)
+def test_statistics_and_their_gradients_match_reference(stats, base, case):
+    check_variant(_with_stats(BASES[base], STATS[stats]), case)
+
+
+@pytest.mark.parametrize("normalization", [
+    lambda c: norms.Softmax(sink=0.3), lambda c: norms.ScalableSoftmax(s=0.8, count="unmasked")],
+    ids=["sink", "scalable"])
+def test_max_and_expectations_with_other_softmax_normalizations(normalization):
+    stats = ("lse", "max", ag.stats.expectation(_soft_relu, name="soft"))
+    check_variant(_with_stats(BASES["causal"], stats, normalization), Case(1, 2, 2, 45, 45, 16, 16))
+
+
+def test_empty_rows_have_zero_entropy_and_expectations_and_minus_inf_max():
+    spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3,
+                            stats=("max", "entropy", ag.stats.expectation(_distance, name="distance")))
+    q, k, v, _ = inputs(Case(1, 1, 1, 10, 10, 16, 16), torch.float32, 0)
+    _, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    assert torch.all(stats.max[..., :3] == float("-inf")) and torch.all(stats.entropy[..., :3] == 0)
+    assert torch.all(stats.distance[..., :3] == 0)
+
+
+def test_entropy_of_uniform_attention_is_log_n():
+    q = torch.zeros(1, 1, 5, 16)
+    k, v = torch.randn(1, 1, 12, 16), torch.randn(1, 1, 12, 16)
+    _, stats = ag.compile(ag.AttentionSpec(stats=("entropy",)))(q, k, v, return_stats=True)
+    torch.testing.assert_close(stats.entropy, torch.full((1, 1, 5), torch.log(torch.tensor(12.0)).item()))
+
+
+def test_no_attention_matrix_is_materialized():
+    """Structure: the generated kernels allocate nothing that grows like Lq x Lk."""
+    spec = ag.AttentionSpec(mask_mod=ag.masks.causal, stats=("lse", "max", "entropy"))
+    source = ag.compile(spec).source
+    launchers = source.split("# --- launchers")[1]
+    allocations = [line for line in launchers.splitlines() if "torch.zeros(" in line or "torch.full(" in line
+                   or "torch.empty" in line or "new_empty" in line]
+    assert allocations and not any("LK" in line for line in allocations), allocations
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stats=("bogus",)), "unsupported stat 'bogus'"),
+    (dict(stats=("lse", "lse")), "must be unique"),
+    (dict(normalization=norms.Sigmoid(), stats=("max",)), "not defined for Sigmoid"),
+    (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
+    (dict(normalization=norms.OffByOne(), stats=("entropy",)), "not supported with a sink"),
+])
+def test_bad_stats(kwargs, message):
+    with pytest.raises(ag.SpecError, match=message):
+        ag.AttentionSpec(**kwargs)
+
+
+def test_bad_expectations():
+    with pytest.raises(TypeError, match="must take"):
+        ag.stats.expectation(lambda s: s, name="x")
+    with pytest.raises(ValueError, match="identifier"):
+        ag.stats.expectation(_distance, name="not valid")
+    table = torch.rand(4, requires_grad=True)
+    spec = ag.AttentionSpec(stats=(ag.stats.expectation(lambda s, b, h, q, k: s * table[h], name="t"),))
+    with pytest.raises(ag.SpecError, match="cannot receive gradients yet"):
+        ag.compile(spec)
