@@ -73,7 +73,26 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     return p, lse, raw_logits
 
 
-def _row_stats(spec: AttentionSpec, p, lse, logits, keep) -> stats_module.Stats:
+def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Tensor:
+    """The weights [B, H, Lq, Lk] pooled over ``stat``'s blocks: [B, H', rows, cols]."""
+    B, H, Lq, Lk = p.shape
+    if stat.reduce_heads:
+        p = p.view(B, kv_heads, H // kv_heads, Lq, Lk).sum(2)
+    block_q = max(Lq, 1) if stat.block_q is None else stat.block_q
+    rows, cols = -(-Lq // block_q), -(-Lk // stat.block_k)
+    padded = torch.nn.functional.pad(p, (0, cols * stat.block_k - Lk, 0, rows * block_q - Lq))
+    blocks = padded.view(B, p.shape[1], rows, block_q, cols, stat.block_k)
+    if stat.reduce == "max":
+        return blocks.amax(dim=(3, 5))
+    total = blocks.sum(dim=(3, 5))
+    if stat.reduce == "sum":
+        return total
+    row_counts = (Lq - torch.arange(rows, device=p.device) * block_q).clamp(max=block_q)
+    col_counts = (Lk - torch.arange(cols, device=p.device) * stat.block_k).clamp(max=stat.block_k)
+    return total / (row_counts[:, None] * col_counts[None, :]).to(p.dtype)
+
+
+def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stats_module.Stats:
     """The requested statistics of the materialized weights."""
     index = _indices(p.shape, p.device)
     row_max = torch.amax(torch.where(keep, logits, float("-inf")), dim=-1) if logits is not None else None
@@ -81,7 +100,8 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep) -> stats_module.Stats:
     for name, g in stats_module.kernel_expectations(spec.stats):
         values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)
         expectations[name] = (p * torch.where(keep, values, torch.zeros_like(values))).sum(-1)
-    return stats_module.assemble(spec.stats, lse, row_max, expectations)
+    maps = {stat.name: pool(p, stat, kv_heads) for stat in stats_module.map_stats(spec.stats)}
+    return stats_module.assemble(spec.stats, lse, row_max, expectations, maps)
 
 
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False):
@@ -94,4 +114,4 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     out = p.to(v.dtype) @ v
     if not return_stats:
         return out
-    return out, _row_stats(spec, p, lse, logits, keep)
+    return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads)

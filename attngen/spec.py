@@ -61,7 +61,9 @@ class AttentionSpec:
         if self.stats is None:
             stats = ("lse",) if row_stats else ()
         else:
-            stats = (self.stats,) if isinstance(self.stats, (str, stats_module.Expectation)) else tuple(self.stats)
+            single = (str, stats_module.Expectation, stats_module.MapStat)
+            stats = (self.stats,) if isinstance(self.stats, single) else tuple(self.stats)
+            stats = tuple(stats_module.col_sum() if s == "col_sum" else s for s in stats)
         _check_stats(stats, self.normalization)
         object.__setattr__(self, "stats", stats)
 
@@ -76,9 +78,10 @@ class AttentionSpec:
 def _check_stats(stats: tuple, normalization: Normalization) -> None:
     """Reject unknown, duplicate, or (for this normalization) undefined statistics."""
     for stat in stats:
-        if not isinstance(stat, stats_module.Expectation) and stat not in stats_module.ROW_STATS:
-            raise SpecError(f"unsupported stat {stat!r}; supported: {', '.join(stats_module.ROW_STATS)} "
-                            "and attngen.stats.expectation(g, name)")
+        if not isinstance(stat, (stats_module.Expectation, stats_module.MapStat)) \
+                and stat not in stats_module.ROW_STATS:
+            raise SpecError(f"unsupported stat {stat!r}; supported: {', '.join(stats_module.ROW_STATS)}, "
+                            "'col_sum', attngen.stats.expectation(g, name), col_sum(...) and pooled(...)")
     names = [stats_module.stat_name(s) for s in stats]
     if len(set(names)) != len(names):
         raise SpecError(f"stats names must be unique, got {names}")
@@ -86,7 +89,8 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
     if stats and normalization.family != "softmax":
         raise SpecError(f"stats {names} are not defined for {norm}: an elementwise normalization has no "
                         "row normalizer; use stats=()")
-    needs_distribution = [n for n, s in zip(names, stats) if n == "entropy" or isinstance(s, stats_module.Expectation)]
+    needs_distribution = [n for n, s in zip(names, stats)
+                          if n == "entropy" or isinstance(s, (stats_module.Expectation, stats_module.MapStat))]
     if needs_distribution and normalization.affine is not None:
         raise SpecError(f"stats {needs_distribution} need a probability distribution, which {norm}'s affine "
                         "output is not")

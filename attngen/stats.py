@@ -6,11 +6,15 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 * ``"lse"``: ``log sum_j exp(l_j)`` (plus ``exp(sink)`` with a sink), ``-inf`` on empty rows;
 * ``"max"``: ``max_j l_j`` over the kept keys, ``-inf`` on empty rows;
 * ``"entropy"``: ``H = -sum_j p_j log p_j = lse - sum_j p_j l_j``, 0 on empty rows;
-* ``expectation(g, name)``: ``E = sum_j p_j g(l_j, b, h, q_idx, kv_idx)``, 0 on empty rows.
+* ``expectation(g, name)``: ``E = sum_j p_j g(l_j, b, h, q_idx, kv_idx)``, 0 on empty rows;
+* ``"col_sum"`` / ``col_sum(reduce_heads=...)``: ``c_j = sum_i p_ij``, ``[B, Hq (or Hkv), Lk]``;
+* ``pooled(block_q, block_k, reduce)``: the weights pooled over blocks,
+  ``[B, Hq, ceil(Lq/block_q), ceil(Lk/block_k)]`` ("mean" over the block's
+  positions, "sum", or forward-only "max").
 
-``l`` are the logits the softmax normalizes (the modded scores). All are
-shaped ``[B, Hq, Lq]`` and defined for softmax-family normalizations without
-an affine output; the entropy also needs no sink.
+``l`` are the logits the softmax normalizes (the modded scores). Row
+statistics are shaped ``[B, Hq, Lq]``. All are defined for softmax-family
+normalizations without an affine output; the entropy also needs no sink.
 """
 
 from __future__ import annotations
@@ -44,13 +48,57 @@ class Expectation:
         return f"expectation({getattr(self.g, '__name__', 'g')}, name={self.name!r})"
 
 
+class MapStat:
+    """Attention weights summed, averaged or maxed over (block_q x block_k) blocks.
+
+    ``block_q=None`` pools all query rows; ``reduce_heads`` also sums the query
+    heads of each GQA group (output heads: Hkv).
+    """
+
+    REDUCTIONS = ("sum", "mean", "max")
+
+    def __init__(self, name: str, block_q: int | None, block_k: int, reduce: str, reduce_heads: bool = False):
+        for label, size in (("block_q", block_q), ("block_k", block_k)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(f"{label} must be a positive int, got {size!r}")
+        if reduce not in self.REDUCTIONS:
+            raise ValueError(f"reduce must be one of {self.REDUCTIONS}, got {reduce!r}")
+        if not name.isidentifier():
+            raise ValueError(f"stat name must be a Python identifier, got {name!r}")
+        self.name, self.block_q, self.block_k, self.reduce, self.reduce_heads = name, block_q, block_k, reduce, reduce_heads
+
+    def shape(self, batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int) -> tuple[int, ...]:
+        """The shape of the pooled map (before col_sum drops its query axis)."""
+        rows = 1 if self.block_q is None else -(-q_len // self.block_q)
+        return (batch, kv_heads if self.reduce_heads else q_heads, rows, -(-kv_len // self.block_k))
+
+    def __repr__(self) -> str:
+        return (f"MapStat({self.name!r}, block_q={self.block_q}, block_k={self.block_k}, "
+                f"reduce={self.reduce!r}, reduce_heads={self.reduce_heads})")
+
+
+def col_sum(reduce_heads: bool = False, name: str = "col_sum") -> MapStat:
+    """``c_j = sum_i p_ij``: the attention mass each key receives, [B, Hq (or Hkv), Lk]."""
+    return MapStat(name, None, 1, "sum", reduce_heads)
+
+
+def pooled(block_q: int, block_k: int, reduce: str = "mean", name: str = "pooled") -> MapStat:
+    """The weights pooled over blocks: [B, Hq, ceil(Lq/block_q), ceil(Lk/block_k)]."""
+    return MapStat(name, block_q, block_k, reduce)
+
+
 def expectation(g: Callable, name: str) -> Expectation:
     """A row expectation statistic ``sum_j p_ij g(l_ij, ...)`` named ``name``."""
     return Expectation(g, name)
 
 
 def stat_name(stat) -> str:
-    return stat.name if isinstance(stat, Expectation) else stat
+    return stat if isinstance(stat, str) else stat.name
+
+
+def map_stats(stats) -> list[MapStat]:
+    """The block-pooled maps (col_sum included) among ``stats``, in order."""
+    return [s for s in stats if isinstance(s, MapStat)]
 
 
 def kernel_expectations(stats) -> list[tuple[str, Callable]]:
@@ -61,9 +109,15 @@ def kernel_expectations(stats) -> list[tuple[str, Callable]]:
     return found
 
 
-def assemble(requested, lse, row_max, expectations: dict) -> Stats:
-    """The statistics a user asked for, from what the kernels (or the reference) computed."""
+def assemble(requested, lse, row_max, expectations: dict, maps: dict) -> Stats:
+    """The statistics a user asked for, from what the kernels (or the reference) computed.
+
+    ``maps`` holds each MapStat's [B, H, rows, cols] map; col_sum-style maps
+    (``block_q=None``) lose their row axis.
+    """
     values = {"lse": lse, "max": row_max, **expectations}
+    for stat in map_stats(requested):
+        values[stat.name] = maps[stat.name][:, :, 0] if stat.block_q is None else maps[stat.name]
     if "entropy" in requested:
         values["entropy"] = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse - expectations[ENTROPY_MEAN])
     return Stats(**{stat_name(s): values[stat_name(s)] for s in requested})

@@ -1,4 +1,4 @@
-"""Fused statistics (lse, max, entropy, expectations): values and gradients vs float64."""
+"""Fused statistics (lse, max, entropy, expectations, column sums, pooled maps) vs float64."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ STATS = {
     "expectation_distance": (ag.stats.expectation(_distance, name="distance"),),
     "all": ("lse", "max", "entropy", ag.stats.expectation(_soft_relu, name="soft"),
             ag.stats.expectation(_distance, name="distance")),
+    "col_sum": ("col_sum",),
+    "col_sum_heads": (ag.stats.col_sum(reduce_heads=True),),
+    "pooled": (ag.stats.pooled(16, 8, "mean"), ag.stats.pooled(5, 7, "sum", name="coarse"), "entropy"),
 }
 BASES = {v.name: v for v in VARIANTS if v.name in ("alibi", "causal", "document", "sliding_window", "empty_rows")}
 CASES = [Case(1, 2, 2, 37, 37, 16, 16), Case(1, 4, 2, 29, 50, 32, 16), Case(2, 2, 1, 64, 64, 16, 32)]
@@ -55,6 +58,26 @@ def test_statistics_and_their_gradients_match_reference(stats, base, case):
 def test_max_and_expectations_with_other_softmax_normalizations(normalization):
     stats = ("lse", "max", ag.stats.expectation(_soft_relu, name="soft"))
     check_variant(_with_stats(BASES["causal"], stats, normalization), Case(1, 2, 2, 45, 45, 16, 16))
+
+
+def test_pooled_max_is_forward_only():
+    stat = ag.stats.pooled(4, 4, "max", name="peak")
+    spec = ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(stat,))
+    q, k, v, _ = inputs(Case(1, 2, 2, 19, 23, 16, 16), torch.float32, 0)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    _, ref = ag.reference.attention(q64, k64, v64, spec, return_stats=True)
+    torch.testing.assert_close(stats.peak.double(), ref.peak, atol=1e-6, rtol=1e-5)
+    out.sum().backward()  # gradients of the output still work
+    with pytest.raises(RuntimeError, match="'peak' \\(reduce='max'\\) is forward-only"):
+        _, stats = ag.compile(spec)(q, k, v, return_stats=True)
+        stats.peak.sum().backward()
+
+
+def test_col_sums_of_a_softmax_add_up_to_the_number_of_rows():
+    q, k, v, _ = inputs(Case(1, 2, 2, 33, 40, 16, 16), torch.float32, 2)
+    _, stats = ag.compile(ag.AttentionSpec(stats=("col_sum",)))(q, k, v, return_stats=True)
+    torch.testing.assert_close(stats.col_sum.sum(-1), torch.full((1, 2), 33.0))
 
 
 def test_empty_rows_have_zero_entropy_and_expectations_and_minus_inf_max():
@@ -86,6 +109,8 @@ def test_no_attention_matrix_is_materialized():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(stats=("bogus",)), "unsupported stat 'bogus'"),
     (dict(stats=("lse", "lse")), "must be unique"),
+    (dict(stats=("col_sum", ag.stats.col_sum())), "must be unique"),
+    (dict(normalization=norms.AffineSoftmax(), stats=("col_sum",)), "need a probability distribution"),
     (dict(normalization=norms.Sigmoid(), stats=("max",)), "not defined for Sigmoid"),
     (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
     (dict(normalization=norms.OffByOne(), stats=("entropy",)), "not supported with a sink"),
@@ -93,6 +118,13 @@ def test_no_attention_matrix_is_materialized():
 def test_bad_stats(kwargs, message):
     with pytest.raises(ag.SpecError, match=message):
         ag.AttentionSpec(**kwargs)
+
+
+def test_bad_pooled_maps():
+    with pytest.raises(ValueError, match="block_q must be a positive int"):
+        ag.stats.pooled(0, 4)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        ag.stats.pooled(4, 4, "median")
 
 
 def test_bad_expectations():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import jinja2
 
 from .. import __version__
 from ..ir.graph import Graph
 from ..norms import Normalization
+from ..stats import MapStat
 from .printer import TritonPrinter
 
 TEMPLATE = "attention.py.j2"
@@ -26,10 +28,14 @@ def environment() -> jinja2.Environment:
 
 
 @lru_cache(maxsize=1)
-def template_digest() -> str:
-    """A hash of the template text: part of every cache key."""
-    source = (resources.files("attngen") / "templates" / TEMPLATE).read_text()
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+def compiler_digest() -> str:
+    """A hash of the template and of attngen's own sources: part of every cache key,
+    so an upgraded (or edited) compiler never reuses modules an older one generated."""
+    root = resources.files("attngen")
+    digest = hashlib.sha256((root / "templates" / TEMPLATE).read_bytes())
+    for path in sorted(Path(str(root)).rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _axes_name(axes: frozenset) -> str:
@@ -41,7 +47,25 @@ def _unpack(names: list[str]) -> str:
     return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
 
 
-def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool) -> dict:
+def map_lines(maps: list[MapStat]) -> list[str]:
+    """Tile code locating each (q_idx, kv_idx) in every pooled map: its element
+    offset ``map_offset<m>`` and the weight ``map_scale<m>`` it contributes with."""
+    lines = []
+    for m, stat in enumerate(maps):
+        bq, bk = stat.block_q, stat.block_k
+        rows, row = ("1", "0 * q_idx") if bq is None else (f"((LQ + {bq - 1}) // {bq})", f"q_idx // {bq}")
+        head = "b * (HQ // GROUP) + h // GROUP" if stat.reduce_heads else "b * HQ + h"
+        lines.append(f"map_offset{m} = (({head}) * {rows} + {row}) * ((LK + {bk - 1}) // {bk}) + kv_idx // {bk}")
+        if stat.reduce == "mean":
+            count_rows = "LQ" if bq is None else f"tl.minimum({bq}, LQ - {row} * {bq})"
+            lines.append(f"map_scale{m} = 1.0 / ({count_rows} * tl.minimum({bk}, LK - kv_idx // {bk} * {bk})).to(tl.float32)")
+        else:
+            lines.append(f"map_scale{m} = 1.0")
+    return lines
+
+
+def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
+                   maps: list[MapStat]) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     printer = TritonPrinter(graph)
     outputs = graph.outputs
@@ -80,6 +104,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
+    stats += [f"map{m}" for m in range(len(maps))]
+    map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
+                    "rows": "1" if stat.block_q is None else f"triton.cdiv(LQ, {stat.block_q})",
+                    "cols": f"triton.cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
+    grad_maps = [m for m in map_context if m["reduce"] != "max"]
     return {
         "version": __version__,
         "template_version": TEMPLATE_VERSION,
@@ -99,6 +128,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
         "expectations": expectations,
         "row_max": row_max,
+        "maps": map_context,
+        "grad_maps": grad_maps,
+        "map_lines": map_lines(maps),
+        "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
+                             f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
         "stat_returns": ", ".join(stat_targets),
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
@@ -117,6 +151,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     }
 
 
-def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False) -> str:
-    """The Python source of the kernel module for ``graph`` (``row_max``: also output each row's max logit)."""
-    return environment().get_template(TEMPLATE).render(**kernel_context(graph, spec_lines, normalization, row_max))
+def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
+           maps: list[MapStat] = ()) -> str:
+    """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
+    logit to the outputs, ``maps`` the block-pooled weight maps."""
+    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps))
+    return environment().get_template(TEMPLATE).render(**context)

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from .. import __version__
-from ..codegen.render import TEMPLATE_VERSION, render, template_digest
+from ..codegen.render import TEMPLATE_VERSION, compiler_digest, render
 from ..inputs import KERNEL_DTYPES, check_inputs
 from ..ir.passes import optimize
 from ..ir.passes.intervals import block_bounds
@@ -58,7 +58,8 @@ class CompiledAttention:
         self.expectations = stats_module.kernel_expectations(self.spec.stats)
         self.graph = trace(self.spec.score_mod, self.spec.mask_mod, self.spec.normalization, self.expectations)
         self.signature = self._capture_signature()
-        identity = "\n".join([self.graph.text(), *self.spec.describe(), f"template {TEMPLATE_VERSION} {template_digest()}",
+        identity = "\n".join([self.graph.text(), *self.spec.describe(), f"template {TEMPLATE_VERSION}",
+                              f"compiler {compiler_digest()}",
                               f"attngen {__version__}", f"triton {triton.__version__}"])
         self.key = hashlib.sha256(identity.encode()).hexdigest()
         self.path, self.cache_hit = cached_source(self.key, self._generate)
@@ -69,7 +70,7 @@ class CompiledAttention:
 
     def _generate(self) -> str:
         return render(block_bounds(optimize(self.graph)), self.spec.describe(), self.spec.normalization,
-                      row_max="max" in self.spec.stats)
+                      row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats))
 
     @property
     def source(self) -> str:
@@ -107,7 +108,8 @@ class CompiledAttention:
             return out
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))
         expectations = {name: outputs["expectations"][e] for e, (name, _) in enumerate(self.expectations)}
-        return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations)
+        maps = {stat.name: outputs[f"map{m}"] for m, stat in enumerate(stats_module.map_stats(self.spec.stats))}
+        return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations, maps)
 
 
 def compile(spec: AttentionSpec) -> CompiledAttention:  # noqa: A001 - public API name
