@@ -1,27 +1,213 @@
-"""The ``attngen`` command line."""
+"""The ``attngen`` command line: compile, show, export, check and time spec files.
+
+A spec file is a Python file that defines an ``AttentionSpec`` named ``SPEC``
+(or the name given with ``--name``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import runpy
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import reference
+from .errors import SpecError
+from .ir.passes import block_bounds, optimize
+from .runtime import cache
+from .runtime.compiled import CompiledAttention, compile as compile_spec
+from .spec import AttentionSpec
+
+
+class UsageError(Exception):
+    """A mistake on the command line; printed without a traceback."""
+
+
+def load_spec(path: str, name: str) -> AttentionSpec:
+    """The AttentionSpec called ``name`` defined by the Python file at ``path``."""
+    if not Path(path).is_file():
+        raise UsageError(f"spec file {path!r} does not exist")
+    namespace = runpy.run_path(path)
+    if name not in namespace:
+        raise UsageError(f"{path} defines no {name!r}; define {name} = attngen.AttentionSpec(...) or pass --name")
+    spec = namespace[name]
+    if not isinstance(spec, AttentionSpec):
+        raise UsageError(f"{path}: {name} is a {type(spec).__name__}, not an attngen.AttentionSpec")
+    return spec
+
+
+def _compile(args) -> CompiledAttention:
+    return compile_spec(load_spec(args.spec_file, args.name))
+
+
+def cmd_compile(args) -> int:
+    attn = _compile(args)
+    origin = "loaded from the cache" if attn.cache_hit else "generated"
+    print(f"{args.spec_file}: {origin} in {attn.compile_seconds * 1e3:.1f} ms\n  key    {attn.key}\n  module {attn.path}")
+    return 0
+
+
+def write_dot(graph, path: Path) -> None:
+    """The IR graph in Graphviz's DOT language; PNG/SVG too when ``dot`` is installed."""
+    lines = ["digraph attngen {", "  node [shape=box, fontname=monospace];"]
+    for n in graph.order():
+        label = graph.describe(n, lambda a: f"%{a}").replace('"', "'")
+        lines.append(f'  n{n} [label="%{n}: {label}\\n{graph.dtype(n)}"];')
+        lines += [f"  n{a} -> n{n};" for a in graph.args(n)]
+    lines += [f'  out_{i} [label="{name}", shape=ellipse]; n{n} -> out_{i};'
+              for i, (name, n) in enumerate(sorted(graph.outputs.items()))]
+    dot = "\n".join(lines + ["}"]) + "\n"
+    if path.suffix == ".dot":
+        path.write_text(dot)
+        return
+    if shutil.which("dot") is None:
+        raise UsageError(f"drawing {path.suffix} needs Graphviz's 'dot' program; write a .dot file instead")
+    subprocess.run(["dot", f"-T{path.suffix[1:]}", "-o", str(path)], input=dot, text=True, check=True)
+
+
+def cmd_show(args) -> int:
+    attn = _compile(args)
+    every = not (args.ir or args.source)
+    if every:
+        print("# spec\n" + "\n".join(attn.spec.describe()) + "\n")
+    graph = block_bounds(optimize(attn.graph))
+    if every or args.ir:
+        print("# IR (optimized, with gradients and block bounds)\n" + graph.text() + "\n")
+    if every or args.source:
+        print(f"# generated module ({attn.path})\n" + attn.source)
+    if args.graph:
+        write_dot(graph, Path(args.graph))
+        print(f"IR graph written to {args.graph}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    path = _compile(args).export(args.output)
+    print(f"wrote {path}: import it with only torch and triton; forward(q, k, v, *captured) is the entry point")
+    return 0
+
+
+def _inputs(batch, heads, q_len, kv_len, dim, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, dim, generator=gen).to(device) for length in (q_len, kv_len, kv_len)]
+
+
+def cmd_check(args) -> int:
+    from .testing import compare_with_reference
+
+    spec = load_spec(args.spec_file, args.name)
+    failures = 0
+    print(f"{'shape (B, H, Lq, Lk, D)':<26}{'quantity':<14}{'max error':>12}{'bound':>12}")
+    for batch, q_len, kv_len in ((1, 1, 1), (1, 37, 37), (2, 29, 50), (1, 70, 33)):
+        q, k, v = _inputs(batch, args.heads, q_len, kv_len, args.head_dim, args.seed, args.device)
+        for result in compare_with_reference(spec, q, k, v):
+            failures += not result.ok
+            shape = f"({batch}, {args.heads}, {q_len}, {kv_len}, {args.head_dim})"
+            flag = "" if result.ok else "  MISMATCH"
+            print(f"{shape:<26}{result.name:<14}{result.error:>12.2e}{result.bound:>12.2e}{flag}")
+    print(f"{'all match the float64 reference' if not failures else f'{failures} mismatches'}")
+    return 1 if failures else 0
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def cmd_bench(args) -> int:
+    spec = load_spec(args.spec_file, args.name)
+    attn = compile_spec(spec)
+    batch, heads, length, dim = args.shape
+    q, k, v = (t.requires_grad_() for t in _inputs(batch, heads, length, length, dim, 0, args.device))
+    contenders = {"attngen": attn, "reference (materialized)": lambda *t: reference.attention(*t, spec)}
+    if spec.score_mod is None and spec.mask_mod is None:
+        contenders["torch SDPA"] = torch.nn.functional.scaled_dot_product_attention
+    print(f"shape B={batch} H={heads} L={length} D={dim} on {args.device}, median of {args.repeats}")
+    print(f"{'implementation':<28}{'forward ms':>12}{'fwd+bwd ms':>12}")
+    for label, fn in contenders.items():
+        forward = _time(lambda: fn(q, k, v), args.repeats)
+        both = _time(lambda: fn(q, k, v).sum().backward(), args.repeats)
+        print(f"{label:<28}{forward * 1e3:>12.2f}{both * 1e3:>12.2f}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached modules from {cache.cache_dir()}")
+        return 0
+    modules = cache.entries()
+    print(f"{cache.cache_dir()}: {len(modules)} cached modules")
+    for path in modules:
+        header = path.read_text().split("\n", 4)[:4]
+        spec_line = next((line.strip() for line in header[3:] if line.strip()), "")
+        print(f"  {path.stem[:16]}  {path.stat().st_size / 1024:6.1f} KiB  {spec_line}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``attngen`` command."""
+    main = argparse.ArgumentParser(prog="attngen", description="Compile attention variants to Triton kernels.")
+    commands = main.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, function, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(function=function)
+        if name != "cache":
+            sub.add_argument("spec_file", help="a Python file defining an AttentionSpec")
+            sub.add_argument("--name", default="SPEC", help="the spec's variable name (default: SPEC)")
+        return sub
+
+    command("compile", cmd_compile, "build (or load from the cache) the kernels of a spec file")
+    show = command("show", cmd_show, "print a spec, its optimized IR and its generated Triton module")
+    show.add_argument("--ir", action="store_true", help="print only the IR")
+    show.add_argument("--source", action="store_true", help="print only the generated module")
+    show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
+    export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
+    export.add_argument("-o", "--output", required=True, help="the .py file to write")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, function, help_text in (("check", cmd_check, "compare a spec with the float64 reference"),
+                                      ("bench", cmd_bench, "time a spec against the reference and SDPA")):
+        sub = command(name, function, help_text)
+        sub.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
+        if name == "check":
+            sub.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
+            sub.add_argument("--head-dim", type=int, default=32, help="head dim (default 32)")
+            sub.add_argument("--seed", type=int, default=0)
+        else:
+            sub.add_argument("--shape", type=int, nargs=4, metavar=("B", "H", "L", "D"), default=(1, 8, 128, 64),
+                             help="batch, heads, sequence length, head dim (default 1 8 128 64)")
+            sub.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
+    cache_parser = command("cache", cmd_cache, "list or clear the cache of generated modules")
+    cache_parser.add_argument("action", choices=("ls", "clear"))
+    return main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="attngen", description="Compile attention variants to Triton kernels.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in [("compile", "build and cache the kernels of a spec file"),
-                            ("export", "write a standalone kernel file"),
-                            ("show", "print a spec's IR and generated source"),
-                            ("check", "property-test a spec against the reference"),
-                            ("bench", "time a spec against the reference, SDPA and FlexAttention")]:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("spec_file", help="a Python file defining SPEC")
-    args = parser.parse_args(argv)
+    arguments = parser()
+    args = arguments.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        arguments.print_help()
         return 0
-    print(f"attngen {args.command}: not yet implemented", file=sys.stderr)
-    return 2
+    try:
+        return args.function(args)
+    except (UsageError, SpecError, ValueError, TypeError) as error:
+        print(f"attngen {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def map_lines(maps: list[MapStat]) -> list[str]:
 
 
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
-                   maps: list[MapStat]) -> dict:
+                   maps: list[MapStat], scale: float | None) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     printer = TritonPrinter(graph)
     outputs = graph.outputs
@@ -97,7 +97,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     stat_lines, _ = printer.statements(stat_targets) if expectations else ([], {})
     used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
     counts = [name for name in ("n_keys", "n_kept") if name in used]
-    captures = [{"index": i, "ndim": c.tensor.dim(), "differentiable": c.differentiable}
+    captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable}
                 for i, c in enumerate(graph.captures)]
     capture_names = [name for c in captures for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
@@ -128,6 +128,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
         "expectations": expectations,
         "row_max": row_max,
+        "scale": repr(None if scale is None else float(scale)),
         "maps": map_context,
         "grad_maps": grad_maps,
         "map_lines": map_lines(maps),
@@ -152,8 +153,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
 
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
-           maps: list[MapStat] = ()) -> str:
+           maps: list[MapStat] = (), scale: float | None = None) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
-    logit to the outputs, ``maps`` the block-pooled weight maps."""
-    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps))
+    logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk)."""
+    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale)
     return environment().get_template(TEMPLATE).render(**context)

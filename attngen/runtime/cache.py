@@ -37,3 +37,19 @@ def cached_source(key: str, build: Callable[[], str]) -> tuple[Path, bool]:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path, False
+
+
+def entries() -> list[Path]:
+    """The cached kernel modules, oldest first."""
+    directory = cache_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob("*.py"), key=lambda p: p.stat().st_mtime)
+
+
+def clear() -> int:
+    """Delete every cached module (and leftover temporary files); return how many modules."""
+    removed = entries()
+    for path in removed + list(cache_dir().glob(".*.tmp")):
+        path.unlink(missing_ok=True)
+    return len(removed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import math
+from pathlib import Path
 import time
 
 import torch
@@ -12,14 +12,11 @@ import triton
 from .. import __version__
 from ..codegen.render import TEMPLATE_VERSION, compiler_digest, render
 from ..inputs import KERNEL_DTYPES, check_inputs
-from ..ir.passes import optimize
-from ..ir.passes.intervals import block_bounds
+from ..ir.passes import block_bounds, optimize
 from ..spec import AttentionSpec
 from .. import stats as stats_module
 from ..trace import trace
 from .cache import cached_source
-from .config import launch_config
-from .function import AttentionFunction
 from .loader import load_kernels
 
 
@@ -70,22 +67,27 @@ class CompiledAttention:
 
     def _generate(self) -> str:
         return render(block_bounds(optimize(self.graph)), self.spec.describe(), self.spec.normalization,
-                      row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats))
+                      row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
+                      scale=self.spec.scale)
 
     @property
     def source(self) -> str:
         """The generated kernel module's Python source."""
         return self.path.read_text()
 
+    def export(self, path) -> Path:
+        """Write the standalone kernel module (imports only torch and triton) to ``path``."""
+        path = Path(path)
+        path.write_text(self.source)
+        return path
+
     def _captures(self, device: torch.device) -> list[torch.Tensor]:
-        tensors = []
         for i, capture in enumerate(self.graph.captures):
             t = capture.tensor
             if t.device != device:
                 raise ValueError(f"captured tensor #{i} (shape {tuple(t.shape)}, dtype {t.dtype}) is on "
                                  f"{t.device} but q is on {device}; move it to {device}")
-            tensors.append(t.to(torch.int8) if t.dtype == torch.bool else t.contiguous())
-        return tensors
+        return [capture.tensor for capture in self.graph.captures]
 
     def __call__(self, q, k, v, *, return_stats: bool = False):
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
@@ -100,10 +102,8 @@ class CompiledAttention:
         if self._capture_signature() != self.signature:  # e.g. requires_grad changed since compile
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
-        scale = self.spec.scale if self.spec.scale is not None else 1.0 / math.sqrt(shape.qk_dim)
         params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
-        out, *stats = AttentionFunction.apply(q, k, v, kernels, float(scale), launch_config(q, shape), len(params),
-                                              *params, *self._captures(q.device))
+        out, *stats = kernels.attention(q, k, v, self._captures(q.device), params)
         if not return_stats:
             return out
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))

@@ -4,6 +4,7 @@ from ..graph import Graph
 from .autodiff import differentiate
 from .cse import cse
 from .fold import fold_constants
+from .intervals import block_bounds
 from .simplify import simplify
 
 
@@ -22,4 +23,4 @@ def optimize(graph: Graph) -> Graph:
     return cse(fold_constants(simplify(graph)))
 
 
-__all__ = ["cse", "differentiate", "fold_constants", "optimize", "simplify"]
+__all__ = ["block_bounds", "cse", "differentiate", "fold_constants", "optimize", "simplify"]
