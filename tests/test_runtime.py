@@ -62,17 +62,6 @@ def test_captured_values_are_kernel_arguments_not_part_of_the_key():
     assert ag.compile(_scaled_by(torch.rand(2))).key != ag.compile(_scaled_by(torch.rand(2, 2)[0].long())).key
 
 
-def test_cli_help_lists_the_commands():
-    result = subprocess.run([sys.executable, "-m", "attngen.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("compile", "export", "show", "check", "bench"):
-        assert command in result.stdout
-
-
-def test_cli_commands_not_yet_implemented_exit_nonzero():
-    result = subprocess.run([sys.executable, "-m", "attngen.cli", "show", "spec.py"], capture_output=True, text=True)
-    assert result.returncode != 0 and "not yet implemented" in result.stderr
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_kernels_match_reference(dtype):

@@ -1,0 +1,123 @@
+"""The attngen command line, the standalone export, and the shared disk cache."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import attngen as ag
+
+ROOT = pathlib.Path(__file__).parent.parent
+ALIBI = str(ROOT / "specs" / "alibi.py")
+COMMANDS = ("compile", "show", "export", "check", "bench", "cache")
+
+
+def attngen(*args, cache_dir, check=True):
+    env = {**os.environ, "ATTNGEN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run([sys.executable, "-m", "attngen.cli", *args], env=env, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, tmp_path):
+    assert "usage: attngen " + command in attngen(command, "--help", cache_dir=tmp_path).stdout
+    assert command in attngen("--help", cache_dir=tmp_path).stdout
+
+
+def test_compile_then_the_cache_is_hit_and_listed_and_cleared(tmp_path):
+    assert "generated" in attngen("compile", ALIBI, cache_dir=tmp_path).stdout
+    assert "loaded from the cache" in attngen("compile", ALIBI, cache_dir=tmp_path).stdout
+    assert "1 cached modules" in attngen("cache", "ls", cache_dir=tmp_path).stdout
+    assert "removed 1 cached modules" in attngen("cache", "clear", cache_dir=tmp_path).stdout
+    assert not list(tmp_path.glob("*.py"))
+
+
+def test_show_prints_spec_ir_source_and_draws_the_graph(tmp_path):
+    out = attngen("show", ALIBI, "--graph", str(tmp_path / "ir.dot"), cache_dir=tmp_path).stdout
+    assert "score_mod = alibi" in out and "# IR" in out and "def score_fn(" in out and "block_live =" in out
+    dot = (tmp_path / "ir.dot").read_text()
+    assert dot.startswith("digraph attngen") and "load capture0" in dot
+
+
+def test_check_reports_every_quantity(tmp_path):
+    out = attngen("check", str(ROOT / "specs" / "softmax_learnable_sink.py"), cache_dir=tmp_path).stdout
+    assert "all match the float64 reference" in out and "d capture" not in out and "dv" in out
+
+
+def test_bench_prints_a_table(tmp_path):
+    out = attngen("bench", str(ROOT / "specs" / "softcap.py"), "--shape", "1", "8", "32", "16", "--repeats", "1",
+                  cache_dir=tmp_path).stdout
+    assert "attngen" in out and "reference (materialized)" in out and "fwd+bwd ms" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("show", "missing.py"), "does not exist"),
+    (("show", ALIBI, "--name", "NOPE"), "defines no 'NOPE'"),
+    (("show", ALIBI, "--name", "SLOPES"), "is a Tensor, not an attngen.AttentionSpec"),
+])
+def test_usage_errors_are_one_line(args, message, tmp_path):
+    result = attngen(*args, cache_dir=tmp_path, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+EXPORTED_RUN = textwrap.dedent("""
+    import importlib.util, sys, torch
+    sys.modules["attngen"] = None  # any 'import attngen' now fails
+    spec = importlib.util.spec_from_file_location("exported", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    q, k, v, slopes = torch.load(sys.argv[2])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = module.forward(q, k, v, slopes)
+    out.sum().backward()
+    torch.save([out.detach(), lse, q.grad, k.grad, v.grad], sys.argv[3])
+""")
+
+
+def test_exported_file_runs_without_attngen_and_matches(tmp_path):
+    slopes = torch.linspace(0.1, 0.9, 4)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal)
+    attn = ag.compile(spec)
+    exported = attn.export(tmp_path / "alibi_kernel.py")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 40, 16, generator=gen) for _ in range(3))
+    torch.save([q, k, v, slopes], tmp_path / "inputs.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", EXPORTED_RUN, str(exported), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "outputs.pt")], env=env, check=True, capture_output=True, cwd=tmp_path)
+    out, lse, dq, dk, dv = torch.load(tmp_path / "outputs.pt")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    expected, stats = attn(q, k, v, return_stats=True)
+    expected.sum().backward()
+    for got, want in ((out, expected), (lse, stats.lse), (dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        assert torch.equal(got, want.detach())
+
+
+CONCURRENT_COMPILE = textwrap.dedent("""
+    import sys, torch, attngen as ag
+    slopes = torch.linspace(0.1, 0.9, 4)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal & ag.masks.sliding_window(20))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 33, 16, generator=gen) for _ in range(3))
+    torch.save(ag.compile(spec)(q, k, v), sys.argv[1])
+""")
+
+
+def test_four_processes_compiling_one_spec_share_one_consistent_entry(tmp_path):
+    env = {**os.environ, "ATTNGEN_CACHE_DIR": str(tmp_path / "cache")}
+    processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT_COMPILE, str(tmp_path / f"out{i}.pt")],
+                                  env=env, stderr=subprocess.PIPE) for i in range(4)]
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
+    outputs = [torch.load(tmp_path / f"out{i}.pt") for i in range(4)]
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".py", entries
