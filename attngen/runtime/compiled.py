@@ -17,6 +17,7 @@ from ..spec import AttentionSpec
 from .. import stats as stats_module
 from ..trace import trace
 from .cache import cached_source
+from .custom_op import attention_op
 from .loader import load_kernels
 
 
@@ -103,7 +104,9 @@ class CompiledAttention:
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
-        out, *stats = kernels.attention(q, k, v, self._captures(q.device), params)
+        op = attention_op(self.path, self.key)
+        out, *stats = op(q, k, v, kernels.prepare_captures(self._captures(q.device)), params)
+        stats = stats[:len(kernels.STAT_OUTPUTS)]  # the rest are residuals saved for backward
         if not return_stats:
             return out
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))
