@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 import time
+from pathlib import Path
 
 import torch
 import triton
 
 from .. import __version__
+from .. import stats as stats_module
 from ..codegen.render import TEMPLATE_VERSION, compiler_digest, render
 from ..inputs import KERNEL_DTYPES, check_inputs
 from ..ir.passes import block_bounds, optimize
 from ..spec import AttentionSpec
-from .. import stats as stats_module
 from ..trace import trace
 from .cache import cached_source
-from .custom_op import attention_op
 from .loader import load_kernels
 
 
@@ -104,9 +103,7 @@ class CompiledAttention:
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
-        op = attention_op(self.path, self.key)
-        out, *stats = op(q, k, v, kernels.prepare_captures(self._captures(q.device)), params)
-        stats = stats[:len(kernels.STAT_OUTPUTS)]  # the rest are residuals saved for backward
+        out, *stats = kernels.attention(q, k, v, self._captures(q.device), params)
         if not return_stats:
             return out
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))
