@@ -26,17 +26,21 @@ def cached_source(key: str, build: Callable[[], str]) -> tuple[Path, bool]:
     path = directory / f"{key}.py"
     if path.exists():
         return path, True
-    source = build()
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key[:16]}-", suffix=".tmp")
+    write_atomic(path, build())
+    return path, False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(source)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path, False
 
 
 def entries() -> list[Path]:
@@ -48,8 +52,8 @@ def entries() -> list[Path]:
 
 
 def clear() -> int:
-    """Delete every cached module (and leftover temporary files); return how many modules."""
+    """Delete every cached module, tuning result and leftover temporary file; return how many modules."""
     removed = entries()
-    for path in removed + list(cache_dir().glob(".*.tmp")):
+    for path in removed + list(cache_dir().glob("*.json")) + list(cache_dir().glob(".*.tmp")):
         path.unlink(missing_ok=True)
     return len(removed)

@@ -16,6 +16,7 @@ from ..inputs import KERNEL_DTYPES, check_inputs
 from ..ir.passes import block_bounds, optimize
 from ..spec import AttentionSpec
 from ..trace import trace
+from . import autotune
 from .cache import cached_source
 from .loader import load_kernels
 
@@ -76,9 +77,10 @@ class CompiledAttention:
         return self.path.read_text()
 
     def export(self, path) -> Path:
-        """Write the standalone kernel module (imports only torch and triton) to ``path``."""
+        """Write the standalone kernel module (imports only torch and triton) to ``path``,
+        with the tile configurations tuned so far built in."""
         path = Path(path)
-        path.write_text(self.source)
+        path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n", 1))
         return path
 
     def _captures(self, device: torch.device) -> list[torch.Tensor]:
@@ -103,7 +105,10 @@ class CompiledAttention:
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
-        out, *stats = kernels.attention(q, k, v, self._captures(q.device), params)
+        captures = self._captures(q.device)
+        if autotune.enabled(q):
+            autotune.ensure_tuned(kernels, self.key, q, k, v, captures, params)
+        out, *stats = kernels.attention(q, k, v, captures, params)
         if not return_stats:
             return out
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))

@@ -1,0 +1,131 @@
+"""Autotuning: pick each shape bucket's tile configuration by timing, once, on disk.
+
+A bucket (device, dtype, head dims, powers of two bounding Lq and Lk; see the
+generated ``shape_bucket``) is tuned the first time a CUDA call meets it:
+every candidate that fits in shared memory runs forward + backward, the
+fastest wins, and the choice is stored next to the kernel module, so a new
+sequence length in the same bucket, or a new process, neither recompiles nor
+retunes. On CPU (Triton's interpreter) the fixed default is used, unless
+``ATTNGEN_AUTOTUNE=cpu`` forces tuning over two tiny configs (for tests).
+``ATTNGEN_AUTOTUNE=0`` disables tuning; ``ATTNGEN_QUIET=1`` silences progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import triton
+
+from .cache import cache_dir, write_atomic
+
+GPU_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                  for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+CPU_CANDIDATES = [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 32}]
+
+
+def enabled(q: torch.Tensor) -> bool:
+    """Whether calls on ``q``'s device tune their shape buckets."""
+    mode = os.environ.get("ATTNGEN_AUTOTUNE", "1")
+    if mode == "0" or torch.compiler.is_compiling():
+        return False
+    return q.is_cuda or mode == "cpu"
+
+
+def shared_memory_bytes(config: dict, qk_dim: int, v_dim: int, itemsize: int) -> int:
+    """An upper estimate of a forward/backward program's shared memory: the q and dO
+    tiles, num_stages buffered k and v tiles, and one score tile."""
+    qk, dv = (max(16, triton.next_power_of_2(d)) for d in (qk_dim, v_dim))
+    m, n, stages = config["BLOCK_M"], config["BLOCK_N"], config.get("num_stages", 1)
+    return itemsize * (m * (qk + dv) + stages * n * (qk + dv) + m * n)
+
+
+def candidates(q: torch.Tensor, v: torch.Tensor) -> list[dict]:
+    """The configurations worth timing on ``q``'s device (those that fit in shared memory)."""
+    if not q.is_cuda:
+        return CPU_CANDIDATES
+    props = torch.cuda.get_device_properties(q.device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return fitting(GPU_CANDIDATES, limit, q.shape[-1], v.shape[-1], q.element_size()) or GPU_CANDIDATES[:1]
+
+
+def fitting(configs: list[dict], limit: int, qk_dim: int, v_dim: int, itemsize: int) -> list[dict]:
+    """The configs whose shared-memory estimate is within ``limit`` bytes."""
+    return [c for c in configs if shared_memory_bytes(c, qk_dim, v_dim, itemsize) <= limit]
+
+
+def _tuning_file(key: str) -> Path:
+    return cache_dir() / f"{key}.tuning.json"
+
+
+def stored(key: str) -> dict:
+    """The tuned configurations of the kernel module ``key``, by bucket."""
+    path = _tuning_file(key)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _progress(message: str) -> None:
+    if os.environ.get("ATTNGEN_QUIET") != "1":
+        print(message, file=sys.stderr, flush=True)
+
+
+def _seconds(run, device: torch.device) -> float:
+    """Median wall time of ``run()`` over three calls after a warm-up (which compiles)."""
+    run()
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[1]
+
+
+def ensure_tuned(kernels: ModuleType, key: str, q, k, v, captures, params) -> None:
+    """Make ``kernels.TUNED_CONFIGS`` hold this call's bucket: from disk, or by timing."""
+    bucket = kernels.shape_bucket(q, k, v)
+    if bucket in kernels.TUNED_CONFIGS:
+        return
+    known = stored(key)
+    if bucket not in known:
+        known = {**stored(key), bucket: _tune(kernels, bucket, q, k, v, captures, params)}
+        write_atomic(_tuning_file(key), json.dumps(known, indent=1, sort_keys=True))
+    kernels.TUNED_CONFIGS[bucket] = known[bucket]
+
+
+def _tune(kernels: ModuleType, bucket: str, q, k, v, captures, params) -> dict:
+    q, k, v = (t.detach() for t in (q, k, v))
+    captures = kernels.prepare_captures([t.detach() for t in captures])
+    params = [t.detach() for t in params]
+    scale = kernels.scale_for(q)
+
+    def forward_backward():
+        config = kernels.launch_config(q, k, v)
+        out, stats, residuals = kernels.run_forward(q, k, v, captures, params, scale, config)
+        kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), [None] * len(stats),
+                             captures, params, scale, config)
+
+    timings = []
+    options = candidates(q, v)
+    for i, config in enumerate(options):
+        _progress(f"attngen: tuning {bucket} [{i + 1}/{len(options)}] {config}")
+        kernels.TUNED_CONFIGS[bucket] = config
+        try:
+            timings.append((_seconds(forward_backward, q.device), i))
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as error:
+            _progress(f"attngen: skipping {config}: {type(error).__name__}")
+        finally:
+            del kernels.TUNED_CONFIGS[bucket]
+    if not timings:
+        raise RuntimeError(f"no tile configuration could run for {bucket}")
+    best_time, best = min(timings)
+    _progress(f"attngen: tuned {bucket}: {options[best]} ({best_time * 1e3:.3f} ms forward+backward)")
+    return options[best]

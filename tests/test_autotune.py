@@ -1,0 +1,69 @@
+"""Autotuning: tuned once per shape bucket, stored on disk, pruned by shared memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from attngen.runtime import autotune
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch, attngen as ag
+    slopes = torch.rand(2)
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                                       mask_mod=ag.masks.causal))
+    for length in map(int, sys.argv[1:]):
+        q, k, v = (torch.randn(1, 2, length, 16, requires_grad=True) for _ in range(3))
+        expected = ag.reference.attention(q.double(), k.double(), v.double(), attn.spec)
+        out = attn(q, k, v)
+        out.sum().backward()
+        assert (out.double() - expected).abs().max() < 1e-5
+""")
+
+
+def run(cache_dir, *lengths, quiet=False):
+    env = {**os.environ, "ATTNGEN_CACHE_DIR": str(cache_dir), "ATTNGEN_AUTOTUNE": "cpu",
+           "ATTNGEN_QUIET": "1" if quiet else "0"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, lengths)], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("attngen:")]
+
+
+def test_a_bucket_is_tuned_once_and_remembered_across_processes(tmp_path):
+    first = run(tmp_path, 40, 50)  # 40 and 50 share the bucket of 64
+    assert sum("tuned cpu/float32/16/16/64/64" in line for line in first) == 1
+    assert sum("[1/2]" in line for line in first) == 1
+    [tuning] = tmp_path.glob("*.tuning.json")
+    stored = json.loads(tuning.read_text())
+    assert list(stored) == ["cpu/float32/16/16/64/64"] and stored["cpu/float32/16/16/64/64"] in autotune.CPU_CANDIDATES
+    assert run(tmp_path, 60) == []  # a new process, same bucket: no tuning
+    assert any("tuned cpu/float32/16/16/128/128" in line for line in run(tmp_path, 100))
+    assert len(json.loads(tuning.read_text())) == 2
+
+
+def test_quiet_mode_prints_nothing(tmp_path):
+    assert run(tmp_path, 20, quiet=True) == []
+
+
+def test_configs_are_pruned_by_shared_memory():
+    h100 = 227 * 1024
+    kept = autotune.fitting(autotune.GPU_CANDIDATES, h100, 128, 128, 2)
+    assert kept and len(kept) < len(autotune.GPU_CANDIDATES)
+    assert all(autotune.shared_memory_bytes(c, 128, 128, 2) <= h100 for c in kept)
+    assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} not in kept
+    assert len(autotune.fitting(autotune.GPU_CANDIDATES, h100, 64, 64, 2)) > len(kept)
+
+
+def test_export_builds_in_the_tuned_configs(tmp_path, monkeypatch):
+    import torch
+
+    import attngen as ag
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNGEN_AUTOTUNE", "cpu")
+    monkeypatch.setenv("ATTNGEN_QUIET", "1")
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.sliding_window(9)))
+    attn(*(torch.randn(1, 1, 24, 16) for _ in range(3)))
+    source = attn.export(tmp_path / "exported.py").read_text()
+    assert "TUNED_CONFIGS = {'cpu/float32/16/16/32/32': {'BLOCK_M':" in source
