@@ -72,3 +72,78 @@ def document(doc_ids: torch.Tensor) -> Mask:
     if doc_ids.dim() == 1:
         return Mask(lambda b, h, q_idx, kv_idx: doc_ids[q_idx] == doc_ids[kv_idx], "document")
     return Mask(lambda b, h, q_idx, kv_idx: doc_ids[b, q_idx] == doc_ids[b, kv_idx], "document")
+
+
+def chunked(size: int) -> Mask:
+    """Queries see only keys of their own chunk of ``size`` positions (local, non-causal)."""
+    _positive("chunked", size=size)
+    return Mask(lambda b, h, q_idx, kv_idx: q_idx // size == kv_idx // size, f"chunked({size})")
+
+
+def block_causal(block: int) -> Mask:
+    """Causal between blocks of ``block`` positions, full inside a block (block diffusion)."""
+    _positive("block_causal", block=block)
+    return Mask(lambda b, h, q_idx, kv_idx: kv_idx // block <= q_idx // block, f"block_causal({block})")
+
+
+def dilated_sliding_window(window: int, dilation: int) -> Mask:
+    """Causal window of ``window`` keys spaced ``dilation`` apart: q - kv in {0, d, ..., (window-1) d}."""
+    _positive("dilated_sliding_window", window=window, dilation=dilation)
+    return Mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx >= 0) & (q_idx - kv_idx < window * dilation)
+                & ((q_idx - kv_idx) % dilation == 0), f"dilated_sliding_window({window}, {dilation})")
+
+
+def strided(stride: int) -> Mask:
+    """Causal keys whose distance to the query is a multiple of ``stride`` (Sparse Transformer)."""
+    _positive("strided", stride=stride)
+    return Mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % stride == 0), f"strided({stride})")
+
+
+def global_tokens(n: int) -> Mask:
+    """The first ``n`` positions see and are seen by every position; combine with a local mask by ``|``."""
+    _positive("global_tokens", n=n)
+    return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < n) | (q_idx < n), f"global_tokens({n})")
+
+
+def padding(lengths: torch.Tensor) -> Mask:
+    """Keys at or past ``lengths[b]`` (an integer tensor of shape [B]) are padding."""
+    return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], "padding")
+
+
+def _window_1d(q, k, size: int, kernel: int, dilation: int):
+    """NATTEN's 1-D neighborhood: ``kernel`` keys of the query's dilation group, centred on it
+    and shifted inward at the borders so every query keeps ``kernel`` keys."""
+    group = q % dilation
+    group_size = (size - group + dilation - 1) // dilation
+    start = torch.clamp(q // dilation - kernel // 2, min=0)
+    start = torch.minimum(start, torch.clamp(group_size - kernel, min=0))
+    position = k // dilation
+    return (k % dilation == group) & (position >= start) & (position < start + kernel)
+
+
+def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
+    """Neighborhood attention on a row-major ``height x width`` grid (NATTEN-style, clamped at borders)."""
+    _positive("neighborhood_2d", height=height, width=width, kernel=kernel, dilation=dilation)
+
+    def mask(b, h, q_idx, kv_idx):
+        rows = _window_1d(q_idx // width, kv_idx // width, height, kernel, dilation)
+        return rows & _window_1d(q_idx % width, kv_idx % width, width, kernel, dilation)
+    return Mask(mask, f"neighborhood_2d({height}, {width}, {kernel}, {dilation})")
+
+
+def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
+    """Neighborhood attention on a ``depth x height x width`` volume (row-major), clamped at borders."""
+    _positive("neighborhood_3d", depth=depth, height=height, width=width, kernel=kernel, dilation=dilation)
+    plane = height * width
+
+    def mask(b, h, q_idx, kv_idx):
+        depths = _window_1d(q_idx // plane, kv_idx // plane, depth, kernel, dilation)
+        rows = _window_1d(q_idx % plane // width, kv_idx % plane // width, height, kernel, dilation)
+        return depths & rows & _window_1d(q_idx % width, kv_idx % width, width, kernel, dilation)
+    return Mask(mask, f"neighborhood_3d({depth}, {height}, {width}, {kernel}, {dilation})")
+
+
+def _positive(name: str, **sizes: int) -> None:
+    for label, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {label} must be a positive int, got {value!r}")
