@@ -1,0 +1,230 @@
+"""Benchmark harness: attngen vs FlexAttention (under torch.compile) vs SDPA.
+
+For each variant x shape x dtype, every implementation that can express the
+variant runs forward and forward+backward on the same inputs, one after the
+other in one process. Outputs are checked against each other before timing.
+Times are medians of CUDA-event (or wall-clock on CPU) measurements after
+warm-up; TFLOP/s use the standard convention (4 B H Lq Lk D forward, times the
+fraction of kept scores, x2.5 for backward). Results go to
+``benchmarks/results/<device>-<date>/``: results.json (raw), results.md (table)
+and one PNG per variant when matplotlib is installed.
+
+    python benchmarks/run.py              # the full GPU sweep
+    python benchmarks/run.py --smoke      # tiny shapes, any device (CPU: Triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+import attngen as ag
+
+try:
+    from torch.nn.attention import flex_attention as flex
+except ImportError:  # older torch
+    flex = None
+
+
+def variants(heads: int, length: int, device: str) -> dict:
+    """name -> (attngen spec, flex (score_mod, mask_mod) or None, SDPA kwargs or None, kept fraction)."""
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], device=device)
+    docs = torch.arange(length, device=device) * 4 // length  # four equal documents
+    doc_ids = docs[None, :]
+    window = min(1024, length // 4)
+    prefix = length // 4
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 30.0 * torch.tanh(score / 30.0)
+
+    causal = ag.masks.causal
+    sliding = ag.masks.causal & ag.masks.sliding_window(window)
+    document = ag.masks.document(doc_ids)
+    prefix_lm = ag.masks.prefix_lm(prefix)
+    half = 0.5 + 0.5 / length
+    return {
+        "plain": (ag.AttentionSpec(), (None, None), {}, 1.0),
+        "causal": (ag.AttentionSpec(mask_mod=causal), (None, causal), {"is_causal": True}, half),
+        f"sliding_window_{window}": (ag.AttentionSpec(mask_mod=sliding), (None, sliding), None,
+                                     min(1.0, (window + 1) / length)),
+        "alibi": (ag.AttentionSpec(score_mod=alibi, mask_mod=causal), (alibi, causal), None, half),
+        "softcap": (ag.AttentionSpec(score_mod=softcap), (softcap, None), None, 1.0),
+        "document": (ag.AttentionSpec(mask_mod=document), (None, document), None, 0.25),
+        "prefix_lm": (ag.AttentionSpec(mask_mod=prefix_lm), (None, prefix_lm), None, half + prefix / length / 4),
+        "sigmoid": (ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n")), None, None, 1.0),
+        "softmax_sink": (ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(heads, device=device))),
+                         None, None, 1.0),
+        "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
+    }
+
+
+def shapes(smoke: bool, device: str) -> list[tuple[int, int, int, int]]:
+    """(batch, heads, length, head_dim): B * L = 16k tokens on GPUs."""
+    if smoke:
+        return [(1, 2, 64, 32)] if device == "cpu" else [(2, 16, 512, 64)]
+    return [(16384 // length, 16, length, dim) for dim in (64, 128) for length in (512, 1024, 2048, 4096, 8192, 16384)]
+
+
+def median_ms(run, device: str, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
+    """name -> callable(q, k, v) for everything that can express the variant."""
+    batch, heads, length, _ = shape
+    found = {"attngen": ag.compile(spec)}
+    if flex is not None and flex_mods is not None:
+        score_mod, mask_mod = flex_mods
+        block_mask = None if mask_mod is None else flex.create_block_mask(mask_mod, None, None, length, length,
+                                                                          device=device)
+        compiled = torch.compile(flex.flex_attention)
+        found["flex (compiled)"] = lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    if sdpa_kwargs is not None:
+        found["sdpa"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+    return found
+
+
+def measure(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+    rows = []
+    for shape in shapes(args.smoke, device):
+        batch, heads, length, dim = shape
+        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(heads, length, device).items():
+            if args.only and name not in args.only:
+                continue
+            for dtype in dtypes:
+                gen = torch.Generator(device=device).manual_seed(0)
+                q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+                           for _ in range(3))
+                grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+                runs = implementations(spec, flex_mods, sdpa_kwargs, shape, device)
+                reference = runs["attngen"](q, k, v).detach()
+                flops = 4 * batch * heads * length * length * dim * kept
+                for impl, fn in runs.items():
+                    row = {"variant": name, "impl": impl, "batch": batch, "heads": heads, "length": length,
+                           "head_dim": dim, "dtype": str(dtype).replace("torch.", "")}
+                    try:
+                        out = fn(q, k, v)
+                        row["max_diff_vs_attngen"] = float((out.detach().float() - reference.float()).abs().max())
+                        row["forward_ms"] = median_ms(lambda: fn(q, k, v), device, args.repeats)
+                        row["forward_backward_ms"] = median_ms(lambda: fn(q, k, v).backward(grad), device, args.repeats)
+                        row["forward_tflops"] = flops / row["forward_ms"] / 1e9
+                        row["forward_backward_tflops"] = 3.5 * flops / row["forward_backward_ms"] / 1e9
+                    except Exception as error:  # a failing baseline is a result too (e.g. out of resources)
+                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> None:
+    """Add attngen / best other implementation (higher is better: speed ratio)."""
+    key = lambda r: (r["variant"], r["length"], r["head_dim"], r["dtype"])  # noqa: E731
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    for group in groups.values():
+        ours = next((r for r in group if r["impl"] == "attngen" and "error" not in r), None)
+        others = [r for r in group if r["impl"] != "attngen" and "error" not in r]
+        if ours and others:
+            for metric in ("forward_ms", "forward_backward_ms"):
+                ours[f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[metric]
+
+
+def write(rows: list[dict], smoke: bool, root: Path) -> Path:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    date = datetime.date.today().isoformat()
+    folder = root / f"{device.replace(' ', '_')}-{date}{'-smoke' if smoke else ''}"
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "date": date, "torch": torch.__version__, "triton": triton.__version__,
+            "attngen": ag.__version__, "smoke": smoke}
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# attngen benchmarks: {device}, {date}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, attngen {meta['attngen']}"
+             f"{' (smoke run: tiny shapes, not a measurement)' if smoke else ''}", "",
+             "| variant | impl | B | H | L | D | dtype | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
+             "| attngen speedup fwd / fwd+bwd | max diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | "
+                         f"{r['head_dim']} | {r['dtype']} | error: {r['error']} | | | | | |")
+            continue
+        speedup = (f"{r['forward_ms_speedup_vs_best_other']:.2f} / {r['forward_backward_ms_speedup_vs_best_other']:.2f}"
+                   if "forward_ms_speedup_vs_best_other" in r else "")
+        lines.append(f"| {r['variant']} | {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | "
+                     f"{r['head_dim']} | {r['dtype']} | {r['forward_ms']:.3f} | {r['forward_tflops']:.1f} | "
+                     f"{r['forward_backward_ms']:.3f} | {r['forward_backward_tflops']:.1f} | {speedup} | "
+                     f"{r['max_diff_vs_attngen']:.1e} |")
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows, folder)
+    return folder
+
+
+def plot(rows: list[dict], folder: Path) -> None:
+    """One PNG per variant (forward+backward TFLOP/s against length), if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping plots")
+        return
+    for variant in sorted({r["variant"] for r in rows}):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        series: dict = {}
+        for r in rows:
+            if r["variant"] == variant and "error" not in r:
+                series.setdefault(f"{r['impl']} D{r['head_dim']} {r['dtype']}", []).append(
+                    (r["length"], r["forward_backward_tflops"]))
+        for label, points in sorted(series.items()):
+            axis.plot(*zip(*sorted(points)), marker="o", label=label)
+        axis.set(xscale="log", xlabel="sequence length", ylabel="fwd+bwd TFLOP/s", title=variant)
+        axis.legend(fontsize=6)
+        figure.tight_layout()
+        figure.savefig(folder / f"{variant}.png", dpi=120)
+        plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, measures nothing")
+    parser.add_argument("--only", nargs="*", help="variant names to run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for the <device>-<date> result folder (default: benchmarks/results)")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.smoke else 20
+    rows = measure(args)
+    ratios(rows)
+    print(f"results in {write(rows, args.smoke, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

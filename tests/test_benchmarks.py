@@ -1,0 +1,21 @@
+"""The benchmark harness runs end to end (a smoke run: tiny shapes, no timing claims)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_smoke_run_writes_json_and_a_table(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "causal", "sigmoid",
+                    "--repeats", "1", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    [folder] = tmp_path.iterdir()
+    rows = json.loads((folder / "results.json").read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "attngen"]
+    assert {r["variant"] for r in ours} == {"causal", "sigmoid"} and all("forward_ms" in r for r in ours)
+    sdpa = next(r for r in rows if r["impl"] == "sdpa")
+    assert sdpa["max_diff_vs_attngen"] < 1e-4  # implementations agree before they are timed
+    table = (folder / "results.md").read_text()
+    assert "| causal | attngen |" in table and "torch " in table and "triton " in table
