@@ -33,13 +33,15 @@ def run(cache_dir, *lengths, quiet=False):
 
 def test_a_bucket_is_tuned_once_and_remembered_across_processes(tmp_path):
     first = run(tmp_path, 40, 50)  # 40 and 50 share the bucket of 64
-    assert sum("tuned cpu/float32/16/16/64/64" in line for line in first) == 1
-    assert sum("[1/2]" in line for line in first) == 1
+    assert sum("tuned cpu/float32/16/16/64/64 forward" in line for line in first) == 1
+    assert sum("tuned cpu/float32/16/16/64/64 backward" in line for line in first) == 1
+    assert sum("[1/2]" in line for line in first) == 2
     [tuning] = tmp_path.glob("*.tuning.json")
     stored = json.loads(tuning.read_text())
-    assert list(stored) == ["cpu/float32/16/16/64/64"] and stored["cpu/float32/16/16/64/64"] in autotune.CPU_CANDIDATES
+    assert list(stored) == ["cpu/float32/16/16/64/64"]
+    assert all(stored["cpu/float32/16/16/64/64"][phase] in autotune.CPU_CANDIDATES for phase in ("forward", "backward"))
     assert run(tmp_path, 60) == []  # a new process, same bucket: no tuning
-    assert any("tuned cpu/float32/16/16/128/128" in line for line in run(tmp_path, 100))
+    assert any("tuned cpu/float32/16/16/128/128 backward" in line for line in run(tmp_path, 100))
     assert len(json.loads(tuning.read_text())) == 2
 
 
@@ -66,4 +68,4 @@ def test_export_builds_in_the_tuned_configs(tmp_path, monkeypatch):
     attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.sliding_window(9)))
     attn(*(torch.randn(1, 1, 24, 16) for _ in range(3)))
     source = attn.export(tmp_path / "exported.py").read_text()
-    assert "TUNED_CONFIGS = {'cpu/float32/16/16/32/32': {'BLOCK_M':" in source
+    assert "TUNED_CONFIGS = {'cpu/float32/16/16/32/32': {'backward': {'BLOCK_M':" in source

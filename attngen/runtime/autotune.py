@@ -2,8 +2,9 @@
 
 A bucket (device, dtype, head dims, powers of two bounding Lq and Lk; see the
 generated ``shape_bucket``) is tuned the first time a CUDA call meets it:
-every candidate that fits in shared memory runs forward + backward, the
-fastest wins, and the choice is stored next to the kernel module, so a new
+every candidate that fits in shared memory runs the forward pass, the fastest
+wins, then the same for the backward pass (its own tiles), and the choices are
+stored next to the kernel module, so a new
 sequence length in the same bucket, or a new process, neither recompiles nor
 retunes. On CPU (Triton's interpreter) the fixed default is used, unless
 ``ATTNGEN_AUTOTUNE=cpu`` forces tuning over two tiny configs (for tests).
@@ -102,30 +103,43 @@ def ensure_tuned(kernels: ModuleType, key: str, q, k, v, captures, params) -> No
 
 
 def _tune(kernels: ModuleType, bucket: str, q, k, v, captures, params) -> dict:
+    """The fastest forward config, then (with it) the fastest backward config."""
     q, k, v = (t.detach() for t in (q, k, v))
     captures = kernels.prepare_captures([t.detach() for t in captures])
     params = [t.detach() for t in params]
     scale = kernels.scale_for(q)
+    results = {}
 
-    def forward_backward():
-        config = kernels.launch_config(q, k, v)
-        out, stats, residuals = kernels.run_forward(q, k, v, captures, params, scale, config)
+    def forward():
+        return kernels.run_forward(q, k, v, captures, params, scale, kernels.launch_config(q, k, v, "forward"))
+
+    def backward():
+        out, stats, residuals = saved
         kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), [None] * len(stats),
-                             captures, params, scale, config)
+                             captures, params, scale, kernels.launch_config(q, k, v, "backward"))
 
+    for phase, run in (("forward", forward), ("backward", backward)):
+        if phase == "backward":
+            saved = forward()  # with the forward config just chosen
+        results[phase] = _fastest(kernels, bucket, phase, results, run, q, v)
+    return results
+
+
+def _fastest(kernels: ModuleType, bucket: str, phase: str, chosen: dict, run, q, v) -> dict:
+    """Time ``run`` under each candidate config for ``phase`` and return the fastest."""
     timings = []
     options = candidates(q, v)
     for i, config in enumerate(options):
-        _progress(f"attngen: tuning {bucket} [{i + 1}/{len(options)}] {config}")
-        kernels.TUNED_CONFIGS[bucket] = config
+        _progress(f"attngen: tuning {bucket} {phase} [{i + 1}/{len(options)}] {config}")
+        kernels.TUNED_CONFIGS[bucket] = {**chosen, phase: config}
         try:
-            timings.append((_seconds(forward_backward, q.device), i))
+            timings.append((_seconds(run, q.device), i))
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as error:
             _progress(f"attngen: skipping {config}: {type(error).__name__}")
         finally:
             del kernels.TUNED_CONFIGS[bucket]
     if not timings:
-        raise RuntimeError(f"no tile configuration could run for {bucket}")
+        raise RuntimeError(f"no tile configuration could run the {phase} pass for {bucket}")
     best_time, best = min(timings)
-    _progress(f"attngen: tuned {bucket}: {options[best]} ({best_time * 1e3:.3f} ms forward+backward)")
+    _progress(f"attngen: tuned {bucket} {phase}: {options[best]} ({best_time * 1e3:.3f} ms)")
     return options[best]
