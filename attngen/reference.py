@@ -95,7 +95,7 @@ def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Te
 def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stats_module.Stats:
     """The requested statistics of the materialized weights."""
     index = _indices(p.shape, p.device)
-    row_max = torch.amax(torch.where(keep, logits, float("-inf")), dim=-1) if logits is not None else None
+    row_max = torch.amax(torch.where(keep, logits, float("-inf")), dim=-1) if "max" in spec.stats else None
     expectations = {}
     for name, g in stats_module.kernel_expectations(spec.stats):
         values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)

@@ -249,9 +249,11 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
                             f"but it returned a value of type {graph.dtype(mask)}")
     graph.outputs = {"score": score, "mask": mask}
     for e, (name, g) in enumerate(expectations):
-        before = len(graph.captures)
-        graph.outputs[f"exp{e}"] = _call(tracer, g, f"expectation {name!r}", ("logit", "b", "h", "q_idx", "kv_idx"))
-        if any(c.differentiable for c in graph.captures[before:]):
-            raise SpecError(f"expectation {name!r}: tensors captured only by the expectation function "
-                            "cannot receive gradients yet; detach them")
+        node = _call(tracer, g, f"expectation {name!r}", ("logit", "b", "h", "q_idx", "kv_idx"))
+        learnable = [n for n in graph.order([node]) if graph.op(n) == "load"
+                     and graph.captures[graph.node(n)["capture"]].differentiable]
+        if learnable:
+            raise SpecError(f"expectation {name!r} reads a captured tensor that requires grad; gradients "
+                            "through expectation functions are not supported yet: detach it")
+        graph.outputs[f"exp{e}"] = node
     return graph

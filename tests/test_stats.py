@@ -135,5 +135,40 @@ def test_bad_expectations():
         ag.stats.expectation(_distance, name="not valid")
     table = torch.rand(4, requires_grad=True)
     spec = ag.AttentionSpec(stats=(ag.stats.expectation(lambda s, b, h, q, k: s * table[h], name="t"),))
-    with pytest.raises(ag.SpecError, match="cannot receive gradients yet"):
+    with pytest.raises(ag.SpecError, match="reads a captured tensor that requires grad"):
         ag.compile(spec)
+    shared = ag.AttentionSpec(score_mod=lambda s, b, h, q, k: s + table[h],  # also captured by score_mod
+                              stats=(ag.stats.expectation(lambda s, b, h, q, k: s * table[h], name="t"),))
+    with pytest.raises(ag.SpecError, match="reads a captured tensor that requires grad"):
+        ag.compile(shared)
+
+
+def test_max_gradient_is_shared_by_tied_keys():
+    """Like torch.amax: keys tied for the maximum split its gradient."""
+    k_row = torch.randn(1, 1, 1, 16)
+    k = torch.cat([k_row.expand(1, 1, 3, 16), torch.randn(1, 1, 5, 16)], dim=2)  # keys 0..2 are identical
+    q = k_row.expand(1, 1, 4, 16).clone() * 3.0  # so they are every row's maximum
+    variant = Variant("ties", lambda case, gen: {}, lambda c: ag.AttentionSpec(stats=("max",)))
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, torch.randn(1, 1, 8, 16)))
+    _, stats = ag.compile(variant.spec({}))(q, k, v, return_stats=True)
+    grads = torch.autograd.grad(stats.max.sum(), (q, k))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _, ref = ag.reference.attention(*leaves, variant.spec({}), return_stats=True)
+    ref_grads = torch.autograd.grad(ref.max.sum(), leaves[:2])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_no_keys_with_a_learnable_sink_still_trains_the_sink():
+    sink = torch.tensor([0.5, -1.0], requires_grad=True)
+    spec = ag.AttentionSpec(normalization=norms.Softmax(sink=sink))
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16)
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    assert torch.all(out == 0)
+    torch.testing.assert_close(stats.lse, sink.detach()[None, :, None].expand(1, 2, 5))
+    (grad,) = torch.autograd.grad(stats.lse.sum(), sink)
+    sink64 = sink.detach().double().requires_grad_()
+    spec64 = ag.AttentionSpec(normalization=norms.Softmax(sink=sink64))
+    _, ref = ag.reference.attention(q.double(), k.double(), v.double(), spec64, return_stats=True)
+    (want,) = torch.autograd.grad(ref.lse.sum(), sink64)
+    torch.testing.assert_close(grad.double(), want)

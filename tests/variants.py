@@ -89,3 +89,6 @@ def _polynomial(s, b, h, q_idx, kv_idx):
 
 
 VARIANTS.append(Variant("polynomial", _none, lambda c: ag.AttentionSpec(score_mod=_polynomial)))
+VARIANTS.append(Variant("integer_powers", _none, lambda c: ag.AttentionSpec(
+    score_mod=lambda s, b, h, q_idx, kv_idx: s * (q_idx - kv_idx) ** 0 + 0.001 * ((q_idx + kv_idx) % 5) ** 2,
+    mask_mod=lambda b, h, q_idx, kv_idx: ((kv_idx % 8) ** 5) % 7 != 5)))

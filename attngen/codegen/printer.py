@@ -138,7 +138,10 @@ class TritonPrinter:
         x = operand(names[base], MUL + 1)
         if g.is_const(exponent) and float(g.node(exponent)["value"]).is_integer():
             power = int(g.node(exponent)["value"])
-            if 0 < abs(power) <= 4:
+            integer = g.dtype(base) != "float" and g.dtype(exponent) == "int"
+            if power == 0:
+                return literal(1 if integer else 1.0)
+            if 0 < abs(power) <= 4 or (integer and 0 < power <= 64):
                 product = " * ".join([x] * abs(power))
                 return (product, MUL) if power > 0 else (f"1.0 / ({product})", MUL)
             return f"_pow_int({self._as_float(base, names)[0]}, {power})", ATOM

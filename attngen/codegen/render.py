@@ -102,7 +102,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     capture_names = [name for c in captures for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
-    residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else [])
+    residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
+        + (["max_count"] if row_max else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
