@@ -11,15 +11,14 @@ import runpy
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import reference
 from .errors import SpecError
-from .ir.passes import block_bounds, optimize
 from .runtime import cache
+from .runtime.autotune import median_seconds
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .spec import AttentionSpec
 
@@ -75,7 +74,7 @@ def cmd_show(args) -> int:
     every = not (args.ir or args.source)
     if every:
         print("# spec\n" + "\n".join(attn.spec.describe()) + "\n")
-    graph = block_bounds(optimize(attn.graph))
+    graph = attn.kernel_graph()
     if every or args.ir:
         print("# IR (optimized, with gradients and block bounds)\n" + graph.text() + "\n")
     if every or args.source:
@@ -114,21 +113,6 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
-def _time(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
-
-
 def cmd_bench(args) -> int:
     spec = load_spec(args.spec_file, args.name)
     attn = compile_spec(spec)
@@ -140,8 +124,8 @@ def cmd_bench(args) -> int:
     print(f"shape B={batch} H={heads} L={length} D={dim} on {args.device}, median of {args.repeats}")
     print(f"{'implementation':<28}{'forward ms':>12}{'fwd+bwd ms':>12}")
     for label, fn in contenders.items():
-        forward = _time(lambda: fn(q, k, v), args.repeats)
-        both = _time(lambda: fn(q, k, v).sum().backward(), args.repeats)
+        forward = median_seconds(lambda: fn(q, k, v), q.device, args.repeats)
+        both = median_seconds(lambda: fn(q, k, v).sum().backward(), q.device, args.repeats)
         print(f"{label:<28}{forward * 1e3:>12.2f}{both * 1e3:>12.2f}")
     return 0
 

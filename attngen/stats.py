@@ -67,11 +67,6 @@ class MapStat:
             raise ValueError(f"stat name must be a Python identifier, got {name!r}")
         self.name, self.block_q, self.block_k, self.reduce, self.reduce_heads = name, block_q, block_k, reduce, reduce_heads
 
-    def shape(self, batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int) -> tuple[int, ...]:
-        """The shape of the pooled map (before col_sum drops its query axis)."""
-        rows = 1 if self.block_q is None else -(-q_len // self.block_q)
-        return (batch, kv_heads if self.reduce_heads else q_heads, rows, -(-kv_len // self.block_k))
-
     def __repr__(self) -> str:
         return (f"MapStat({self.name!r}, block_q={self.block_q}, block_k={self.block_k}, "
                 f"reduce={self.reduce!r}, reduce_heads={self.reduce_heads})")

@@ -76,9 +76,6 @@ OPS: dict[str, Op] = {
     "where": Op(3, "select", lambda c, a, b: a if c else b),
 }
 
-INDEX_INPUTS = ("b", "h", "q_idx", "kv_idx")
-
-
 @dataclass(eq=False)
 class Capture:
     """A tensor captured from the user's closure; it becomes a kernel argument."""

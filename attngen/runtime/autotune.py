@@ -75,11 +75,11 @@ def _progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _seconds(run, device: torch.device) -> float:
-    """Median wall time of ``run()`` over three calls after a warm-up (which compiles)."""
+def median_seconds(run, device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls after a warm-up (which compiles)."""
     run()
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -87,7 +87,7 @@ def _seconds(run, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
-    return sorted(times)[1]
+    return sorted(times)[len(times) // 2]
 
 
 def ensure_tuned(kernels: ModuleType, key: str, q, k, v, captures, params) -> None:
@@ -133,7 +133,7 @@ def _fastest(kernels: ModuleType, bucket: str, phase: str, chosen: dict, run, q,
         _progress(f"attngen: tuning {bucket} {phase} [{i + 1}/{len(options)}] {config}")
         kernels.TUNED_CONFIGS[bucket] = {**chosen, phase: config}
         try:
-            timings.append((_seconds(run, q.device), i))
+            timings.append((median_seconds(run, q.device), i))
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as error:
             _progress(f"attngen: skipping {config}: {type(error).__name__}")
         finally:

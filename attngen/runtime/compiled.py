@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 import triton
 
-from .. import __version__
 from .. import stats as stats_module
-from ..codegen.render import TEMPLATE_VERSION, compiler_digest, render
+from ..codegen.render import compiler_digest, render
 from ..inputs import KERNEL_DTYPES, check_inputs
-from ..ir.passes import block_bounds, optimize
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune
@@ -56,9 +54,9 @@ class CompiledAttention:
         self.expectations = stats_module.kernel_expectations(self.spec.stats)
         self.graph = trace(self.spec.score_mod, self.spec.mask_mod, self.spec.normalization, self.expectations)
         self.signature = self._capture_signature()
-        identity = "\n".join([self.graph.text(), *self.spec.describe(), f"template {TEMPLATE_VERSION}",
-                              f"compiler {compiler_digest()}",
-                              f"attngen {__version__}", f"triton {triton.__version__}"])
+        self.description = self.spec.describe()
+        identity = "\n".join([self.graph.text(), *self.description, f"compiler {compiler_digest()}",
+                              f"triton {triton.__version__}"])
         self.key = hashlib.sha256(identity.encode()).hexdigest()
         self.path, self.cache_hit = cached_source(self.key, self._generate)
         self.compile_seconds = time.perf_counter() - started
@@ -66,8 +64,14 @@ class CompiledAttention:
     def _capture_signature(self) -> tuple[str, ...]:
         return tuple(c.signature() for c in self.graph.captures)
 
+    def kernel_graph(self):
+        """The graph the kernels are generated from: optimized, with gradients and block bounds."""
+        from ..ir.passes import block_bounds, optimize  # sympy is only needed to generate
+
+        return block_bounds(optimize(self.graph))
+
     def _generate(self) -> str:
-        return render(block_bounds(optimize(self.graph)), self.spec.describe(), self.spec.normalization,
+        return render(self.kernel_graph(), self.description, self.spec.normalization,
                       row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale)
 
