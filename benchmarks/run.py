@@ -64,6 +64,13 @@ def variants(heads: int, length: int, device: str) -> dict:
         "sigmoid": (ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n")), None, None, 1.0),
         "softmax_sink": (ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(heads, device=device))),
                          None, None, 1.0),
+        "off_by_one": (ag.AttentionSpec(normalization=ag.norms.OffByOne()), None, None, 1.0),
+        "relu2": (ag.AttentionSpec(normalization=ag.norms.ReLU(power=2)), None, None, 1.0),
+        "scalable_softmax": (ag.AttentionSpec(normalization=ag.norms.ScalableSoftmax(s=0.4)), None, None, 1.0),
+        "affine_softmax": (ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=0.9, beta=0.01)),
+                           None, None, 1.0),
+        "elementwise_sigmoid2": (ag.AttentionSpec(normalization=ag.norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)),
+                                 None, None, 1.0),
         "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
     }
 
