@@ -45,6 +45,26 @@ def test_a_bucket_is_tuned_once_and_remembered_across_processes(tmp_path):
     assert len(json.loads(tuning.read_text())) == 2
 
 
+INFERENCE_THEN_TRAINING = textwrap.dedent("""
+    import torch, attngen as ag
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+    q, k, v = (torch.randn(1, 1, 24, 16, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+    print("inference done", file=__import__("sys").stderr, flush=True)
+    attn(q, k, v).sum().backward()
+""")
+
+
+def test_backward_is_tuned_only_when_gradients_are_needed(tmp_path):
+    env = {**os.environ, "ATTNGEN_CACHE_DIR": str(tmp_path), "ATTNGEN_AUTOTUNE": "cpu", "ATTNGEN_QUIET": "0"}
+    result = subprocess.run([sys.executable, "-c", INFERENCE_THEN_TRAINING], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stderr.split("inference done")
+    assert "tuned cpu/float32/16/16/32/32 forward" in before and "backward" not in before
+    assert "tuned cpu/float32/16/16/32/32 backward" in after and "forward" not in after
+
+
 def test_quiet_mode_prints_nothing(tmp_path):
     assert run(tmp_path, 20, quiet=True) == []
 
@@ -68,4 +88,4 @@ def test_export_builds_in_the_tuned_configs(tmp_path, monkeypatch):
     attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.sliding_window(9)))
     attn(*(torch.randn(1, 1, 24, 16) for _ in range(3)))
     source = attn.export(tmp_path / "exported.py").read_text()
-    assert "TUNED_CONFIGS = {'cpu/float32/16/16/32/32': {'backward': {'BLOCK_M':" in source
+    assert "TUNED_CONFIGS = {'cpu/float32/16/16/32/32': {'forward': {'BLOCK_M':" in source

@@ -3,8 +3,8 @@
 A bucket (device, dtype, head dims, powers of two bounding Lq and Lk; see the
 generated ``shape_bucket``) is tuned the first time a CUDA call meets it:
 every candidate that fits in shared memory runs the forward pass, the fastest
-wins, then the same for the backward pass (its own tiles), and the choices are
-stored next to the kernel module, so a new
+wins, then (on the first call that needs gradients) the same for the backward
+pass with its own tiles; the choices are stored next to the kernel module, so a new
 sequence length in the same bucket, or a new process, neither recompiles nor
 retunes. On CPU (Triton's interpreter) the fixed default is used, unless
 ``ATTNGEN_AUTOTUNE=cpu`` forces tuning over two tiny configs (for tests).
@@ -91,24 +91,32 @@ def median_seconds(run, device: torch.device, repeats: int = 3) -> float:
 
 
 def ensure_tuned(kernels: ModuleType, key: str, q, k, v, captures, params) -> None:
-    """Make ``kernels.TUNED_CONFIGS`` hold this call's bucket: from disk, or by timing."""
+    """Make ``kernels.TUNED_CONFIGS`` hold this call's bucket: from disk, or by timing.
+
+    The backward pass is tuned only once a call needs gradients, so inference
+    never pays for it.
+    """
     bucket = kernels.shape_bucket(q, k, v)
-    if bucket in kernels.TUNED_CONFIGS:
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *captures, *params))
+    phases = ("forward", "backward") if needs_backward else ("forward",)
+    if all(phase in kernels.TUNED_CONFIGS.get(bucket, {}) for phase in phases):
         return
     known = stored(key)
-    if bucket not in known:
-        known = {**stored(key), bucket: _tune(kernels, bucket, q, k, v, captures, params)}
-        write_atomic(_tuning_file(key), json.dumps(known, indent=1, sort_keys=True))
-    kernels.TUNED_CONFIGS[bucket] = known[bucket]
+    chosen = dict(known.get(bucket, {}))
+    if not all(phase in chosen for phase in phases):
+        chosen = _tune(kernels, bucket, phases, chosen, q, k, v, captures, params)
+        write_atomic(_tuning_file(key), json.dumps({**stored(key), bucket: chosen}, indent=1, sort_keys=True))
+    kernels.TUNED_CONFIGS[bucket] = chosen
 
 
-def _tune(kernels: ModuleType, bucket: str, q, k, v, captures, params) -> dict:
-    """The fastest forward config, then (with it) the fastest backward config."""
+def _tune(kernels: ModuleType, bucket: str, phases, chosen: dict, q, k, v, captures, params) -> dict:
+    """``chosen`` completed with the fastest config of each missing phase; the backward
+    pass is timed after a forward pass with the forward config chosen."""
     q, k, v = (t.detach() for t in (q, k, v))
     captures = kernels.prepare_captures([t.detach() for t in captures])
     params = [t.detach() for t in params]
     scale = kernels.scale_for(q)
-    results = {}
+    chosen = dict(chosen)
 
     def forward():
         return kernels.run_forward(q, k, v, captures, params, scale, kernels.launch_config(q, k, v, "forward"))
@@ -119,10 +127,14 @@ def _tune(kernels: ModuleType, bucket: str, q, k, v, captures, params) -> dict:
                              captures, params, scale, kernels.launch_config(q, k, v, "backward"))
 
     for phase, run in (("forward", forward), ("backward", backward)):
+        if phase not in phases or phase in chosen:
+            continue
         if phase == "backward":
+            kernels.TUNED_CONFIGS[bucket] = chosen
             saved = forward()  # with the forward config just chosen
-        results[phase] = _fastest(kernels, bucket, phase, results, run, q, v)
-    return results
+            del kernels.TUNED_CONFIGS[bucket]
+        chosen[phase] = _fastest(kernels, bucket, phase, chosen, run, q, v)
+    return chosen
 
 
 def _fastest(kernels: ModuleType, bucket: str, phase: str, chosen: dict, run, q, v) -> dict:
