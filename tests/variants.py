@@ -92,3 +92,12 @@ VARIANTS.append(Variant("polynomial", _none, lambda c: ag.AttentionSpec(score_mo
 VARIANTS.append(Variant("integer_powers", _none, lambda c: ag.AttentionSpec(
     score_mod=lambda s, b, h, q_idx, kv_idx: s * (q_idx - kv_idx) ** 0 + 0.001 * ((q_idx + kv_idx) % 5) ** 2,
     mask_mod=lambda b, h, q_idx, kv_idx: ((kv_idx % 8) ** 5) % 7 != 5)))
+
+
+def _allowed(case, gen):
+    size = max(case.q_len, case.kv_len)
+    return {"allowed": torch.rand(case.batch, size, size, generator=gen) > 0.3}
+
+
+VARIANTS.append(Variant("bool_mask_tensor", _allowed, lambda c: ag.AttentionSpec(
+    mask_mod=lambda b, h, q_idx, kv_idx: c["allowed"][b, q_idx, kv_idx] | (q_idx == kv_idx))))
