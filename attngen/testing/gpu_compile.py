@@ -1,0 +1,91 @@
+"""Compile a spec's kernels for an NVIDIA GPU on a machine without one.
+
+Triton's front end and its NVIDIA back end (LLVM, ptxas) need no device, so
+every kernel a call would launch can be built ahead of time for a chosen
+architecture: this catches code that Triton's interpreter accepts but the
+compiler rejects, and reports each kernel's shared memory. Nothing runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import KernelInterface
+
+from ..runtime.compiled import CompiledAttention, norm_parameters
+from ..runtime.loader import load_kernels
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """One kernel built for a GPU: its name, the phase that launches it and its static shared memory."""
+
+    name: str
+    phase: str
+    shared_bytes: int
+
+
+class _TargetDriver:
+    """The parts of a Triton driver that compiling (not launching) asks for."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def _compile_only(arch: int, built: list):
+    """Inside, ``kernel[grid](...)`` compiles for ``sm_<arch>`` and records the kernel instead of launching."""
+    launch = KernelInterface.__getitem__
+
+    def warmup(self, grid):
+        def run(*args, **kwargs):
+            built.append(self.run(*args, grid=grid, warmup=True, **kwargs))
+        return run
+
+    previous = driver._active  # None on a machine without a GPU, where reset_active() would fail
+    driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+    KernelInterface.__getitem__ = warmup
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = launch
+        driver.set_active(previous)
+
+
+def compile_for_gpu(attn: CompiledAttention, q, k, v, *, arch: int = 90, tiles: dict | None = None,
+                    backward: bool = True) -> list[CompiledKernel]:
+    """Build, for ``sm_<arch>``, every kernel that ``attn(q, k, v)`` (and its backward) launches.
+
+    ``q``, ``k``, ``v`` are CPU tensors giving dtype and shapes. The launch
+    configuration is the CUDA default, updated with ``tiles`` (e.g.
+    ``{"BLOCK_M": 128, "num_stages": 3}``). Raises Triton's compilation error
+    if a kernel does not build.
+    """
+    kernels = load_kernels(attn.path, interpret=False)
+    captures = kernels.prepare_captures([c.tensor.detach() for c in attn.graph.captures])
+    params = [p.detach() for p in norm_parameters(attn.spec.normalization, q.shape[1], q.device)]
+    config = {**kernels.launch_config(q, k, v, "forward", device_type="cuda"), **(tiles or {})}
+    scale = kernels.scale_for(q)
+    built: list = []
+    phases = []
+    with _compile_only(arch, built):
+        out, stats, residuals = kernels.run_forward(q, k, v, captures, params, scale, config)
+        phases += ["forward"] * (len(built) - len(phases))
+        if backward:
+            kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), [None] * len(stats),
+                                 captures, params, scale, config)
+            phases += ["backward"] * (len(built) - len(phases))
+    return [CompiledKernel(kernel.name, phase, kernel.metadata.shared) for kernel, phase in zip(built, phases)]

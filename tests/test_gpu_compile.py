@@ -1,0 +1,70 @@
+"""Every kernel a spec launches compiles for Hopper (sm_90) and Ampere (sm_80), without a GPU.
+
+Triton's interpreter accepts code the real compiler rejects (and vice versa),
+so the CPU suite alone does not show that the generated module builds for a
+GPU. These tests run Triton's NVIDIA back end ahead of time on CPU tensors.
+"""
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen.testing.gpu_compile import compile_for_gpu
+from variants import VARIANTS, Case
+
+CASE = Case(2, 4, 2, 200, 180, 64, 64)
+H100_SHARED_MEMORY = 227 * 1024
+
+
+def _tensors(dtype, qk_dim=64, v_dim=64):
+    return (torch.randn(2, 4, 200, qk_dim, dtype=dtype), torch.randn(2, 2, 180, qk_dim, dtype=dtype),
+            torch.randn(2, 2, 180, v_dim, dtype=dtype))
+
+
+def _extra_specs():
+    return {
+        "learnable_sink": ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(4, requires_grad=True))),
+        "sigmoid": ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n"), mask_mod=ag.masks.causal),
+        "relu2_unmasked": ag.AttentionSpec(normalization=ag.norms.ReLU(power=2, normalize="unmasked"),
+                                           mask_mod=ag.masks.sliding_window(40)),
+        "scalable": ag.AttentionSpec(normalization=ag.norms.ScalableSoftmax(s=0.4, count="unmasked")),
+        "affine": ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=torch.ones(4, requires_grad=True),
+                                                                        beta=0.01)),
+        "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
+            "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),
+            "col_sum", ag.stats.pooled(16, 16, "mean", name="mean_map"),
+            ag.stats.pooled(16, 32, "max", name="max_map"))),
+    }
+
+
+def _check(spec, dtype=torch.bfloat16, arch=90, qk_dim=64, v_dim=64, **tiles):
+    kernels = compile_for_gpu(ag.compile(spec), *_tensors(dtype, qk_dim, v_dim), arch=arch, tiles=tiles)
+    names = {k.name for k in kernels}
+    assert {"_attn_fwd", "_attn_bwd_dq"} <= names, names
+    for kernel in kernels:
+        assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel
+    return kernels
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_variant_compiles_for_sm90(variant):
+    _check(variant.spec(variant.captures(CASE, torch.Generator().manual_seed(0))))
+
+
+@pytest.mark.parametrize("name", sorted(_extra_specs()))
+def test_normalizations_and_stats_compile_for_sm90(name):
+    _check(_extra_specs()[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_dtypes_and_head_dims(dtype):
+    _check(ag.AttentionSpec(mask_mod=ag.masks.causal), dtype=dtype, qk_dim=128, v_dim=96)
+
+
+def test_ampere():
+    _check(ag.AttentionSpec(mask_mod=ag.masks.sliding_window(64)), arch=80)
+
+
+def test_a_large_tile_config_compiles():
+    _check(ag.AttentionSpec(mask_mod=ag.masks.causal), qk_dim=128, v_dim=128,
+           BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
