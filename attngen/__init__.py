@@ -8,10 +8,11 @@ Triton kernels with an automatically derived backward pass.
 __version__ = "0.1.0"
 
 from . import masks, norms, reference, stats  # noqa: E402
+from .blocks import BlockMask  # noqa: E402
 from .errors import SpecError  # noqa: E402
 from .runtime.compiled import CompiledAttention, attention, compile  # noqa: E402
 from .spec import AttentionSpec  # noqa: E402
 from .stats import Stats  # noqa: E402
 
-__all__ = ["AttentionSpec", "CompiledAttention", "SpecError", "Stats", "attention", "compile", "masks",
+__all__ = ["AttentionSpec", "BlockMask", "CompiledAttention", "SpecError", "Stats", "attention", "compile", "masks",
            "norms", "reference", "__version__"]

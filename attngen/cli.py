@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 from .errors import SpecError
-from .runtime import cache
+from .runtime import cache, plan
 from .runtime.autotune import median_seconds
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .spec import AttentionSpec
@@ -71,12 +71,18 @@ def write_dot(graph, path: Path) -> None:
 
 def cmd_show(args) -> int:
     attn = _compile(args)
-    every = not (args.ir or args.source)
+    every = not (args.ir or args.source or args.plan)
     if every:
         print("# spec\n" + "\n".join(attn.spec.describe()) + "\n")
     graph = attn.kernel_graph()
     if every or args.ir:
-        print("# IR (optimized, with gradients and block bounds)\n" + graph.text() + "\n")
+        print("# IR (optimized, with gradients and the mask plan)\n" + graph.text() + "\n")
+    if every or args.plan:
+        print("# mask plan\n" + "\n".join(plan.describe(graph)))
+        if args.blocks:
+            counts = attn.block_stats(args.blocks, args.blocks)
+            print(f"tiles at Lq = Lk = {args.blocks} (batch 1, head 0, CPU tiles): {counts}")
+        print()
     if every or args.source:
         print(f"# generated module ({attn.path})\n" + attn.source)
     if args.graph:
@@ -160,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
     show = command("show", cmd_show, "print a spec, its optimized IR and its generated Triton module")
     show.add_argument("--ir", action="store_true", help="print only the IR")
     show.add_argument("--source", action="store_true", help="print only the generated module")
+    show.add_argument("--plan", action="store_true", help="print only the mask plan (which tiles are visited)")
+    show.add_argument("--blocks", type=int, metavar="L", help="also count empty/full/partial tiles at length L")
     show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
     export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
     export.add_argument("-o", "--output", required=True, help="the .py file to write")

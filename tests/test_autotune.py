@@ -71,11 +71,12 @@ def test_quiet_mode_prints_nothing(tmp_path):
 
 def test_configs_are_pruned_by_shared_memory():
     h100 = 227 * 1024
-    kept = autotune.fitting(autotune.GPU_CANDIDATES, h100, 128, 128, 2)
-    assert kept and len(kept) < len(autotune.GPU_CANDIDATES)
-    assert all(autotune.shared_memory_bytes(c, 128, 128, 2) <= h100 for c in kept)
-    assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} not in kept
-    assert len(autotune.fitting(autotune.GPU_CANDIDATES, h100, 64, 64, 2)) > len(kept)
+    for phase, itemsize in (("forward", 4), ("backward", 2)):
+        kept = autotune.fitting(autotune.GPU_CANDIDATES, h100, 128, 128, itemsize, phase)
+        assert kept and len(kept) < len(autotune.GPU_CANDIDATES)
+        assert all(autotune.shared_memory_bytes(c, 128, 128, itemsize, phase) <= h100 for c in kept)
+        assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} not in kept
+        assert len(autotune.fitting(autotune.GPU_CANDIDATES, h100, 64, 64, itemsize, phase)) > len(kept)
 
 
 def test_export_builds_in_the_tuned_configs(tmp_path, monkeypatch):

@@ -65,6 +65,23 @@ def test_ampere():
     _check(ag.AttentionSpec(mask_mod=ag.masks.sliding_window(64)), arch=80)
 
 
-def test_a_large_tile_config_compiles():
-    _check(ag.AttentionSpec(mask_mod=ag.masks.causal), qk_dim=128, v_dim=128,
-           BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+@pytest.mark.parametrize("tiles", [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+], ids=["128x128x2", "128x64x3"])
+def test_the_shared_memory_estimate_bounds_large_configs(tiles):
+    """At head dim 128 the autotuner prunes by an estimate; it must not under-count near the limit."""
+    from attngen.runtime.autotune import shared_memory_bytes
+
+    q, k, v = _tensors(torch.bfloat16, 128, 128)
+    for kernel in compile_for_gpu(ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)), q, k, v, tiles=tiles):
+        if kernel.name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+            assert kernel.shared_bytes <= shared_memory_bytes(tiles, 128, 128, 2, kernel.phase), kernel
+
+
+def test_user_block_masks_and_summaries_compile():
+    doc_ids = torch.randint(0, 3, (2, 200)).sort().values
+    _check(ag.AttentionSpec(mask_mod=ag.masks.document(doc_ids) & ag.masks.prefix_lm(torch.tensor([3, 9]))))
+    kernels = compile_for_gpu(ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)).with_block_mask((64, 128)),
+                              *_tensors(torch.bfloat16))
+    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= {k.name for k in kernels}

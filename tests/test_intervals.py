@@ -472,13 +472,13 @@ def test_random_masks_sound_and_exact_at_points(tree, rects):
 def int_bounds(tree) -> tuple[Graph, bool, bool]:
     """A graph with outputs ``lo``/``hi``: the analysis' bounds of the int expression ``tree``."""
     from attngen.ir.graph import rebuild
-    from attngen.ir.passes.intervals import _Analysis
+    from attngen.ir.passes.intervals import IntervalAnalysis
 
     graph = rebuild(trace(None, lambda b, h, q, kv: interpret(tree, {"b": b, "h": h, "q": q, "kv": kv}) == 12345))
     mask = graph.outputs["mask"]
     if graph.op(mask) != "eq":
         return None, False, False  # the expression folded to a Python constant
-    analysis = _Analysis(graph)
+    analysis = IntervalAnalysis(graph)
     analysis.run(mask)
     lo, hi = analysis.val[graph.args(mask)[0]]
     if lo is not None:
@@ -576,10 +576,10 @@ def test_equal_bounds_are_shared():
 
 def bounded_sides(fn) -> tuple[bool, bool]:
     """Which sides of ``fn``'s value the analysis bounds."""
-    from attngen.ir.passes.intervals import _Analysis
+    from attngen.ir.passes.intervals import IntervalAnalysis
 
     graph = trace(None, lambda b, h, q, kv: fn(b, h, q, kv) == 12345)
-    analysis = _Analysis(graph)
+    analysis = IntervalAnalysis(graph)
     analysis.run(graph.outputs["mask"])
     lo, hi = analysis.val[graph.args(graph.outputs["mask"])[0]]
     return lo is not None, hi is not None

@@ -75,8 +75,9 @@ def test_bad_sizes(make):
         make()
 
 
-def test_static_masks_skip_blocks_in_the_generated_kernel():
+def test_static_masks_get_closed_form_loop_ranges():
     for mask in (masks.chunked(64), masks.block_causal(32), masks.padding(LENGTHS)):
         source = ag.compile(ag.AttentionSpec(mask_mod=mask)).source
-        block_live = source.split("def block_live")[1].split("return live")[0]
-        assert "live = True" not in block_live and "kv_lo" in block_live, block_live
+        segments = source.split("def kv_segments")[1].split("return")[0]
+        end = next(line for line in segments.splitlines() if line.strip().startswith("kv_end ="))
+        assert "LK" in end and end.strip() != "kv_end = LK", segments

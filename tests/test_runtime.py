@@ -49,8 +49,8 @@ def test_generated_source_is_deterministic(tmp_path, monkeypatch):
 def test_generated_source_documents_its_spec_and_skips_causal_blocks():
     source = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)).source
     assert "mask_mod = causal" in source and "SPEC_FINGERPRINT" in source
-    block_live = source.split("def block_live")[1].split("return live")[0]
-    assert "live = kv_lo <= q_hi" in block_live
+    assert "kv_end = tl.maximum(tl.minimum(q_hi + 1, LK), 0)" in source.split("def kv_segments")[1]
+    assert "live = kv_lo <= q_hi" in source.split("def block_state")[1].split("return live")[0]
 
 
 def _scaled_by(table):

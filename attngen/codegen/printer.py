@@ -118,6 +118,11 @@ class TritonPrinter:
             return literal(attrs["value"])
         if op == "load":
             return self._load(n, names)
+        if op == "tile":
+            tile = attrs["tile"]
+            offset = " + ".join(f"{operand(names[a], MUL + 1)} * tile{tile}_s{d}" for d, a in enumerate(args))
+            value = f"tl.load(tile{tile} + {offset or '0'})"
+            return (f"{value} != 0", COMPARE) if attrs["dtype"] == "bool" else (value, ATOM)
         operands = [self._as_float(a, names) if op in _FLOAT_ARGS else names[a] for a in args]
         if op in _INFIX:
             symbol, binding = _INFIX[op]

@@ -6,12 +6,15 @@ import hashlib
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import jinja2
 
 from .. import __version__
 from ..ir.graph import Graph
+from ..ir.passes.ranges import SEGMENTS
 from ..norms import Normalization
+from ..runtime.plan import layout
 from ..stats import MapStat
 from .printer import TritonPrinter
 
@@ -64,6 +67,61 @@ def map_lines(maps: list[MapStat]) -> list[str]:
     return lines
 
 
+# The two loop directions: the tiles of one axis visited by a program owning a tile of the other.
+_AXES = {
+    "kv": dict(lo="kv_lo", hi="kv_hi", length="LK", block="BLOCK_N", other="q",
+               tiles="kv_lo // BLOCK_N", other_tile="q_tile"),
+    "q": dict(lo="q_lo", hi="q_hi", length="LQ", block="BLOCK_M", other="kv",
+              tiles="q_lo // BLOCK_M", other_tile="kv_tile"),
+}
+
+
+def segment_names(axis: str, layout: str) -> list[str]:
+    """The loop bounds ``<axis>_segments`` returns for a layout ("split", "masked" or "full")."""
+    return [f"{axis}_{name}" for name in (SEGMENTS if layout == "split" else ("start", "end"))]
+
+
+def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], str], indent: int) -> str:
+    """The loop of one program over the ``axis`` tiles ("kv" or "q") its mask plan visits.
+
+    ``body(masked)`` is the code for one tile given the name of its masked
+    flag. Layout "split": masked tiles, then tiles kept whole (no mask
+    evaluated, no branch: the loop software-pipelines), then masked tiles;
+    "masked": one loop that checks every tile; "full": every tile, unmasked.
+    """
+    a = _AXES[axis]
+    lo, hi, block = a["lo"], a["hi"], a["block"]
+    q_tile, kv_tile = (a["other_tile"], a["tiles"]) if axis == "kv" else (a["tiles"], a["other_tile"])
+    lines = []
+
+    def add(text: str, depth: int) -> None:
+        lines.extend("    " * depth + line if line.strip() else "" for line in text.rstrip("\n").split("\n"))
+
+    def masked_loop(start: str, end: str) -> None:
+        add(f"for {lo} in range({start}, {end}, {block}):  # tiles with masked positions", 0)
+        add(f"{hi} = tl.minimum({lo} + {block}, {a['length']}) - 1", 1)
+        add(f"live, masked = block_state(b, h, q_lo, q_hi, kv_lo, kv_hi, {q_tile}, {kv_tile}{mask_params})", 1)
+        add("if live:", 1)
+        add(body("masked"), 2)
+
+    if layout == "full":
+        add(f"for {lo} in range(0, {a['length']}, {block}):  # mask_mod is always True", 0)
+        add(body("False"), 1)
+    else:
+        other = a["other"]
+        names = segment_names(axis, layout)
+        add(f"{', '.join(names)} = {axis}_segments(b, h, {other}_lo, {other}_hi, {a['other_tile']}, "
+            f"{a['length']}, {block}{mask_params})", 0)
+        if layout == "masked":
+            masked_loop(names[0], names[-1])
+        else:
+            masked_loop(names[0], names[1])
+            add(f"for {lo} in range({names[1]}, {names[2]}, {block}):  # tiles every position of which is kept", 0)
+            add(body("False"), 1)
+            masked_loop(names[2], names[3])
+    return "\n".join(" " * indent + line if line else "" for line in lines)
+
+
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
@@ -80,7 +138,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     else:
         mask_lines, _ = printer.statements({"mask": "mask"})
 
-    live_lines, _ = printer.statements({"live": "block_live"})
+    state_lines, _ = printer.statements({"live": "block_live", "masked": "block_partial"})
+    layouts = {axis: layout(graph, axis) for axis in _AXES}
+    segment_lines = {axis: printer.statements({n: n for n in segment_names(axis, layouts[axis])})[0]
+                     for axis in _AXES if layouts[axis] != "full"}
 
     grads = []
     while f"grad:{len(grads)}" in outputs:
@@ -100,6 +161,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable}
                 for i, c in enumerate(graph.captures)]
     capture_names = [name for c in captures for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
+    tile_names = [name for j, t in enumerate(graph.tiles) for name in [f"tile{j}"] + [f"tile{j}_s{d}" for d in range(len(t.dims))]]
+    mask_params = "".join(f", {name}" for name in capture_names + tile_names)
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
@@ -140,14 +203,19 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
         "stat_dp": " + ".join(f"dexp{e}[:, None] * (g{e} + dg{e})" for e in expectations),
         "captures": captures,
-        "capture_args": "".join(f", {n}" for n in capture_names),
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
         "mask_args": ", ".join(mask_inputs + capture_names),
         "tile_inputs": ", ".join(mask_inputs + counts + capture_names),
         "tile_args": ", ".join(["qk"] + mask_inputs + counts + capture_names),
         "score_lines": score_lines,
         "mask_lines": mask_lines,
-        "live_lines": live_lines,
+        "state_lines": state_lines,
+        "layouts": layouts,
+        "segment_lines": segment_lines,
+        "segment_names": {axis: ", ".join(segment_names(axis, layout)) for axis, layout in layouts.items()},
+        "mask_params": mask_params,
+        "tile_summaries": repr(tuple((t.capture, t.reduce, t.dims) for t in graph.tiles)),
+        "tile_loop": lambda axis, body, indent: tile_loop(axis, layouts[axis], mask_params, body, indent),
         "backward_lines": backward_lines,
         "grads": grads,
     }

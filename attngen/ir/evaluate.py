@@ -6,7 +6,7 @@ negative infinity like Python and torch. Meant for tests and debugging.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -25,9 +25,10 @@ _FUNCTIONS = {
 }
 
 
-def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor],
-                   roots: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
-    """The value of every node that ``roots`` (default: all outputs) depend on."""
+def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterable[int] | None = None,
+                   tiles: Sequence[torch.Tensor] = ()) -> dict[int, torch.Tensor]:
+    """The value of every node that ``roots`` (default: all outputs) depend on;
+    ``tiles`` are the summary tensors of ``graph.tiles`` (see TileSummary)."""
     values: dict[int, torch.Tensor] = {}
     for n in graph.order(roots):
         attrs, args = graph.node(n), [values[a] for a in graph.args(n)]
@@ -38,6 +39,8 @@ def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor],
             value = torch.tensor(attrs["value"], dtype=dtype)
         elif op == "load":
             value = graph.captures[attrs["capture"]].tensor.detach()[tuple(a.long() for a in args)]
+        elif op == "tile":
+            value = tiles[attrs["tile"]][tuple(a.long() for a in args)]
         elif op == "where":
             value = torch.where(args[0].bool(), args[1].to(dtype), args[2].to(dtype))
         elif op in ("lt", "le", "gt", "ge", "eq", "ne"):
@@ -48,8 +51,9 @@ def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor],
     return values
 
 
-def evaluate(graph: Graph, name: str, env: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def evaluate(graph: Graph, name: str, env: Mapping[str, torch.Tensor],
+             tiles: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """The value of output ``name``, with inputs (``score``, ``q_idx``, ...) taken from ``env``."""
     node = graph.outputs[name]
-    return evaluate_nodes(graph, env, [node])[node]
+    return evaluate_nodes(graph, env, [node], tiles)[node]
 

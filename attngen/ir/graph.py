@@ -9,6 +9,7 @@ tile. A node's attributes are:
 ``value``  the Python value of a ``"const"``
 ``name``   the name of an ``"input"`` (``score``, ``b``, ``h``, ``q_idx``, ``kv_idx``, ...)
 ``capture`` the index into :attr:`Graph.captures` of a ``"load"``
+``tile``   the index into :attr:`Graph.tiles` of a ``"tile"`` (a per-tile summary)
 
 Named results (``score``, ``mask``, gradients, ...) live in
 :attr:`Graph.outputs`.
@@ -47,6 +48,7 @@ OPS: dict[str, Op] = {
     "input": Op(0, "leaf"),
     "const": Op(0, "leaf"),
     "load": Op(-1, "leaf"),  # variable arity: one index per dimension
+    "tile": Op(-1, "leaf"),  # a load from a per-tile summary of a capture (see TileSummary)
     "add": Op(2, "arith", operator.add),
     "sub": Op(2, "arith", operator.sub),
     "mul": Op(2, "arith", operator.mul),
@@ -97,6 +99,28 @@ class Capture:
         return f"{self.kind}{self.tensor.dim()}{'g' if self.differentiable else ''}"
 
 
+@dataclass(frozen=True)
+class TileSummary:
+    """The min or max of a captured tensor over the entries one kernel tile reads.
+
+    ``dims`` has one entry per dimension of the capture: ``None`` where the
+    index is the same for the whole tile (``b``, ``h``, a constant), or
+    ``(axis, divisor)`` where it is ``q_idx // divisor`` or ``kv_idx // divisor``
+    (``axis`` "q" or "kv"); such a dimension is indexed by the tile number
+    instead (``q_tile`` or ``kv_tile``). The launcher computes the summary
+    tensors for its tile sizes; a ``"tile"`` node loads from one.
+    """
+
+    capture: int
+    reduce: str  # "min" or "max"
+    dims: tuple
+
+    def describe(self) -> str:
+        index = ", ".join("." if d is None else (f"{d[0]}_idx" if d[1] == 1 else f"{d[0]}_idx // {d[1]}")
+                          for d in self.dims)
+        return f"{self.reduce} of capture{self.capture}[{index}] over each tile"
+
+
 def result_dtype(op: str, arg_dtypes: Iterable[str]) -> str:
     """The dtype of ``op`` applied to arguments of ``arg_dtypes``."""
     dtypes = list(arg_dtypes)
@@ -119,10 +143,11 @@ def result_dtype(op: str, arg_dtypes: Iterable[str]) -> str:
 class Graph:
     """A typed op DAG with named outputs and the tensors it captures."""
 
-    def __init__(self, captures: list[Capture] | None = None):
+    def __init__(self, captures: list[Capture] | None = None, tiles: list[TileSummary] | None = None):
         self.nx = nx.DiGraph()
         self.outputs: dict[str, int] = {}
         self.captures: list[Capture] = list(captures or [])
+        self.tiles: list[TileSummary] = list(tiles or [])
         self._inputs: dict[str, int] = {}
 
     # -- construction -------------------------------------------------------
@@ -159,6 +184,13 @@ class Graph:
     def load(self, capture: int, indices: tuple[int, ...]) -> int:
         kind = self.captures[capture].kind
         return self.add("load", tuple(indices), kind, capture=capture)
+
+    def tile(self, summary: TileSummary, indices: tuple[int, ...]) -> int:
+        """A load from ``summary`` (registered on first use) at one index per dimension."""
+        if summary not in self.tiles:
+            self.tiles.append(summary)
+        kind = "bool" if self.captures[summary.capture].kind == "bool" else "int"
+        return self.add("tile", tuple(indices), kind, tile=self.tiles.index(summary))
 
     # -- queries ------------------------------------------------------------
     def node(self, n: int) -> dict:
@@ -209,6 +241,8 @@ class Graph:
         args = ", ".join(label(a) for a in attrs["args"])
         if op == "load":
             return f"load capture{attrs['capture']}[{args}]"
+        if op == "tile":
+            return f"load tile{attrs['tile']}[{args}]"
         return f"{op}({args})"
 
     def text(self) -> str:
@@ -219,6 +253,7 @@ class Graph:
         lines += [f"{name} = %{number[self.outputs[name]]}" for name in sorted(self.outputs)]
         if self.captures:
             lines.append("captures: " + ", ".join(f"capture{i}: {c.signature()}" for i, c in enumerate(self.captures)))
+        lines += [f"tile{i}: {t.describe()}" for i, t in enumerate(self.tiles)]
         return "\n".join(lines)
 
     def fingerprint(self) -> str:
@@ -232,7 +267,7 @@ def rebuild(graph: Graph, rewrite: Callable[[Graph, Graph, int, tuple[int, ...]]
     ``rewrite(new, old, node, new_args)`` returns the id in ``new`` that
     replaces ``node``; by default the node is copied unchanged.
     """
-    new = Graph(graph.captures)
+    new = Graph(graph.captures, graph.tiles)
     mapping: dict[int, int] = {}
     for n in graph.order():
         new_args = tuple(mapping[a] for a in graph.args(n))

@@ -38,26 +38,33 @@ def enabled(q: torch.Tensor) -> bool:
     return q.is_cuda or mode == "cpu"
 
 
-def shared_memory_bytes(config: dict, qk_dim: int, v_dim: int, itemsize: int) -> int:
-    """An upper estimate of a forward/backward program's shared memory: the q and dO
-    tiles, num_stages buffered k and v tiles, and one score tile."""
+def shared_memory_bytes(config: dict, qk_dim: int, v_dim: int, itemsize: int, phase: str) -> int:
+    """An estimate of the shared memory of the ``phase`` ("forward" or "backward") kernels
+    under ``config``: the tiles a program keeps, plus ``num_stages`` copies of the tiles its
+    loop streams. Calibrated on sm_90 builds (``attngen.testing.gpu_compile``): within a few
+    hundred bytes above the real size for the large configs that decide pruning."""
     qk, dv = (max(16, triton.next_power_of_2(d)) for d in (qk_dim, v_dim))
     m, n, stages = config["BLOCK_M"], config["BLOCK_N"], config.get("num_stages", 1)
-    return itemsize * (m * (qk + dv) + stages * n * (qk + dv) + m * n)
+    if phase == "forward":  # q kept; k and v streamed
+        return itemsize * (m * qk + stages * n * (qk + dv))
+    dq = itemsize * (m * (qk + dv) + stages * n * (qk + dv))  # q and dO kept; k and v streamed
+    # k and v kept; q, dO and the row statistics streamed; one transposed score tile
+    dkdv = itemsize * (stages * m * (qk + dv) + n * (qk + dv) + m * n) + stages * 8 * m
+    return max(dq, dkdv)
 
 
-def candidates(q: torch.Tensor, v: torch.Tensor) -> list[dict]:
-    """The configurations worth timing on ``q``'s device (those that fit in shared memory)."""
+def candidates(q: torch.Tensor, v: torch.Tensor, phase: str) -> list[dict]:
+    """The configurations worth timing for ``phase`` on ``q``'s device (those that fit in shared memory)."""
     if not q.is_cuda:
         return CPU_CANDIDATES
     props = torch.cuda.get_device_properties(q.device)
     limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-    return fitting(GPU_CANDIDATES, limit, q.shape[-1], v.shape[-1], q.element_size()) or GPU_CANDIDATES[:1]
+    return fitting(GPU_CANDIDATES, limit, q.shape[-1], v.shape[-1], q.element_size(), phase) or GPU_CANDIDATES[:1]
 
 
-def fitting(configs: list[dict], limit: int, qk_dim: int, v_dim: int, itemsize: int) -> list[dict]:
-    """The configs whose shared-memory estimate is within ``limit`` bytes."""
-    return [c for c in configs if shared_memory_bytes(c, qk_dim, v_dim, itemsize) <= limit]
+def fitting(configs: list[dict], limit: int, qk_dim: int, v_dim: int, itemsize: int, phase: str) -> list[dict]:
+    """The configs whose ``phase`` shared-memory estimate is within ``limit`` bytes."""
+    return [c for c in configs if shared_memory_bytes(c, qk_dim, v_dim, itemsize, phase) <= limit]
 
 
 def _tuning_file(key: str) -> Path:
@@ -140,7 +147,7 @@ def _tune(kernels: ModuleType, bucket: str, phases, chosen: dict, q, k, v, captu
 def _fastest(kernels: ModuleType, bucket: str, phase: str, chosen: dict, run, q, v) -> dict:
     """Time ``run`` under each candidate config for ``phase`` and return the fastest."""
     timings = []
-    options = candidates(q, v)
+    options = candidates(q, v, phase)
     for i, config in enumerate(options):
         _progress(f"attngen: tuning {bucket} {phase} [{i + 1}/{len(options)}] {config}")
         kernels.TUNED_CONFIGS[bucket] = {**chosen, phase: config}

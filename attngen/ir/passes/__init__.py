@@ -1,10 +1,11 @@
 """Graph-to-graph passes over the IR."""
 
-from ..graph import Graph
+from ..graph import Graph, copy_node, rebuild
 from .autodiff import differentiate
 from .cse import cse
-from .fold import fold_constants
+from .fold import fold_constants, fold_node
 from .intervals import block_bounds
+from .ranges import loop_segments
 from .simplify import simplify
 
 
@@ -23,4 +24,23 @@ def optimize(graph: Graph) -> Graph:
     return cse(fold_constants(simplify(graph)))
 
 
-__all__ = ["block_bounds", "cse", "differentiate", "fold_constants", "optimize", "simplify"]
+def mask_plan(graph: Graph) -> Graph:
+    """The block-sparsity plan the kernels follow: ``block_live``/``block_full`` per tile (which may
+    read per-tile summaries of captured tensors), ``block_partial = ~block_full`` and the loop
+    segments of :func:`loop_segments`; unused tile summaries are dropped."""
+    graph = loop_segments(block_bounds(graph, tiles=True))
+    graph.outputs["block_partial"] = fold_node(graph, "not", (graph.outputs["block_full"],))
+    used = sorted({graph.node(n)["tile"] for n in graph.order() if graph.op(n) == "tile"})
+    renumber = {old: new for new, old in enumerate(used)}
+
+    def keep_used(new: Graph, old: Graph, n: int, args: tuple[int, ...]) -> int:
+        if old.op(n) == "tile":
+            return new.add("tile", args, old.dtype(n), tile=renumber[old.node(n)["tile"]])
+        return copy_node(new, old, n, args)
+    pruned = rebuild(graph, keep_used)
+    pruned.tiles = [graph.tiles[i] for i in used]
+    return pruned
+
+
+__all__ = ["block_bounds", "cse", "differentiate", "fold_constants", "loop_segments", "mask_plan", "optimize",
+           "simplify"]

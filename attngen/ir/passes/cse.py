@@ -15,7 +15,7 @@ def _key(old: Graph, n: int, new_args: tuple[int, ...]) -> tuple:
     args = tuple(sorted(new_args)) if op in COMMUTATIVE else new_args
     # repr tells 30 from 30.0, 0.0 from -0.0 and makes NaN equal to itself.
     value = (type(attrs["value"]).__name__, repr(attrs["value"])) if op == "const" else None
-    return op, args, attrs["dtype"], value, attrs.get("name"), attrs.get("capture")
+    return op, args, attrs["dtype"], value, attrs.get("name"), attrs.get("capture"), attrs.get("tile")
 
 
 def cse(graph: Graph) -> Graph:

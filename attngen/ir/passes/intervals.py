@@ -26,6 +26,12 @@ A node that does not depend on ``q_idx``/``kv_idx`` (only on ``b``, ``h``,
 constants and loads indexed by them) is exact per program; int and bool ones
 are reused as-is as ``(x, x)`` -- e.g. ``doc_id[b] == 3`` stays exact.
 
+With ``tiles=True``, an int or bool load whose indices are exact or of the
+form ``q_idx // c`` / ``kv_idx // c`` (constant ``c >= 1``) is bounded by
+per-tile summaries (:class:`~attngen.ir.graph.TileSummary`): the min and max
+of the entries the tile reads, indexed by the inputs ``q_tile``/``kv_tile``.
+Such bounds hold only when the rectangle is exactly one kernel tile.
+
 Unboundedness is static (``None``), never an infinity constant. Bound
 expressions only add ops of the same magnitude as the mask's own arithmetic
 (corner products of a ``mul`` may exceed the values the mask actually reaches
@@ -36,7 +42,7 @@ from __future__ import annotations
 
 import math
 
-from ..graph import Graph, rebuild
+from ..graph import Graph, TileSummary, rebuild
 from .fold import fold_node
 
 BLOCK_INPUTS = ("q_lo", "q_hi", "kv_lo", "kv_hi")
@@ -102,12 +108,31 @@ class _Builder:
         return self.const(True) if x is None or y is None else self.op(op, x, y)
 
 
-class _Analysis:
-    """Abstract interpretation of the mask subgraph of ``g`` (mutated in place)."""
+def tile_axis(g: Graph, n: int) -> tuple[str, int] | None:
+    """``(axis, c)`` if ``n`` is ``q_idx // c`` or ``kv_idx // c`` (``c`` a constant >= 1, 1 for the index itself)."""
+    name = g.input_name(n)
+    if name in ("q_idx", "kv_idx"):
+        return name[:-4], 1
+    if g.op(n) == "floordiv":
+        inner, divisor = g.args(n)
+        if g.is_const(divisor) and g.dtype(divisor) == "int" and g.node(divisor)["value"] >= 1:
+            axis = tile_axis(g, inner)
+            if axis is not None:
+                return axis[0], axis[1] * g.node(divisor)["value"]
+    return None
 
-    def __init__(self, g: Graph):
+
+class IntervalAnalysis:
+    """Abstract interpretation of the mask subgraph of ``g`` (mutated in place).
+
+    After :meth:`run`, ``val[n]`` is the interval of every node ``n`` the root
+    depends on and ``invariant[n]`` tells whether it is exact per program.
+    """
+
+    def __init__(self, g: Graph, tiles: bool = False):
         self.g = g
         self.B = _Builder(g)
+        self.tiles = tiles
         self.val: dict[int, tuple] = {}
         self.invariant: dict[int, bool] = {}
 
@@ -127,6 +152,22 @@ class _Analysis:
 
     def unknown(self) -> tuple[int, int]:
         return self.B.const(False), self.B.const(True)
+
+    def summary(self, n: int) -> tuple[int, int] | None:
+        """The (min, max) per-tile summary nodes bounding load ``n``, or None."""
+        g = self.g
+        capture = g.node(n)["capture"]
+        if not self.tiles or g.captures[capture].kind == "float":
+            return None
+        dims, indices = [], []
+        for a in g.args(n):
+            axis = None if self.invariant[a] else tile_axis(g, a)
+            if axis is None and not self.invariant[a]:
+                return None
+            dims.append(axis)
+            indices.append(a if axis is None else g.input(f"{axis[0]}_tile"))
+        dims, indices = tuple(dims), tuple(indices)
+        return tuple(g.tile(TileSummary(capture, reduce, dims), indices) for reduce in ("min", "max"))
 
     def finish(self, n: int, bounds: tuple) -> tuple:
         """Normalise the interval of a numeric node (floats are all-or-nothing)."""
@@ -175,7 +216,7 @@ class _Analysis:
                 return None, None
             return n, n
         if op == "load":
-            return None, None
+            return self.summary(n) or (None, None)
         if op == "where":
             return self.where_numeric(*args)
         if g.dtype(n) == "int" and op in ("and", "or", "xor"):
@@ -333,7 +374,9 @@ class _Analysis:
         g, B = self.g, self.B
         if op == "const":
             return n, n
-        if op in ("input", "load"):
+        if op == "load":
+            return self.summary(n) or self.unknown()
+        if op == "input":
             return self.unknown()
         if op in _SWAPPED:
             return self.compare(op, self.num(args[0]), self.num(args[1]))
@@ -374,17 +417,19 @@ class _Analysis:
         return ne_lo, B.op("not", eq_lo)
 
 
-def block_bounds(graph: Graph) -> Graph:
+def block_bounds(graph: Graph, tiles: bool = False) -> Graph:
     """A copy of ``graph`` with outputs ``block_live`` and ``block_full``.
 
     Both are bool expressions over the int inputs ``q_lo``, ``q_hi``,
     ``kv_lo``, ``kv_hi`` (inclusive rectangle bounds) and ``b``, ``h``:
     ``block_live`` is False only if the mask is False on the whole rectangle,
     ``block_full`` is True only if it is True on the whole rectangle. A graph
-    without a ``mask`` output is treated as unmasked (all True).
+    without a ``mask`` output is treated as unmasked (all True). With
+    ``tiles``, loads may be bounded by per-tile summaries (then the rectangle
+    must be one kernel tile, numbered by the inputs ``q_tile``, ``kv_tile``).
     """
     g = rebuild(graph)
-    analysis = _Analysis(g)
+    analysis = IntervalAnalysis(g, tiles)
     if "mask" in g.outputs:
         lo, hi = analysis.run(g.outputs["mask"])
     else:

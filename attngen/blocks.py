@@ -1,0 +1,105 @@
+"""User-given block sparsity: ``attn(q, k, v, block_mask=...)``.
+
+A block mask says which (q-block, kv-block) pairs may attend at all, in blocks
+of its own size; inside a kept block the spec's ``mask_mod`` still applies.
+The kernels map it onto their own tiles through per-tile summaries, so the
+two block sizes need not match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class BlockMask:
+    """Which blocks of ``block_size = (block_q, block_k)`` tokens attend.
+
+    ``blocks`` is either a bool tensor ``[B or 1, H or 1, nq, nk]`` (True:
+    the block is visited) or integer per-row block indices ``[B or 1, H or 1,
+    nq, k]`` (top-k routing, block-sparse gating; negative entries are
+    padding). ``H`` counts query heads.
+    """
+
+    def __init__(self, blocks: torch.Tensor, block_size: tuple[int, int] | int):
+        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4:
+            raise ValueError("block_mask must be a 4-d tensor [batch or 1, heads or 1, q blocks, kv blocks "
+                             f"(or indices)], got {_describe(blocks)}")
+        if blocks.is_floating_point() or blocks.is_complex():
+            raise TypeError(f"block_mask must be a bool tensor or integer block indices, got {blocks.dtype}")
+        sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+        if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+            raise ValueError(f"block_size must be a positive int or a pair (block_q, block_k), got {block_size!r}")
+        self.blocks = blocks
+        self.block_size = sizes
+
+    @classmethod
+    def from_dense(cls, blocks: torch.Tensor, q_len: int, kv_len: int) -> BlockMask:
+        """A bool ``[B|1, H|1, nq, nk]`` block matrix whose blocks are ``ceil(Lq/nq) x ceil(Lk/nk)`` tokens."""
+        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4 or blocks.dtype != torch.bool:
+            raise ValueError("block_mask must be an attngen.BlockMask or a bool tensor [batch or 1, heads or 1, "
+                             f"q blocks, kv blocks], got {_describe(blocks)}")
+        nq, nk = blocks.shape[2:]
+        if nq == 0 or nk == 0:
+            raise ValueError(f"block_mask has shape {tuple(blocks.shape)}: it needs at least one block per axis")
+        return cls(blocks, (max(1, math.ceil(q_len / nq)), max(1, math.ceil(kv_len / nk))))
+
+    def dense(self, batch: int, heads: int, q_len: int, kv_len: int) -> torch.Tensor:
+        """The bool block matrix, checked against a call's sizes and expanded to ``[batch, heads, nq, nk]``
+        (a view: batch or head dimensions of size 1 are not copied)."""
+        block_q, block_k = self.block_size
+        need_q, need_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+        blocks = self.blocks
+        for dim, (name, size) in enumerate((("batch", batch), ("heads", heads))):
+            if blocks.shape[dim] not in (1, size):
+                raise ValueError(f"block_mask has {blocks.shape[dim]} {name}; expected 1 or {size} "
+                                 f"(q has shape [{batch}, {heads}, {q_len}, ...])")
+        if blocks.shape[2] < need_q:
+            raise ValueError(f"block_mask has {blocks.shape[2]} q blocks of {block_q} tokens; "
+                             f"{q_len} queries need {need_q}")
+        if blocks.dtype == torch.bool:
+            if blocks.shape[3] < need_k:
+                raise ValueError(f"block_mask has {blocks.shape[3]} kv blocks of {block_k} tokens; "
+                                 f"{kv_len} keys need {need_k}")
+        else:
+            blocks = self._from_indices(max(need_k, 1))
+        return blocks.expand(batch, heads, *blocks.shape[2:])
+
+    def _from_indices(self, kv_blocks: int) -> torch.Tensor:
+        """Per-row block indices as a bool block matrix (out-of-range indices are refused)."""
+        indices = self.blocks.long()
+        valid = indices >= 0
+        if bool((indices[valid] >= kv_blocks).any()):
+            raise ValueError(f"block_mask indices must be below the number of kv blocks ({kv_blocks}), "
+                             f"got {int(indices.max())}")
+        dense = torch.zeros(*indices.shape[:3], kv_blocks + 1, dtype=torch.bool, device=indices.device)
+        dense.scatter_(3, torch.where(valid, indices, kv_blocks), True)  # padding lands in the extra column
+        return dense[..., :kv_blocks]
+
+    def __repr__(self) -> str:
+        kind = "bool" if self.blocks.dtype == torch.bool else "indices"
+        return f"BlockMask({kind} {tuple(self.blocks.shape)}, block_size={self.block_size})"
+
+
+def as_block_mask(block_mask, q_len: int, kv_len: int) -> BlockMask:
+    """``block_mask`` as given to a call: a :class:`BlockMask` or a bool block matrix."""
+    if isinstance(block_mask, BlockMask):
+        return block_mask
+    return BlockMask.from_dense(block_mask, q_len, kv_len)
+
+
+def blocks_mask_mod(blocks: torch.Tensor, block_size: tuple[int, int]):
+    """The mask_mod that reads a ``[B, H, nq, nk]`` block matrix: it is captured like any tensor
+    (the call passes the real one in its place)."""
+    block_q, block_k = block_size
+
+    def in_kept_block(b, h, q_idx, kv_idx):
+        return blocks[b, h, q_idx // block_q, kv_idx // block_k]
+    return in_kept_block
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

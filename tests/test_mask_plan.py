@@ -1,0 +1,302 @@
+"""The mask plan: closed-form loop ranges, per-tile summaries, user block masks, block_stats.
+
+Soundness is checked against brute force: a tile the plan skips must have no
+kept position, a tile it runs without mask_mod must have no masked one. The
+kernels' outputs and gradients are checked against the dense reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attngen as ag
+from attngen.ir.evaluate import evaluate
+from attngen.ir.passes import loop_segments
+from attngen.reference import scores
+from attngen.trace import trace
+from checks import check_variant
+from variants import Case, Variant
+
+masks = ag.masks
+
+
+def keep_matrix(mask_mod, batch: int, heads: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """The mask on every position, [batch, heads, q_len, kv_len], from the user's function."""
+    q = torch.zeros(batch, heads, q_len, 1)
+    k = torch.zeros(batch, heads, kv_len, 1)
+    return scores(q, k, ag.AttentionSpec(mask_mod=mask_mod))[1].expand(batch, heads, q_len, kv_len)
+
+
+def assert_plan_sound(attn, mask_mod, batch, heads, q_len, kv_len, block_m, block_n, block_mask=None):
+    visited, full = attn.tile_plan(q_len, kv_len, batch, heads, block_mask=block_mask, block_m=block_m,
+                                   block_n=block_n)
+    keep = keep_matrix(mask_mod, batch, heads, q_len, kv_len)
+    for i in range(visited.shape[2]):
+        for j in range(visited.shape[3]):
+            tile = keep[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            any_kept = tile.flatten(2).any(-1)
+            all_kept = tile.flatten(2).all(-1)
+            assert (visited[:, :, i, j] | ~any_kept).all(), f"tile ({i}, {j}) is skipped but has kept positions"
+            assert (~full[:, :, i, j] | all_kept).all(), f"tile ({i}, {j}) runs without mask_mod but has masked ones"
+    return visited, full
+
+
+# -- the generated source ------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", [masks.causal, masks.sliding_window(256), masks.causal & masks.sliding_window(64, 3)])
+def test_affine_masks_need_no_block_mask_tensor(mask):
+    source = ag.compile(ag.AttentionSpec(mask_mod=mask)).source
+    forward = source.split("def _attn_fwd(")[1].split("):")[0]
+    assert "cap" not in forward and "tile" not in forward.replace("BLOCK", ""), forward
+    assert "TILE_SUMMARIES = ()" in source
+    segments = source.split("def kv_segments(")[1].split("return")[0]
+    assert "q_hi" in segments and "LK" in segments  # a closed form in the q tile, not a table
+    # three loops: masked tiles, whole tiles with no mask and no branch, masked tiles
+    assert source.count("# tiles every position of which is kept") == 3  # forward, dQ, dK/dV
+    assert "for kv_lo in range(kv_split0, kv_split1, BLOCK_N):" in source
+
+
+def test_data_dependent_masks_get_tile_summaries():
+    doc_ids = torch.repeat_interleave(torch.arange(4), 30)[None]
+    source = ag.compile(ag.AttentionSpec(mask_mod=masks.document(doc_ids))).source
+    assert "TILE_SUMMARIES = ((0, 'min', (None, ('q', 1))), (0, 'max', (None, ('q', 1)))" in source
+    assert "tile0" in source.split("def block_state(")[1].split("return")[0]
+
+
+# -- closed-form ranges against brute force ---------------------------------------------
+
+def _affine_mask(draw):
+    """A random mask from comparisons of affine index expressions, combined with & | ~."""
+    def atom():
+        kind = draw(st.sampled_from(["diff", "scaled", "div", "const"]))
+        op = draw(st.sampled_from(["lt", "le", "gt", "ge", "eq", "ne"]))
+        c = draw(st.integers(-40, 40))
+        d = draw(st.integers(1, 9))
+        a = draw(st.sampled_from([-2, -1, 1, 3]))
+
+        def cmp(x, y):
+            return getattr(x, f"__{op}__")(y)
+        if kind == "diff":
+            return lambda b, h, q, kv: cmp(q - kv, c)
+        if kind == "scaled":
+            return lambda b, h, q, kv: cmp(kv * a + c, q + b * 7)
+        if kind == "div":
+            return lambda b, h, q, kv: cmp(kv // d, q // d + c // 10)
+        return lambda b, h, q, kv: cmp(kv, c + 40 + h)
+
+    def tree(depth):
+        if depth == 0 or draw(st.booleans()):
+            return atom()
+        left, right = tree(depth - 1), tree(depth - 1)
+        op = draw(st.sampled_from(["and", "or", "not"]))
+        if op == "and":
+            return lambda *i: left(*i) & right(*i)
+        if op == "or":
+            return lambda *i: left(*i) | right(*i)
+        return lambda *i: ~left(*i)
+    return tree(3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), q_len=st.integers(1, 90), kv_len=st.integers(1, 90),
+       block_m=st.sampled_from([1, 4, 16]), block_n=st.sampled_from([1, 8, 16]))
+def test_loop_segments_are_sound(data, q_len, kv_len, block_m, block_n):
+    mask_mod = _affine_mask(data.draw)
+    graph = loop_segments(trace(None, mask_mod))
+    keep = keep_matrix(mask_mod, 2, 2, q_len, kv_len)
+    for axis, length, block, other_len, other_block in (("kv", kv_len, block_n, q_len, block_m),
+                                                         ("q", q_len, block_m, kv_len, block_n)):
+        for tile in range(math.ceil(other_len / other_block)):
+            lo, hi = tile * other_block, min((tile + 1) * other_block, other_len) - 1
+            other = "q" if axis == "kv" else "kv"
+            env = {f"{other}_lo": lo, f"{other}_hi": hi, f"{other}_tile": tile, "LK": kv_len, "LQ": q_len,
+                   ("BLOCK_N" if axis == "kv" else "BLOCK_M"): block}
+            rows = keep[:, :, lo:hi + 1] if axis == "kv" else keep[:, :, :, lo:hi + 1].transpose(2, 3)
+            for b in range(2):
+                for h in range(2):
+                    bounds = {name: int(evaluate(graph, f"{axis}_{name}", {**env, "b": b, "h": h}))
+                              for name in ("start", "split0", "split1", "end") if f"{axis}_{name}" in graph.outputs}
+                    kept = rows[b, h].any(0).nonzero().flatten()
+                    if len(kept):
+                        assert bounds["start"] <= kept.min() and kept.max() < bounds["end"], (axis, tile, bounds)
+                    assert bounds["start"] % block == 0 or bounds["start"] == bounds["end"]
+                    assert bounds["end"] <= length
+                    if "split0" in bounds:
+                        s0, s1 = bounds["split0"], bounds["split1"]
+                        assert bounds["start"] <= s0 <= s1 <= bounds["end"]
+                        assert rows[b, h, :, s0:s1].all(), (axis, tile, bounds)
+
+
+# -- the whole plan against brute force ------------------------------------------------
+
+LIBRARY = {
+    "causal": lambda r: masks.causal,
+    "sliding_window": lambda r: masks.sliding_window(r.randint(0, 60), r.randint(0, 20)),
+    "chunked": lambda r: masks.chunked(r.randint(1, 50)),
+    "prefix_lm": lambda r: masks.prefix_lm(r.randint(0, 80)),
+    "prefix_lm_per_batch": lambda r: masks.prefix_lm(torch.randint(0, 100, (2,))),
+    "block_causal": lambda r: masks.block_causal(r.randint(1, 40)),
+    "dilated": lambda r: masks.dilated_sliding_window(r.randint(1, 6), r.randint(1, 5)),
+    "strided": lambda r: masks.strided(r.randint(1, 7)),
+    "global_or_window": lambda r: masks.global_tokens(r.randint(1, 9)) | masks.sliding_window(r.randint(0, 30)),
+    "document": lambda r: masks.document(torch.sort(torch.randint(0, r.randint(1, 8), (2, 130))).values),
+    "document_unsorted": lambda r: masks.document(torch.randint(0, 3, (2, 130))),
+    "padding": lambda r: masks.padding(torch.randint(0, 130, (2,))),
+    "neighborhood_2d": lambda r: masks.neighborhood_2d(10, 13, r.choice([1, 3, 5]), r.choice([1, 2])),
+    "not_chunked_and_causal": lambda r: ~masks.chunked(r.randint(1, 30)) & masks.causal,
+    "document_and_causal": lambda r: masks.document(torch.sort(torch.randint(0, 5, (2, 130))).values) & masks.causal,
+    "bool_table": lambda r: _table_mask(r),
+}
+
+
+def _table_mask(r):
+    allowed = torch.rand(2, 130, 130) > r.random()
+    return lambda b, h, q_idx, kv_idx: allowed[b, q_idx, kv_idx]
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(LIBRARY)), seed=st.integers(0, 2**16), q_len=st.integers(1, 130),
+       kv_len=st.integers(1, 130), block_m=st.sampled_from([16, 32]), block_n=st.sampled_from([16, 32, 64]))
+def test_tile_plan_never_skips_a_kept_position_nor_unmasks_a_masked_one(name, seed, q_len, kv_len, block_m, block_n):
+    import random
+    torch.manual_seed(seed)
+    mask = LIBRARY[name](random.Random(seed))
+    attn = ag.compile(ag.AttentionSpec(mask_mod=mask))
+    assert_plan_sound(attn, mask, 2, 1, q_len, kv_len, block_m, block_n)
+
+
+def test_visited_fractions_of_the_classic_masks():
+    """Causal visits about half the tiles, a window about W/N, documents their diagonal blocks."""
+    length, tile = 4096, 64
+    n = length // tile
+    causal = ag.compile(ag.AttentionSpec(mask_mod=masks.causal)).block_stats(length, length, block_m=tile,
+                                                                             block_n=tile)
+    assert causal == {"total": n * n, "empty": n * (n - 1) // 2, "full": n * (n - 1) // 2, "partial": n}
+    window = ag.compile(ag.AttentionSpec(mask_mod=masks.sliding_window(256))).block_stats(
+        length, length, block_m=tile, block_n=tile)
+    assert (window["total"] - window["empty"]) / window["total"] < 256 / length + 2 / n
+    doc_ids = torch.repeat_interleave(torch.arange(8), length // 8)[None]
+    documents = ag.compile(ag.AttentionSpec(mask_mod=masks.document(doc_ids))).block_stats(
+        length, length, block_m=tile, block_n=tile)
+    assert documents == {"total": n * n, "empty": n * n * 7 // 8, "full": n * n // 8, "partial": 0}
+
+
+# -- kernels against the dense reference -------------------------------------------------
+
+COMPOSITIONS = {
+    "window_or_global": lambda c: (masks.causal & masks.sliding_window(20)) | masks.global_tokens(4),
+    "not_chunked_and_causal": lambda c: ~masks.chunked(16) & masks.causal,
+    "prefix_and_padding": lambda c: masks.prefix_lm(torch.tensor([10, 50])) & masks.padding(torch.tensor([70, 33])),
+    "documents_causal": lambda c: masks.document(c["doc"]) & masks.causal,
+    "two_sided_window": lambda c: masks.sliding_window(9, 30),
+}
+
+
+def _documents(case, gen):
+    return {"doc": torch.sort(torch.randint(0, 4, (case.batch, max(case.q_len, case.kv_len)), generator=gen)).values}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITIONS))
+@pytest.mark.parametrize("case", [Case(2, 2, 1, 70, 70, 16, 16), Case(2, 2, 2, 37, 95, 16, 8)], ids=str)
+def test_compositions_match_reference(name, case):
+    make = COMPOSITIONS[name]
+    check_variant(Variant(name, _documents, lambda c: ag.AttentionSpec(mask_mod=make(c))), case)
+
+
+def _blocked(blocks, block_size, mask_mod=None):
+    """The dense mask a block mask means, for the reference."""
+    bq, bk = block_size
+
+    def mask(b, h, q_idx, kv_idx):
+        kept = blocks[b % blocks.shape[0], h % blocks.shape[1], q_idx // bq, kv_idx // bk]
+        return kept if mask_mod is None else kept & mask_mod(b, h, q_idx, kv_idx)
+    return mask
+
+
+def _run_both(spec, q, k, v, block_mask, dense_mask):
+    out = ag.compile(spec)(q, k, v, block_mask=block_mask)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    import dataclasses
+    ref = ag.reference.attention(q64, k64, v64, dataclasses.replace(spec, mask_mod=dense_mask))
+    ref_grads = torch.autograd.grad(ref.sum(), (q64, k64, v64))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-5)
+    return out
+
+
+def _qkv(batch, heads, kv_heads, q_len, kv_len, dim=16):
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, heads, q_len, dim, generator=gen).requires_grad_(),
+            torch.randn(batch, kv_heads, kv_len, dim, generator=gen).requires_grad_(),
+            torch.randn(batch, kv_heads, kv_len, dim, generator=gen).requires_grad_())
+
+
+@pytest.mark.parametrize("mask_mod", [None, masks.causal], ids=["alone", "with_causal"])
+@pytest.mark.parametrize("batch_heads", [(1, 1), (2, 1), (1, 4), (2, 4)], ids=str)
+def test_bool_block_mask_matches_reference(mask_mod, batch_heads):
+    q, k, v = _qkv(2, 4, 2, 100, 90)
+    blocks = torch.rand(*batch_heads, 4, 3, generator=torch.Generator().manual_seed(1)) > 0.4
+    blocks[..., 0, :] = False  # rows with no kept block: output 0
+    spec = ag.AttentionSpec(mask_mod=mask_mod)
+    out = _run_both(spec, q, k, v, blocks, _blocked(blocks, (25, 30), mask_mod))
+    assert out[:, :, :25].abs().max() == 0
+
+
+def test_block_indices_and_explicit_block_size():
+    q, k, v = _qkv(1, 2, 2, 70, 130)
+    indices = torch.tensor([[[[0, 3], [1, -1], [-1, -1], [2, 3]]]])  # [1, 1, 4 q blocks, 2 per row]
+    block_mask = ag.BlockMask(indices, block_size=(20, 33))
+    dense = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    for row, cols in enumerate(indices[0, 0].tolist()):
+        for col in cols:
+            if col >= 0:
+                dense[0, 0, row, col] = True
+    _run_both(ag.AttentionSpec(), q, k, v, block_mask, _blocked(dense, (20, 33)))
+    visited, _ = ag.compile(ag.AttentionSpec()).tile_plan(70, 130, block_mask=block_mask, block_m=16, block_n=16)
+    assert_plan_sound(ag.compile(ag.AttentionSpec()), _blocked(dense, (20, 33)), 1, 1, 70, 130, 16, 16,
+                      block_mask=block_mask)
+    assert 0 < visited.sum() < visited.numel()
+
+
+def test_block_mask_with_the_one_call_form_and_sigmoid():
+    q, k, v = _qkv(1, 2, 2, 64, 64)
+    blocks = torch.tensor([[[[True, False], [True, True]]]])
+    out = ag.attention(q, k, v, block_mask=blocks)
+    expected = ag.reference.attention(q.double(), k.double(), v.double(),
+                                      ag.AttentionSpec(mask_mod=_blocked(blocks, (32, 32))))
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    spec = ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias=-1.0))
+    _run_both(spec, q, k, v, blocks, _blocked(blocks, (32, 32)))
+
+
+@pytest.mark.parametrize("block_mask, message", [
+    (torch.ones(1, 1, 4, dtype=torch.bool), r"a bool tensor \[batch or 1, .* shape \(1, 1, 4\)"),
+    (torch.ones(1, 1, 2, 2), "got a torch.float32 tensor"),
+    (ag.BlockMask(torch.ones(1, 1, 2, 2, dtype=torch.bool), 32), None),
+    (torch.ones(3, 1, 2, 2, dtype=torch.bool), "3 batch; expected 1 or 2"),
+    (ag.BlockMask(torch.ones(1, 1, 1, 2, dtype=torch.bool), block_size=32), "1 q blocks of 32 tokens; 64 queries"),
+    (ag.BlockMask(torch.tensor([[[[0], [7]]]]), block_size=32), "below the number of kv blocks"),
+])
+def test_bad_block_masks_are_refused_clearly(block_mask, message):
+    q, k, v = _qkv(2, 2, 2, 64, 64)
+    if message is None:  # the well-formed one runs
+        ag.compile(ag.AttentionSpec())(q, k, v, block_mask=block_mask)
+        return
+    with pytest.raises((ValueError, TypeError), match=message):
+        ag.compile(ag.AttentionSpec())(q, k, v, block_mask=block_mask)
+
+
+def test_block_mask_construction_errors():
+    with pytest.raises(ValueError, match="block_size"):
+        ag.BlockMask(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=(0, 16))
+    with pytest.raises(ValueError, match="4-d"):
+        ag.BlockMask(torch.ones(2, 2, dtype=torch.bool), block_size=16)
+    with pytest.raises(TypeError, match="integer block indices"):
+        ag.BlockMask(torch.ones(1, 1, 2, 2), block_size=16)
