@@ -12,7 +12,7 @@
 * interpreter time of attngen relative to the materialized reference on small
   shapes (Triton's interpreter: a trend, not a speed).
 
-    python benchmarks/proxies.py [--quick]
+    python benchmarks/proxies.py [--quick] [--out FOLDER]   # FOLDER gets proxies.md and proxies.json
 """
 
 from __future__ import annotations
@@ -167,7 +167,29 @@ def run(quick: bool = False) -> dict:
             "interpreter": interpreter_ratio(32 if quick else 128)}
 
 
+def main() -> None:
+    import argparse
+    import datetime
+    import platform
+    from pathlib import Path
+
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--out", type=Path, help="write proxies.md and proxies.json into this folder")
+    args = parser.parse_args()
+    results = run(args.quick)
+    date = datetime.date.today().isoformat()
+    header = (f"# attngen CPU proxies: {platform.machine()} CPU ({os.cpu_count()} cores), {date}\n\n"
+              f"torch {torch.__version__}, triton {triton.__version__}, attngen {ag.__version__}\n\n")
+    text = header + markdown(results)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "proxies.md").write_text(text)
+        (args.out / "proxies.json").write_text(json.dumps(results, indent=1))
+
+
 if __name__ == "__main__":
-    results = run("--quick" in sys.argv)
-    print(json.dumps(results, indent=1))
-    print(markdown(results))
+    main()

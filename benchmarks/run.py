@@ -11,6 +11,7 @@ and one PNG per variant when matplotlib is installed.
 
     python benchmarks/run.py              # the full GPU sweep
     python benchmarks/run.py --smoke      # tiny shapes, any device (CPU: Triton's interpreter)
+    python benchmarks/run.py --proxies    # also the CPU proxies of benchmarks/proxies.py
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import triton
 
 import attngen as ag
+import proxies as cpu_proxies  # benchmarks/proxies.py
 
 try:
     from torch.nn.attention import flex_attention as flex
@@ -163,7 +165,7 @@ def ratios(rows: list[dict]) -> None:
                 ours[f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[metric]
 
 
-def write(rows: list[dict], smoke: bool, root: Path) -> Path:
+def write(rows: list[dict], smoke: bool, root: Path, proxies: dict | None = None) -> Path:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     date = datetime.date.today().isoformat()
     folder = root / f"{device.replace(' ', '_')}-{date}{'-smoke' if smoke else ''}"
@@ -188,6 +190,9 @@ def write(rows: list[dict], smoke: bool, root: Path) -> Path:
                      f"{r['head_dim']} | {r['dtype']} | {r['forward_ms']:.3f} | {r['forward_tflops']:.1f} | "
                      f"{r['forward_backward_ms']:.3f} | {r['forward_backward_tflops']:.1f} | {speedup} | "
                      f"{r['max_diff_vs_attngen']:.1e} |")
+    if proxies is not None:
+        lines += ["", cpu_proxies.markdown(proxies)]
+        (folder / "proxies.json").write_text(json.dumps(proxies, indent=1))
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, folder)
     return folder
@@ -223,6 +228,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, measures nothing")
     parser.add_argument("--only", nargs="*", help="variant names to run")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument("--proxies", action="store_true",
+                        help="also measure the CPU proxies (compile latency, tiles visited, mask-plan building)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="folder for the <device>-<date> result folder (default: benchmarks/results)")
     args = parser.parse_args()
@@ -230,7 +237,10 @@ def main() -> None:
         args.repeats = 2 if args.smoke else 20
     rows = measure(args)
     ratios(rows)
-    print(f"results in {write(rows, args.smoke, args.out)}")
+    proxies = cpu_proxies.run(quick=args.smoke) if args.proxies else None
+    if proxies is not None:
+        print(cpu_proxies.markdown(proxies))
+    print(f"results in {write(rows, args.smoke, args.out, proxies)}")
 
 
 if __name__ == "__main__":

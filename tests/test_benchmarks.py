@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def test_smoke_run_writes_json_and_a_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "causal", "sigmoid",
-                    "--repeats", "1", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+                    "--repeats", "1", "--proxies", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
     [folder] = tmp_path.iterdir()
     rows = json.loads((folder / "results.json").read_text())["rows"]
     ours = [r for r in rows if r["impl"] == "attngen"]
@@ -19,3 +19,7 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     assert sdpa["max_diff_vs_attngen"] < 1e-4  # implementations agree before they are timed
     table = (folder / "results.md").read_text()
     assert "| causal | attngen |" in table and "torch " in table and "triton " in table
+    proxies = json.loads((folder / "proxies.json").read_text())
+    causal = next(r for r in proxies["tiles"] if r["mask"] == "causal")
+    assert causal["visited"] < 0.6 and "## CPU proxies" in table
+    assert proxies["plan"]["summaries_ms"] < proxies["plan"]["dense_torch_ms"]
