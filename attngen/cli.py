@@ -11,6 +11,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .runtime import cache, plan
 from .runtime.autotune import median_seconds
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .spec import AttentionSpec
+from .testing.cases import Case
 
 
 class UsageError(Exception):
@@ -97,33 +99,53 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _inputs(batch, heads, q_len, kv_len, dim, seed, device):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, length, dim, generator=gen).to(device) for length in (q_len, kv_len, kv_len)]
-
-
 def cmd_check(args) -> int:
-    from .testing import compare_with_reference
+    from .testing.check import check_spec, format_report
 
     spec = load_spec(args.spec_file, args.name)
-    failures = 0
-    print(f"{'shape (B, H, Lq, Lk, D)':<26}{'quantity':<14}{'max error':>12}{'bound':>12}")
-    for batch, q_len, kv_len in ((1, 1, 1), (1, 37, 37), (2, 29, 50), (1, 70, 33)):
-        q, k, v = _inputs(batch, args.heads, q_len, kv_len, args.head_dim, args.seed, args.device)
-        for result in compare_with_reference(spec, q, k, v):
-            failures += not result.ok
-            shape = f"({batch}, {args.heads}, {q_len}, {kv_len}, {args.head_dim})"
-            flag = "" if result.ok else "  MISMATCH"
-            print(f"{shape:<26}{result.name:<14}{result.error:>12.2e}{result.bound:>12.2e}{flag}")
-    print(f"{'all match the float64 reference' if not failures else f'{failures} mismatches'}")
-    return 1 if failures else 0
+    deep = args.deep
+    examples = args.examples or (200 if deep else 20)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if deep else (torch.float32,)
+    max_len = args.max_len or (256 if deep else 96)
+    print(f"attngen check {args.spec_file}: {examples} examples per property, {args.heads} query heads, "
+          f"batch <= {args.batch}, lengths <= {max_len}, {', '.join(str(d).replace('torch.', '') for d in dtypes)}",
+          flush=True)
+
+    def progress(report):
+        print(f"  {report.name}: {report.examples} examples in {report.seconds:.0f} s"
+              f"{'' if report.ok else '  FAILED'}", file=sys.stderr, flush=True)
+    reports = check_spec(spec, examples=examples, heads=args.heads, batch=args.batch, max_len=max_len,
+                         dtypes=dtypes, seed=args.seed, properties=args.property, progress=progress)
+    source = f"import runpy\nSPEC = runpy.run_path({str(Path(args.spec_file).resolve())!r})[{args.name!r}]"
+    print(format_report(reports, source))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_fuzz(args) -> int:
+    from .testing.fuzz import fuzz
+
+    examples = args.examples or (10_000 if args.deep else 100)
+    print(f"attngen fuzz: {examples} random specs against the float64 reference (seed {args.seed})", flush=True)
+    started = time.perf_counter()
+
+    def progress(report):
+        print(f"  {report.examples} specs, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    report = fuzz(examples, seed=args.seed, progress=progress)
+    if report.spec is None:
+        print(f"{report.examples} specs match the reference ({time.perf_counter() - started:.0f} s)")
+        return 0
+    print(f"mismatch after {report.examples} specs; the smallest hypothesis found ({report.case.id}):")
+    for line in [report.error] if report.error else report.failure:
+        print(f"  {line}")
+    print("reproduce with:\n" + report.reproduction())
+    return 1
 
 
 def cmd_bench(args) -> int:
     spec = load_spec(args.spec_file, args.name)
     attn = compile_spec(spec)
     batch, heads, length, dim = args.shape
-    q, k, v = (t.requires_grad_() for t in _inputs(batch, heads, length, length, dim, 0, args.device))
+    q, k, v = Case(batch, heads, heads, length, length, dim, dim).tensors(device=args.device)
     contenders = {"attngen": attn, "reference (materialized)": lambda *t: reference.attention(*t, spec)}
     if spec.score_mod is None and spec.mask_mod is None:
         contenders["torch SDPA"] = torch.nn.functional.scaled_dot_product_attention
@@ -171,19 +193,30 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
     export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
     export.add_argument("-o", "--output", required=True, help="the .py file to write")
+    check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "
+                                        "shapes; prints a runnable snippet for the smallest failing case")
+    check.add_argument("--examples", type=int, help="shapes per property (default 20, --deep 200)")
+    check.add_argument("--deep", action="store_true", help="more examples, lengths up to 256, bf16 and fp16 too")
+    check.add_argument("--heads", type=int, default=8, help="query heads, as the spec's captured tensors expect "
+                                                            "(default 8)")
+    check.add_argument("--batch", type=int, default=2, help="largest batch (default 2)")
+    check.add_argument("--max-len", type=int, help="longest Lq / Lk (default 96, --deep 256)")
+    check.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0: the same run every time)")
+    check.add_argument("--property", nargs="*", help="run only these properties (names as in the report)")
+    fuzz = commands.add_parser("fuzz", help="check random specs from a grammar against the reference",
+                               description="compile random score_mods and mask_mods (from a small grammar) with "
+                                           "random normalizations and statistics and compare each with the float64 "
+                                           "reference; stops at the first mismatch and prints it as a snippet")
+    fuzz.set_defaults(function=cmd_fuzz)
+    fuzz.add_argument("--examples", type=int, help="random specs (default 100, --deep 10000)")
+    fuzz.add_argument("--deep", action="store_true", help="10,000 specs (hours on a CPU: run it in the background)")
+    fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name, function, help_text in (("check", cmd_check, "compare a spec with the float64 reference"),
-                                      ("bench", cmd_bench, "time a spec against the reference and SDPA")):
-        sub = command(name, function, help_text)
-        sub.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
-        if name == "check":
-            sub.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
-            sub.add_argument("--head-dim", type=int, default=32, help="head dim (default 32)")
-            sub.add_argument("--seed", type=int, default=0)
-        else:
-            sub.add_argument("--shape", type=int, nargs=4, metavar=("B", "H", "L", "D"), default=(1, 8, 128, 64),
-                             help="batch, heads, sequence length, head dim (default 1 8 128 64)")
-            sub.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
+    bench = command("bench", cmd_bench, "time a spec against the reference and SDPA")
+    bench.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
+    bench.add_argument("--shape", type=int, nargs=4, metavar=("B", "H", "L", "D"), default=(1, 8, 128, 64),
+                       help="batch, heads, sequence length, head dim (default 1 8 128 64)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
     cache_parser = command("cache", cmd_cache, "list or clear the cache of generated modules")
     cache_parser.add_argument("action", choices=("ls", "clear"))
     return main

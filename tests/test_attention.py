@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attngen as ag
-from attngen.testing import assert_close
-from checks import check_variant, inputs
+from attngen.testing import assert_matches_reference
+from checks import check_variant, variant_inputs
 from variants import VARIANTS, Case, case_id
 
 CASES = [
@@ -34,12 +34,15 @@ def test_matches_reference(variant, case):
        group=st.sampled_from([1, 2, 4]), q_len=st.integers(1, 80), kv_len=st.integers(1, 80),
        qk_dim=st.sampled_from([16, 24, 32, 64]), v_dim=st.sampled_from([16, 40, 64]), seed=st.integers(0, 99))
 def test_random_shapes_match_reference(variant, batch, kv_heads, group, q_len, kv_len, qk_dim, v_dim, seed):
-    check_variant(variant, Case(batch, kv_heads * group, kv_heads, q_len, kv_len, qk_dim, v_dim), seed=seed)
+    check_variant(variant, Case(batch, kv_heads * group, kv_heads, q_len, kv_len, qk_dim, v_dim, seed=seed))
 
 
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
     variant = next(v for v in VARIANTS if v.name == "empty_rows")
-    out, stats = check_variant(variant, Case(1, 2, 2, 20, 20, 16, 16))
+    case = Case(1, 2, 2, 20, 20, 16, 16)
+    check_variant(variant, case)
+    q, k, v, spec = variant_inputs(variant, case)
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
     assert torch.all(out[:, :, :3] == 0)
     assert torch.all(stats.lse[:, :, :3] == float("-inf"))
     assert torch.isfinite(stats.lse[:, :, 3:]).all()
@@ -47,7 +50,7 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
 
 def test_everything_masked_has_finite_gradients():
     spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: q_idx < 0)
-    q, k, v, _ = inputs(Case(1, 1, 1, 9, 9, 16, 16), torch.float32, 0)
+    q, k, v = Case(1, 1, 1, 9, 9, 16, 16, seed=0).tensors()
     out, stats = ag.compile(spec)(q, k, v, return_stats=True)
     (out.sum() + torch.where(torch.isfinite(stats.lse), stats.lse, 0.0).sum()).backward()
     assert torch.all(out == 0) and torch.all(stats.lse == float("-inf"))
@@ -56,28 +59,16 @@ def test_everything_masked_has_finite_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_within_twice_the_torch_error(dtype):
+@pytest.mark.parametrize("name", ["alibi", "relative_bias", "document"])
+def test_half_precision_within_twice_the_torch_error(name, dtype):
     """FlashAttention's rule: error vs float64 <= 2 x the error of plain torch at that dtype."""
-    variant = next(v for v in VARIANTS if v.name == "alibi")
-    case = Case(1, 2, 2, 64, 64, 32, 32)
-    q, k, v, gen = inputs(case, dtype, 1)
-    captures = variant.captures(case, gen)
-    out = ag.compile(variant.spec(captures))(q, k, v)
-    dout = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad((out * dout.to(dtype)).sum(), (q, k, v))
-
-    def reference(at):
-        leaves = [t.detach().to(at).requires_grad_() for t in (q, k, v)]
-        caps = {"slopes": captures["slopes"].detach().to(at)}
-        o = ag.reference.attention(*leaves, variant.spec(caps))
-        return (o, *torch.autograd.grad((o * dout.to(at)).sum(), leaves))
-    exact, plain = reference(torch.float64), reference(dtype)
-    for name, got, ref, base in zip(["out", "dq", "dk", "dv"], (out, *grads), exact, plain):
-        assert_close(name, got, ref, baseline=base, atol=1e-3)
+    variant = next(v for v in VARIANTS if v.name == name)
+    q, k, v, spec = variant_inputs(variant, Case(2, 4, 2, 64, 70, 32, 32, dtype=dtype, seed=1))
+    assert_matches_reference(spec, q, k, v)
 
 
 def test_one_call_form_matches_compiled_spec():
-    q, k, v, _ = inputs(Case(1, 2, 2, 30, 30, 16, 16), torch.float32, 3)
+    q, k, v = Case(1, 2, 2, 30, 30, 16, 16, seed=3).tensors()
     softcap = lambda s, b, h, q_idx, kv_idx: 5.0 * torch.tanh(s / 5.0)  # noqa: E731
     one_call = ag.attention(q, k, v, score_mod=softcap, mask_mod=ag.masks.causal)
     compiled = ag.compile(ag.AttentionSpec(score_mod=softcap, mask_mod=ag.masks.causal))(q, k, v)
@@ -85,7 +76,7 @@ def test_one_call_form_matches_compiled_spec():
 
 
 def test_custom_scale_is_applied_before_score_mod():
-    q, k, v, _ = inputs(Case(1, 1, 1, 12, 12, 16, 16), torch.float32, 4)
+    q, k, v = Case(1, 1, 1, 12, 12, 16, 16, seed=4).tensors()
     seen_scale = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * 2.0, scale=0.25)
     same = ag.AttentionSpec(scale=0.5)
     torch.testing.assert_close(ag.compile(seen_scale)(q, k, v), ag.compile(same)(q, k, v), atol=1e-6, rtol=1e-5)
@@ -94,7 +85,7 @@ def test_custom_scale_is_applied_before_score_mod():
 def test_captured_tensor_updates_in_place_are_seen():
     slopes = torch.zeros(2)
     attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)))
-    q, k, v, _ = inputs(Case(1, 2, 2, 16, 16, 16, 16), torch.float32, 5)
+    q, k, v = Case(1, 2, 2, 16, 16, 16, 16, seed=5).tensors()
     before = attn(q, k, v)
     slopes.fill_(1.0)
     after = attn(q, k, v)
@@ -106,7 +97,7 @@ def test_captured_tensor_updates_in_place_are_seen():
 def test_capture_that_starts_requiring_grad_gets_a_gradient():
     slopes = torch.rand(2)
     attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)))
-    q, k, v, _ = inputs(Case(1, 2, 2, 16, 16, 16, 16), torch.float32, 6)
+    q, k, v = Case(1, 2, 2, 16, 16, 16, 16, seed=6).tensors()
     attn(q, k, v)
     slopes.requires_grad_()
     attn(q, k, v).sum().backward()

@@ -13,7 +13,7 @@ import attngen as ag
 
 ROOT = pathlib.Path(__file__).parent.parent
 ALIBI = str(ROOT / "specs" / "alibi.py")
-COMMANDS = ("compile", "show", "export", "check", "bench", "cache")
+COMMANDS = ("compile", "show", "export", "check", "fuzz", "bench", "cache")
 
 
 def attngen(*args, cache_dir, check=True):
@@ -40,14 +40,40 @@ def test_compile_then_the_cache_is_hit_and_listed_and_cleared(tmp_path):
 
 def test_show_prints_spec_ir_source_and_draws_the_graph(tmp_path):
     out = attngen("show", ALIBI, "--graph", str(tmp_path / "ir.dot"), cache_dir=tmp_path).stdout
-    assert "score_mod = alibi" in out and "# IR" in out and "def score_fn(" in out and "block_live =" in out
+    assert "score_mod = alibi" in out and "# IR" in out and "def score_fn(" in out
+    assert "# mask plan" in out and "live = kv_lo <= q_hi" in out
     dot = (tmp_path / "ir.dot").read_text()
     assert dot.startswith("digraph attngen") and "load capture0" in dot
 
 
-def test_check_reports_every_quantity(tmp_path):
-    out = attngen("check", str(ROOT / "specs" / "softmax_learnable_sink.py"), cache_dir=tmp_path).stdout
-    assert "all match the float64 reference" in out and "d capture" not in out and "dv" in out
+def test_check_runs_every_property(tmp_path):
+    out = attngen("check", str(ROOT / "specs" / "softmax_learnable_sink.py"), "--examples", "3",
+                  cache_dir=tmp_path).stdout
+    assert "all properties hold" in out and "reference" in out and "GQA = repeated heads" in out
+
+
+SNEAKY = textwrap.dedent("""
+    import torch, attngen as ag
+
+    def sneaky(s, b, h, q_idx, kv_idx):  # traced: s; on tensors (the reference): 2 s
+        return s * 2.0 if isinstance(s, torch.Tensor) else s
+
+    SPEC = ag.AttentionSpec(score_mod=sneaky)
+""")
+
+
+def test_check_fails_with_a_runnable_reproduction(tmp_path):
+    spec_file = tmp_path / "sneaky.py"
+    spec_file.write_text(SNEAKY)
+    result = attngen("check", str(spec_file), "--examples", "3", "--property", "reference", cache_dir=tmp_path,
+                     check=False)
+    assert result.returncode == 1 and "1 of 1 properties failed" in result.stdout
+    snippet = result.stdout.split("reproduce with:\n")[1].split("\n\n")[0]
+    script = tmp_path / "reproduce.py"
+    script.write_text("\n".join(line[4:] for line in snippet.splitlines()))
+    rerun = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           env={**os.environ, "ATTNGEN_CACHE_DIR": str(tmp_path)})
+    assert rerun.returncode != 0 and "kernel differs from the float64 reference" in rerun.stderr
 
 
 def test_bench_prints_a_table(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import attngen as ag
 from attngen import norms
-from checks import check_variant, inputs
+from checks import check_variant, variant_inputs
 from variants import VARIANTS, Case, Variant, case_id
 
 
@@ -68,7 +68,10 @@ def test_normalization_matches_reference(norm_name, mask_name, case):
 @pytest.mark.parametrize("norm_name", NORMS)
 def test_fully_masked_rows_give_zero_output_without_nan(norm_name):
     variant = _variant(norm_name, "empty_rows")
-    out, stats = check_variant(variant, Case(1, 2, 2, 20, 20, 16, 16))
+    case = Case(1, 2, 2, 20, 20, 16, 16)
+    check_variant(variant, case)
+    q, k, v, spec = variant_inputs(variant, case)
+    out = ag.compile(spec)(q, k, v)
     assert torch.all(out[:, :, :3] == 0) and torch.isfinite(out).all()
 
 
@@ -76,13 +79,13 @@ def test_sink_enters_lse_and_fully_masked_rows_have_lse_equal_to_the_sink():
     sink = torch.tensor([0.5, -1.0])
     spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3,
                             normalization=norms.Softmax(sink=sink))
-    q, k, v, _ = inputs(Case(1, 2, 2, 10, 10, 16, 16), torch.float32, 0)
+    q, k, v = Case(1, 2, 2, 10, 10, 16, 16, seed=0).tensors()
     out, stats = ag.compile(spec)(q, k, v, return_stats=True)
     torch.testing.assert_close(stats.lse[0, :, :3], sink[:, None].expand(2, 3))
 
 
 def test_off_by_one_weights_sum_to_less_than_one():
-    q, k, v, _ = inputs(Case(1, 1, 1, 16, 16, 16, 16), torch.float32, 1)
+    q, k, v = Case(1, 1, 1, 16, 16, 16, 16, seed=1).tensors()
     ones = torch.ones_like(v)
     plain = ag.compile(ag.AttentionSpec())(q, k, ones)
     off_by_one = ag.compile(ag.AttentionSpec(normalization=norms.OffByOne()))(q, k, ones)
@@ -122,7 +125,7 @@ def test_bad_normalization_arguments(make, message):
 
 def test_per_head_parameter_with_wrong_length_is_rejected():
     attn = ag.compile(ag.AttentionSpec(normalization=norms.Softmax(sink=torch.zeros(3))))
-    q, k, v, _ = inputs(Case(1, 2, 2, 8, 8, 16, 16), torch.float32, 0)
+    q, k, v = Case(1, 2, 2, 8, 8, 16, 16, seed=0).tensors()
     with pytest.raises(ValueError, match=r"Softmax\(sink=...\) has 3 entries; expected one per query head \(2\)"):
         attn(q, k, v)
 
@@ -140,4 +143,4 @@ def test_any_normalization_with_any_score_and_mask_mod(norm_name, variant, q_len
         return dataclasses.replace(variant.spec(c), normalization=make_norm(own), stats=None)
 
     combined = Variant(f"{variant.name}+{norm_name}", captures, spec)
-    check_variant(combined, Case(1, 2 * group, 2, q_len, kv_len, 16, 32), seed=seed)
+    check_variant(combined, Case(1, 2 * group, 2, q_len, kv_len, 16, 32, seed=seed))

@@ -13,12 +13,11 @@ from typing import Callable
 import torch
 
 import attngen as ag
-from attngen.inputs import Shape as Case
+from attngen.testing import Case
 
 
 def case_id(case: Case) -> str:
-    return (f"B{case.batch}-H{case.q_heads}:{case.kv_heads}-L{case.q_len}x{case.kv_len}"
-            f"-D{case.qk_dim}x{case.v_dim}")
+    return case.id
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,10 @@ def map_lines(maps: list[MapStat]) -> list[str]:
         rows, row = ("1", "0 * q_idx") if bq is None else (f"((LQ + {bq - 1}) // {bq})", f"q_idx // {bq}")
         head = "b * (HQ // GROUP) + h // GROUP" if stat.reduce_heads else "b * HQ + h"
         lines.append(f"map_offset{m} = (({head}) * {rows} + {row}) * ((LK + {bk - 1}) // {bk}) + kv_idx // {bk}")
-        if stat.reduce == "mean":
-            count_rows = "LQ" if bq is None else f"tl.minimum({bq}, LQ - {row} * {bq})"
-            lines.append(f"map_scale{m} = 1.0 / ({count_rows} * tl.minimum({bk}, LK - kv_idx // {bk} * {bk})).to(tl.float32)")
+        if stat.reduce == "mean":  # positions per block; at least 1 also past the ends (no inf * 0 there)
+            count_rows = "LQ" if bq is None else f"tl.maximum(tl.minimum({bq}, LQ - {row} * {bq}), 1)"
+            count_cols = f"tl.maximum(tl.minimum({bk}, LK - kv_idx // {bk} * {bk}), 1)"
+            lines.append(f"map_scale{m} = 1.0 / ({count_rows} * {count_cols}).to(tl.float32)")
         else:
             lines.append(f"map_scale{m} = 1.0")
     return lines
@@ -177,7 +178,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "version": __version__,
         "template_version": TEMPLATE_VERSION,
         "fingerprint": graph.fingerprint(),
-        "spec_lines": spec_lines,
+        # the spec's source goes into the module docstring: escape what would end it early
+        "spec_lines": [line.replace("\\", "\\\\").replace('"""', '\\"\\"\\"') for line in spec_lines],
         "softmax": softmax,
         "sink": normalization.sink is not None,
         "affine": normalization.affine is not None,

@@ -1,6 +1,20 @@
-"""Helpers for testing attention kernels against the float64 reference."""
+"""Property testing of attention variants against the float64 reference.
 
-from .compare import assert_close, max_error
-from .reference_check import Comparison, compare_with_reference
+* :func:`assert_matches_reference` / :func:`compare_with_reference`: a
+  compiled spec against its materialized reference (output, statistics,
+  gradients of q, k, v and learnable tensors) under FlashAttention's rule;
+* :mod:`~attngen.testing.strategies`: hypothesis strategies for shapes,
+  masks, score_mods, normalizations and whole specs;
+* :mod:`~attngen.testing.invariants`: properties that need no reference;
+* :mod:`~attngen.testing.fuzz`: random specs from a grammar;
+* :func:`check_spec`: everything above for one spec (``attngen check``);
+* :mod:`~attngen.testing.gpu_compile`: build the kernels for a GPU without one.
+"""
 
-__all__ = ["Comparison", "assert_close", "compare_with_reference", "max_error"]
+from .cases import Case
+from .check import assert_property, check_spec
+from .compare import Comparison, assert_close, max_error
+from .reference_check import Float64, assert_matches_reference, compare_with_reference, learnable
+
+__all__ = ["Case", "Comparison", "Float64", "assert_close", "assert_matches_reference", "assert_property",
+           "check_spec", "compare_with_reference", "learnable", "max_error"]

@@ -1,58 +1,116 @@
-"""Compare a compiled spec with its materialized reference on given inputs."""
+"""Compare a compiled spec with its materialized reference: forward, every statistic, every gradient."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .. import reference
+from ..blocks import as_block_mask, blocks_mask_mod
 from ..runtime.compiled import compile as compile_spec
 from ..spec import AttentionSpec
-from .compare import max_error
+from ..stats import MapStat
+from .compare import Comparison, compare
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """One compared quantity: its max error against the float64 reference and the bound."""
+class Float64(TorchFunctionMode):
+    """Inside, every torch op computes in float64: floating tensors (a spec's captured float32
+    tables, scalars it creates) are widened before each call, so the reference of a spec is exact
+    without rebuilding it around float64 copies of its captures. Gradients still reach them."""
 
-    name: str
-    error: float
-    bound: float
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def widen(x):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+                return x.double()
+            return x
+        return func(*tree_map(widen, args), **tree_map(widen, kwargs or {}))
 
-    @property
-    def ok(self) -> bool:
-        return self.error <= self.bound
 
-
-def compare_with_reference(spec: AttentionSpec, q, k, v, *, tol: float = 1e-4) -> list[Comparison]:
-    """Forward, every statistic and every gradient (q, k, v, learnable captures) vs float64.
-
-    The bound of each quantity is ``tol * (1 + max|reference|)``. Captured
-    tensors keep their dtype in the reference (their values are what is compared).
-    """
+def learnable(spec: AttentionSpec) -> dict[str, torch.Tensor]:
+    """The tensors of ``spec`` that receive gradients: captured float tensors that require grad
+    (``capture<i>``, in capture order) and the normalization's sink / alpha / beta tensors."""
     attn = compile_spec(spec)
-    learnable = [c.tensor for c in attn.graph.captures if c.differentiable]
+    found = {f"capture{i}": c.tensor for i, c in enumerate(attn.graph.captures) if c.differentiable}
+    norm = spec.normalization
+    named = [("sink", norm.sink)] + (list(zip(("alpha", "beta"), norm.affine)) if norm.affine else [])
+    found.update({name: t for name, t in named if isinstance(t, torch.Tensor) and t.requires_grad})
+    return found
+
+
+def _with_blocks(spec: AttentionSpec, block_mask, q, k) -> AttentionSpec:
+    """``spec`` with a call's block mask folded into its mask_mod, for the reference."""
+    if block_mask is None:
+        return spec
+    blocks = as_block_mask(block_mask, q.shape[2], k.shape[2])
+    dense = blocks.dense(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    in_kept_block = blocks_mask_mod(dense, blocks.block_size)
+    user = spec.mask_mod
+    mask = in_kept_block if user is None else (lambda b, h, i, j: user(b, h, i, j) & in_kept_block(b, h, i, j))
+    return dataclasses.replace(spec, mask_mod=mask)
+
+
+def _differentiable_stats(spec: AttentionSpec, names) -> list[str]:
+    forward_only = {s.name for s in spec.stats if isinstance(s, MapStat) and s.reduce == "max"}
+    return [n for n in names if n not in forward_only]
+
+
+def _loss(out, stats, upstream: dict, names: list[str]) -> torch.Tensor:
+    """sum(out * dout) + sum(stat * dstat) over the finite entries of each differentiable stat."""
+    loss = (out.double() * upstream["out"]).sum()
+    for name in names:
+        value = getattr(stats, name).double()
+        loss = loss + (torch.where(torch.isfinite(value), value, torch.zeros_like(value)) * upstream[name]).sum()
+    return loss
+
+
+def _run(attention, spec, q, k, v, tensors, upstream, mode=None) -> dict[str, torch.Tensor]:
+    """Every compared quantity of one implementation: out, stats, then gradients."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    results = []
-    outputs = []
-    for run, inputs in ((attn, leaves), (lambda *a, **kw: reference.attention(*a, spec, **kw), leaves64)):
-        for t in learnable:
-            t.grad = None
-        out, stats = run(*inputs, return_stats=True)
-        values = {"out": out, **{name: getattr(stats, name) for name in stats.names()}}
-        loss = sum((torch.where(torch.isfinite(x), x, 0.0).double() * (i + 1)).sum() / x.numel() ** 0.5
-                   for i, x in enumerate(values.values()))
-        grads = torch.autograd.grad(loss, [*inputs, *learnable], allow_unused=True)
-        names = ["dq", "dk", "dv", *(f"d capture{i}" for i, c in enumerate(attn.graph.captures) if c.differentiable)]
-        outputs.append({**values, **dict(zip(names, grads))})
-    for name, expected in outputs[1].items():
-        actual = outputs[0][name]
-        if expected is None or actual is None:
-            results.append(Comparison(name, 0.0 if actual is expected else float("inf"), 0.0))
-            continue
-        finite = expected.detach()[torch.isfinite(expected)]
-        scale = float(finite.abs().max()) if finite.numel() else 0.0
-        results.append(Comparison(name, max_error(actual, expected), tol * (1.0 + scale)))
+    if mode is None:
+        out, stats = attention(*leaves, return_stats=True)
+    else:
+        with mode:
+            out, stats = attention(*leaves, return_stats=True)
+    names = _differentiable_stats(spec, stats.names())
+    for name in ["out", *names]:  # upstream gradients are drawn the first time they are needed
+        shape = out.shape if name == "out" else getattr(stats, name).shape
+        upstream.setdefault(name, torch.randn(shape, generator=upstream["_gen"], dtype=torch.float64))
+    inputs = [*leaves, *tensors.values()]
+    grads = torch.autograd.grad(_loss(out, stats, upstream, names), inputs, allow_unused=True)
+    values = {"out": out, **{name: getattr(stats, name) for name in stats.names()}}
+    for name, grad, leaf in zip(["dq", "dk", "dv", *(f"d {n}" for n in tensors)], grads, inputs):
+        values[name] = torch.zeros_like(leaf) if grad is None else grad
+    return values
+
+
+def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, seed: int = 0,
+                           floor: float | None = None) -> list[Comparison]:
+    """The compiled spec on ``q, k, v`` against its float64 reference: output, every statistic, and
+    the gradients of q, k, v and of every learnable tensor (see :func:`learnable`), for a loss with
+    random upstream gradients (``seed``). Each bound is FlashAttention's rule: twice the error of the
+    reference computed in plain torch at q's dtype, plus ``floor`` (default by dtype, see
+    ``compare.FLOORS``) times the quantity's size."""
+    attn = compile_spec(spec)
+    tensors = learnable(spec)
+    ref_spec = _with_blocks(spec, block_mask, q, k)
+    upstream = {"_gen": torch.Generator().manual_seed(seed)}
+    kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **kw), spec, q, k, v, tensors, upstream)
+
+    def materialized(*t, **kw):
+        return reference.attention(*t, ref_spec, **kw)
+    exact = _run(materialized, spec, q.double(), k.double(), v.double(), tensors, upstream, mode=Float64())
+    plain = _run(materialized, spec, q, k, v, tensors, upstream)
+    return [compare(name, kernel[name], exact[name], plain[name], q.dtype, floor) for name in exact]
+
+
+def assert_matches_reference(spec: AttentionSpec, q, k, v, **options) -> list[Comparison]:
+    """:func:`compare_with_reference`, raising ``AssertionError`` that lists every quantity out of bounds."""
+    results = compare_with_reference(spec, q, k, v, **options)
+    failures = [str(r) for r in results if not r.ok]
+    if failures:
+        shape = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}"
+        raise AssertionError(f"kernel differs from the float64 reference ({shape}):\n  " + "\n  ".join(failures))
     return results

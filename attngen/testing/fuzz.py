@@ -1,0 +1,188 @@
+"""A spec fuzzer: random score_mods and mask_mods from a small grammar.
+
+Expressions are built as Python source over the FlexAttention arguments:
+integer index arithmetic (``+ - *``, ``//`` and ``%`` by constants,
+``minimum``/``maximum``, ``abs``, loads from captured integer tables),
+comparisons combined with ``& | ~``, float arithmetic on the score with
+``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt`` and loads from
+captured (optionally learnable) float tables. Magnitudes stay bounded so that
+float32 kernels and the float64 reference can be compared under one rule, and
+branches only ever test integers (a float test could flip on a rounding error).
+:func:`fuzz_specs` plugs the grammar into :func:`~attngen.testing.strategies.specs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import hypothesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .cases import Case
+from .compare import Comparison
+from .reference_check import compare_with_reference
+from .snippets import Snippet, program
+from .strategies import shapes, specs
+
+TABLE = 97  # length of every captured table; indices are taken % TABLE
+
+
+class _Grammar:
+    """Draws expression source; collects the captured tables it uses as source lines."""
+
+    def __init__(self, draw, prefix: str, heads: int):
+        self.draw, self.prefix, self.heads = draw, prefix, heads
+        self.captures: list[str] = []
+
+    def table(self, kind: str) -> str:
+        name = f"{self.prefix}_{kind}{len(self.captures)}"
+        seed = self.draw(st.integers(0, 9999))
+        gen = f"generator=torch.Generator().manual_seed({seed})"
+        if kind == "ids":
+            source = f"torch.randint(-4, 6, ({TABLE},), {gen})"
+        elif kind == "flags":
+            source = f"torch.rand({TABLE}, {gen}) > 0.4"
+        else:
+            learn = ".requires_grad_()" if self.draw(st.booleans()) else ""
+            source = f"(0.5 * torch.randn({TABLE}, {gen})){learn}"
+        self.captures.append(f"{name} = {source}")
+        return name
+
+    def choice(self, options):
+        return self.draw(st.sampled_from(options))
+
+    def integer(self, depth: int) -> str:
+        """An integer expression that always involves an index (constants only as operands)."""
+        if depth == 0 or self.draw(st.integers(0, 3)) == 0:
+            return self.choice(["q_idx", "kv_idx", "b", "h", "(q_idx - kv_idx)"])
+        a = self.integer(depth - 1)
+        kind = self.choice(["add", "sub", "const", "mul", "floordiv", "mod", "min", "max", "abs", "load"])
+        if kind in ("add", "sub"):
+            return f"({a} {'+' if kind == 'add' else '-'} {self.integer(depth - 1)})"
+        if kind == "const":
+            return f"({a} + {self.draw(st.integers(-9, 9))})"
+        if kind == "mul":
+            return f"({a} * {self.draw(st.integers(-3, 3))})"
+        if kind in ("floordiv", "mod"):
+            return f"({a} {'//' if kind == 'floordiv' else '%'} {self.draw(st.integers(1, 7))})"
+        if kind in ("min", "max"):
+            return f"torch.{kind}imum({a}, {self.integer(depth - 1)})"
+        if kind == "abs":
+            return f"abs({a})"
+        return f"{self.table('ids')}[{a} % {TABLE}]"
+
+    def condition(self, depth: int) -> str:
+        if depth == 0 or self.draw(st.integers(0, 2)) == 0:
+            if self.draw(st.integers(0, 4)) == 0:
+                return f"{self.table('flags')}[{self.integer(1)} % {TABLE}]"
+            op = self.choice(["<", "<=", ">", ">=", "==", "!="])
+            return f"({self.integer(depth)} {op} {self.integer(depth)})"
+        kind = self.choice(["and", "or", "not", "where"])
+        a = self.condition(depth - 1)
+        if kind == "not":
+            return f"~{a}"
+        if kind == "where":
+            return f"torch.where({self.condition(depth - 1)}, {a}, {self.condition(depth - 1)})"
+        return f"({a} {'&' if kind == 'and' else '|'} {self.condition(depth - 1)})"
+
+    def bounded(self, depth: int) -> str:
+        """A float expression of magnitude at most about 3."""
+        if depth == 0 or self.draw(st.integers(0, 3)) == 0:
+            return self.choice([f"torch.tanh(0.1 * {self.integer(1)})", f"{self.table('values')}[{self.integer(1)} % {TABLE}]",
+                                str(self.draw(st.sampled_from([0.25, -0.5, 1.5]))), "torch.tanh(s)"])
+        a = self.score(depth - 1)
+        return self.choice([f"torch.tanh({a})", f"torch.sigmoid({a})", f"torch.exp(-abs({a}))",
+                            f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)"])
+
+    def score(self, depth: int) -> str:
+        """A float expression of the score, growing at most linearly in it."""
+        if depth == 0:
+            return self.choice(["s", "s", f"(s * {self.bounded(0)})"])
+        kind = self.choice(["add", "sub", "scale", "where", "abs", "sqrt", "bounded", "square"])
+        a = self.score(depth - 1)
+        if kind in ("add", "sub"):
+            other = self.bounded(depth - 1) if self.draw(st.booleans()) else self.score(depth - 1)
+            return f"({a} {'+' if kind == 'add' else '-'} {other})"
+        if kind == "scale":
+            return f"({a} * {self.bounded(depth - 1)})"
+        if kind == "where":
+            return f"torch.where({self.condition(depth - 1)}, {a}, {self.score(depth - 1)})"
+        if kind == "abs":
+            return f"abs({a})"
+        if kind == "sqrt":
+            return f"torch.sqrt({a} * {a} + 1.0)"
+        if kind == "square":
+            return f"(0.2 * {self.bounded(depth - 1)} ** 2)"
+        return self.bounded(depth)
+
+
+@st.composite
+def fuzz_score_mods(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snippet:
+    """A random score_mod (variable ``score_mod``) from the grammar."""
+    grammar = _Grammar(draw, "score", heads)
+    body = grammar.score(draw(st.integers(0, 3)))
+    return Snippet("score_mod", grammar.captures + [f"score_mod = lambda s, b, h, q_idx, kv_idx: {body}"])
+
+
+@st.composite
+def fuzz_masks(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snippet:
+    """A random mask_mod (variable ``mask_mod``) from the grammar."""
+    grammar = _Grammar(draw, "mask", heads)
+    body = grammar.condition(draw(st.integers(0, 3)))
+    return Snippet("mask_mod", grammar.captures + [f"mask_mod = lambda b, h, q_idx, kv_idx: {body}"])
+
+
+def fuzz_specs(heads: int = 4, batch: int = 2, max_len: int = 80):
+    """Whole specs (variable ``SPEC``) whose score_mod and mask_mod come from the grammar."""
+    return specs(heads=heads, batch=batch, max_len=max_len, score_mods=fuzz_score_mods, masks=fuzz_masks)
+
+
+@dataclass
+class FuzzReport:
+    """What a fuzzing run did: examples run, and the shrunk failure if one was found."""
+
+    examples: int = 0
+    failure: list[Comparison] = field(default_factory=list)
+    spec: Snippet | None = None
+    case: Case | None = None
+    error: str | None = None
+
+    def reproduction(self) -> str:
+        return program(self.spec, body=f"""
+            {self.case.snippet()}
+            attngen.testing.assert_matches_reference(SPEC, q, k, v, seed={self.case.seed})
+        """)
+
+
+def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None) -> FuzzReport:
+    """Compile and check ``examples`` random specs (:func:`fuzz_specs`) against the float64
+    reference on random shapes; stop at the first mismatch, shrunk by hypothesis."""
+    report = FuzzReport()
+
+    @hypothesis.seed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        case = data.draw(shapes(max_len=max_len, heads=4, batch=2), label="case")
+        spec = data.draw(fuzz_specs(heads=4, batch=2, max_len=max_len), label="spec")
+        try:
+            results = compare_with_reference(spec.value, *case.tensors(), seed=case.seed)
+        except Exception as error:  # a crash is a finding too
+            report.spec, report.case, report.error = spec, case, f"{type(error).__name__}: {error}"
+            raise
+        report.examples += 1
+        if progress and report.examples % 100 == 0:
+            progress(report)
+        bad = [r for r in results if not r.ok]
+        if bad:
+            report.failure, report.spec, report.case = bad, spec, case
+            raise AssertionError("mismatch")
+
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - the report holds the shrunk failure or crash
+        if report.spec is None:
+            raise
+    return report

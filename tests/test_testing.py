@@ -1,0 +1,120 @@
+"""The property-testing toolkit itself: reference comparison, strategies, invariants, fuzzer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attngen as ag
+from attngen.testing import Case, Float64, assert_matches_reference, check_spec, compare_with_reference
+from attngen.testing import invariants, strategies
+from attngen.testing.check import reproduction
+from attngen.testing.compare import compare
+from attngen.testing.fuzz import fuzz, fuzz_specs
+from attngen.testing.snippets import program
+
+
+def _sneaky(s, b, h, q_idx, kv_idx):
+    """Traced: ``s``; on real tensors (the reference): ``2 s``. A stand-in for a miscompiled kernel."""
+    return s * 2.0 if isinstance(s, torch.Tensor) else s
+
+
+def test_every_quantity_is_compared():
+    slopes = torch.rand(4, requires_grad=True)
+    sink = torch.zeros(4, requires_grad=True)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            normalization=ag.norms.Softmax(sink=sink), stats=("lse", "max", "col_sum"))
+    results = assert_matches_reference(spec, *Case(1, 4, 2, 20, 30, 16, 8).tensors())
+    assert [r.name for r in results] == ["out", "lse", "max", "col_sum", "dq", "dk", "dv", "d capture0", "d sink"]
+    assert all(r.ok and r.bound > 0 for r in results)
+
+
+def test_a_wrong_kernel_is_caught_by_name():
+    with pytest.raises(AssertionError, match=r"kernel differs .*\n  out: max error .* exceeds bound"):
+        assert_matches_reference(ag.AttentionSpec(score_mod=_sneaky), *Case(1, 2, 2, 9, 9, 8, 8).tensors())
+
+
+def test_the_reference_of_float32_captures_is_float64_exact():
+    table = torch.rand(3, 40)  # float32, as a user would capture it
+    spec32 = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * table[h, q_idx] * 1e3)
+    table64 = table.double()
+    spec64 = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * table64[h, q_idx] * 1e3)
+    q, k, v = (t.double() for t in Case(1, 3, 3, 40, 40, 8, 8).tensors(requires_grad=False))
+    with Float64():
+        widened = ag.reference.attention(q, k, v, spec32)
+    assert torch.equal(widened, ag.reference.attention(q, k, v, spec64))
+
+
+def test_the_rule_is_twice_the_torch_error_plus_a_floor():
+    exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    result = compare("x", exact + 0.01, exact, exact + 0.1, torch.bfloat16)
+    assert result.ok and result.bound == pytest.approx(2 * 0.1 + 4e-3 * 2.0)
+    assert not compare("x", exact + 0.3, exact, exact + 0.1, torch.bfloat16).ok
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_strategies_draw_runnable_specs_and_cases(data):
+    case = data.draw(strategies.shapes(max_len=40, heads=4))
+    assert case.q_heads == 4 and 1 <= case.q_len <= 40 and case.q_heads % case.kv_heads == 0
+    spec = data.draw(strategies.specs(heads=4, batch=2, max_len=40))
+    assert isinstance(spec.value, ag.AttentionSpec)
+    namespace = {}
+    exec(program(spec), namespace)  # the printed source is a complete program
+    assert isinstance(namespace["SPEC"], ag.AttentionSpec)
+    assert repr(namespace["SPEC"].stats) == repr(spec.value.stats)
+    ag.compile(spec.value)
+
+
+@pytest.mark.parametrize("name", sorted(invariants.PROPERTIES))
+def test_invariants_hold(name):
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * (1.0 + 0.1 * h), stats=("lse", "max"))
+    results = invariants.PROPERTIES[name](spec, Case(2, 4, 2, 21, 33, 16, 8))
+    assert results and all(r.ok for r in results), [str(r) for r in results]
+
+
+def test_an_invariant_catches_a_kernel_that_reads_key_order(monkeypatch):
+    real = invariants._run
+
+    def order_dependent(spec, q, k, v):  # a bug: the first key leaks into every output
+        result = real(spec, q, k, v)
+        return {**result, "out": result["out"] + 0.01 * k[:, :1, :1, :1]}
+    monkeypatch.setattr(invariants, "_run", order_dependent)
+    results = invariants.key_permutation(ag.AttentionSpec(), Case(1, 2, 2, 10, 10, 8, 8))
+    assert any(not r.ok for r in results)
+
+
+def test_check_spec_reports_and_reproduces_a_failure(tmp_path):
+    reports = check_spec(ag.AttentionSpec(score_mod=_sneaky), examples=3, heads=2, properties=["reference"])
+    [report] = reports
+    assert not report.ok and report.failure_case.q_len == 1  # simplified to the smallest failing shape
+    spec_file = tmp_path / "sneaky.py"
+    spec_file.write_text("import torch, attngen as ag\n" + "\n".join(
+        ["def sneaky(s, b, h, q_idx, kv_idx):", "    return s * 2.0 if isinstance(s, torch.Tensor) else s",
+         "SPEC = ag.AttentionSpec(score_mod=sneaky)"]) + "\n")
+    snippet = reproduction(report, f"import runpy\nSPEC = runpy.run_path({str(spec_file)!r})['SPEC']")
+    with pytest.raises(AssertionError, match="kernel differs"):
+        exec(snippet, {})
+
+
+def test_invariants_that_do_not_apply_are_skipped():
+    uses_b = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + b)
+    assert invariants.batch_split(uses_b, Case(2, 2, 2, 8, 8, 8, 8)) == []
+    assert invariants.key_permutation(ag.AttentionSpec(mask_mod=ag.masks.causal), Case(1, 2, 2, 8, 8, 8, 8)) == []
+    assert invariants.rows_sum_to_one(ag.AttentionSpec(normalization=ag.norms.Sigmoid()), Case(1, 1, 1, 4, 4, 8, 8)) == []
+
+
+def test_fuzzer_default_profile_finds_no_mismatch():
+    """The CI profile of the spec fuzzer; `attngen fuzz --deep` runs 10,000 specs."""
+    report = fuzz(examples=3 * settings().max_examples, seed=7)
+    assert report.spec is None, report.reproduction()
+    assert report.examples == 3 * settings().max_examples
+
+
+@settings(max_examples=5, deadline=None)
+@given(spec=fuzz_specs(heads=2, batch=1, max_len=24), case=strategies.shapes(max_len=24, heads=2, batch=1))
+def test_fuzzed_specs_match_the_reference(spec, case):
+    results = compare_with_reference(spec.value, *case.tensors(), seed=case.seed)
+    assert all(r.ok for r in results), (spec, [str(r) for r in results if not r.ok])
