@@ -6,19 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..inputs import Shape
+
 
 @dataclass(frozen=True)
-class Case:
+class Case(Shape):
     """q ``[batch, q_heads, q_len, qk_dim]``, k ``[batch, kv_heads, kv_len, qk_dim]``,
     v ``[batch, kv_heads, kv_len, v_dim]`` of ``dtype``, drawn from ``seed``."""
 
-    batch: int
-    q_heads: int
-    kv_heads: int
-    q_len: int
-    kv_len: int
-    qk_dim: int
-    v_dim: int
     dtype: torch.dtype = torch.float32
     seed: int = 0
 

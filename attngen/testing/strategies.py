@@ -50,45 +50,45 @@ def masks(draw, batch: int = 2, heads: int = 4, max_len: int = 80) -> Snippet:
     length = st.integers(1, max_len)
     captures: list[str] = []
 
-    def one() -> str:
-        kind = draw(st.sampled_from(["causal", "window", "chunked", "prefix", "prefix_tensor", "block_causal",
-                                     "dilated", "strided", "global", "document", "padding", "neighborhood",
-                                     "empty_rows", "head_window", "table"]))
-        if kind == "causal":
-            return "ag.masks.causal"
-        if kind == "window":
-            return f"ag.masks.sliding_window({draw(st.integers(0, max_len))}, {draw(st.integers(0, 20))})"
-        if kind == "chunked":
-            return f"ag.masks.chunked({draw(length)})"
-        if kind == "prefix":
-            return f"ag.masks.prefix_lm({draw(st.integers(0, max_len))})"
-        if kind == "prefix_tensor":
-            return "ag.masks.prefix_lm(" + _seeded(f"torch.randint(0, {max_len + 1}, ({batch},), ", draw(seed)) + ")"
-        if kind == "block_causal":
-            return f"ag.masks.block_causal({draw(length)})"
-        if kind == "dilated":
-            return f"ag.masks.dilated_sliding_window({draw(st.integers(1, 8))}, {draw(st.integers(1, 5))})"
-        if kind == "strided":
-            return f"ag.masks.strided({draw(st.integers(1, 9))})"
-        if kind == "global":
-            return f"(ag.masks.global_tokens({draw(st.integers(1, 8))}) | ag.masks.sliding_window({draw(length)}))"
-        if kind == "document":
-            ids = _seeded(f"torch.randint(0, {draw(st.integers(1, 6))}, ({batch}, {max_len}), ", draw(seed))
-            return f"ag.masks.document({ids}{'.sort().values' if draw(st.booleans()) else ''})"
-        if kind == "padding":
-            return "ag.masks.padding(" + _seeded(f"torch.randint(0, {max_len + 1}, ({batch},), ", draw(seed)) + ")"
-        if kind == "neighborhood":
-            width = draw(st.integers(2, 12))
-            return (f"ag.masks.neighborhood_2d({-(-max_len // width)}, {width}, {draw(st.sampled_from([1, 3, 5]))}, "
-                    f"{draw(st.integers(1, 2))})")
-        if kind == "empty_rows":
-            return f"(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - {draw(st.integers(1, 9))})"
-        if kind == "head_window":
-            return "(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx <= 3 * h + 1) & (kv_idx <= q_idx))"
+    def table() -> str:
         name = f"mask_table{len(captures)}"
         captures.append(f"{name} = " + _seeded(f"torch.rand({batch}, {max_len}, {max_len}, ", draw(seed))
                         + f" > {draw(st.sampled_from([0.2, 0.5, 0.9]))}")
         return f"(lambda b, h, q_idx, kv_idx: {name}[b, q_idx, kv_idx])"
+
+    def per_batch(high: int) -> str:
+        return _seeded(f"torch.randint(0, {high}, ({batch},), ", draw(seed))
+
+    def documents() -> str:
+        ids = _seeded(f"torch.randint(0, {draw(st.integers(1, 6))}, ({batch}, {max_len}), ", draw(seed))
+        return f"ag.masks.document({ids}{'.sort().values' if draw(st.booleans()) else ''})"
+
+    def neighborhood() -> str:
+        width = draw(st.integers(2, 12))
+        return (f"ag.masks.neighborhood_2d({-(-max_len // width)}, {width}, {draw(st.sampled_from([1, 3, 5]))}, "
+                f"{draw(st.integers(1, 2))})")
+
+    builders = {
+        "causal": lambda: "ag.masks.causal",
+        "window": lambda: f"ag.masks.sliding_window({draw(st.integers(0, max_len))}, {draw(st.integers(0, 20))})",
+        "chunked": lambda: f"ag.masks.chunked({draw(length)})",
+        "prefix": lambda: f"ag.masks.prefix_lm({draw(st.integers(0, max_len))})",
+        "prefix_tensor": lambda: f"ag.masks.prefix_lm({per_batch(max_len + 1)})",
+        "block_causal": lambda: f"ag.masks.block_causal({draw(length)})",
+        "dilated": lambda: f"ag.masks.dilated_sliding_window({draw(st.integers(1, 8))}, {draw(st.integers(1, 5))})",
+        "strided": lambda: f"ag.masks.strided({draw(st.integers(1, 9))})",
+        "global": lambda: (f"(ag.masks.global_tokens({draw(st.integers(1, 8))}) | "
+                           f"ag.masks.sliding_window({draw(length)}))"),
+        "document": documents,
+        "padding": lambda: f"ag.masks.padding({per_batch(max_len + 1)})",
+        "neighborhood": neighborhood,
+        "empty_rows": lambda: f"(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - {draw(st.integers(1, 9))})",
+        "head_window": lambda: "(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx <= 3 * h + 1) & (kv_idx <= q_idx))",
+        "table": table,
+    }
+
+    def one() -> str:
+        return builders[draw(st.sampled_from(sorted(builders)))]()
 
     def as_mask(expression: str) -> str:  # lambdas become Masks, which combine with & | ~
         return f"ag.masks.Mask({expression}, 'custom')" if expression.startswith("(lambda") else expression
