@@ -6,6 +6,7 @@ gives the backward, including gradients of captured tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -79,7 +80,7 @@ def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Te
     if stat.reduce_heads:
         p = p.view(B, kv_heads, H // kv_heads, Lq, Lk).sum(2)
     block_q = max(Lq, 1) if stat.block_q is None else stat.block_q
-    rows, cols = -(-Lq // block_q), -(-Lk // stat.block_k)
+    rows, cols = (1 if stat.block_q is None else -(-Lq // block_q)), -(-Lk // stat.block_k)
     padded = torch.nn.functional.pad(p, (0, cols * stat.block_k - Lk, 0, rows * block_q - Lq))
     blocks = padded.view(B, p.shape[1], rows, block_q, cols, stat.block_k)
     if stat.reduce == "max":
@@ -104,9 +105,54 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stat
     return stats_module.assemble(spec.stats, lse, row_max, expectations, maps)
 
 
-def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False):
-    """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized."""
+def _shifted(spec: AttentionSpec, batch, query) -> AttentionSpec:
+    """``spec`` run on one batch entry (or sequence) alone: its mods see batch index ``b + batch``
+    and query positions ``q_idx + query``."""
+    score, mask = spec.score_mod, spec.mask_mod
+    return dataclasses.replace(
+        spec, score_mod=None if score is None else (lambda s, b, h, i, j: score(s, b + batch, h, i + query, j)),
+        mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)))
+
+
+def _joined(pieces: list, out_dim: int, stat_dim: int, return_stats: bool):
+    """One result from per-batch (or per-sequence) ``(out, stats)`` pieces."""
+    out = torch.cat([o for o, _ in pieces], out_dim)
+    if not return_stats:
+        return out
+    names = pieces[0][1].names()
+    return out, stats_module.Stats(**{n: torch.cat([getattr(st, n) for _, st in pieces], stat_dim) for n in names})
+
+
+def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False, kv_lens=None,
+              q_offset=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized.
+
+    ``kv_lens`` ([B]): k and v are caches of which batch entry ``b`` holds ``kv_lens[b]`` keys;
+    queries sit at ``q_idx + q_offset[b]`` (default ``kv_lens - Lq``). ``cu_seqlens_q``/``_k``
+    ([B + 1]): q, k, v are sequences packed as ``(tokens, heads, dim)``; row statistics come back
+    as ``[heads, tokens]``. Both are computed one batch entry or sequence at a time, as separate
+    calls (pooled maps, whose blocks would straddle them, are refused).
+    """
     spec = spec or AttentionSpec()
+    cache = kv_lens is not None or q_offset is not None
+    if (cache or cu_seqlens_q is not None) and any(
+            s.block_q is not None or cache for s in stats_module.map_stats(spec.stats)):
+        raise ValueError("pooled maps are not defined for packed sequences, nor maps for a KV cache")
+    if kv_lens is not None or q_offset is not None:
+        kv_lens = torch.full((q.shape[0],), k.shape[2]) if kv_lens is None else kv_lens
+        offsets = kv_lens - q.shape[2] if q_offset is None else torch.as_tensor(q_offset).expand(q.shape[0])
+        pieces = [attention(q[b:b + 1], k[b:b + 1, :, :int(kv_lens[b])], v[b:b + 1, :, :int(kv_lens[b])],
+                            _shifted(spec, b, offsets[b]), return_stats=True) for b in range(q.shape[0])]
+        return _joined(pieces, 0, 0, return_stats)
+    if cu_seqlens_q is not None:
+        pieces = []
+        for i in range(cu_seqlens_q.numel() - 1):
+            rows = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
+            keys = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
+            dense = (t[part].transpose(0, 1).unsqueeze(0) for t, part in ((q, rows), (k, keys), (v, keys)))
+            out, stats = attention(*dense, _shifted(spec, i, 0), return_stats=True)
+            pieces.append((out[0].transpose(0, 1), stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})))
+        return _joined(pieces, 0, -1, return_stats)
     shape = check_inputs(q, k, v)
     s, keep = scores(q, k, spec)
     p, lse, logits = weights(s, keep, spec.normalization)

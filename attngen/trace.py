@@ -215,13 +215,14 @@ def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]
 
 
 def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=None,
-          expectations: list[tuple[str, Callable]] = ()) -> Graph:
+          expectations: list[tuple[str, Callable]] = (), key_count: Callable | None = None) -> Graph:
     """Trace the spec's functions into one graph with outputs ``score``, ``mask``
     and ``exp0``, ``exp1``, ... (one per row expectation).
 
     ``score`` is what the kernel normalizes: ``score_mod``'s result, then the
     normalization's ``logits`` (softmax family) or ``weight`` (elementwise
-    family) of it, which may use the input ``n_keys`` or ``n_kept``. Each
+    family) of it, which may use the input ``n_keys`` or ``n_kept`` (``key_count(b, q_idx)``, when
+    given, stands for ``n_keys``: the number of keys of the row's sequence). Each
     expectation function is traced on the input ``logit`` (the kernel passes
     ``score`` there).
     """
@@ -239,7 +240,11 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
         method = normalization.weight if elementwise else normalization.logits
         count = "n_kept" if normalization.count == "unmasked" else "n_keys"
         name = f"{type(normalization).__name__}.{method.__name__}"
-        score = _call(tracer, lambda h, n: method(Proxy(tracer, modded), h, n), name, ("h", count))
+        if count == "n_keys" and key_count is not None:  # the row's keys are not simply LK
+            score = _call(tracer, lambda h, b, q_idx: method(Proxy(tracer, modded), h, key_count(b, q_idx)), name,
+                          ("h", "b", "q_idx"))
+        else:
+            score = _call(tracer, lambda h, n: method(Proxy(tracer, modded), h, n), name, ("h", count))
     if mask_mod is None:
         mask = graph.const(True)
     else:

@@ -26,9 +26,12 @@ _FUNCTIONS = {
 
 
 def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterable[int] | None = None,
-                   tiles: Sequence[torch.Tensor] = ()) -> dict[int, torch.Tensor]:
-    """The value of every node that ``roots`` (default: all outputs) depend on;
-    ``tiles`` are the summary tensors of ``graph.tiles`` (see TileSummary)."""
+                   tiles: Sequence[torch.Tensor] = (), captures: Sequence[torch.Tensor] | None = None
+                   ) -> dict[int, torch.Tensor]:
+    """The value of every node that ``roots`` (default: all outputs) depend on; ``tiles`` are the
+    summary tensors of ``graph.tiles`` (see TileSummary), ``captures`` replace the graph's captured
+    tensors (default: the graph's own)."""
+    captures = [c.tensor for c in graph.captures] if captures is None else captures
     values: dict[int, torch.Tensor] = {}
     for n in graph.order(roots):
         attrs, args = graph.node(n), [values[a] for a in graph.args(n)]
@@ -38,7 +41,7 @@ def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterabl
         elif op == "const":
             value = torch.tensor(attrs["value"], dtype=dtype)
         elif op == "load":
-            value = graph.captures[attrs["capture"]].tensor.detach()[tuple(a.long() for a in args)]
+            value = captures[attrs["capture"]].detach()[tuple(a.long() for a in args)]
         elif op == "tile":
             value = tiles[attrs["tile"]][tuple(a.long() for a in args)]
         elif op == "where":
@@ -51,9 +54,9 @@ def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterabl
     return values
 
 
-def evaluate(graph: Graph, name: str, env: Mapping[str, torch.Tensor],
-             tiles: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def evaluate(graph: Graph, name: str, env: Mapping[str, torch.Tensor], tiles: Sequence[torch.Tensor] = (),
+             captures: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """The value of output ``name``, with inputs (``score``, ``q_idx``, ...) taken from ``env``."""
     node = graph.outputs[name]
-    return evaluate_nodes(graph, env, [node], tiles)[node]
+    return evaluate_nodes(graph, env, [node], tiles, captures)[node]
 

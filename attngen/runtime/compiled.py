@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -11,14 +10,13 @@ import torch
 import triton
 
 from .. import stats as stats_module
-from ..blocks import as_block_mask, blocks_mask_mod
 from ..codegen.render import compiler_digest, render
-from ..inputs import KERNEL_DTYPES, check_inputs
 from ..spec import AttentionSpec
 from ..trace import trace
-from . import autotune, plan
+from . import autotune, calls, plan
 from .cache import cached_source
 from .loader import load_kernels
+from .variants import Variant
 
 
 def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torch.Tensor:
@@ -47,19 +45,22 @@ def norm_parameters(normalization, heads: int, device: torch.device) -> list[tor
 class CompiledAttention:
     """A spec compiled to Triton kernels; call it like ``attn(q, k, v)``."""
 
-    def __init__(self, spec: AttentionSpec, block_placeholder: torch.Tensor | None = None):
+    def __init__(self, spec: AttentionSpec, variant: Variant = Variant()):
         self.spec = spec
-        self.block_placeholder = block_placeholder  # the captured stand-in for a call's block mask
-        self._with_blocks: dict[tuple[int, int], CompiledAttention] = {}
+        self.variant = variant
+        self.stand_ins = variant.stand_ins()  # captured placeholders for a call's own tensors
+        self._variants: dict[Variant, CompiledAttention] = {}
         self._build()
 
     def _build(self) -> None:
         started = time.perf_counter()
         self._plan_graph = None
         self.expectations = stats_module.kernel_expectations(self.spec.stats)
-        self.graph = trace(self.spec.score_mod, self.spec.mask_mod, self.spec.normalization, self.expectations)
+        traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
+        self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count)
         self.signature = self._capture_signature()
-        self.description = self.spec.describe()
+        self.description = self.spec.describe() + \
+            ([f"call variant: {self.variant.describe()}"] if self.variant != Variant() else [])
         identity = "\n".join([self.graph.text(), *self.description, f"compiler {compiler_digest()}",
                               f"triton {triton.__version__}"])
         self.key = hashlib.sha256(identity.encode()).hexdigest()
@@ -94,87 +95,95 @@ class CompiledAttention:
         path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n", 1))
         return path
 
-    def _captures(self, device: torch.device, blocks: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The captured tensors as this call passes them (``blocks`` in the block-mask stand-in's place)."""
-        tensors = [blocks if c.tensor is self.block_placeholder else c.tensor for c in self.graph.captures]
-        for i, t in enumerate(tensors):
+    def _captures(self, device: torch.device, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The captured tensors as a call passes them: ``tensors`` (by name) in the stand-ins' places."""
+        by_stand_in = {id(self.stand_ins[name]): (name, t) for name, t in (tensors or {}).items()}
+        found = []
+        for i, capture in enumerate(self.graph.captures):
+            name, t = by_stand_in.get(id(capture.tensor), (f"captured tensor #{i} (shape {tuple(capture.tensor.shape)}, "
+                                                           f"dtype {capture.tensor.dtype})", capture.tensor))
             if t.device != device:
-                name = "block_mask" if t is blocks else f"captured tensor #{i} (shape {tuple(t.shape)}, dtype {t.dtype})"
                 raise ValueError(f"{name} is on {t.device} but q is on {device}; move it to {device}")
-        return tensors
+            found.append(t)
+        return found
+
+    def for_call(self, variant: Variant) -> CompiledAttention:
+        """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant."""
+        if variant == self.variant:
+            return self
+        if variant not in self._variants:
+            self._variants[variant] = CompiledAttention(self.spec, variant)
+        return self._variants[variant]
 
     def with_block_mask(self, block_size: tuple[int, int]) -> CompiledAttention:
-        """This spec with a call-time block mask of ``block_size`` anded to its mask_mod (compiled once per size)."""
-        if self.block_placeholder is not None:
-            return self
-        if block_size not in self._with_blocks:
-            placeholder = torch.zeros(1, 1, 1, 1, dtype=torch.bool)
-            in_kept_block = blocks_mask_mod(placeholder, block_size)
-            user_mask = self.spec.mask_mod
-            mask_mod = in_kept_block if user_mask is None else \
-                (lambda b, h, q_idx, kv_idx: user_mask(b, h, q_idx, kv_idx) & in_kept_block(b, h, q_idx, kv_idx))
-            spec = dataclasses.replace(self.spec, mask_mod=mask_mod)
-            self._with_blocks[block_size] = CompiledAttention(spec, block_placeholder=placeholder)
-        return self._with_blocks[block_size]
+        """This spec with a call-time block mask of ``block_size`` anded to its mask_mod."""
+        return self.for_call(Variant(block_size=tuple(block_size)))
 
-    def block_stats(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, *, block_mask=None,
-                    block_m: int | None = None, block_n: int | None = None, device=None) -> dict[str, int]:
+    def block_stats(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, *, block_m: int | None = None,
+                    block_n: int | None = None, device=None, **call) -> dict[str, int]:
         """How the forward kernel treats its (q tile, kv tile) pairs for these sizes and the captured
         tensors as they are now: counts ``{"total", "empty", "full", "partial"}`` over every batch and
         head. Empty tiles are skipped, full ones run without evaluating mask_mod. Tiles are the kernel's
         untuned default on ``device`` (the captured tensors' device, else CPU; on CUDA the one for 16-bit
-        inputs of head dim 64) unless ``block_m``/``block_n`` say."""
-        return plan.block_counts(*self.tile_plan(q_len, kv_len, batch, heads, block_mask=block_mask,
-                                                 block_m=block_m, block_n=block_n, device=device))
+        inputs of head dim 64) unless ``block_m``/``block_n`` say. ``call`` takes the keyword arguments of
+        a call (block_mask, kv_lens, q_offset, cu_seqlens_q/k; packed: lengths are token counts)."""
+        return plan.block_counts(*self.tile_plan(q_len, kv_len, batch, heads, block_m=block_m, block_n=block_n,
+                                                 device=device, **call))
 
-    def tile_plan(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, *, block_mask=None,
-                  block_m: int | None = None, block_n: int | None = None, device=None):
+    def tile_plan(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, *, block_m: int | None = None,
+                  block_n: int | None = None, device=None, **call):
         """Per tile, what :meth:`block_stats` counts: bool tensors ``(visited, full)`` of shape
         ``[batch, heads, q tiles, kv tiles]``."""
         captures = [c.tensor for c in self.graph.captures]
         device = torch.device(device or (captures[0].device if captures else "cpu"))
-        attn, blocks = self, None
-        if block_mask is not None:
-            user_blocks = as_block_mask(block_mask, q_len, kv_len)
-            attn = self.with_block_mask(user_blocks.block_size)
-            blocks = user_blocks.dense(batch, heads, q_len, kv_len).to(device)
+        packed = call.get("cu_seqlens_q") is not None
+        sizes = [((q_len, heads), (kv_len, heads)) if packed else ((batch, heads, q_len), (batch, heads, kv_len))][0]
+        q, k = (torch.empty(*size, 1, device=device) for size in sizes)
+        prepared = calls.prepare(self.spec, q, k, k, **call)
+        attn = self.for_call(prepared.variant)
         kernels = load_kernels(attn.path, interpret=True)
         example = torch.empty(0, 64, dtype=torch.bfloat16, device="meta")
         config = {**kernels.default_config(example, example, device.type),
                   **{k: v for k, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)) if v is not None}}
-        tensors = kernels.prepare_captures(attn._captures(device, blocks))
-        return plan.tile_states(attn.kernel_graph(), kernels, tensors, batch, heads, q_len, kv_len, config)
+        tensors = kernels.prepare_captures(attn._captures(device, prepared.tensors))
+        shape = prepared.shape
+        return plan.tile_states(attn.kernel_graph(), kernels, tensors, shape.batch, shape.q_heads, shape.q_len,
+                                shape.kv_len, config)
 
-    def __call__(self, q, k, v, *, block_mask=None, return_stats: bool = False):
+    def __call__(self, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, cu_seqlens_q=None,
+                 cu_seqlens_k=None, return_stats: bool = False):
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
 
         ``block_mask`` (an :class:`attngen.BlockMask` or a bool block matrix
         ``[B|1, Hq|1, nq, nk]`` of ``ceil(Lq/nq) x ceil(Lk/nk)`` blocks) limits
-        attention to its True blocks, on top of the spec's mask_mod. With
-        ``return_stats=True`` returns ``(out, stats)`` with the spec's
+        attention to its True blocks, on top of the spec's mask_mod.
+        ``kv_lens`` ([B] ints): k and v are caches holding ``kv_lens[b]`` keys for
+        batch entry ``b``; ``q_offset`` (int or [B]; default ``kv_lens - Lq``, the
+        queries being the last tokens) places query ``i`` at ``i + q_offset[b]``
+        for the mods. ``cu_seqlens_q`` / ``cu_seqlens_k`` ([B + 1] cumulative
+        lengths): q ``(tokens, Hq, Dqk)``, k and v ``(tokens, Hkv, D)`` hold packed
+        sequences that attend within themselves; the mods see the sequence as
+        ``b`` and positions within it; out is ``(tokens, Hq, Dv)`` and row
+        statistics ``[Hq, tokens]``.
+        With ``return_stats=True`` returns ``(out, stats)`` with the spec's
         statistics; ``stats.lse`` is the natural-log sum of exponentials of each
         row's kept logits (and the sink, if any).
         """
-        shape = check_inputs(q, k, v, KERNEL_DTYPES)
-        if q.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
-        if block_mask is not None and self.block_placeholder is None:
-            blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len)
-            dense = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
-            return self.with_block_mask(blocks.block_size)._run(q, k, v, shape, dense, return_stats)
-        return self._run(q, k, v, shape, None, return_stats)
+        call = calls.prepare(self.spec, q, k, v, block_mask=block_mask, kv_lens=kv_lens, q_offset=q_offset,
+                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        out, stats = self.for_call(call.variant)._run(call.q, call.k, call.v, call.shape, call.tensors)
+        return call.finish(out, stats if return_stats else None)
 
-    def _run(self, q, k, v, shape, blocks, return_stats: bool):
+    def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
+        """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
         if self._capture_signature() != self.signature:  # e.g. requires_grad changed since compile
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
-        captures = self._captures(q.device, blocks)
+        captures = self._captures(q.device, tensors)
         if autotune.enabled(q):
             autotune.ensure_tuned(kernels, self.key, q, k, v, captures, params)
         out, *stats = kernels.attention(q, k, v, captures, params)
-        if not return_stats:
-            return out
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))
         expectations = {name: outputs["expectations"][e] for e, (name, _) in enumerate(self.expectations)}
         maps = {stat.name: outputs[f"map{m}"] for m, stat in enumerate(stats_module.map_stats(self.spec.stats))}
@@ -188,7 +197,8 @@ def compile(spec: AttentionSpec) -> CompiledAttention:  # noqa: A001 - public AP
     return CompiledAttention(spec)
 
 
-def attention(q, k, v, score_mod=None, mask_mod=None, *, block_mask=None, scale=None, return_stats: bool = False):
-    """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``."""
+def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False, **call):
+    """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``; ``call`` takes the
+    keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, cu_seqlens_q/k)."""
     spec = AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale)
-    return compile(spec)(q, k, v, block_mask=block_mask, return_stats=return_stats)
+    return compile(spec)(q, k, v, return_stats=return_stats, **call)

@@ -42,10 +42,11 @@ def tile_states(graph: Graph, kernels: ModuleType, captures: list[torch.Tensor],
     env = {"b": torch.arange(batch).view(-1, 1, 1, 1), "h": torch.arange(heads).view(1, -1, 1, 1),
            "q_tile": q_tile, "q_lo": q_lo, "q_hi": q_hi, "kv_tile": kv_tile, "kv_lo": kv_lo, "kv_hi": kv_hi,
            "LQ": q_len, "LK": kv_len, "BLOCK_M": block_m, "BLOCK_N": block_n}
-    tiles = [t.cpu().long() for t in kernels.tile_summaries([c.cpu() for c in captures], q_len, kv_len, config)]
+    captures = [c.cpu() for c in captures]
+    tiles = [t.long() for t in kernels.tile_summaries(captures, q_len, kv_len, config)]
 
     def value(name: str) -> torch.Tensor:
-        return torch.broadcast_to(evaluate(graph, name, env, tiles), shape)
+        return torch.broadcast_to(evaluate(graph, name, env, tiles, captures), shape)
 
     in_range = (kv_lo >= value("kv_start")) & (kv_lo < value("kv_end"))
     whole = (kv_lo >= value("kv_split0")) & (kv_lo < value("kv_split1")) if layout(graph, "kv") == "split" \

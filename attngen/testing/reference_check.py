@@ -40,13 +40,23 @@ def learnable(spec: AttentionSpec) -> dict[str, torch.Tensor]:
     return found
 
 
-def _with_blocks(spec: AttentionSpec, block_mask, q, k) -> AttentionSpec:
-    """``spec`` with a call's block mask folded into its mask_mod, for the reference."""
+def _with_blocks(spec: AttentionSpec, block_mask, q, k, call: dict) -> AttentionSpec:
+    """``spec`` with a call's block mask folded into its mask_mod, for the reference (whose mods
+    see absolute query positions when the call has a KV cache: the blocks are of the call's rows)."""
     if block_mask is None:
         return spec
     blocks = as_block_mask(block_mask, q.shape[2], k.shape[2])
     dense = blocks.dense(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     in_kept_block = blocks_mask_mod(dense, blocks.block_size)
+    if call.get("kv_lens") is not None or call.get("q_offset") is not None:
+        lens = call.get("kv_lens")
+        lens = torch.full((q.shape[0],), k.shape[2]) if lens is None else lens
+        offset = call.get("q_offset")
+        offset = lens - q.shape[2] if offset is None else torch.as_tensor(offset).expand(q.shape[0])
+        in_call_block = in_kept_block
+
+        def in_kept_block(b, h, i, j):
+            return in_call_block(b, h, i - offset[b], j)
     user = spec.mask_mod
     mask = in_kept_block if user is None else (lambda b, h, i, j: user(b, h, i, j) & in_kept_block(b, h, i, j))
     return dataclasses.replace(spec, mask_mod=mask)
@@ -87,20 +97,22 @@ def _run(attention, spec, q, k, v, tensors, upstream, mode=None) -> dict[str, to
 
 
 def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, seed: int = 0,
-                           floor: float | None = None) -> list[Comparison]:
+                           floor: float | None = None, **call) -> list[Comparison]:
     """The compiled spec on ``q, k, v`` against its float64 reference: output, every statistic, and
     the gradients of q, k, v and of every learnable tensor (see :func:`learnable`), for a loss with
     random upstream gradients (``seed``). Each bound is FlashAttention's rule: twice the error of the
     reference computed in plain torch at q's dtype, plus ``floor`` (default by dtype, see
-    ``compare.FLOORS``) times the quantity's size."""
+    ``compare.FLOORS``) times the quantity's size. ``block_mask`` and ``call`` (kv_lens, q_offset,
+    cu_seqlens_q, cu_seqlens_k) are passed to the call as they are."""
     attn = compile_spec(spec)
     tensors = learnable(spec)
-    ref_spec = _with_blocks(spec, block_mask, q, k)
+    packed = call.get("cu_seqlens_q") is not None
+    ref_spec = spec if packed else _with_blocks(spec, block_mask, q, k, call)
     upstream = {"_gen": torch.Generator().manual_seed(seed)}
-    kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **kw), spec, q, k, v, tensors, upstream)
+    kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **call, **kw), spec, q, k, v, tensors, upstream)
 
     def materialized(*t, **kw):
-        return reference.attention(*t, ref_spec, **kw)
+        return reference.attention(*t, ref_spec, **call, **kw)
     exact = _run(materialized, spec, q.double(), k.double(), v.double(), tensors, upstream, mode=Float64())
     plain = _run(materialized, spec, q, k, v, tensors, upstream)
     return [compare(name, kernel[name], exact[name], plain[name], q.dtype, floor) for name in exact]

@@ -1,0 +1,129 @@
+"""Call variants: a spec rewritten for a kind of call, compiled once and cached like any spec.
+
+A user block mask, a KV cache with per-batch lengths and query offsets, and
+packed variable-length sequences are all expressed as ordinary mods over
+captured *stand-in* tensors; a call passes its real tensors in their places.
+So the mask plan, the backward pass, statistics and normalizations work for
+them unchanged, and masks keep skipping tiles: ``kv_idx < kv_lens[b]`` bounds
+the kv loop in closed form, and the sequence ids of packed tokens are
+summarized per tile, so no tile mixing two sequences is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..blocks import blocks_mask_mod
+from ..spec import AttentionSpec
+
+_INT = dict(dtype=torch.int32)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which call features a compiled module supports.
+
+    ``block_size``: a call-time block mask of that block size (None: no block mask).
+    ``cache``: k and v are caches; key ``kv_idx`` exists when ``kv_idx < kv_lens[b]``, and the
+    mods see query ``q_idx + q_offset[b]``.
+    ``packed``: q, k, v hold sequences packed along one axis (``cu_seqlens``); the mods see the
+    sequence as ``b`` and positions within it.
+    """
+
+    block_size: tuple[int, int] | None = None
+    cache: bool = False
+    packed: bool = False
+
+    def stand_ins(self) -> dict[str, torch.Tensor]:
+        """One small placeholder tensor per call tensor the rewritten mods read, by name."""
+        found = {}
+        if self.block_size is not None:
+            found["blocks"] = torch.zeros(1, 1, 1, 1, dtype=torch.bool)
+        if self.cache:
+            found.update(q_offset=torch.zeros(1, **_INT), kv_lens=torch.zeros(1, **_INT))
+        if self.packed:
+            found.update({name: torch.zeros(1, **_INT) for name in ("seq_q", "seq_k", "start_q", "start_k",
+                                                                      "len_k")})
+        return found
+
+    def rewrite(self, spec: AttentionSpec, t: dict[str, torch.Tensor]):
+        """``(spec, key_count)``: ``spec`` with mods over the stand-ins ``t``, and the row's number of
+        keys as a function of ``(b, q_idx)`` for length-normalized normalizations (None: LK)."""
+        score, mask, key_count = spec.score_mod, spec.mask_mod, None
+        if self.cache:
+            score, mask = _shift_queries(score, mask, t["q_offset"])
+            mask = _and(lambda b, h, q_idx, kv_idx: kv_idx < t["kv_lens"][b], mask)
+            key_count = lambda b, q_idx: t["kv_lens"][b]  # noqa: E731
+        if self.block_size is not None:  # blocks of the call's own tiles: unshifted query positions
+            mask = _and(mask, blocks_mask_mod(t["blocks"], self.block_size))
+        if self.packed:
+            score, mask = _unpack(score, mask, t)
+            key_count = lambda b, q_idx: t["len_k"][t["seq_q"][q_idx]]  # noqa: E731
+        return dataclasses.replace(spec, score_mod=score, mask_mod=mask), key_count
+
+    def describe(self) -> str:
+        parts = [f"block mask of {self.block_size[0]} x {self.block_size[1]} blocks"] if self.block_size else []
+        parts += ["KV cache (kv_lens, q_offset)"] if self.cache else []
+        parts += ["packed sequences (cu_seqlens)"] if self.packed else []
+        return ", ".join(parts) or "plain"
+
+
+def _and(first, second):
+    if first is None or second is None:
+        return second if first is None else first
+    return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
+
+
+def _shift_queries(score, mask, q_offset):
+    """The mods seeing absolute query positions ``q_idx + q_offset[b]``."""
+    new_score = None if score is None else \
+        (lambda s, b, h, q_idx, kv_idx: score(s, b, h, q_idx + q_offset[b], kv_idx))
+    new_mask = None if mask is None else (lambda b, h, q_idx, kv_idx: mask(b, h, q_idx + q_offset[b], kv_idx))
+    return new_score, new_mask
+
+
+def _unpack(score, mask, t):
+    """The mods of one packed batch: sequence ``b = seq_q[q_idx]``, positions within it, and only
+    keys of the same sequence kept."""
+    def local(b, q_idx, kv_idx):
+        sequence = t["seq_q"][q_idx]
+        return sequence, q_idx - t["start_q"][sequence], kv_idx - t["start_k"][t["seq_k"][kv_idx]]
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return t["seq_q"][q_idx] == t["seq_k"][kv_idx]
+
+    new_score = None
+    if score is not None:
+        def new_score(s, b, h, q_idx, kv_idx):
+            sequence, q_pos, kv_pos = local(b, q_idx, kv_idx)
+            return score(s, sequence, h, q_pos, kv_pos)
+    new_mask = same_sequence
+    if mask is not None:
+        def new_mask(b, h, q_idx, kv_idx):
+            sequence, q_pos, kv_pos = local(b, q_idx, kv_idx)
+            return same_sequence(b, h, q_idx, kv_idx) & mask(sequence, h, q_pos, kv_pos)
+    return new_score, new_mask
+
+
+def packed_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int) -> dict:
+    """The stand-ins of a packed call, from its cumulative sequence lengths."""
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.is_floating_point() or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-d integer tensor [batch + 1] of cumulative sequence lengths, "
+                             f"got {cu if not isinstance(cu, torch.Tensor) else (cu.dtype, tuple(cu.shape))}")
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
+                             f"({total}), got {cu.tolist()}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+
+    def ids(cu, total):
+        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device, **_INT), (cu[1:] - cu[:-1]).long(),
+                                       output_size=total)
+    return {"seq_q": ids(cu_seqlens_q, total_q), "seq_k": ids(cu_seqlens_k, total_k),
+            "start_q": cu_seqlens_q[:-1].to(torch.int32), "start_k": cu_seqlens_k[:-1].to(torch.int32),
+            "len_k": (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)}

@@ -1,0 +1,164 @@
+"""Inference and packed-training paths: KV caches with query offsets, packed sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen.testing import Case, assert_matches_reference
+
+masks = ag.masks
+
+
+def _slopes(heads):
+    return torch.linspace(0.1, 0.9, heads).requires_grad_()
+
+
+SPECS = {
+    "causal": lambda h: ag.AttentionSpec(mask_mod=masks.causal),
+    "alibi_learnable": lambda h: (lambda slopes: ag.AttentionSpec(
+        score_mod=lambda s, b, hh, q_idx, kv_idx: s - slopes[hh] * (q_idx - kv_idx) * 0.1,
+        mask_mod=masks.causal))(_slopes(h)),
+    "window": lambda h: ag.AttentionSpec(mask_mod=masks.sliding_window(9)),
+    "sigmoid_log_n": lambda h: ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n"), mask_mod=masks.causal),
+    "learnable_sink": lambda h: ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(h, requires_grad=True)),
+                                                 stats=("lse", "max")),
+    "relu_length": lambda h: ag.AttentionSpec(normalization=ag.norms.ReLU(power=2)),
+}
+
+
+# -- KV caches -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_cache_with_lengths_matches_reference(name, q_len):
+    case = Case(3, 4, 2, q_len, 70, 16, 8, seed=q_len)
+    q, k, v = case.tensors()
+    kv_lens = torch.tensor([70, 23, q_len])
+    assert_matches_reference(SPECS[name](4), q, k, v, kv_lens=kv_lens)
+
+
+def test_decoding_equals_the_last_row_of_full_attention():
+    """The new token's output from the cache is the last row of causal attention over the sequence."""
+    q, k, v = Case(2, 4, 2, 50, 64, 16, 16).tensors(requires_grad=False)
+    spec = SPECS["alibi_learnable"](4)
+    attn = ag.compile(spec)
+    for length in (1, 37, 50):
+        full = attn(q[:, :, :length], k[:, :, :length], v[:, :, :length])
+        step = attn(q[:, :, length - 1:length], k, v, kv_lens=torch.tensor([length, length]))
+        torch.testing.assert_close(step, full[:, :, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_query_offsets_and_empty_caches():
+    q, k, v = Case(2, 2, 2, 3, 40, 16, 16).tensors()
+    assert_matches_reference(SPECS["causal"](2), q, k, v, q_offset=torch.tensor([5, 30]))
+    assert_matches_reference(SPECS["causal"](2), q, k, v, q_offset=12)
+    out = ag.compile(SPECS["causal"](2))(q, k, v, kv_lens=torch.tensor([0, 40]))
+    assert torch.all(out[0] == 0) and torch.isfinite(out).all()
+
+
+def test_cache_with_a_block_mask():
+    """Block-sparse decoding: the block mask is over the call's own rows and the cache's keys."""
+    q, k, v = Case(2, 2, 2, 2, 96, 16, 16).tensors()
+    blocks = torch.tensor([[True, False, True], [False, True, True]]).view(2, 1, 1, 3)
+    assert_matches_reference(SPECS["causal"](2), q, k, v, kv_lens=torch.tensor([96, 70]),
+                             block_mask=ag.BlockMask(blocks, block_size=(2, 32)))
+
+
+# -- packed sequences ----------------------------------------------------------------------
+
+def _packed(lengths_q, lengths_k, heads=4, kv_heads=2, qk_dim=16, v_dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()])
+    q = torch.randn(int(cu_q[-1]), heads, qk_dim, generator=gen).requires_grad_()
+    k = torch.randn(int(cu_k[-1]), kv_heads, qk_dim, generator=gen).requires_grad_()
+    v = torch.randn(int(cu_k[-1]), kv_heads, v_dim, generator=gen).requires_grad_()
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_packed_sequences_match_reference(name):
+    q, k, v, cu_q, cu_k = _packed([17, 0, 40, 5], [17, 3, 40, 60])
+    assert_matches_reference(SPECS[name](4), q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_packed_sequences_see_their_index_and_positions():
+    table = torch.randn(3, 50)
+
+    def per_sequence_bias(s, b, h, q_idx, kv_idx):
+        return s + table[b, kv_idx] - 0.05 * q_idx
+    spec = ag.AttentionSpec(score_mod=per_sequence_bias, mask_mod=masks.causal, stats=("lse", "col_sum"))
+    q, k, v, cu_q, cu_k = _packed([20, 33, 9], [20, 50, 9], heads=2, kv_heads=1)
+    assert_matches_reference(spec, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_packed_equals_padded_and_masked():
+    lengths = [30, 7, 19]
+    q, k, v, cu, _ = _packed(lengths, lengths, heads=2, kv_heads=2, v_dim=16)
+    spec = ag.AttentionSpec(mask_mod=masks.causal)
+    packed = ag.compile(spec)(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    longest = max(lengths)
+    padded = [torch.zeros(len(lengths), 2, longest, 16) for _ in range(3)]
+    for i, n in enumerate(lengths):
+        for dense, t in zip(padded, (q, k, v)):
+            dense[i, :, :n] = t[int(cu[i]):int(cu[i]) + n].detach().transpose(0, 1)
+    lens = torch.tensor(lengths)
+    out = ag.compile(ag.AttentionSpec(mask_mod=masks.causal & masks.padding(lens)))(*padded)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(packed[int(cu[i]):int(cu[i]) + n], out[i, :, :n].transpose(0, 1),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_packed_plan_skips_tiles_between_sequences():
+    cu = torch.arange(0, 513, 64)  # eight sequences of 64 tokens
+    stats = ag.compile(ag.AttentionSpec(mask_mod=masks.causal)).block_stats(
+        512, 512, heads=1, block_m=64, block_n=64, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert stats == {"total": 64, "empty": 56, "full": 0, "partial": 8}  # the diagonal tiles only
+
+
+def test_decoding_visits_only_the_cache_it_holds():
+    stats = ag.compile(ag.AttentionSpec(mask_mod=masks.causal)).block_stats(
+        1, 4096, batch=2, block_m=16, block_n=64, kv_lens=torch.tensor([4096, 1000]))
+    assert stats["total"] == 2 * 64 and stats["total"] - stats["empty"] == 64 + 16
+
+
+# -- bad calls ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, message", [
+    (dict(kv_lens=torch.tensor([3.0, 4.0])), "kv_lens must be an int or a 1-d integer tensor"),
+    (dict(kv_lens=torch.tensor([3])), r"one entry per batch entry \(2\)"),
+    (dict(kv_lens=torch.tensor([3, 41])), r"between 0 and the cache length \(40\)"),
+    (dict(q_offset=torch.ones(2, 2, dtype=torch.long)), "q_offset must be an int or a 1-d integer tensor"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3])), "need both cu_seqlens_q and cu_seqlens_k"),
+])
+def test_bad_cache_and_packing_arguments(call, message):
+    q, k, v = Case(2, 2, 2, 3, 40, 16, 16).tensors()
+    with pytest.raises(ValueError, match=message):
+        ag.compile(ag.AttentionSpec())(q, k, v, **call)
+
+
+@pytest.mark.parametrize("cu_q, cu_k, message", [
+    ([0, 5, 9], [0, 5, 9], "must have 3 dimensions"),
+])
+def test_packed_calls_need_three_dimensional_inputs(cu_q, cu_k, message):
+    q, k, v = Case(1, 2, 2, 9, 9, 16, 16).tensors()
+    with pytest.raises(ValueError, match=message):
+        ag.compile(ag.AttentionSpec())(q, k, v, cu_seqlens_q=torch.tensor(cu_q), cu_seqlens_k=torch.tensor(cu_k))
+
+
+@pytest.mark.parametrize("cu_q, message", [
+    ([1, 5, 9], "must start at 0"), ([0, 6, 5, 9], "never decrease"), ([0, 5, 8], r"end at the number of packed tokens \(9\)"),
+])
+def test_bad_cumulative_lengths(cu_q, message):
+    q, k, v, _, cu_k = _packed([5, 4], [5, 4])
+    with pytest.raises(ValueError, match=message):
+        ag.compile(ag.AttentionSpec())(q, k, v, cu_seqlens_q=torch.tensor(cu_q),
+                                       cu_seqlens_k=cu_k if len(cu_q) == 3 else torch.tensor([0, 1, 5, 9]))
+
+
+def test_maps_are_refused_with_a_cache():
+    q, k, v = Case(1, 2, 2, 1, 8, 16, 16).tensors()
+    with pytest.raises(ValueError, match="maps .* are not supported with kv_lens"):
+        ag.compile(ag.AttentionSpec(stats=("col_sum",)))(q, k, v, kv_lens=torch.tensor([5]))
