@@ -123,17 +123,27 @@ def _joined(pieces: list, out_dim: int, stat_dim: int, return_stats: bool):
     return out, stats_module.Stats(**{n: torch.cat([getattr(st, n) for _, st in pieces], stat_dim) for n in names})
 
 
+def gather_pages(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """A paged cache ``[num_pages, H, page_size, D]`` as the contiguous ``[B, H, max_pages * page_size, D]``
+    one its ``block_table`` [B, max_pages] describes (entries past a sequence may be anything)."""
+    gathered = pages[block_table.long().clamp(0, pages.shape[0] - 1)]  # [B, max_pages, H, page_size, D]
+    return gathered.permute(0, 2, 1, 3, 4).flatten(2, 3)
+
+
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False, kv_lens=None,
-              q_offset=None, cu_seqlens_q=None, cu_seqlens_k=None):
+              q_offset=None, block_table=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized.
 
     ``kv_lens`` ([B]): k and v are caches of which batch entry ``b`` holds ``kv_lens[b]`` keys;
-    queries sit at ``q_idx + q_offset[b]`` (default ``kv_lens - Lq``). ``cu_seqlens_q``/``_k``
+    queries sit at ``q_idx + q_offset[b]`` (default ``kv_lens - Lq``); with ``block_table`` they
+    are pages of a paged cache (see :func:`gather_pages`). ``cu_seqlens_q``/``_k``
     ([B + 1]): q, k, v are sequences packed as ``(tokens, heads, dim)``; row statistics come back
     as ``[heads, tokens]``. Both are computed one batch entry or sequence at a time, as separate
     calls (pooled maps, whose blocks would straddle them, are refused).
     """
     spec = spec or AttentionSpec()
+    if block_table is not None:
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
     cache = kv_lens is not None or q_offset is not None
     if (cache or cu_seqlens_q is not None) and any(
             s.block_q is not None or cache for s in stats_module.map_stats(spec.stats)):

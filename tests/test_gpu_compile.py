@@ -10,6 +10,7 @@ import torch
 
 import attngen as ag
 from attngen.testing.gpu_compile import compile_for_gpu
+from attngen.runtime.variants import Variant
 from variants import VARIANTS, Case
 
 CASE = Case(2, 4, 2, 200, 180, 64, 64)
@@ -85,3 +86,14 @@ def test_user_block_masks_and_summaries_compile():
     kernels = compile_for_gpu(ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)).with_block_mask((64, 128)),
                               *_tensors(torch.bfloat16))
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= {k.name for k in kernels}
+
+
+@pytest.mark.parametrize("variant", [Variant(split_kv=True), Variant(cache=True, split_kv=True, paged=True),
+                                     Variant(packed=True), Variant(cache=True)], ids=lambda v: v.describe())
+def test_call_variants_compile(variant):
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal, stats=("lse", "max"))).for_call(variant)
+    q, k, v = (torch.randn(2, 4, 5, 64, dtype=torch.bfloat16), torch.randn(2, 2, 300, 64, dtype=torch.bfloat16),
+               torch.randn(2, 2, 300, 64, dtype=torch.bfloat16))
+    kernels = compile_for_gpu(attn, q, k, v, tiles={"BLOCK_M": 16}, backward=not variant.paged)
+    names = {k.name for k in kernels}
+    assert ("_attn_combine" in names) == variant.split_kv

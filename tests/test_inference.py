@@ -66,6 +66,86 @@ def test_cache_with_a_block_mask():
                              block_mask=ag.BlockMask(blocks, block_size=(2, 32)))
 
 
+# -- split-KV decoding ----------------------------------------------------------------------
+
+DECODE_SPECS = {
+    **SPECS,
+    "stats": lambda h: ag.AttentionSpec(mask_mod=masks.causal, stats=(
+        "lse", "max", "entropy", ag.stats.expectation(lambda s, b, hh, q_idx, kv_idx: torch.tanh(s), "t"))),
+    "affine": lambda h: ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(
+        alpha=torch.full((h,), 0.9, requires_grad=True), beta=0.01)),
+    "maps": lambda h: ag.AttentionSpec(stats=("lse", "col_sum")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_SPECS))
+def test_split_kv_decoding_matches_reference(name):
+    """mode="decode" splits each row's keys over programs and merges them (backward: the usual kernels)."""
+    q, k, v = Case(2, 4, 2, 3, 150, 16, 8, seed=4).tensors()
+    call = {} if name == "maps" else {"kv_lens": torch.tensor([150, 61])}
+    assert_matches_reference(DECODE_SPECS[name](4), q, k, v, mode="decode", **call)
+
+
+def test_split_kv_source_has_a_combine_kernel_and_plain_modules_do_not():
+    attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal))
+    assert "_attn_combine" not in attn.source
+    source = attn.for_call(ag.runtime.variants.Variant(split_kv=True)).source
+    assert "def _attn_combine(" in source and "window_lo = split * CHUNK" in source
+
+
+def test_mode_is_checked():
+    q, k, v = Case(1, 2, 2, 1, 8, 16, 16).tensors()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ag.compile(ag.AttentionSpec())(q, k, v, mode="fast")
+
+
+# -- paged caches -------------------------------------------------------------------------
+
+def _paged_cache(batch=3, kv_heads=2, page=8, pages=20, max_pages=7, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k_pages = torch.randn(pages, kv_heads, page, dim, generator=gen)
+    v_pages = torch.randn(pages, kv_heads, page, dim, generator=gen)
+    table = torch.stack([torch.randperm(pages, generator=gen)[:max_pages] for _ in range(batch)]).int()
+    return k_pages, v_pages, table
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("name", ["causal", "alibi_learnable", "sigmoid_log_n", "learnable_sink"])
+def test_paged_cache_equals_contiguous_and_reference(name, mode):
+    k_pages, v_pages, table = _paged_cache()
+    q = torch.randn(3, 4, 2, 16, generator=torch.Generator().manual_seed(1))
+    kv_lens = torch.tensor([56, 13, 1])
+    spec = SPECS[name](4)
+    paged = ag.compile(spec)(q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode)
+    contiguous = ag.compile(spec)(q, ag.reference.gather_pages(k_pages, table),
+                                  ag.reference.gather_pages(v_pages, table), kv_lens=kv_lens)
+    torch.testing.assert_close(paged, contiguous, atol=1e-6, rtol=1e-6)
+    assert_matches_reference(spec, q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode)
+
+
+def test_paged_cache_has_no_backward():
+    k_pages, v_pages, table = _paged_cache()
+    q = torch.randn(3, 4, 1, 16, requires_grad=True)
+    out = ag.compile(ag.AttentionSpec())(q, k_pages, v_pages, kv_lens=torch.tensor([9, 9, 9]), block_table=table)
+    with pytest.raises(RuntimeError, match="paged KV cache is for inference"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: {**c, "kv_lens": None}, "needs kv_lens"),
+    (lambda c: {**c, "block_table": c["block_table"][:2]}, r"integer tensor \[batch \(3\), max_pages\]"),
+    (lambda c: {**c, "block_table": c["block_table"].float()}, "integer tensor"),
+    (lambda c: {**c, "block_table": torch.full_like(c["block_table"], 20)}, r"pages outside 0..19"),
+    (lambda c: {**c, "kv_lens": torch.tensor([57, 1, 1])}, r"between 0 and the cache length \(56\)"),
+])
+def test_bad_paged_calls(change, message):
+    k_pages, v_pages, table = _paged_cache()
+    q = torch.randn(3, 4, 1, 16)
+    call = change({"kv_lens": torch.tensor([9, 9, 9]), "block_table": table})
+    with pytest.raises(ValueError, match=message):
+        ag.compile(ag.AttentionSpec())(q, k_pages, v_pages, **call)
+
+
 # -- packed sequences ----------------------------------------------------------------------
 
 def _packed(lengths_q, lengths_k, heads=4, kv_heads=2, qk_dim=16, v_dim=8, seed=0):

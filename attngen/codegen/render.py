@@ -82,13 +82,15 @@ def segment_names(axis: str, layout: str) -> list[str]:
     return [f"{axis}_{name}" for name in (SEGMENTS if layout == "split" else ("start", "end"))]
 
 
-def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], str], indent: int) -> str:
+def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], str], indent: int,
+              window: bool = False) -> str:
     """The loop of one program over the ``axis`` tiles ("kv" or "q") its mask plan visits.
 
     ``body(masked)`` is the code for one tile given the name of its masked
     flag. Layout "split": masked tiles, then tiles kept whole (no mask
     evaluated, no branch: the loop software-pipelines), then masked tiles;
     "masked": one loop that checks every tile; "full": every tile, unmasked.
+    ``window``: only the tiles in ``[window_lo, window_hi)`` (split-KV decoding).
     """
     a = _AXES[axis]
     lo, hi, block = a["lo"], a["hi"], a["block"]
@@ -106,13 +108,20 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         add(body("masked"), 2)
 
     if layout == "full":
-        add(f"for {lo} in range(0, {a['length']}, {block}):  # mask_mod is always True", 0)
+        first, last = ("window_lo", "window_hi") if window else ("0", a["length"])
+        add(f"for {lo} in range({first}, {last}, {block}):  # mask_mod is always True", 0)
         add(body("False"), 1)
     else:
         other = a["other"]
         names = segment_names(axis, layout)
         add(f"{', '.join(names)} = {axis}_segments(b, h, {other}_lo, {other}_hi, {a['other_tile']}, "
             f"{a['length']}, {block}{mask_params})", 0)
+        if window:  # this program's chunk of the range
+            start, end = names[0], names[-1]
+            add(f"{start} = tl.maximum({start}, window_lo)", 0)
+            add(f"{end} = tl.maximum(tl.minimum({end}, window_hi), {start})", 0)
+            for previous, name in zip(names[:-1], names[1:-1]):
+                add(f"{name} = tl.minimum(tl.maximum({name}, {previous}), {end})", 0)
         if layout == "masked":
             masked_loop(names[0], names[-1])
         else:
@@ -123,8 +132,32 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     return "\n".join(" " * indent + line if line else "" for line in lines)
 
 
+def forward_state(softmax: bool, affine: bool, expectations: list[int], row_max: bool) -> list[tuple[str, bool]]:
+    """The running state of the forward loop, ``(name, is a [rows, DV] tile)``: what a split-KV
+    program hands to the combine kernel."""
+    state = [("acc", True)]
+    if softmax:
+        state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
+        state += [(f"acc_exp{e}", False) for e in expectations]
+        state += [("row_max", False), ("max_count", False)] if row_max else []
+    return state
+
+
+def kv_loads(paged: bool, table: str) -> dict[str, str]:
+    """The forward kernels' key and value tile loads: dense, or through the paged cache's ``table``."""
+    loads = {}
+    for name, tensor, dim in (("load_k", "K", "dqk"), ("load_v", "V", "dv")):
+        strides = ", ".join(f"stride_{tensor.lower()}{axis}" for axis in ("b", "h", "n", "d"))
+        if paged:
+            loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, offs_{dim}, "
+                           f"{strides}, LK, {dim.upper()})")
+        else:
+            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, offs_{dim}, {strides}, LK, {dim.upper()})"
+    return loads
+
+
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
-                   maps: list[MapStat], scale: float | None) -> dict:
+                   maps: list[MapStat], scale: float | None, split_kv: bool = False, paged: bool = False) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     printer = TritonPrinter(graph)
     outputs = graph.outputs
@@ -174,7 +207,23 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "rows": "1" if stat.block_q is None else f"triton.cdiv(LQ, {stat.block_q})",
                     "cols": f"triton.cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
+    affine = normalization.affine is not None
+    state = forward_state(softmax, affine, expectations, row_max)
+    finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
+        + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA", "OSOFT"] if affine else [])
+    final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
+        + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else [])
+    partial_args = "".join(f", P_{name}" for name, _ in state)
     return {
+        **kv_loads(paged, f"cap{len(graph.captures) - 1}"),
+        "paged": paged,
+        "split_kv": split_kv,
+        "state": state,
+        "state_vectors": repr([vector for _, vector in state]),
+        "partial_args": partial_args,
+        "final_outputs": "".join(f", {n}" for n in finals),
+        "final_values": "".join(f", {n}" for n in final_values),
+        "output_args": partial_args if split_kv else "".join(f", {n}" for n in finals),
         "version": __version__,
         "template_version": TEMPLATE_VERSION,
         "fingerprint": graph.fingerprint(),
@@ -217,15 +266,18 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "segment_names": {axis: ", ".join(segment_names(axis, layout)) for axis, layout in layouts.items()},
         "mask_params": mask_params,
         "tile_summaries": repr(tuple((t.capture, t.reduce, t.dims) for t in graph.tiles)),
-        "tile_loop": lambda axis, body, indent: tile_loop(axis, layouts[axis], mask_params, body, indent),
+        "tile_loop": lambda axis, body, indent, window=False: tile_loop(axis, layouts[axis], mask_params, body,
+                                                                         indent, window),
         "backward_lines": backward_lines,
         "grads": grads,
     }
 
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
-           maps: list[MapStat] = (), scale: float | None = None) -> str:
+           maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False, paged: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
-    logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk)."""
-    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale)
+    logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk);
+    ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
+    ``paged``: k and v are pages of a cache whose block table is the last captured tensor."""
+    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv, paged)
     return environment().get_template(TEMPLATE).render(**context)

@@ -64,21 +64,64 @@ def _packed(q, k, v, cu_seqlens_q, cu_seqlens_k):
     return tensors, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
 
 
-def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, cu_seqlens_q=None,
-            cu_seqlens_k=None) -> Call:
+MODES = (None, "auto", "decode", "prefill")
+
+
+def decoding(shape: Shape, q: torch.Tensor) -> bool:
+    """Whether an automatic call splits its keys over programs: few queries, many keys, on a GPU."""
+    return q.is_cuda and shape.q_len <= 16 and shape.kv_len >= 1024
+
+
+def _pages(q, k, v, block_table, kv_lens) -> tuple[Shape, torch.Tensor]:
+    """Check a paged cache; its shape as a contiguous cache of ``max_pages * page_size`` keys would have."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"with block_table, {name} must be pages [num_pages, kv_heads, page_size, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v pages must have the same [num_pages, kv_heads, page_size], got {tuple(k.shape[:3])} "
+                         f"and {tuple(v.shape[:3])}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.is_floating_point() \
+            or block_table.dtype == torch.bool or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must be an integer tensor [batch ({q.shape[0]}), max_pages], got "
+                         f"{block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__}"
+                         f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else ''}")
+    if kv_lens is None:
+        raise ValueError("a paged cache (block_table) needs kv_lens, the number of keys of each batch entry")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}; move it to {q.device}")
+    length = block_table.shape[1] * k.shape[2]
+    view = [t.as_strided((q.shape[0], t.shape[1], length, t.shape[3]), (0, 0, 0, 0)) for t in (k, v)]
+    return check_inputs(q, *view, KERNEL_DTYPES), block_table.to(torch.int32)
+
+
+def _check_pages_in_range(table: torch.Tensor, kv_lens: torch.Tensor, page_size: int, num_pages: int) -> None:
+    needed = torch.arange(table.shape[1], device=table.device)[None, :] * page_size < kv_lens[:, None]
+    used = table[needed]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+        raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")
+
+
+def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None, cu_seqlens_q=None,
+            cu_seqlens_k=None, mode=None) -> Call:
     """Check a call's arguments and build its :class:`Call`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     tensors: dict[str, torch.Tensor] = {}
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
-        if block_mask is not None or kv_lens is not None or q_offset is not None:
-            raise ValueError("cu_seqlens cannot be combined with block_mask, kv_lens or q_offset")
+        if block_mask is not None or kv_lens is not None or q_offset is not None or block_table is not None:
+            raise ValueError("cu_seqlens cannot be combined with block_mask, kv_lens, q_offset or block_table")
         if any(s.block_q is not None for s in map_stats(spec.stats)):
             raise ValueError("pooled maps are not defined for packed sequences (their blocks would straddle "
                              "sequences); col_sum is")
         tensors, q, k, v = _packed(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    shape = check_inputs(q, k, v, KERNEL_DTYPES)
+    if block_table is not None:
+        shape, tensors["block_table"] = _pages(q, k, v, block_table, kv_lens)
+    else:
+        shape = check_inputs(q, k, v, KERNEL_DTYPES)
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None
@@ -92,9 +135,12 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, cu_s
                              f"got {tensors['kv_lens'].tolist()}")
         offset = tensors["kv_lens"] - shape.q_len if q_offset is None else q_offset
         tensors["q_offset"] = _integers("q_offset", offset, shape.batch, q.device)
+        if block_table is not None:
+            _check_pages_in_range(tensors["block_table"], tensors["kv_lens"], k.shape[2], k.shape[0])
     block_size = None
     if block_mask is not None:
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len)
         block_size = blocks.block_size
         tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
-    return Call(Variant(block_size, cache, packed), tensors, q, k, v, shape)
+    split_kv = mode == "decode" or (mode in (None, "auto") and decoding(shape, q))
+    return Call(Variant(block_size, cache, packed, split_kv, block_table is not None), tensors, q, k, v, shape)

@@ -11,6 +11,7 @@ import triton
 
 from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
+from ..ir.graph import Capture
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan
@@ -58,6 +59,8 @@ class CompiledAttention:
         self.expectations = stats_module.kernel_expectations(self.spec.stats)
         traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
         self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count)
+        if self.variant.paged:  # read by the kernels' key loads, not by the mods: its place is the last
+            self.graph.captures.append(Capture(self.stand_ins["block_table"]))
         self.signature = self._capture_signature()
         self.description = self.spec.describe() + \
             ([f"call variant: {self.variant.describe()}"] if self.variant != Variant() else [])
@@ -81,7 +84,7 @@ class CompiledAttention:
     def _generate(self) -> str:
         return render(self.kernel_graph(), self.description, self.spec.normalization,
                       row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
-                      scale=self.spec.scale)
+                      scale=self.spec.scale, split_kv=self.variant.split_kv, paged=self.variant.paged)
 
     @property
     def source(self) -> str:
@@ -142,7 +145,7 @@ class CompiledAttention:
         prepared = calls.prepare(self.spec, q, k, k, **call)
         attn = self.for_call(prepared.variant)
         kernels = load_kernels(attn.path, interpret=True)
-        example = torch.empty(0, 64, dtype=torch.bfloat16, device="meta")
+        example = torch.empty(0, 0, 0, 64, dtype=torch.bfloat16, device="meta")
         config = {**kernels.default_config(example, example, device.type),
                   **{k: v for k, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)) if v is not None}}
         tensors = kernels.prepare_captures(attn._captures(device, prepared.tensors))
@@ -150,8 +153,8 @@ class CompiledAttention:
         return plan.tile_states(attn.kernel_graph(), kernels, tensors, shape.batch, shape.q_heads, shape.q_len,
                                 shape.kv_len, config)
 
-    def __call__(self, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, cu_seqlens_q=None,
-                 cu_seqlens_k=None, return_stats: bool = False):
+    def __call__(self, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None,
+                 cu_seqlens_q=None, cu_seqlens_k=None, mode: str | None = None, return_stats: bool = False):
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
 
         ``block_mask`` (an :class:`attngen.BlockMask` or a bool block matrix
@@ -160,17 +163,22 @@ class CompiledAttention:
         ``kv_lens`` ([B] ints): k and v are caches holding ``kv_lens[b]`` keys for
         batch entry ``b``; ``q_offset`` (int or [B]; default ``kv_lens - Lq``, the
         queries being the last tokens) places query ``i`` at ``i + q_offset[b]``
-        for the mods. ``cu_seqlens_q`` / ``cu_seqlens_k`` ([B + 1] cumulative
+        for the mods. With ``block_table`` ([B, max_pages] ints), k and v are
+        pages ``[num_pages, Hkv, page_size, D]`` of a paged cache (forward only).
+        ``cu_seqlens_q`` / ``cu_seqlens_k`` ([B + 1] cumulative
         lengths): q ``(tokens, Hq, Dqk)``, k and v ``(tokens, Hkv, D)`` hold packed
         sequences that attend within themselves; the mods see the sequence as
         ``b`` and positions within it; out is ``(tokens, Hq, Dv)`` and row
-        statistics ``[Hq, tokens]``.
+        statistics ``[Hq, tokens]``. ``mode="decode"`` splits each row's keys over
+        several programs and merges them (split-KV), ``"prefill"`` never does; by
+        default CUDA calls with at most 16 queries and at least 1024 keys do.
         With ``return_stats=True`` returns ``(out, stats)`` with the spec's
         statistics; ``stats.lse`` is the natural-log sum of exponentials of each
         row's kept logits (and the sink, if any).
         """
         call = calls.prepare(self.spec, q, k, v, block_mask=block_mask, kv_lens=kv_lens, q_offset=q_offset,
-                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                             block_table=block_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                             mode=mode)
         out, stats = self.for_call(call.variant)._run(call.q, call.k, call.v, call.shape, call.tensors)
         return call.finish(out, stats if return_stats else None)
 

@@ -31,11 +31,18 @@ class Variant:
     mods see query ``q_idx + q_offset[b]``.
     ``packed``: q, k, v hold sequences packed along one axis (``cu_seqlens``); the mods see the
     sequence as ``b`` and positions within it.
+    ``split_kv`` (a kernel feature, not a rewrite): the forward pass splits each row's keys over
+    several programs and merges their partial results (split-KV, "flash decoding").
+    ``paged`` (a kernel feature, with ``cache``): k and v are pages ``[pages, Hkv, page_size, D]``
+    and key ``kv_idx`` of batch entry ``b`` is row ``kv_idx % page_size`` of page
+    ``block_table[b, kv_idx // page_size]``; the block table is passed like a captured tensor.
     """
 
     block_size: tuple[int, int] | None = None
     cache: bool = False
     packed: bool = False
+    split_kv: bool = False
+    paged: bool = False
 
     def stand_ins(self) -> dict[str, torch.Tensor]:
         """One small placeholder tensor per call tensor the rewritten mods read, by name."""
@@ -47,6 +54,8 @@ class Variant:
         if self.packed:
             found.update({name: torch.zeros(1, **_INT) for name in ("seq_q", "seq_k", "start_q", "start_k",
                                                                       "len_k")})
+        if self.paged:
+            found["block_table"] = torch.zeros(1, 1, **_INT)
         return found
 
     def rewrite(self, spec: AttentionSpec, t: dict[str, torch.Tensor]):
@@ -68,6 +77,8 @@ class Variant:
         parts = [f"block mask of {self.block_size[0]} x {self.block_size[1]} blocks"] if self.block_size else []
         parts += ["KV cache (kv_lens, q_offset)"] if self.cache else []
         parts += ["packed sequences (cu_seqlens)"] if self.packed else []
+        parts += ["split-KV forward (decoding)"] if self.split_kv else []
+        parts += ["paged KV cache (block_table)"] if self.paged else []
         return ", ".join(parts) or "plain"
 
 

@@ -45,12 +45,14 @@ def _with_blocks(spec: AttentionSpec, block_mask, q, k, call: dict) -> Attention
     see absolute query positions when the call has a KV cache: the blocks are of the call's rows)."""
     if block_mask is None:
         return spec
-    blocks = as_block_mask(block_mask, q.shape[2], k.shape[2])
-    dense = blocks.dense(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    table = call.get("block_table")
+    kv_len = k.shape[2] if table is None else table.shape[1] * k.shape[2]
+    blocks = as_block_mask(block_mask, q.shape[2], kv_len)
+    dense = blocks.dense(q.shape[0], q.shape[1], q.shape[2], kv_len)
     in_kept_block = blocks_mask_mod(dense, blocks.block_size)
     if call.get("kv_lens") is not None or call.get("q_offset") is not None:
         lens = call.get("kv_lens")
-        lens = torch.full((q.shape[0],), k.shape[2]) if lens is None else lens
+        lens = torch.full((q.shape[0],), kv_len) if lens is None else lens
         offset = call.get("q_offset")
         offset = lens - q.shape[2] if offset is None else torch.as_tensor(offset).expand(q.shape[0])
         in_call_block = in_kept_block
@@ -76,21 +78,23 @@ def _loss(out, stats, upstream: dict, names: list[str]) -> torch.Tensor:
     return loss
 
 
-def _run(attention, spec, q, k, v, tensors, upstream, mode=None) -> dict[str, torch.Tensor]:
-    """Every compared quantity of one implementation: out, stats, then gradients."""
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+def _run(attention, spec, q, k, v, tensors, upstream, mode=None, backward=True) -> dict[str, torch.Tensor]:
+    """Every compared quantity of one implementation: out, stats, then (``backward``) gradients."""
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     if mode is None:
         out, stats = attention(*leaves, return_stats=True)
     else:
         with mode:
             out, stats = attention(*leaves, return_stats=True)
+    values = {"out": out, **{name: getattr(stats, name) for name in stats.names()}}
+    if not backward:
+        return values
     names = _differentiable_stats(spec, stats.names())
     for name in ["out", *names]:  # upstream gradients are drawn the first time they are needed
         shape = out.shape if name == "out" else getattr(stats, name).shape
         upstream.setdefault(name, torch.randn(shape, generator=upstream["_gen"], dtype=torch.float64))
     inputs = [*leaves, *tensors.values()]
     grads = torch.autograd.grad(_loss(out, stats, upstream, names), inputs, allow_unused=True)
-    values = {"out": out, **{name: getattr(stats, name) for name in stats.names()}}
     for name, grad, leaf in zip(["dq", "dk", "dv", *(f"d {n}" for n in tensors)], grads, inputs):
         values[name] = torch.zeros_like(leaf) if grad is None else grad
     return values
@@ -103,18 +107,23 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     random upstream gradients (``seed``). Each bound is FlashAttention's rule: twice the error of the
     reference computed in plain torch at q's dtype, plus ``floor`` (default by dtype, see
     ``compare.FLOORS``) times the quantity's size. ``block_mask`` and ``call`` (kv_lens, q_offset,
-    cu_seqlens_q, cu_seqlens_k) are passed to the call as they are."""
+    cu_seqlens_q, cu_seqlens_k, block_table, mode) are passed to the call as they are; a paged cache
+    (``block_table``) is compared forward only, as it has no backward."""
     attn = compile_spec(spec)
     tensors = learnable(spec)
     packed = call.get("cu_seqlens_q") is not None
     ref_spec = spec if packed else _with_blocks(spec, block_mask, q, k, call)
     upstream = {"_gen": torch.Generator().manual_seed(seed)}
-    kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **call, **kw), spec, q, k, v, tensors, upstream)
+    backward = call.get("block_table") is None
+    kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **call, **kw), spec, q, k, v, tensors, upstream,
+                  backward=backward)
+
+    layout = {name: value for name, value in call.items() if name != "mode"}  # mode: how, not what
 
     def materialized(*t, **kw):
-        return reference.attention(*t, ref_spec, **call, **kw)
-    exact = _run(materialized, spec, q.double(), k.double(), v.double(), tensors, upstream, mode=Float64())
-    plain = _run(materialized, spec, q, k, v, tensors, upstream)
+        return reference.attention(*t, ref_spec, **layout, **kw)
+    exact = _run(materialized, spec, q.double(), k.double(), v.double(), tensors, upstream, Float64(), backward)
+    plain = _run(materialized, spec, q, k, v, tensors, upstream, backward=backward)
     return [compare(name, kernel[name], exact[name], plain[name], q.dtype, floor) for name in exact]
 
 
