@@ -131,7 +131,8 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
 
 
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False, kv_lens=None,
-              q_offset=None, block_table=None, cu_seqlens_q=None, cu_seqlens_k=None):
+              q_offset=None, block_table=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_keep=None,
+              dropout_p: float = 0.0):
     """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized.
 
     ``kv_lens`` ([B]): k and v are caches of which batch entry ``b`` holds ``kv_lens[b]`` keys;
@@ -139,7 +140,8 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     are pages of a paged cache (see :func:`gather_pages`). ``cu_seqlens_q``/``_k``
     ([B + 1]): q, k, v are sequences packed as ``(tokens, heads, dim)``; row statistics come back
     as ``[heads, tokens]``. Both are computed one batch entry or sequence at a time, as separate
-    calls (pooled maps, whose blocks would straddle them, are refused).
+    calls (pooled maps, whose blocks would straddle them, are refused). ``dropout_keep`` (bool,
+    broadcastable to [B, Hq, Lq, Lk]) applies dropout of probability ``dropout_p`` with that mask.
     """
     spec = spec or AttentionSpec()
     if block_table is not None:
@@ -167,7 +169,8 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     s, keep = scores(q, k, spec)
     p, lse, logits = weights(s, keep, spec.normalization)
     v = v.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
-    out = p.to(v.dtype) @ v
+    dropped = p if dropout_keep is None else p * dropout_keep.to(p.dtype) / (1.0 - dropout_p)
+    out = dropped.to(v.dtype) @ v
     if not return_stats:
         return out
     return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads)

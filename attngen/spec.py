@@ -37,6 +37,9 @@ class AttentionSpec:
         stats: per-row statistics returned with ``return_stats=True``;
             ``None`` means ``("lse",)`` for the softmax family and ``()`` for
             elementwise normalizations (which have no row normalizer).
+        dropout_p: the probability of zeroing each normalized weight (the kept
+            ones are scaled by ``1 / (1 - dropout_p)``); a call's ``dropout_p=``
+            overrides it. Statistics describe the weights before dropout.
     """
 
     score_mod: Callable | None = None
@@ -44,6 +47,7 @@ class AttentionSpec:
     normalization: Normalization = field(default_factory=Softmax)
     scale: float | None = None
     stats: tuple[str, ...] | None = None
+    dropout_p: float = 0.0
 
     def __post_init__(self):
         if self.score_mod is not None:
@@ -58,6 +62,7 @@ class AttentionSpec:
             if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
                     or not math.isfinite(self.scale) or self.scale <= 0:
                 raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
+        check_dropout(self.dropout_p, "dropout_p")
         if self.stats is None:
             stats = ("lse",) if row_stats else ()
         else:
@@ -72,7 +77,13 @@ class AttentionSpec:
         return [*_source("score_mod", self.score_mod), *_source("mask_mod", self.mask_mod),
                 f"normalization = {self.normalization!r}",
                 f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
-                f"stats = {self.stats!r}"]
+                f"stats = {self.stats!r}"] + ([f"dropout_p = {self.dropout_p!r}"] if self.dropout_p else [])
+
+
+def check_dropout(rate, name: str) -> None:
+    """Refuse a dropout probability outside [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise SpecError(f"{name} must be a number in [0, 1), got {rate!r}")
 
 
 def _check_stats(stats: tuple, normalization: Normalization) -> None:

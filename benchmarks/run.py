@@ -5,9 +5,10 @@ variant runs forward and forward+backward on the same inputs, one after the
 other in one process. Outputs are checked against each other before timing.
 Times are medians of CUDA-event (or wall-clock on CPU) measurements after
 warm-up; TFLOP/s use the standard convention (4 B H Lq Lk D forward, times the
-fraction of kept scores, x2.5 for backward). Results go to
-``benchmarks/results/<device>-<date>/``: results.json (raw), results.md (table)
-and one PNG per variant when matplotlib is installed.
+fraction of kept scores, x2.5 for backward). A decoding sweep (one new token
+against a KV cache, GQA 8:1, B 1..64, Lk 1k..128k) reports the cache read
+bandwidth. Results go to ``benchmarks/results/<device>-<date>/``: results.json
+(raw), results.md (tables) and one PNG per variant when matplotlib is installed.
 
     python benchmarks/run.py              # the full GPU sweep
     python benchmarks/run.py --smoke      # tiny shapes, any device (CPU: Triton's interpreter)
@@ -117,6 +118,48 @@ def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
     return found
 
 
+def decode_shapes(smoke: bool, device: str) -> list[tuple[int, int, int, int, int]]:
+    """(batch, query heads, kv heads, cache length, head dim) of the decoding sweep: GQA 8:1, one new token,
+    B x Lk at most 1M cached tokens."""
+    if smoke:
+        return [(2, 8, 1, 96, 32)] if device == "cpu" else [(4, 32, 4, 4096, 128)]
+    return [(batch, 32, 4, length, 128) for batch in (1, 8, 64) for length in (1024, 8192, 32768, 131072)
+            if batch * length <= 1 << 20]
+
+
+def measure_decode(args) -> list[dict]:
+    """One new token per sequence against a full cache: attngen (split-KV on CUDA), compiled
+    FlexAttention and SDPA, all with GQA; reports the cache read bandwidth as well."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows = []
+    for batch, heads, kv_heads, length, dim in decode_shapes(args.smoke, device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(batch, kv_heads, length, dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        lens = torch.full((batch,), length, device=device, dtype=torch.int32)
+        attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+        runs = {"attngen": lambda: attn(q, k, v, kv_lens=lens),
+                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+        if flex is not None:
+            compiled = torch.compile(flex.flex_attention)
+            runs["flex (compiled)"] = lambda: compiled(q, k, v, enable_gqa=True)
+        reference = runs["attngen"]().float()
+        cache_bytes = 2 * batch * kv_heads * length * dim * q.element_size()
+        for impl, run in runs.items():
+            row = {"variant": "decode", "impl": impl, "batch": batch, "heads": f"{heads}:{kv_heads}",
+                   "length": length, "head_dim": dim, "dtype": str(dtype).replace("torch.", "")}
+            try:
+                row["max_diff_vs_attngen"] = float((run().float() - reference).abs().max())
+                row["forward_ms"] = median_ms(run, device, args.repeats)
+                row["cache_gb_per_s"] = cache_bytes / row["forward_ms"] / 1e6
+            except Exception as error:  # a failing baseline is a result too
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def measure(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
@@ -165,14 +208,16 @@ def ratios(rows: list[dict]) -> None:
                 ours[f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[metric]
 
 
-def write(rows: list[dict], smoke: bool, root: Path, proxies: dict | None = None) -> Path:
+def write(rows: list[dict], smoke: bool, root: Path, proxies: dict | None = None,
+          decode_rows: list[dict] = ()) -> Path:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     date = datetime.date.today().isoformat()
     folder = root / f"{device.replace(' ', '_')}-{date}{'-smoke' if smoke else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "date": date, "torch": torch.__version__, "triton": triton.__version__,
             "attngen": ag.__version__, "smoke": smoke}
-    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": list(decode_rows)},
+                                                    indent=1))
     lines = [f"# attngen benchmarks: {device}, {date}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, attngen {meta['attngen']}"
              f"{' (smoke run: tiny shapes, not a measurement)' if smoke else ''}", "",
@@ -190,6 +235,14 @@ def write(rows: list[dict], smoke: bool, root: Path, proxies: dict | None = None
                      f"{r['head_dim']} | {r['dtype']} | {r['forward_ms']:.3f} | {r['forward_tflops']:.1f} | "
                      f"{r['forward_backward_ms']:.3f} | {r['forward_backward_tflops']:.1f} | {speedup} | "
                      f"{r['max_diff_vs_attngen']:.1e} |")
+    if decode_rows:
+        lines += ["", "## Decoding (one new token, full cache, GQA)", "",
+                  "| impl | B | Hq:Hkv | Lk | D | dtype | ms | cache GB/s | max diff |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in decode_rows:
+            cells = f"error: {r['error']} | | |" if "error" in r else \
+                f"{r['forward_ms']:.3f} | {r['cache_gb_per_s']:.0f} | {r['max_diff_vs_attngen']:.1e} |"
+            lines.append(f"| {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | {r['head_dim']} | "
+                         f"{r['dtype']} | {cells}")
     if proxies is not None:
         lines += ["", cpu_proxies.markdown(proxies)]
         (folder / "proxies.json").write_text(json.dumps(proxies, indent=1))
@@ -237,10 +290,11 @@ def main() -> None:
         args.repeats = 2 if args.smoke else 20
     rows = measure(args)
     ratios(rows)
+    decode_rows = measure_decode(args) if not args.only or "decode" in args.only else []
     proxies = cpu_proxies.run(quick=args.smoke) if args.proxies else None
     if proxies is not None:
         print(cpu_proxies.markdown(proxies))
-    print(f"results in {write(rows, args.smoke, args.out, proxies)}")
+    print(f"results in {write(rows, args.smoke, args.out, proxies, decode_rows)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def test_smoke_run_writes_json_and_a_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "causal", "sigmoid",
-                    "--repeats", "1", "--proxies", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+                    "decode", "--repeats", "1", "--proxies", "--out", str(tmp_path)], check=True, capture_output=True,
+                   text=True)
     [folder] = tmp_path.iterdir()
     rows = json.loads((folder / "results.json").read_text())["rows"]
     ours = [r for r in rows if r["impl"] == "attngen"]
@@ -19,6 +20,10 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     assert sdpa["max_diff_vs_attngen"] < 1e-4  # implementations agree before they are timed
     table = (folder / "results.md").read_text()
     assert "| causal | attngen |" in table and "torch " in table and "triton " in table
+    decode = json.loads((folder / "results.json").read_text())["decode"]
+    assert {r["impl"] for r in decode} >= {"attngen", "sdpa"} and all(r.get("max_diff_vs_attngen", 1) < 1e-4
+                                                                      for r in decode if r["impl"] == "sdpa")
+    assert "## Decoding" in table
     proxies = json.loads((folder / "proxies.json").read_text())
     causal = next(r for r in proxies["tiles"] if r["mask"] == "causal")
     assert causal["visited"] < 0.6 and "## CPU proxies" in table

@@ -89,7 +89,8 @@ def test_user_block_masks_and_summaries_compile():
 
 
 @pytest.mark.parametrize("variant", [Variant(split_kv=True), Variant(cache=True, split_kv=True, paged=True),
-                                     Variant(packed=True), Variant(cache=True)], ids=lambda v: v.describe())
+                                     Variant(packed=True), Variant(cache=True), Variant(dropout=True)],
+                         ids=lambda v: v.describe())
 def test_call_variants_compile(variant):
     attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal, stats=("lse", "max"))).for_call(variant)
     q, k, v = (torch.randn(2, 4, 5, 64, dtype=torch.bfloat16), torch.randn(2, 2, 300, 64, dtype=torch.bfloat16),

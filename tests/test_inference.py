@@ -242,3 +242,65 @@ def test_maps_are_refused_with_a_cache():
     q, k, v = Case(1, 2, 2, 1, 8, 16, 16).tensors()
     with pytest.raises(ValueError, match="maps .* are not supported with kv_lens"):
         ag.compile(ag.AttentionSpec(stats=("col_sum",)))(q, k, v, kv_lens=torch.tensor([5]))
+
+
+# -- dropout ------------------------------------------------------------------------------
+
+DROPOUT_SPECS = {
+    "softmax_causal": lambda h: ag.AttentionSpec(mask_mod=masks.causal, stats=("lse", "entropy")),
+    "alibi_learnable": SPECS["alibi_learnable"],
+    "sigmoid": lambda h: ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias=-1.0)),
+    "affine": DECODE_SPECS["affine"],
+    "learnable_sink": SPECS["learnable_sink"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DROPOUT_SPECS))
+def test_dropout_backward_matches_a_reference_with_the_same_mask(name):
+    q, k, v = Case(2, 4, 2, 33, 40, 16, 8, seed=5).tensors()
+    assert_matches_reference(DROPOUT_SPECS[name](4), q, k, v, dropout_p=0.3, seed=11)
+
+
+def test_dropout_in_the_spec_and_with_packed_sequences():
+    spec = ag.AttentionSpec(mask_mod=masks.causal, dropout_p=0.2)
+    q, k, v = Case(1, 2, 2, 20, 20, 16, 16).tensors()
+    assert_matches_reference(spec, q, k, v)  # the spec's rate, the toolkit's seed
+    out = ag.compile(spec)(q, k, v, dropout_p=0.0)
+    torch.testing.assert_close(out, ag.compile(ag.AttentionSpec(mask_mod=masks.causal))(q, k, v))
+
+
+def test_dropout_masks_are_deterministic_unbiased_and_differ_by_seed_and_head():
+    attn = ag.compile(ag.AttentionSpec())
+    keep = attn.dropout_keep(2, 3, 64, 64, 0.25, seed=123)
+    fraction, n = float(keep.float().mean()), keep.numel()
+    assert abs(fraction - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5  # within four standard deviations
+    assert torch.equal(keep, attn.dropout_keep(2, 3, 64, 64, 0.25, seed=123))
+    assert not torch.equal(keep, attn.dropout_keep(2, 3, 64, 64, 0.25, seed=124))
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    q, k, v = Case(1, 1, 1, 8, 16, 16, 16).tensors(requires_grad=False)
+    mean = torch.stack([attn(q, k, v, dropout_p=0.25, seed=s) for s in range(64)]).mean(0)
+    plain = attn(q, k, v)
+    spread = torch.stack([attn(q, k, v, dropout_p=0.25, seed=s) for s in range(64, 80)]).std(0)
+    assert ((mean - plain).abs() < 4 * spread / 64 ** 0.5 + 1e-6).all()  # E[dropped output] = output
+
+
+def test_the_generator_is_philox_4x32_10():
+    """Random123's known answer: key (0, 0), counter 0 gives 0x6627e8d5 first; the mask keeps a weight
+    when the top 24 bits, as a fraction, are at least the rate."""
+    attn = ag.compile(ag.AttentionSpec())
+    first = 0x6627E8D5 >> 8
+    assert attn.dropout_keep(1, 1, 1, 1, (first - 0.5) / 2**24, seed=0).item()
+    assert not attn.dropout_keep(1, 1, 1, 1, (first + 0.5) / 2**24, seed=0).item()
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(dropout_p=1.0), r"dropout_p must be a number in \[0, 1\)"),
+    (dict(dropout_p=-0.1), r"dropout_p must be a number in \[0, 1\)"),
+    (dict(dropout_p=0.1, seed=1.5), "seed must be an int"),
+])
+def test_bad_dropout_arguments(call, message):
+    q, k, v = Case(1, 1, 1, 4, 4, 16, 16).tensors()
+    with pytest.raises(ValueError, match=message):
+        ag.compile(ag.AttentionSpec())(q, k, v, **call)
+    with pytest.raises(ag.SpecError, match="dropout_p must be"):
+        ag.AttentionSpec(dropout_p=1.5)

@@ -157,8 +157,10 @@ def kv_loads(paged: bool, table: str) -> dict[str, str]:
 
 
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
-                   maps: list[MapStat], scale: float | None, split_kv: bool = False, paged: bool = False) -> dict:
+                   maps: list[MapStat], scale: float | None, split_kv: bool = False,
+                   kernel_captures: dict[str, int] | None = None) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
+    kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
     outputs = graph.outputs
     softmax = normalization.family == "softmax"
@@ -215,8 +217,12 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     return {
-        **kv_loads(paged, f"cap{len(graph.captures) - 1}"),
-        "paged": paged,
+        **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
+        "paged": "block_table" in kernel_captures,
+        "table_capture": kernel_captures.get("block_table"),
+        "dropout": "dropout_seed" in kernel_captures,
+        "dropout_args": "" if "dropout_seed" not in kernel_captures else
+                        f"cap{kernel_captures['dropout_seed']}, cap{kernel_captures['dropout_p']}, ",
         "split_kv": split_kv,
         "state": state,
         "state_vectors": repr([vector for _, vector in state]),
@@ -274,10 +280,13 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
 
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
-           maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False, paged: bool = False) -> str:
+           maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
+           kernel_captures: dict[str, int] | None = None) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
-    ``paged``: k and v are pages of a cache whose block table is the last captured tensor."""
-    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv, paged)
+    ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
+    ``block_table``, and ``dropout_seed`` / ``dropout_p``."""
+    context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
+                             kernel_captures or {})
     return environment().get_template(TEMPLATE).render(**context)

@@ -13,6 +13,7 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import KERNEL_DTYPES, Shape, check_inputs
+from ..spec import check_dropout
 from ..stats import Stats, map_stats
 from .variants import Variant, packed_tensors
 
@@ -102,8 +103,22 @@ def _check_pages_in_range(table: torch.Tensor, kv_lens: torch.Tensor, page_size:
         raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")
 
 
+def _dropout(spec, dropout_p, seed, device) -> dict[str, torch.Tensor]:
+    """The stand-ins of a call with dropout (none without): its probability and seed as tensors."""
+    rate = spec.dropout_p if dropout_p is None else dropout_p
+    check_dropout(rate, "dropout_p")
+    if rate == 0:
+        return {}
+    if seed is None:  # a fresh mask per call, reproducible under torch.manual_seed
+        seed = int(torch.randint(0, 2**62, (1,)))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return {"dropout_seed": torch.tensor([seed], dtype=torch.int64, device=device),
+            "dropout_p": torch.tensor([float(rate)], device=device)}
+
+
 def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None, cu_seqlens_q=None,
-            cu_seqlens_k=None, mode=None) -> Call:
+            cu_seqlens_k=None, mode=None, dropout_p=None, seed=None) -> Call:
     """Check a call's arguments and build its :class:`Call`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -143,4 +158,6 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         block_size = blocks.block_size
         tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
     split_kv = mode == "decode" or (mode in (None, "auto") and decoding(shape, q))
-    return Call(Variant(block_size, cache, packed, split_kv, block_table is not None), tensors, q, k, v, shape)
+    tensors.update(_dropout(spec, dropout_p, seed, q.device))
+    variant = Variant(block_size, cache, packed, split_kv, block_table is not None, "dropout_seed" in tensors)
+    return Call(variant, tensors, q, k, v, shape)

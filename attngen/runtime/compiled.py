@@ -17,7 +17,7 @@ from ..trace import trace
 from . import autotune, calls, plan
 from .cache import cached_source
 from .loader import load_kernels
-from .variants import Variant
+from .variants import KERNEL_CAPTURES, Variant
 
 
 def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torch.Tensor:
@@ -59,8 +59,11 @@ class CompiledAttention:
         self.expectations = stats_module.kernel_expectations(self.spec.stats)
         traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
         self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count)
-        if self.variant.paged:  # read by the kernels' key loads, not by the mods: its place is the last
-            self.graph.captures.append(Capture(self.stand_ins["block_table"]))
+        self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
+        for name in KERNEL_CAPTURES:
+            if name in self.stand_ins:
+                self.kernel_captures[name] = len(self.graph.captures)
+                self.graph.captures.append(Capture(self.stand_ins[name]))
         self.signature = self._capture_signature()
         self.description = self.spec.describe() + \
             ([f"call variant: {self.variant.describe()}"] if self.variant != Variant() else [])
@@ -84,7 +87,8 @@ class CompiledAttention:
     def _generate(self) -> str:
         return render(self.kernel_graph(), self.description, self.spec.normalization,
                       row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
-                      scale=self.spec.scale, split_kv=self.variant.split_kv, paged=self.variant.paged)
+                      scale=self.spec.scale, split_kv=self.variant.split_kv,
+                      kernel_captures=self.kernel_captures)
 
     @property
     def source(self) -> str:
@@ -154,7 +158,8 @@ class CompiledAttention:
                                 shape.kv_len, config)
 
     def __call__(self, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None,
-                 cu_seqlens_q=None, cu_seqlens_k=None, mode: str | None = None, return_stats: bool = False):
+                 cu_seqlens_q=None, cu_seqlens_k=None, mode: str | None = None, dropout_p: float | None = None,
+                 seed: int | None = None, return_stats: bool = False):
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
 
         ``block_mask`` (an :class:`attngen.BlockMask` or a bool block matrix
@@ -172,15 +177,25 @@ class CompiledAttention:
         statistics ``[Hq, tokens]``. ``mode="decode"`` splits each row's keys over
         several programs and merges them (split-KV), ``"prefill"`` never does; by
         default CUDA calls with at most 16 queries and at least 1024 keys do.
+        ``dropout_p`` (default: the spec's) drops normalized weights with that
+        probability, from ``seed`` (default: drawn from torch's generator); the
+        backward pass regenerates the same mask.
         With ``return_stats=True`` returns ``(out, stats)`` with the spec's
         statistics; ``stats.lse`` is the natural-log sum of exponentials of each
         row's kept logits (and the sink, if any).
         """
         call = calls.prepare(self.spec, q, k, v, block_mask=block_mask, kv_lens=kv_lens, q_offset=q_offset,
                              block_table=block_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                             mode=mode)
+                             mode=mode, dropout_p=dropout_p, seed=seed)
         out, stats = self.for_call(call.variant)._run(call.q, call.k, call.v, call.shape, call.tensors)
         return call.finish(out, stats if return_stats else None)
+
+    def dropout_keep(self, batch: int, heads: int, q_len: int, kv_len: int, dropout_p: float, seed: int,
+                     device="cpu") -> torch.Tensor:
+        """For tests: the dropout mask ``[batch, heads, q_len, kv_len]`` (True: kept) that a dense call
+        with this ``dropout_p`` and ``seed`` applies."""
+        kernels = load_kernels(self.for_call(Variant(dropout=True)).path, interpret=torch.device(device).type == "cpu")
+        return kernels.dropout_keep(seed, dropout_p, batch, heads, q_len, kv_len, device)
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
@@ -207,6 +222,7 @@ def compile(spec: AttentionSpec) -> CompiledAttention:  # noqa: A001 - public AP
 
 def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False, **call):
     """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``; ``call`` takes the
-    keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, cu_seqlens_q/k)."""
+    keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, block_table,
+    cu_seqlens_q/k, mode, dropout_p, seed)."""
     spec = AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale)
     return compile(spec)(q, k, v, return_stats=return_stats, **call)

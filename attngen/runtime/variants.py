@@ -20,6 +20,7 @@ from ..blocks import blocks_mask_mod
 from ..spec import AttentionSpec
 
 _INT = dict(dtype=torch.int32)
+KERNEL_CAPTURES = ("block_table", "dropout_seed", "dropout_p")  # read by the kernels themselves, not by mods
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Variant:
     ``paged`` (a kernel feature, with ``cache``): k and v are pages ``[pages, Hkv, page_size, D]``
     and key ``kv_idx`` of batch entry ``b`` is row ``kv_idx % page_size`` of page
     ``block_table[b, kv_idx // page_size]``; the block table is passed like a captured tensor.
+    ``dropout`` (a kernel feature): normalized weights are dropped with the probability and seed
+    the call passes, also like captured tensors, so the backward pass regenerates the same mask.
     """
 
     block_size: tuple[int, int] | None = None
@@ -43,6 +46,7 @@ class Variant:
     packed: bool = False
     split_kv: bool = False
     paged: bool = False
+    dropout: bool = False
 
     def stand_ins(self) -> dict[str, torch.Tensor]:
         """One small placeholder tensor per call tensor the rewritten mods read, by name."""
@@ -56,6 +60,8 @@ class Variant:
                                                                       "len_k")})
         if self.paged:
             found["block_table"] = torch.zeros(1, 1, **_INT)
+        if self.dropout:
+            found.update(dropout_seed=torch.zeros(1, dtype=torch.int64), dropout_p=torch.zeros(1))
         return found
 
     def rewrite(self, spec: AttentionSpec, t: dict[str, torch.Tensor]):
@@ -79,6 +85,7 @@ class Variant:
         parts += ["packed sequences (cu_seqlens)"] if self.packed else []
         parts += ["split-KV forward (decoding)"] if self.split_kv else []
         parts += ["paged KV cache (block_table)"] if self.paged else []
+        parts += ["dropout"] if self.dropout else []
         return ", ".join(parts) or "plain"
 
 

@@ -87,10 +87,12 @@ class _Grammar:
         return f"({a} {'&' if kind == 'and' else '|'} {self.condition(depth - 1)})"
 
     def bounded(self, depth: int) -> str:
-        """A float expression of magnitude at most about 3."""
+        """A float tensor expression of magnitude at most about 3 (never a bare Python number, which
+        torch functions refuse)."""
         if depth == 0 or self.draw(st.integers(0, 3)) == 0:
+            scale = self.draw(st.sampled_from([0.25, -0.5, 1.5]))
             return self.choice([f"torch.tanh(0.1 * {self.integer(1)})", f"{self.table('values')}[{self.integer(1)} % {TABLE}]",
-                                str(self.draw(st.sampled_from([0.25, -0.5, 1.5]))), "torch.tanh(s)"])
+                                f"{scale} * torch.tanh(s)", "torch.tanh(s)"])
         a = self.score(depth - 1)
         return self.choice([f"torch.tanh({a})", f"torch.sigmoid({a})", f"torch.exp(-abs({a}))",
                             f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)"])

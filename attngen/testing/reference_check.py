@@ -107,18 +107,24 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     random upstream gradients (``seed``). Each bound is FlashAttention's rule: twice the error of the
     reference computed in plain torch at q's dtype, plus ``floor`` (default by dtype, see
     ``compare.FLOORS``) times the quantity's size. ``block_mask`` and ``call`` (kv_lens, q_offset,
-    cu_seqlens_q, cu_seqlens_k, block_table, mode) are passed to the call as they are; a paged cache
-    (``block_table``) is compared forward only, as it has no backward."""
+    cu_seqlens_q, cu_seqlens_k, block_table, mode, dropout_p) are passed to the call as they are; a
+    paged cache (``block_table``) is compared forward only, as it has no backward. With dropout (the
+    spec's or the call's), the call's dropout seed is ``seed`` and the reference applies the same
+    mask (dense calls)."""
     attn = compile_spec(spec)
     tensors = learnable(spec)
     packed = call.get("cu_seqlens_q") is not None
     ref_spec = spec if packed else _with_blocks(spec, block_mask, q, k, call)
     upstream = {"_gen": torch.Generator().manual_seed(seed)}
+    layout = {name: value for name, value in call.items() if name not in ("mode", "dropout_p")}  # how, not what
+    rate = call.get("dropout_p", spec.dropout_p) or 0.0
+    if rate:  # the call's dropout mask, drawn from the toolkit's seed, applied by the reference too
+        call = {**call, "seed": seed}
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        layout.update(dropout_p=rate, dropout_keep=attn.dropout_keep(*shape, rate, seed, device=q.device))
     backward = call.get("block_table") is None
     kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **call, **kw), spec, q, k, v, tensors, upstream,
                   backward=backward)
-
-    layout = {name: value for name, value in call.items() if name != "mode"}  # mode: how, not what
 
     def materialized(*t, **kw):
         return reference.attention(*t, ref_spec, **layout, **kw)
