@@ -1,6 +1,6 @@
 """The normalization family: how a row of modded scores becomes weights.
 
-Two families share the kernel templates:
+Three families share the kernel templates:
 
 * ``"softmax"`` -- online row normalizers: ``p_j = exp(l_j) / (exp(sink) + sum_k exp(l_k))``
   over the kept keys, where the logits ``l = logits(score, h, n)`` are a traced
@@ -8,6 +8,10 @@ Two families share the kernel templates:
   ``alpha * softmax + beta``. Row statistics (``lse``) are defined.
 * ``"elementwise"`` -- no row state: ``p_j = weight(score_j, h, n)``; masked
   keys get weight 0. The backward uses the IR derivative of ``weight``.
+* ``"threshold"`` -- sparse row normalizers (sparsemax, alpha-entmax):
+  ``p_j = [(alpha - 1) l_j - tau]_+ ** (1 / (alpha - 1))`` with the row's
+  threshold ``tau`` found by safeguarded Newton passes over the keys, so that
+  the weights sum to 1 with exact zeros.
 
 ``n`` is the number of keys (``count="length"``) or, per row, the number of
 kept keys (``count="unmasked"``). Per-head parameters are floats or tensors of
@@ -166,3 +170,30 @@ class Elementwise(Normalization):
 
     def weight(self, score, h, n):
         return self.fn(score)
+
+
+class Entmax(Normalization):
+    """alpha-entmax (Peters et al. 2019): ``p_j = [(alpha - 1) l_j - tau]_+ ** (1 / (alpha - 1))`` with
+    ``tau`` per row such that ``sum_j p_j = 1``; keys below the threshold get exactly 0.
+
+    ``alpha`` in (1, 2]: 2 is sparsemax, 1.5 the usual entmax, toward 1 softmax. The kernels find
+    ``tau`` with ``iterations`` safeguarded Newton steps, each a pass over the row's keys (default:
+    8 for sparsemax, whose support iteration is exact, else 14), then normalize the weights.
+    """
+
+    family = "threshold"
+
+    def __init__(self, alpha: float = 1.5, iterations: int | None = None):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
+            raise ValueError(f"Entmax(alpha=...) must be a number in (1, 2], got {alpha!r}")
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                       or not 1 <= iterations <= 64):
+            raise ValueError(f"Entmax(iterations=...) must be an int between 1 and 64, got {iterations!r}")
+        self.alpha = float(alpha)
+        self.iterations = iterations or (8 if self.alpha == 2.0 else 14)
+
+
+def Sparsemax(iterations: int | None = None) -> Entmax:  # noqa: N802 - reads like the class it stands for
+    """Sparsemax (Martins & Astudillo 2016): the Euclidean projection of the logits onto the simplex,
+    ``p_j = [l_j - tau]_+``; ``Entmax(alpha=2)``."""
+    return Entmax(alpha=2.0, iterations=iterations)

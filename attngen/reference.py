@@ -50,7 +50,7 @@ def _per_head(value, like: torch.Tensor):
 
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits
-    (both None for elementwise normalizations)."""
+    (both None for elementwise normalizations; lse None for the threshold family)."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
@@ -59,6 +59,8 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     if normalization.family == "elementwise":
         return torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s)), None, None
     raw_logits = normalization.logits(s, h, n)
+    if normalization.family == "threshold":
+        return entmax(raw_logits, keep, normalization.alpha), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
     if normalization.sink is None:
         lse = torch.logsumexp(logits, dim=-1)
@@ -72,6 +74,31 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         alpha, beta = (_per_head(x, s) for x in normalization.affine)
         p = alpha * p + beta * keep.to(s.dtype)
     return p, lse, raw_logits
+
+
+def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha-entmax of ``z`` over the kept entries of its last axis (0 elsewhere, and on rows keeping
+    none). The threshold comes from bisection to the dtype's precision; its gradient from one Newton
+    step written with torch ops, which at the solution is the implicit function's derivative."""
+    power = 1.0 / (alpha - 1)
+    x = torch.where(keep, (alpha - 1) * z, float("-inf"))
+
+    def weights(tau):
+        u = torch.clamp(x - tau, min=0.0)
+        return u ** power, torch.where(u > 0, u ** (power - 1), torch.zeros_like(u))
+
+    with torch.no_grad():
+        top = x.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        lo, hi = top - 1, top  # the sum of the weights is >= 1 at lo and < 1 at hi
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            above = weights(mid)[0].sum(-1, keepdim=True) >= 1
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    p, w = weights(lo)
+    slope = w.sum(-1, keepdim=True)
+    tau = lo + (alpha - 1) * (p.sum(-1, keepdim=True) - 1) / torch.where(slope > 0, slope, torch.ones_like(slope))
+    return torch.where(keep, weights(tau)[0], torch.zeros_like(z))
 
 
 def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Tensor:

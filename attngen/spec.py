@@ -98,8 +98,8 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
         raise SpecError(f"stats names must be unique, got {names}")
     norm = type(normalization).__name__
     if stats and normalization.family != "softmax":
-        raise SpecError(f"stats {names} are not defined for {norm}: an elementwise normalization has no "
-                        "row normalizer; use stats=()")
+        raise SpecError(f"stats {names} are not defined for {norm}: they are statistics of a softmax "
+                        f"(the {normalization.family} family has no log-sum-exp); use stats=()")
     needs_distribution = [n for n, s in zip(names, stats)
                           if n == "entropy" or isinstance(s, (stats_module.Expectation, stats_module.MapStat))]
     if needs_distribution and normalization.affine is not None:

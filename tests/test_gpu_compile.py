@@ -31,6 +31,8 @@ def _extra_specs():
         "scalable": ag.AttentionSpec(normalization=ag.norms.ScalableSoftmax(s=0.4, count="unmasked")),
         "affine": ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=torch.ones(4, requires_grad=True),
                                                                         beta=0.01)),
+        "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal),
+        "entmax_1_3": ag.AttentionSpec(normalization=ag.norms.Entmax(1.3)),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),
             "col_sum", ag.stats.pooled(16, 16, "mean", name="mean_map"),

@@ -40,6 +40,9 @@ NORMS = {
     "scalable_unmasked": (_none, lambda c: norms.ScalableSoftmax(s=0.7, count="unmasked")),
     "affine_learnable": (_affine, lambda c: norms.AffineSoftmax(alpha=c["alpha"], beta=c["beta"])),
     "elementwise_sigmoid_squared": (_none, lambda c: norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)),
+    "sparsemax": (_none, lambda c: norms.Sparsemax()),
+    "entmax15": (_none, lambda c: norms.Entmax(1.5)),
+    "entmax_1_3": (_none, lambda c: norms.Entmax(1.3)),
 }
 MASKS = {
     "no_mask": None,
@@ -144,3 +147,25 @@ def test_any_normalization_with_any_score_and_mask_mod(norm_name, variant, q_len
 
     combined = Variant(f"{variant.name}+{norm_name}", captures, spec)
     check_variant(combined, Case(1, 2 * group, 2, q_len, kv_len, 16, 32, seed=seed))
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5])
+def test_entmax_weights_have_exact_zeros_and_sum_to_one(alpha):
+    """With v the identity, the output rows are the weights themselves."""
+    spec = ag.AttentionSpec(normalization=norms.Entmax(alpha), score_mod=lambda s, b, h, q_idx, kv_idx: 4.0 * s)
+    q, k, _ = Case(1, 2, 2, 24, 32, 16, 32, seed=3).tensors(requires_grad=False)
+    v = torch.eye(32).expand(1, 2, 32, 32)
+    weights = ag.compile(spec)(q, k, v)
+    expected = ag.reference.attention(q.double(), k.double(), v.double(), spec)
+    assert torch.equal(weights == 0, expected == 0) and (weights == 0).float().mean() > 0.3
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 24), atol=1e-5, rtol=0)
+
+
+def test_entmax_arguments():
+    for bad in (1.0, 2.5, "x"):
+        with pytest.raises(ValueError, match=r"alpha=...\) must be a number in \(1, 2\]"):
+            norms.Entmax(bad)
+    with pytest.raises(ValueError, match="iterations"):
+        norms.Entmax(1.5, iterations=0)
+    with pytest.raises(ag.SpecError, match="no log-sum-exp"):
+        ag.AttentionSpec(normalization=norms.Sparsemax(), stats=("lse",))

@@ -143,6 +143,21 @@ def forward_state(softmax: bool, affine: bool, expectations: list[int], row_max:
     return state
 
 
+def threshold_context(normalization: Normalization) -> dict:
+    """alpha, the Newton passes and the body of ``_entmax(u)`` for the threshold family."""
+    alpha = normalization.alpha
+    if alpha == 2.0:  # sparsemax
+        lines = ["return u, tl.where(u > 0.0, 1.0, 0.0)"]
+    elif alpha == 1.5:
+        lines = ["return u * u, u"]
+    else:
+        power = repr(1.0 / (alpha - 1))
+        lines = ["log_u = tl.log(tl.where(u > 0.0, u, 1.0))",
+                 f"return tl.where(u > 0.0, tl.exp({power} * log_u), 0.0), "
+                 f"tl.where(u > 0.0, tl.exp({repr(1.0 / (alpha - 1) - 1.0)} * log_u), 0.0)"]
+    return {"alpha": alpha, "iterations": normalization.iterations, "entmax_lines": lines}
+
+
 def kv_loads(paged: bool, table: str) -> dict[str, str]:
     """The forward kernels' key and value tile loads: dense, or through the paged cache's ``table``."""
     loads = {}
@@ -201,8 +216,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_params = "".join(f", {name}" for name in capture_names + tile_names)
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
+    threshold = normalization.family == "threshold"
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
-        + (["max_count"] if row_max else [])
+        + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
@@ -217,6 +233,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     return {
+        "elementwise": normalization.family == "elementwise",
+        "threshold": threshold,
+        **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
         "paged": "block_table" in kernel_captures,
         "table_capture": kernel_captures.get("block_table"),

@@ -93,8 +93,8 @@ def rows_sum_to_one(spec: AttentionSpec, case: Case) -> list[Comparison]:
 
 
 def row_shift(spec: AttentionSpec, case: Case) -> list[Comparison]:
-    """Adding a per-row constant to the scores leaves a softmax (with no sink) unchanged."""
-    if spec.normalization.family != "softmax" or spec.normalization.sink is not None:
+    """Adding a per-row constant to the scores leaves a softmax (with no sink) or an entmax unchanged."""
+    if spec.normalization.family not in ("softmax", "threshold") or spec.normalization.sink is not None:
         return []
     user = spec.score_mod
 

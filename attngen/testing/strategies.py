@@ -156,6 +156,8 @@ def normalizations(draw, heads: int = 4) -> Snippet:
         "sigmoid_learnable": f"ag.norms.Sigmoid(bias={per_head('1.0', '-1.5')})",
         "relu": f"ag.norms.ReLU(power={draw(st.integers(1, 3))}, normalize={count!r})",
         "elementwise": "ag.norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)",
+        "sparsemax": "ag.norms.Sparsemax()",
+        "entmax": f"ag.norms.Entmax({draw(st.sampled_from([1.5, 1.25, 1.7]))})",
     }
     return Snippet("normalization", f"normalization = {choices[draw(st.sampled_from(sorted(choices)))]}")
 
