@@ -132,12 +132,25 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stat
     return stats_module.assemble(spec.stats, lse, row_max, expectations, maps)
 
 
+def _differential_weights(q, k, spec: AttentionSpec) -> torch.Tensor:
+    """``softmax(S1) - lam * softmax(S2)`` over the halves of q and k (differential attention)."""
+    half = q.shape[-1] // 2
+    first = dataclasses.replace(spec, differential=None, second_score_mod=None, stats=())
+    second = dataclasses.replace(first, score_mod=spec.second_score_mod or spec.score_mod)
+    s1, keep = scores(q[..., :half], k[..., :half], first)
+    s2, _ = scores(q[..., half:], k[..., half:], second)
+    p1, p2 = (weights(s, keep, spec.normalization)[0] for s in (s1, s2))
+    return p1 - _per_head(spec.differential, s1) * p2
+
+
 def _shifted(spec: AttentionSpec, batch, query) -> AttentionSpec:
     """``spec`` run on one batch entry (or sequence) alone: its mods see batch index ``b + batch``
     and query positions ``q_idx + query``."""
-    score, mask = spec.score_mod, spec.mask_mod
+    def shift_score(score):
+        return None if score is None else (lambda s, b, h, i, j: score(s, b + batch, h, i + query, j))
+    mask = spec.mask_mod
     return dataclasses.replace(
-        spec, score_mod=None if score is None else (lambda s, b, h, i, j: score(s, b + batch, h, i + query, j)),
+        spec, score_mod=shift_score(spec.score_mod), second_score_mod=shift_score(spec.second_score_mod),
         mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)))
 
 
@@ -193,8 +206,11 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
             pieces.append((out[0].transpose(0, 1), stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})))
         return _joined(pieces, 0, -1, return_stats)
     shape = check_inputs(q, k, v)
-    s, keep = scores(q, k, spec)
-    p, lse, logits = weights(s, keep, spec.normalization)
+    if spec.differential is not None:
+        p, lse, logits, keep = _differential_weights(q, k, spec), None, None, None
+    else:
+        s, keep = scores(q, k, spec)
+        p, lse, logits = weights(s, keep, spec.normalization)
     v = v.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
     dropped = p if dropout_keep is None else p * dropout_keep.to(p.dtype) / (1.0 - dropout_p)
     out = dropped.to(v.dtype) @ v

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from . import stats as stats_module
 from .errors import SpecError
 from .norms import Normalization, Softmax
@@ -40,6 +42,12 @@ class AttentionSpec:
         dropout_p: the probability of zeroing each normalized weight (the kept
             ones are scaled by ``1 / (1 - dropout_p)``); a call's ``dropout_p=``
             overrides it. Statistics describe the weights before dropout.
+        differential: ``lam`` (a float or a per-head tensor, learnable with
+            ``requires_grad``) makes this differential attention (Ye et al.
+            2024): q and k are split into halves ``[Q1 | Q2]``, ``[K1 | K2]``
+            and the weights are ``softmax(S1) - lam * softmax(S2)`` over the
+            same keys, mask and values; ``scale`` defaults to ``1/sqrt(Dqk/2)``.
+        second_score_mod: the second stream's score_mod (default: ``score_mod``).
     """
 
     score_mod: Callable | None = None
@@ -48,6 +56,8 @@ class AttentionSpec:
     scale: float | None = None
     stats: tuple[str, ...] | None = None
     dropout_p: float = 0.0
+    differential: float | torch.Tensor | None = None
+    second_score_mod: Callable | None = None
 
     def __post_init__(self):
         if self.score_mod is not None:
@@ -63,8 +73,9 @@ class AttentionSpec:
                     or not math.isfinite(self.scale) or self.scale <= 0:
                 raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
         check_dropout(self.dropout_p, "dropout_p")
+        _check_differential(self)
         if self.stats is None:
-            stats = ("lse",) if row_stats else ()
+            stats = ("lse",) if row_stats and self.differential is None else ()
         else:
             single = (str, stats_module.Expectation, stats_module.MapStat)
             stats = (self.stats,) if isinstance(self.stats, single) else tuple(self.stats)
@@ -74,10 +85,34 @@ class AttentionSpec:
 
     def describe(self) -> list[str]:
         """Human-readable lines: the source of each function and the settings."""
-        return [*_source("score_mod", self.score_mod), *_source("mask_mod", self.mask_mod),
+        second = [*_source("second_score_mod", self.second_score_mod),
+                  f"differential = {_show(self.differential)}"] if self.differential is not None else []
+        return [*_source("score_mod", self.score_mod), *second, *_source("mask_mod", self.mask_mod),
                 f"normalization = {self.normalization!r}",
                 f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
                 f"stats = {self.stats!r}"] + ([f"dropout_p = {self.dropout_p!r}"] if self.dropout_p else [])
+
+
+def _check_differential(spec: AttentionSpec) -> None:
+    """Differential attention's parameter and what it combines with."""
+    if spec.second_score_mod is not None:
+        if spec.differential is None:
+            raise SpecError("second_score_mod is the second stream of differential attention: set differential=lam")
+        _check_arity(spec.second_score_mod, "second_score_mod", ("score", "b", "h", "q_idx", "kv_idx"))
+    if spec.differential is None:
+        return
+    lam = spec.differential
+    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam)) and not (
+            isinstance(lam, torch.Tensor) and lam.is_floating_point() and lam.dim() <= 1):
+        raise SpecError(f"differential must be a finite float or a per-head float tensor (lambda), got {lam!r}")
+    norm = spec.normalization
+    if norm.family != "softmax" or norm.sink is not None or norm.affine is not None:
+        raise SpecError(f"differential attention subtracts two softmaxes; its normalization must be a softmax "
+                        f"without sink or affine output, got {norm!r}")
+    if spec.stats not in (None, ()):
+        raise SpecError(f"differential attention has no statistics yet; got stats={spec.stats!r}")
+    if spec.dropout_p:
+        raise SpecError("differential attention does not support dropout yet")
 
 
 def check_dropout(rate, name: str) -> None:
@@ -118,3 +153,7 @@ def _source(name: str, fn: Callable | None) -> list[str]:
     except (OSError, TypeError):
         return [f"{name} = {label}"]
     return [f"{name} = {label}:"] + [f"    {line}" for line in lines]
+
+
+def _show(value) -> str:
+    return f"tensor{list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)

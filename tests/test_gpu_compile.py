@@ -32,6 +32,9 @@ def _extra_specs():
         "affine": ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=torch.ones(4, requires_grad=True),
                                                                         beta=0.01)),
         "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal),
+        "differential": ag.AttentionSpec(differential=torch.full((4,), 0.5, requires_grad=True),
+                                         score_mod=lambda s, b, h, q_idx, kv_idx: s * torch.rand(4)[h],
+                                         mask_mod=ag.masks.causal),
         "entmax_1_3": ag.AttentionSpec(normalization=ag.norms.Entmax(1.3)),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),
@@ -43,7 +46,7 @@ def _extra_specs():
 def _check(spec, dtype=torch.bfloat16, arch=90, qk_dim=64, v_dim=64, **tiles):
     kernels = compile_for_gpu(ag.compile(spec), *_tensors(dtype, qk_dim, v_dim), arch=arch, tiles=tiles)
     names = {k.name for k in kernels}
-    assert "_attn_bwd_dq" in names and ({"_attn_fwd", "_threshold_fwd"} & names), names
+    assert names & {"_attn_bwd_dq", "_diff_bwd_dq"} and names & {"_attn_fwd", "_threshold_fwd", "_diff_fwd"}, names
     for kernel in kernels:
         assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel
     return kernels

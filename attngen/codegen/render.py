@@ -171,18 +171,35 @@ def kv_loads(paged: bool, table: str) -> dict[str, str]:
     return loads
 
 
+def score_functions(printer: TritonPrinter, stream: str) -> tuple[list[str], list[str], list[dict]]:
+    """The bodies of ``score_fn<stream>`` and ``score_fn<stream>_backward`` (stream "" or "2", the second
+    score of differential attention), and the captured-tensor gradients the backward one returns."""
+    graph, prefix = printer.graph, f"score{stream}." if stream else ""
+    score = graph.outputs[f"score{stream}"]
+    score_lines, _ = printer.statements({"score": f"score{stream}"})
+    if printer.axes(score) != {"q", "kv"} or graph.dtype(score) != "float":
+        score_lines.append("score = score + tl.full(qk.shape, 0.0, tl.float32)")
+    grads = []
+    while f"{prefix}grad:{len(grads)}" in graph.outputs:
+        load = graph.outputs[f"{prefix}load:{len(grads)}"]
+        grads.append({"k": len(grads), "capture": graph.node(load)["capture"], "load": load,
+                      "axes": _axes_name(printer.index_axes(load))})
+    targets = {"d_score": f"{prefix}d_score", **{f"grad{g['k']}": f"{prefix}grad:{g['k']}" for g in grads}}
+    backward_lines, names = printer.statements(targets, also=tuple(i for g in grads for i in graph.args(g["load"])))
+    backward_lines += [f"offset{g['k']} = {printer.offset(g['load'], names)}" for g in grads]
+    return score_lines, backward_lines, grads
+
+
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
-                   kernel_captures: dict[str, int] | None = None) -> dict:
+                   kernel_captures: dict[str, int] | None = None, differential: bool = False) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
     outputs = graph.outputs
-    softmax = normalization.family == "softmax"
+    softmax = normalization.family == "softmax" and not differential  # the single-stream softmax kernels
 
-    score_lines, _ = printer.statements({"score": "score"})
-    if printer.axes(outputs["score"]) != {"q", "kv"} or graph.dtype(outputs["score"]) != "float":
-        score_lines.append("score = score + tl.full(qk.shape, 0.0, tl.float32)")
+    score_lines, backward_lines, grads = score_functions(printer, "")
 
     if graph.is_const(outputs["mask"], True):
         mask_lines = ["mask = q_valid & kv_valid  # mask_mod is always True"]
@@ -194,14 +211,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     segment_lines = {axis: printer.statements({n: n for n in segment_names(axis, layouts[axis])})[0]
                      for axis in _AXES if layouts[axis] != "full"}
 
-    grads = []
-    while f"grad:{len(grads)}" in outputs:
-        load = outputs[f"load:{len(grads)}"]
-        grads.append({"k": len(grads), "capture": graph.node(load)["capture"], "load": load,
-                      "axes": _axes_name(printer.index_axes(load))})
-    targets = {"d_score": "d_score", **{f"grad{g['k']}": f"grad:{g['k']}" for g in grads}}
-    backward_lines, names = printer.statements(targets, also=tuple(i for g in grads for i in graph.args(g["load"])))
-    backward_lines += [f"offset{g['k']} = {printer.offset(g['load'], names)}" for g in grads]
 
     expectations = list(range(sum(1 for name in outputs if name.startswith("exp") and "." not in name)))
     stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in expectations
@@ -216,9 +225,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_params = "".join(f", {name}" for name in capture_names + tile_names)
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
+    params += ["lam"] if differential else []
     threshold = normalization.family == "threshold"
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
-        + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else [])
+        + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
@@ -232,7 +243,12 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
         + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
+    tile_args = ["qk"] + mask_inputs + counts + capture_names
     return {
+        "differential": differential,
+        **(dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2")))
+           if differential else {}),
+        "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
         "elementwise": normalization.family == "elementwise",
         "threshold": threshold,
         **(threshold_context(normalization) if threshold else {}),
@@ -282,7 +298,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
         "mask_args": ", ".join(mask_inputs + capture_names),
         "tile_inputs": ", ".join(mask_inputs + counts + capture_names),
-        "tile_args": ", ".join(["qk"] + mask_inputs + counts + capture_names),
+        "tile_args": ", ".join(tile_args),
         "score_lines": score_lines,
         "mask_lines": mask_lines,
         "state_lines": state_lines,
@@ -300,12 +316,13 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
-           kernel_captures: dict[str, int] | None = None) -> str:
+           kernel_captures: dict[str, int] | None = None, differential: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
-    ``block_table``, and ``dropout_seed`` / ``dropout_p``."""
+    ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the
+    halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             kernel_captures or {})
+                             kernel_captures or {}, differential)
     return environment().get_template(TEMPLATE).render(**context)

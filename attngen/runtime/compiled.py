@@ -31,16 +31,21 @@ def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torc
     return value.float().expand(heads).contiguous()
 
 
-def norm_parameters(normalization, heads: int, device: torch.device) -> list[torch.Tensor]:
-    """The per-head tensors the kernels take for a sink or an affine output."""
+def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -> list[torch.Tensor]:
+    """The per-head tensors the kernels take: a sink, an affine output's alpha and beta, or
+    differential attention's lambda (in the generated module's NORM_PARAMETERS order)."""
+    normalization = spec.normalization
     name = type(normalization).__name__
+    found = []
     if normalization.sink is not None:
-        return [_per_head_tensor(f"{name}(sink=...)", normalization.sink, heads, device)]
+        found.append(_per_head_tensor(f"{name}(sink=...)", normalization.sink, heads, device))
     if normalization.affine is not None:
         alpha, beta = normalization.affine
-        return [_per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
-                _per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
-    return []
+        found += [_per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
+                  _per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
+    if spec.differential is not None:
+        found.append(_per_head_tensor("differential", spec.differential, heads, device))
+    return found
 
 
 class CompiledAttention:
@@ -58,7 +63,9 @@ class CompiledAttention:
         self._plan_graph = None
         self.expectations = stats_module.kernel_expectations(self.spec.stats)
         traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
-        self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count)
+        self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count,
+                           second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
+                           two_streams=self.spec.differential is not None)
         self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
         for name in KERNEL_CAPTURES:
             if name in self.stand_ins:
@@ -88,7 +95,7 @@ class CompiledAttention:
         return render(self.kernel_graph(), self.description, self.spec.normalization,
                       row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
-                      kernel_captures=self.kernel_captures)
+                      kernel_captures=self.kernel_captures, differential=self.spec.differential is not None)
 
     @property
     def source(self) -> str:
@@ -202,7 +209,7 @@ class CompiledAttention:
         if self._capture_signature() != self.signature:  # e.g. requires_grad changed since compile
             self._build()
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
-        params = norm_parameters(self.spec.normalization, shape.q_heads, q.device)
+        params = per_head_parameters(self.spec, shape.q_heads, q.device)
         captures = self._captures(q.device, tensors)
         if autotune.enabled(q):
             autotune.ensure_tuned(kernels, self.key, q, k, v, captures, params)

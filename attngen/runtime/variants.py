@@ -67,17 +67,19 @@ class Variant:
     def rewrite(self, spec: AttentionSpec, t: dict[str, torch.Tensor]):
         """``(spec, key_count)``: ``spec`` with mods over the stand-ins ``t``, and the row's number of
         keys as a function of ``(b, q_idx)`` for length-normalized normalizations (None: LK)."""
-        score, mask, key_count = spec.score_mod, spec.mask_mod, None
+        score, second, mask, key_count = spec.score_mod, spec.second_score_mod, spec.mask_mod, None
         if self.cache:
+            second = _shift_queries(second, None, t["q_offset"])[0]
             score, mask = _shift_queries(score, mask, t["q_offset"])
             mask = _and(lambda b, h, q_idx, kv_idx: kv_idx < t["kv_lens"][b], mask)
             key_count = lambda b, q_idx: t["kv_lens"][b]  # noqa: E731
         if self.block_size is not None:  # blocks of the call's own tiles: unshifted query positions
             mask = _and(mask, blocks_mask_mod(t["blocks"], self.block_size))
         if self.packed:
+            second = _unpack(second, None, t)[0]
             score, mask = _unpack(score, mask, t)
             key_count = lambda b, q_idx: t["len_k"][t["seq_q"][q_idx]]  # noqa: E731
-        return dataclasses.replace(spec, score_mod=score, mask_mod=mask), key_count
+        return dataclasses.replace(spec, score_mod=score, second_score_mod=second, mask_mod=mask), key_count
 
     def describe(self) -> str:
         parts = [f"block mask of {self.block_size[0]} x {self.block_size[1]} blocks"] if self.block_size else []

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import KernelInterface
 
-from ..runtime.compiled import CompiledAttention, norm_parameters
+from ..runtime.compiled import CompiledAttention, per_head_parameters
 from ..runtime.loader import load_kernels
 
 
@@ -76,7 +76,7 @@ def compile_for_gpu(attn: CompiledAttention, q, k, v, *, arch: int = 90, tiles: 
     """
     kernels = load_kernels(attn.path, interpret=False)
     captures = kernels.prepare_captures([c.tensor.detach() for c in attn.graph.captures])
-    params = [p.detach() for p in norm_parameters(attn.spec.normalization, q.shape[1], q.device)]
+    params = [p.detach() for p in per_head_parameters(attn.spec, q.shape[1], q.device)]
     config = {**kernels.launch_config(q, k, v, "forward", device_type="cuda"), **(tiles or {})}
     scale = kernels.scale_for(q)
     built: list = []

@@ -31,11 +31,13 @@ class Float64(TorchFunctionMode):
 
 def learnable(spec: AttentionSpec) -> dict[str, torch.Tensor]:
     """The tensors of ``spec`` that receive gradients: captured float tensors that require grad
-    (``capture<i>``, in capture order) and the normalization's sink / alpha / beta tensors."""
+    (``capture<i>``, in capture order), the normalization's sink / alpha / beta tensors and
+    differential attention's ``lam``."""
     attn = compile_spec(spec)
     found = {f"capture{i}": c.tensor for i, c in enumerate(attn.graph.captures) if c.differentiable}
     norm = spec.normalization
-    named = [("sink", norm.sink)] + (list(zip(("alpha", "beta"), norm.affine)) if norm.affine else [])
+    named = [("sink", norm.sink)] + (list(zip(("alpha", "beta"), norm.affine)) if norm.affine else []) \
+        + [("lam", spec.differential)]
     found.update({name: t for name, t in named if isinstance(t, torch.Tensor) and t.requires_grad})
     return found
 

@@ -1,0 +1,70 @@
+"""Attention beyond one softmax: differential attention (two score streams), against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen.testing import Case, assert_matches_reference
+
+masks = ag.masks
+
+
+def _lam(heads):
+    return torch.linspace(0.2, 0.8, heads).requires_grad_()
+
+
+DIFFERENTIAL = {
+    "fixed_lambda": lambda h: ag.AttentionSpec(differential=0.5),
+    "learnable_causal": lambda h: ag.AttentionSpec(differential=_lam(h), mask_mod=masks.causal),
+    "two_score_mods": lambda h: (lambda slopes: ag.AttentionSpec(
+        differential=_lam(h), mask_mod=masks.sliding_window(20),
+        score_mod=lambda s, b, hh, q_idx, kv_idx: s - slopes[hh] * (q_idx - kv_idx) * 0.1,
+        second_score_mod=lambda s, b, hh, q_idx, kv_idx: 2.0 * torch.tanh(s / 2.0)))(
+            torch.rand(h, generator=torch.Generator().manual_seed(0)).requires_grad_()),
+}
+
+
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 45, 32, 16), Case(1, 4, 4, 1, 70, 16, 48),
+                                  Case(1, 2, 1, 64, 33, 64, 64)], ids=lambda c: c.id)
+@pytest.mark.parametrize("name", sorted(DIFFERENTIAL))
+def test_differential_attention_matches_reference(name, case):
+    assert_matches_reference(DIFFERENTIAL[name](case.q_heads), *case.tensors())
+
+
+def test_differential_with_a_cache_packed_sequences_and_a_block_mask():
+    spec = DIFFERENTIAL["learnable_causal"](2)
+    q, k, v = Case(2, 2, 2, 3, 40, 16, 16).tensors()
+    assert_matches_reference(spec, q, k, v, kv_lens=torch.tensor([40, 11]))
+    blocks = torch.tensor([[[[True, False], [True, True]]]])
+    q, k, v = Case(1, 2, 2, 40, 40, 16, 16).tensors()
+    assert_matches_reference(spec, q, k, v, block_mask=ag.BlockMask(blocks, block_size=20))
+    cu = torch.tensor([0, 13, 40])
+    q, k, v = (torch.randn(40, 2, 16, requires_grad=True) for _ in range(3))
+    assert_matches_reference(spec, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_lambda_zero_is_softmax_over_the_first_halves():
+    q, k, v = Case(1, 2, 2, 30, 30, 32, 16).tensors(requires_grad=False)
+    out = ag.compile(ag.AttentionSpec(differential=0.0, mask_mod=masks.causal))(q, k, v)
+    first = ag.compile(ag.AttentionSpec(mask_mod=masks.causal, scale=16 ** -0.5))(q[..., :16], k[..., :16], v)
+    torch.testing.assert_close(out, first, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ag.AttentionSpec(differential=0.5, normalization=ag.norms.OffByOne()), "without sink"),
+    (lambda: ag.AttentionSpec(differential=0.5, stats=("lse",)), "no statistics yet"),
+    (lambda: ag.AttentionSpec(second_score_mod=lambda s, b, h, q, k: s), "set differential=lam"),
+    (lambda: ag.AttentionSpec(differential="big"), "finite float or a per-head float tensor"),
+    (lambda: ag.AttentionSpec(differential=0.5, dropout_p=0.1), "dropout"),
+])
+def test_bad_differential_specs(make, message):
+    with pytest.raises(ag.SpecError, match=message):
+        make()
+
+
+def test_odd_head_dims_are_refused():
+    q, k, v = Case(1, 2, 2, 8, 8, 15, 16).tensors()
+    with pytest.raises(ValueError, match="head dim must be even, got 15"):
+        ag.compile(ag.AttentionSpec(differential=0.5))(q, k, v)
