@@ -1,6 +1,6 @@
 """The normalization family: how a row of modded scores becomes weights.
 
-Three families share the kernel templates:
+Four families share the kernel templates:
 
 * ``"softmax"`` -- online row normalizers: ``p_j = exp(l_j) / (exp(sink) + sum_k exp(l_k))``
   over the kept keys, where the logits ``l = logits(score, h, n)`` are a traced
@@ -8,6 +8,8 @@ Three families share the kernel templates:
   ``alpha * softmax + beta``. Row statistics (``lse``) are defined.
 * ``"elementwise"`` -- no row state: ``p_j = weight(score_j, h, n)``; masked
   keys get weight 0. The backward uses the IR derivative of ``weight``.
+* ``"stick_breaking"`` -- each kept key takes ``sigmoid(l_j)`` of the stick left by
+  the keys after it: ``p_j = sigmoid(l_j) * prod_{k > j} (1 - sigmoid(l_k))``.
 * ``"threshold"`` -- sparse row normalizers (sparsemax, alpha-entmax):
   ``p_j = [(alpha - 1) l_j - tau]_+ ** (1 / (alpha - 1))`` with the row's
   threshold ``tau`` found by safeguarded Newton passes over the keys, so that
@@ -197,3 +199,13 @@ def Sparsemax(iterations: int | None = None) -> Entmax:  # noqa: N802 - reads li
     """Sparsemax (Martins & Astudillo 2016): the Euclidean projection of the logits onto the simplex,
     ``p_j = [l_j - tau]_+``; ``Entmax(alpha=2)``."""
     return Entmax(alpha=2.0, iterations=iterations)
+
+
+class StickBreaking(Normalization):
+    """Stick-breaking attention (Tan et al. 2024): going from the last kept key of a row backwards,
+    key ``j`` takes the fraction ``sigmoid(l_j)`` of what the later keys left,
+    ``p_j = sigmoid(l_j) * prod_{k kept, k > j} (1 - sigmoid(l_k))``; the weights sum to at most 1
+    (what remains is attended to nothing). Meant with a causal mask, so that "later" means nearer
+    to the query; computed in log space, the kv tiles visited right to left."""
+
+    family = "stick_breaking"

@@ -61,6 +61,8 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     raw_logits = normalization.logits(s, h, n)
     if normalization.family == "threshold":
         return entmax(raw_logits, keep, normalization.alpha), None, raw_logits
+    if normalization.family == "stick_breaking":
+        return stick_breaking(raw_logits, keep), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
     if normalization.sink is None:
         lse = torch.logsumexp(logits, dim=-1)
@@ -74,6 +76,13 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         alpha, beta = (_per_head(x, s) for x in normalization.affine)
         p = alpha * p + beta * keep.to(s.dtype)
     return p, lse, raw_logits
+
+
+def stick_breaking(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``p_j = sigmoid(z_j) * prod_{k kept, k > j} (1 - sigmoid(z_k))`` along the last axis, in log space."""
+    leave = torch.where(keep, torch.nn.functional.logsigmoid(-z), torch.zeros_like(z))
+    later = leave.flip(-1).cumsum(-1).flip(-1) - leave  # sum over k > j
+    return torch.where(keep, torch.exp(torch.nn.functional.logsigmoid(z) + later), torch.zeros_like(z))
 
 
 def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:

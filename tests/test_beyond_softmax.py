@@ -68,3 +68,44 @@ def test_odd_head_dims_are_refused():
     q, k, v = Case(1, 2, 2, 8, 8, 15, 16).tensors()
     with pytest.raises(ValueError, match="head dim must be even, got 15"):
         ag.compile(ag.AttentionSpec(differential=0.5))(q, k, v)
+
+
+# -- stick-breaking -------------------------------------------------------------------------
+
+STICK = {
+    "causal": lambda h: ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=masks.causal),
+    "window_with_bias": lambda h: (lambda bias: ag.AttentionSpec(
+        normalization=ag.norms.StickBreaking(), mask_mod=masks.causal & masks.sliding_window(20),
+        score_mod=lambda s, b, hh, q_idx, kv_idx: s + bias[hh, kv_idx % 16]))(
+            torch.randn(h, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()),
+    "every_key": lambda h: ag.AttentionSpec(normalization=ag.norms.StickBreaking()),
+}
+
+
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 45, 16, 8), Case(1, 2, 2, 70, 70, 32, 32),
+                                  Case(1, 2, 1, 1, 33, 16, 16)], ids=lambda c: c.id)
+@pytest.mark.parametrize("name", sorted(STICK))
+def test_stick_breaking_matches_reference(name, case):
+    assert_matches_reference(STICK[name](case.q_heads), *case.tensors())
+
+
+def test_stick_breaking_with_dropout_a_cache_and_packed_sequences():
+    spec = STICK["causal"](2)
+    q, k, v = Case(2, 2, 2, 20, 30, 16, 16).tensors()
+    assert_matches_reference(spec, q, k, v, dropout_p=0.25)
+    q, k, v = Case(2, 2, 2, 2, 40, 16, 16).tensors()
+    assert_matches_reference(spec, q, k, v, kv_lens=torch.tensor([40, 9]))
+    cu = torch.tensor([0, 17, 40])
+    q, k, v = (torch.randn(40, 2, 16, requires_grad=True) for _ in range(3))
+    assert_matches_reference(spec, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_the_nearest_key_takes_its_share_first():
+    """With equal logits z, key i-d (d keys back) gets sigmoid(z) (1 - sigmoid(z))^d; the weights
+    sum to 1 - (1 - sigmoid(z))^(i+1) < 1."""
+    q, k = torch.zeros(1, 1, 6, 16), torch.zeros(1, 1, 6, 16)  # every logit 0: sigmoid = 1/2
+    weights = ag.compile(STICK["causal"](1))(q, k, torch.eye(6).expand(1, 1, 6, 6).contiguous()[..., :6])
+    for i in range(6):
+        for j in range(i + 1):
+            assert weights[0, 0, i, j].item() == pytest.approx(0.5 * 0.5 ** (i - j))
+        assert weights[0, 0, i].sum().item() == pytest.approx(1 - 0.5 ** (i + 1))

@@ -15,6 +15,7 @@ from variants import VARIANTS, Case
 
 CASE = Case(2, 4, 2, 200, 180, 64, 64)
 H100_SHARED_MEMORY = 227 * 1024
+SLOPES = torch.rand(4, requires_grad=True)
 
 
 def _tensors(dtype, qk_dim=64, v_dim=64):
@@ -32,6 +33,8 @@ def _extra_specs():
         "affine": ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=torch.ones(4, requires_grad=True),
                                                                         beta=0.01)),
         "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal),
+        "stick_breaking": ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal,
+                                           score_mod=lambda s, b, h, q_idx, kv_idx: s + SLOPES[h]),
         "differential": ag.AttentionSpec(differential=torch.full((4,), 0.5, requires_grad=True),
                                          score_mod=lambda s, b, h, q_idx, kv_idx: s * torch.rand(4)[h],
                                          mask_mod=ag.masks.causal),
@@ -46,7 +49,8 @@ def _extra_specs():
 def _check(spec, dtype=torch.bfloat16, arch=90, qk_dim=64, v_dim=64, **tiles):
     kernels = compile_for_gpu(ag.compile(spec), *_tensors(dtype, qk_dim, v_dim), arch=arch, tiles=tiles)
     names = {k.name for k in kernels}
-    assert names & {"_attn_bwd_dq", "_diff_bwd_dq"} and names & {"_attn_fwd", "_threshold_fwd", "_diff_fwd"}, names
+    assert names & {"_attn_bwd_dq", "_diff_bwd_dq", "_stick_bwd"} and \
+        names & {"_attn_fwd", "_threshold_fwd", "_diff_fwd", "_stick_fwd"}, names
     for kernel in kernels:
         assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel
     return kernels

@@ -83,7 +83,7 @@ def segment_names(axis: str, layout: str) -> list[str]:
 
 
 def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], str], indent: int,
-              window: bool = False) -> str:
+              window: bool = False, descending: bool = False) -> str:
     """The loop of one program over the ``axis`` tiles ("kv" or "q") its mask plan visits.
 
     ``body(masked)`` is the code for one tile given the name of its masked
@@ -91,6 +91,7 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     evaluated, no branch: the loop software-pipelines), then masked tiles;
     "masked": one loop that checks every tile; "full": every tile, unmasked.
     ``window``: only the tiles in ``[window_lo, window_hi)`` (split-KV decoding).
+    ``descending``: the tiles from the last to the first (stick-breaking).
     """
     a = _AXES[axis]
     lo, hi, block = a["lo"], a["hi"], a["block"]
@@ -100,17 +101,29 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     def add(text: str, depth: int) -> None:
         lines.extend("    " * depth + line if line.strip() else "" for line in text.rstrip("\n").split("\n"))
 
+    def loop(start: str, end: str, comment: str) -> None:
+        """``for <lo> in`` the tiles from ``start`` (a multiple of the block) up to ``end``, in order."""
+        if not descending:
+            add(f"for {lo} in range({start}, {end}, {block}):  # {comment}", 0)
+            return
+        add(f"tiles = ({end} - {start} + {block} - 1) // {block}", 0)
+        add(f"for tile in range(0, tiles):  # {comment}, last first", 0)
+        add(f"{lo} = {start} + (tiles - 1 - tile) * {block}", 1)
+
     def masked_loop(start: str, end: str) -> None:
-        add(f"for {lo} in range({start}, {end}, {block}):  # tiles with masked positions", 0)
+        loop(start, end, "tiles with masked positions")
         add(f"{hi} = tl.minimum({lo} + {block}, {a['length']}) - 1", 1)
         add(f"live, masked = block_state(b, h, q_lo, q_hi, kv_lo, kv_hi, {q_tile}, {kv_tile}{mask_params})", 1)
         add("if live:", 1)
         add(body("masked"), 2)
 
+    def full_loop(start: str, end: str, comment: str) -> None:
+        loop(start, end, comment)
+        add(body("False"), 1)
+
     if layout == "full":
         first, last = ("window_lo", "window_hi") if window else ("0", a["length"])
-        add(f"for {lo} in range({first}, {last}, {block}):  # mask_mod is always True", 0)
-        add(body("False"), 1)
+        full_loop(first, last, "mask_mod is always True")
     else:
         other = a["other"]
         names = segment_names(axis, layout)
@@ -125,10 +138,11 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         if layout == "masked":
             masked_loop(names[0], names[-1])
         else:
-            masked_loop(names[0], names[1])
-            add(f"for {lo} in range({names[1]}, {names[2]}, {block}):  # tiles every position of which is kept", 0)
-            add(body("False"), 1)
-            masked_loop(names[2], names[3])
+            segments = [lambda: masked_loop(names[0], names[1]),
+                        lambda: full_loop(names[1], names[2], "tiles every position of which is kept"),
+                        lambda: masked_loop(names[2], names[3])]
+            for segment in reversed(segments) if descending else segments:
+                segment()
     return "\n".join(" " * indent + line if line else "" for line in lines)
 
 
@@ -229,7 +243,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     threshold = normalization.family == "threshold"
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
-        + (["lse", "lse2", "o1", "o2"] if differential else [])
+        + (["lse", "lse2", "o1", "o2"] if differential else []) \
+        + (["remaining"] if normalization.family == "stick_breaking" else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
@@ -245,6 +260,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
     return {
+        "stick": normalization.family == "stick_breaking",
         "differential": differential,
         **(dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2")))
            if differential else {}),
@@ -307,8 +323,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "segment_names": {axis: ", ".join(segment_names(axis, layout)) for axis, layout in layouts.items()},
         "mask_params": mask_params,
         "tile_summaries": repr(tuple((t.capture, t.reduce, t.dims) for t in graph.tiles)),
-        "tile_loop": lambda axis, body, indent, window=False: tile_loop(axis, layouts[axis], mask_params, body,
-                                                                         indent, window),
+        "tile_loop": lambda axis, body, indent, window=False, descending=False: tile_loop(
+            axis, layouts[axis], mask_params, body, indent, window, descending),
         "backward_lines": backward_lines,
         "grads": grads,
     }
