@@ -34,9 +34,9 @@ def environment() -> jinja2.Environment:
 def compiler_digest() -> str:
     """A hash of the template and of attngen's own sources: part of every cache key,
     so an upgraded (or edited) compiler never reuses modules an older one generated."""
-    root = resources.files("attngen")
-    digest = hashlib.sha256((root / "templates" / TEMPLATE).read_bytes())
-    for path in sorted(Path(str(root)).rglob("*.py")):
+    root = Path(str(resources.files("attngen")))
+    digest = hashlib.sha256()
+    for path in sorted((root / "templates").glob("*.j2")) + sorted(root.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -260,6 +260,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
     return {
+        "family_description": "differential attention (two softmax streams)" if differential else
+                              f"{normalization.family} ({type(normalization).__name__})",
         "stick": normalization.family == "stick_breaking",
         "differential": differential,
         **(dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2")))
