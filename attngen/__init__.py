@@ -10,9 +10,11 @@ __version__ = "0.1.0"
 from . import masks, norms, reference, stats  # noqa: E402
 from .blocks import BlockMask  # noqa: E402
 from .errors import SpecError  # noqa: E402
+from .linear import LinearAttentionSpec, LinearState  # noqa: E402
 from .runtime.compiled import CompiledAttention, attention, compile  # noqa: E402
+from .runtime.linear import CompiledLinearAttention  # noqa: E402
 from .spec import AttentionSpec  # noqa: E402
 from .stats import Stats  # noqa: E402
 
-__all__ = ["AttentionSpec", "BlockMask", "CompiledAttention", "SpecError", "Stats", "attention", "compile", "masks",
-           "norms", "reference", "__version__"]
+__all__ = ["AttentionSpec", "BlockMask", "CompiledAttention", "CompiledLinearAttention", "LinearAttentionSpec",
+           "LinearState", "SpecError", "Stats", "attention", "compile", "masks", "norms", "reference", "__version__"]

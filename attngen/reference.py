@@ -12,6 +12,7 @@ import math
 import torch
 
 from .inputs import check_inputs
+from .linear import LinearAttentionSpec
 from .norms import Normalization
 from .spec import AttentionSpec
 from . import stats as stats_module
@@ -226,3 +227,22 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     if not return_stats:
         return out
     return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads)
+
+
+def linear_attention(q, k, v, spec: LinearAttentionSpec, *, log_decay=None) -> torch.Tensor:
+    """Linear attention of ``spec`` with the ``[Lq, Lk]`` weight matrix materialized:
+    ``(phi(q) * scale) phi(k)^T``, if causal times ``exp(G_i - G_j)`` on and below the diagonal (0
+    above), then (``normalize``) divided by its row sums plus ``eps``."""
+    shape = check_inputs(q, k, v)
+    group = shape.q_heads // shape.kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    w = (spec.phi(q) * spec.scale_for(shape.qk_dim)) @ spec.phi(k).transpose(-1, -2)
+    if spec.causal:
+        if shape.q_len != shape.kv_len:
+            raise ValueError(f"causal linear attention needs q and k of the same length, got {shape.q_len} and "
+                             f"{shape.kv_len}")
+        running = spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay, q.dtype).cumsum(-1)
+        causal = torch.ones(shape.q_len, shape.q_len, dtype=torch.bool, device=q.device).tril()
+        w = w * torch.exp(torch.where(causal, running[..., :, None] - running[..., None, :], -math.inf))
+    out = w @ v
+    return out / (w.sum(-1, keepdim=True) + spec.eps) if spec.normalize else out

@@ -43,7 +43,7 @@ _UNARY = {
     "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
     "logical_not": "not",
 }
-SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | {"where", "clamp", "clip", "__getitem__"})
+SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | {"where", "clamp", "clip", "relu", "__getitem__"})
 
 
 def _user_frame(frames) -> str:
@@ -119,6 +119,8 @@ class Tracer:
             return self.index(*args)
         if name == "where":
             return self.apply("where", *args)
+        if name == "relu" and len(args) == 1 and not kwargs:
+            return self.apply("maximum", args[0], 0.0)
         if name in ("clamp", "clip"):
             x, lo, hi = (list(args) + [None, None])[:3]
             lo, hi = kwargs.get("min", lo), kwargs.get("max", hi)
@@ -164,7 +166,7 @@ class Proxy:
         raise self.tracer.fail("traced values are scalars and cannot be indexed")
 
     def __getattr__(self, name):
-        if name in _UNARY or name in ("clamp", "clip"):
+        if name in _UNARY or name in ("clamp", "clip", "relu"):
             return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
         raise self.tracer.fail(f"traced values have no method {name!r}")
 
@@ -273,4 +275,19 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
             raise SpecError(f"expectation {name!r} reads a captured tensor that requires grad; gradients "
                             "through expectation functions are not supported yet: detach it")
         graph.outputs[f"exp{e}"] = node
+    return graph
+
+
+def trace_feature_map(feature_map: Callable) -> Graph:
+    """Trace a linear attention feature map ``phi(x)`` (elementwise, no captured tensors) into a
+    graph with output ``score`` of the input ``score`` (the kernels' ``qk``: a tile of q or k)."""
+    tracer = Tracer()
+    graph = tracer.graph
+    phi = _call(tracer, feature_map, "feature_map", ("score",))
+    if graph.dtype(phi) == "bool":
+        raise SpecError("feature_map must return a number, but it returned a boolean")
+    if graph.captures:
+        raise SpecError("feature_map reads a captured tensor; feature maps are elementwise functions of "
+                        "one value (use decay= for per-head parameters)")
+    graph.outputs = {"score": phi, "mask": graph.const(True)}
     return graph

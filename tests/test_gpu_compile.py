@@ -107,3 +107,15 @@ def test_call_variants_compile(variant):
     kernels = compile_for_gpu(attn, q, k, v, tiles={"BLOCK_M": 16}, backward=not variant.paged)
     names = {k.name for k in kernels}
     assert ("_attn_combine" in names) == variant.split_kv
+
+
+@pytest.mark.parametrize("dtype, qk_dim, v_dim", [(torch.bfloat16, 64, 64), (torch.float32, 128, 128),
+                                                  (torch.bfloat16, 128, 128), (torch.float16, 256, 64),
+                                                  (torch.float16, 40, 24)])
+def test_linear_attention_compiles(dtype, qk_dim, v_dim):
+    spec = ag.LinearAttentionSpec(feature_map=lambda x: torch.sigmoid(x), decay="gated")
+    q, k, v = (torch.randn(2, heads, 200, dim, dtype=dtype) for heads, dim in ((4, qk_dim), (2, qk_dim), (2, v_dim)))
+    kernels = compile_for_gpu(ag.compile(spec), q, k, v)
+    assert [k.name for k in kernels] == ["_linear_fwd", "_linear_bwd_dq", "_linear_bwd_dkdv"]
+    for kernel in kernels:
+        assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel

@@ -4,7 +4,9 @@ import pathlib
 import runpy
 
 import pytest
+import torch
 
+from attngen import LinearAttentionSpec
 from attngen.testing import Case, assert_matches_reference
 
 SPEC_FILES = sorted((pathlib.Path(__file__).parent.parent / "specs").glob("*.py"))
@@ -19,4 +21,7 @@ def test_spec_file_matches_reference(path):
     namespace = runpy.run_path(str(path))
     spec = namespace["SPEC"]
     assert (namespace.get("__doc__") or "").strip(), f"{path.name} needs a docstring with its formula"
-    assert_matches_reference(spec, *Case(1, 8, 8, 45, 45, 32, 32).tensors())
+    case = Case(1, 8, 8, 45, 45, 32, 32)
+    gated = isinstance(spec, LinearAttentionSpec) and isinstance(spec.decay, str)  # decay="gated"
+    call = {"log_decay": torch.nn.functional.logsigmoid(torch.randn(1, 8, 45) + 3).requires_grad_()} if gated else {}
+    assert_matches_reference(spec, *case.tensors(), **call)

@@ -19,6 +19,7 @@ from ..stats import MapStat
 from .printer import TritonPrinter
 
 TEMPLATE = "attention.py.j2"
+LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
 
 
@@ -39,6 +40,11 @@ def compiler_digest() -> str:
     for path in sorted((root / "templates").glob("*.j2")) + sorted(root.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def docstring_lines(spec_lines: list[str]) -> list[str]:
+    """The spec's description as it goes into the module docstring: escaped where it would end it early."""
+    return [line.replace("\\", "\\\\").replace('"""', '\\"\\"\\"') for line in spec_lines]
 
 
 def _axes_name(axes: frozenset) -> str:
@@ -286,8 +292,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "version": __version__,
         "template_version": TEMPLATE_VERSION,
         "fingerprint": graph.fingerprint(),
-        # the spec's source goes into the module docstring: escape what would end it early
-        "spec_lines": [line.replace("\\", "\\\\").replace('"""', '\\"\\"\\"') for line in spec_lines],
+        "spec_lines": docstring_lines(spec_lines),
         "softmax": softmax,
         "sink": normalization.sink is not None,
         "affine": normalization.affine is not None,
@@ -344,3 +349,13 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
                              kernel_captures or {}, differential)
     return environment().get_template(TEMPLATE).render(**context)
+
+
+def render_linear(graph: Graph, spec_lines: list[str], normalize: bool) -> str:
+    """The Python source of a linear attention module; ``graph`` is the optimized trace of its feature
+    map (output ``score`` and its derivative ``d_score``)."""
+    feature_lines, feature_backward_lines, _ = score_functions(TritonPrinter(graph), "")
+    return environment().get_template(LINEAR_TEMPLATE).render(
+        version=__version__, template_version=TEMPLATE_VERSION, fingerprint=graph.fingerprint(),
+        spec_lines=docstring_lines(spec_lines), normalize=normalize, feature_lines=feature_lines,
+        feature_backward_lines=feature_backward_lines)

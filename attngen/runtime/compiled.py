@@ -12,10 +12,12 @@ import triton
 from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
 from ..ir.graph import Capture
+from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan
 from .cache import cached_source
+from .linear import CompiledLinearAttention
 from .loader import load_kernels
 from .variants import KERNEL_CAPTURES, Variant
 
@@ -220,10 +222,13 @@ class CompiledAttention:
         return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations, maps)
 
 
-def compile(spec: AttentionSpec) -> CompiledAttention:  # noqa: A001 - public API name
-    """Compile ``spec``; the generated module is cached on disk by the spec's IR."""
+def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public API name
+    """Compile ``spec`` (a :class:`CompiledAttention`, or a :class:`CompiledLinearAttention` for a
+    :class:`~attngen.LinearAttentionSpec`); the generated module is cached on disk by the spec's IR."""
+    if isinstance(spec, LinearAttentionSpec):
+        return CompiledLinearAttention(spec)
     if not isinstance(spec, AttentionSpec):
-        raise TypeError(f"compile() takes an attngen.AttentionSpec, got {type(spec).__name__}")
+        raise TypeError(f"compile() takes an attngen.AttentionSpec or LinearAttentionSpec, got {type(spec).__name__}")
     return CompiledAttention(spec)
 
 

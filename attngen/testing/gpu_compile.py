@@ -17,6 +17,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import KernelInterface
 
 from ..runtime.compiled import CompiledAttention, per_head_parameters
+from ..runtime.linear import CompiledLinearAttention
 from ..runtime.loader import load_kernels
 
 
@@ -65,15 +66,36 @@ def _compile_only(arch: int, built: list):
         driver.set_active(previous)
 
 
-def compile_for_gpu(attn: CompiledAttention, q, k, v, *, arch: int = 90, tiles: dict | None = None,
-                    backward: bool = True) -> list[CompiledKernel]:
+def _built(built: list, phases: list) -> list[CompiledKernel]:
+    return [CompiledKernel(kernel.name, phase, kernel.metadata.shared) for kernel, phase in zip(built, phases)]
+
+
+def _compile_linear(attn: CompiledLinearAttention, q, k, v, arch: int, tiles: dict | None,
+                    backward: bool) -> list[CompiledKernel]:
+    kernels = load_kernels(attn.path, interpret=False)
+    config = {**kernels.launch_config(q, device_type="cuda"), **(tiles or {})}
+    g = torch.zeros(q.shape[:3])
+    built: list = []
+    with _compile_only(arch, built):
+        out, normalizer, _, _ = kernels.run_forward(q, k, v, g, 1.0, config=config)
+        phases = ["forward"] * len(built)
+        if backward:
+            kernels.run_backward(q, k, v, g, out, normalizer, 1.0, config=config)
+            phases += ["backward"] * (len(built) - len(phases))
+    return _built(built, phases)
+
+
+def compile_for_gpu(attn: CompiledAttention | CompiledLinearAttention, q, k, v, *, arch: int = 90,
+                    tiles: dict | None = None, backward: bool = True) -> list[CompiledKernel]:
     """Build, for ``sm_<arch>``, every kernel that ``attn(q, k, v)`` (and its backward) launches.
 
     ``q``, ``k``, ``v`` are CPU tensors giving dtype and shapes. The launch
     configuration is the CUDA default, updated with ``tiles`` (e.g.
-    ``{"BLOCK_M": 128, "num_stages": 3}``). Raises Triton's compilation error
-    if a kernel does not build.
+    ``{"BLOCK_M": 128, "num_stages": 3}``, or ``{"CHUNK": 32}`` for linear
+    attention). Raises Triton's compilation error if a kernel does not build.
     """
+    if isinstance(attn, CompiledLinearAttention):
+        return _compile_linear(attn, q, k, v, arch, tiles, backward)
     kernels = load_kernels(attn.path, interpret=False)
     captures = kernels.prepare_captures([c.tensor.detach() for c in attn.graph.captures])
     params = [p.detach() for p in per_head_parameters(attn.spec, q.shape[1], q.device)]
@@ -88,4 +110,4 @@ def compile_for_gpu(attn: CompiledAttention, q, k, v, *, arch: int = 90, tiles: 
             kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), [None] * len(stats),
                                  captures, params, scale, config)
             phases += ["backward"] * (len(built) - len(phases))
-    return [CompiledKernel(kernel.name, phase, kernel.metadata.shared) for kernel, phase in zip(built, phases)]
+    return _built(built, phases)

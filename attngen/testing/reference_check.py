@@ -11,8 +11,9 @@ from torch.utils._pytree import tree_map
 from .. import reference
 from ..blocks import as_block_mask, blocks_mask_mod
 from ..runtime.compiled import compile as compile_spec
+from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
-from ..stats import MapStat
+from ..stats import MapStat, Stats
 from .compare import Comparison, compare
 
 
@@ -29,10 +30,13 @@ class Float64(TorchFunctionMode):
         return func(*tree_map(widen, args), **tree_map(widen, kwargs or {}))
 
 
-def learnable(spec: AttentionSpec) -> dict[str, torch.Tensor]:
+def learnable(spec: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tensor]:
     """The tensors of ``spec`` that receive gradients: captured float tensors that require grad
     (``capture<i>``, in capture order), the normalization's sink / alpha / beta tensors and
-    differential attention's ``lam``."""
+    differential attention's ``lam``; a linear spec's ``decay``."""
+    if isinstance(spec, LinearAttentionSpec):
+        decay = spec.decay
+        return {"decay": decay} if isinstance(decay, torch.Tensor) and decay.requires_grad else {}
     attn = compile_spec(spec)
     found = {f"capture{i}": c.tensor for i, c in enumerate(attn.graph.captures) if c.differentiable}
     norm = spec.normalization
@@ -66,9 +70,8 @@ def _with_blocks(spec: AttentionSpec, block_mask, q, k, call: dict) -> Attention
     return dataclasses.replace(spec, mask_mod=mask)
 
 
-def _differentiable_stats(spec: AttentionSpec, names) -> list[str]:
-    forward_only = {s.name for s in spec.stats if isinstance(s, MapStat) and s.reduce == "max"}
-    return [n for n in names if n not in forward_only]
+def _forward_only_stats(spec: AttentionSpec) -> set[str]:
+    return {s.name for s in spec.stats if isinstance(s, MapStat) and s.reduce == "max"}
 
 
 def _loss(out, stats, upstream: dict, names: list[str]) -> torch.Tensor:
@@ -80,8 +83,10 @@ def _loss(out, stats, upstream: dict, names: list[str]) -> torch.Tensor:
     return loss
 
 
-def _run(attention, spec, q, k, v, tensors, upstream, mode=None, backward=True) -> dict[str, torch.Tensor]:
-    """Every compared quantity of one implementation: out, stats, then (``backward``) gradients."""
+def _run(attention, q, k, v, tensors, upstream, mode=None, backward=True,
+         forward_only: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Every compared quantity of one implementation: out, stats, then (``backward``) gradients
+    (of every statistic but those ``forward_only``)."""
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     if mode is None:
         out, stats = attention(*leaves, return_stats=True)
@@ -91,7 +96,7 @@ def _run(attention, spec, q, k, v, tensors, upstream, mode=None, backward=True) 
     values = {"out": out, **{name: getattr(stats, name) for name in stats.names()}}
     if not backward:
         return values
-    names = _differentiable_stats(spec, stats.names())
+    names = [n for n in stats.names() if n not in forward_only]
     for name in ["out", *names]:  # upstream gradients are drawn the first time they are needed
         shape = out.shape if name == "out" else getattr(stats, name).shape
         upstream.setdefault(name, torch.randn(shape, generator=upstream["_gen"], dtype=torch.float64))
@@ -100,6 +105,35 @@ def _run(attention, spec, q, k, v, tensors, upstream, mode=None, backward=True) 
     for name, grad, leaf in zip(["dq", "dk", "dv", *(f"d {n}" for n in tensors)], grads, inputs):
         values[name] = torch.zeros_like(leaf) if grad is None else grad
     return values
+
+
+def _comparisons(kernel, materialized, q, k, v, tensors, seed, floor, backward=True,
+                 forward_only: set[str] = frozenset()) -> list[Comparison]:
+    """Run ``kernel`` and ``materialized`` (in float64, and at q's dtype for the baseline) with the same
+    upstream gradients, and compare every quantity."""
+    upstream = {"_gen": torch.Generator().manual_seed(seed)}
+    runs = [_run(kernel, q, k, v, tensors, upstream, None, backward, forward_only),
+            _run(materialized, q.double(), k.double(), v.double(), tensors, upstream, Float64(), backward,
+                 forward_only),
+            _run(materialized, q, k, v, tensors, upstream, None, backward, forward_only)]
+    ours, exact, plain = runs
+    return [compare(name, ours[name], exact[name], plain[name], q.dtype, floor) for name in exact]
+
+
+def _compare_linear(spec: LinearAttentionSpec, q, k, v, seed: int, floor: float | None,
+                    log_decay=None) -> list[Comparison]:
+    """The linear attention branch of :func:`compare_with_reference`."""
+    attn = compile_spec(spec)
+    tensors = learnable(spec)
+    if isinstance(log_decay, torch.Tensor) and log_decay.requires_grad:
+        tensors["log_decay"] = log_decay
+
+    def kernel(*t, return_stats):
+        return attn(*t, log_decay=log_decay), Stats()
+
+    def materialized(*t, return_stats):
+        return reference.linear_attention(*t, spec, log_decay=log_decay), Stats()
+    return _comparisons(kernel, materialized, q, k, v, tensors, seed, floor)
 
 
 def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, seed: int = 0,
@@ -112,12 +146,14 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     cu_seqlens_q, cu_seqlens_k, block_table, mode, dropout_p) are passed to the call as they are; a
     paged cache (``block_table``) is compared forward only, as it has no backward. With dropout (the
     spec's or the call's), the call's dropout seed is ``seed`` and the reference applies the same
-    mask (dense calls)."""
+    mask (dense calls). A :class:`~attngen.LinearAttentionSpec` takes its call's ``log_decay`` in
+    ``call`` (compared as a learnable tensor when it requires grad)."""
+    if isinstance(spec, LinearAttentionSpec):
+        return _compare_linear(spec, q, k, v, seed, floor, **call)
     attn = compile_spec(spec)
     tensors = learnable(spec)
     packed = call.get("cu_seqlens_q") is not None
     ref_spec = spec if packed else _with_blocks(spec, block_mask, q, k, call)
-    upstream = {"_gen": torch.Generator().manual_seed(seed)}
     layout = {name: value for name, value in call.items() if name not in ("mode", "dropout_p")}  # how, not what
     rate = call.get("dropout_p", spec.dropout_p) or 0.0
     if rate:  # the call's dropout mask, drawn from the toolkit's seed, applied by the reference too
@@ -125,14 +161,13 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         layout.update(dropout_p=rate, dropout_keep=attn.dropout_keep(*shape, rate, seed, device=q.device))
     backward = call.get("block_table") is None
-    kernel = _run(lambda *t, **kw: attn(*t, block_mask=block_mask, **call, **kw), spec, q, k, v, tensors, upstream,
-                  backward=backward)
+
+    def kernel(*t, **kw):
+        return attn(*t, block_mask=block_mask, **call, **kw)
 
     def materialized(*t, **kw):
         return reference.attention(*t, ref_spec, **layout, **kw)
-    exact = _run(materialized, spec, q.double(), k.double(), v.double(), tensors, upstream, Float64(), backward)
-    plain = _run(materialized, spec, q, k, v, tensors, upstream, backward=backward)
-    return [compare(name, kernel[name], exact[name], plain[name], q.dtype, floor) for name in exact]
+    return _comparisons(kernel, materialized, q, k, v, tensors, seed, floor, backward, _forward_only_stats(spec))
 
 
 def assert_matches_reference(spec: AttentionSpec, q, k, v, **options) -> list[Comparison]:

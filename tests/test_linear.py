@@ -1,0 +1,179 @@
+"""Linear attention: chunked kernels against the float64 materialized reference, the recurrent step,
+learnable and data-dependent decays, and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import attngen as ag
+from attngen.errors import SpecError
+from attngen.testing import Case, assert_matches_reference
+
+
+def _gates(case: Case, seed: int = 1) -> torch.Tensor:
+    """Data-dependent log decays in (-inf, 0], as logsigmoid gates give them."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(case.batch, case.q_heads, case.q_len, generator=gen) + 2.0
+    return torch.nn.functional.logsigmoid(logits).requires_grad_()
+
+
+def _sigmoid_features(x):
+    return 2.0 * torch.sigmoid(x)
+
+
+SPECS = {
+    "elu1": lambda h: ag.LinearAttentionSpec(),
+    "relu_unnormalized": lambda h: ag.LinearAttentionSpec(feature_map="relu", normalize=False),
+    "retnet": lambda h: ag.LinearAttentionSpec(feature_map="identity", decay=0.9, normalize=False),
+    "learnable_decay": lambda h: ag.LinearAttentionSpec(decay=torch.linspace(0.7, 0.99, h).requires_grad_()),
+    "gated": lambda h: ag.LinearAttentionSpec(feature_map="identity", decay="gated", normalize=False),
+    "gated_user_features": lambda h: ag.LinearAttentionSpec(feature_map=_sigmoid_features, decay="gated"),
+    "non_causal": lambda h: ag.LinearAttentionSpec(causal=False),
+}
+CASES = [Case(2, 4, 2, 37, 37, 24, 40), Case(1, 2, 2, 16, 16, 16, 16), Case(1, 3, 1, 70, 70, 64, 8),
+         Case(1, 1, 1, 1, 1, 8, 8)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_linear_attention_matches_reference(name, case):
+    spec = SPECS[name](case.q_heads)
+    call = {"log_decay": _gates(case)} if spec.decay == "gated" else {}
+    results = assert_matches_reference(spec, *case.tensors(), **call)
+    compared = {r.name for r in results}
+    assert {"out", "dq", "dk", "dv"} <= compared
+    assert ("d log_decay" in compared) == bool(call)
+    assert ("d decay" in compared) == isinstance(spec.decay, torch.Tensor)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 2), length=st.integers(1, 90),
+       qk_dim=st.integers(1, 40), v_dim=st.integers(1, 40), name=st.sampled_from(sorted(SPECS)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_linear_attention_on_random_shapes(batch, kv_heads, group, length, qk_dim, v_dim, name, dtype):
+    case = Case(batch, kv_heads * group, kv_heads, length, length, qk_dim, v_dim, dtype=dtype)
+    spec = SPECS[name](case.q_heads)
+    call = {"log_decay": _gates(case)} if spec.decay == "gated" else {}
+    assert_matches_reference(spec, *case.tensors(), **call)
+
+
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 50, 24, 40), Case(1, 2, 1, 9, 1, 8, 4)], ids=lambda c: c.id)
+def test_non_causal_linear_attention_takes_other_key_lengths(case):
+    assert_matches_reference(ag.LinearAttentionSpec(feature_map="relu", causal=False), *case.tensors())
+
+
+def test_prefill_then_steps_equals_one_call():
+    case = Case(2, 4, 2, 40, 40, 16, 24)
+    spec = ag.LinearAttentionSpec(decay="gated")
+    attn = ag.compile(spec)
+    q, k, v = case.tensors(requires_grad=False)
+    gates = _gates(case).detach()
+    whole, final = attn(q, k, v, log_decay=gates, return_state=True)
+    prefix, state = attn(q[:, :, :29], k[:, :, :29], v[:, :, :29], log_decay=gates[:, :, :29], return_state=True)
+    rest, stepped = attn.step(q[:, :, 29:], k[:, :, 29:], v[:, :, 29:], state, log_decay=gates[:, :, 29:])
+    torch.testing.assert_close(torch.cat([prefix, rest], dim=2), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped.kv, final.kv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped.n, final.n, atol=1e-5, rtol=1e-5)
+
+
+def test_state_is_the_decayed_sum_of_key_value_products():
+    case = Case(1, 2, 1, 21, 21, 8, 12)
+    spec = ag.LinearAttentionSpec(feature_map="relu", decay=0.8)
+    q, k, v = case.tensors(requires_grad=False)
+    _, state = ag.compile(spec)(q, k, v, return_state=True)
+    weights = 0.8 ** torch.arange(20, -1, -1.0)  # key j reaches the end with gamma ** (L - 1 - j)
+    features = torch.relu(k[0, 0])
+    torch.testing.assert_close(state.kv[0, 1], (features * weights[:, None]).T @ v[0, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.n[0, 0], (features * weights[:, None]).sum(0), atol=1e-5, rtol=1e-5)
+    assert not state.kv.requires_grad
+
+
+def test_no_decay_normalized_elu_is_katharopoulos_attention():
+    q, k, v = Case(1, 1, 1, 12, 12, 4, 4).tensors(requires_grad=False)
+    out = ag.compile(ag.LinearAttentionSpec(scale=1.0, eps=0.0))(q, k, v)
+    phi_q, phi_k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    expected = torch.stack([(phi_q[0, 0, i] @ phi_k[0, 0, :i + 1].T) @ v[0, 0, :i + 1]
+                            / (phi_q[0, 0, i] @ phi_k[0, 0, :i + 1].sum(0)) for i in range(12)])
+    torch.testing.assert_close(out[0, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generated_module_names_the_spec_and_imports_only_torch_and_triton(tmp_path):
+    attn = ag.compile(ag.LinearAttentionSpec(feature_map=_sigmoid_features, decay=0.5))
+    source = attn.source
+    assert "return 2.0 * torch.sigmoid(x)" in source and "decay = 0.5" in source
+    imports = {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
+    assert imports == {"hashlib", "torch", "triton", "triton.language"}
+    assert ag.compile(ag.LinearAttentionSpec(feature_map=_sigmoid_features, decay=0.5)).cache_hit
+    assert attn.export(tmp_path / "linear.py").read_text() == source
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ag.LinearAttentionSpec(feature_map="softmax"), "feature_map must be one of"),
+    (lambda: ag.LinearAttentionSpec(feature_map=lambda x, y: x), "feature_map must take 1 positional"),
+    (lambda: ag.LinearAttentionSpec(decay=1.5), "decay must be in (0, 1]"),
+    (lambda: ag.LinearAttentionSpec(decay="exponential"), "decay must be None"),
+    (lambda: ag.LinearAttentionSpec(decay=torch.tensor([0.5, 0.0])), "decay values must be in (0, 1]"),
+    (lambda: ag.LinearAttentionSpec(scale=-1.0), "scale must be a positive"),
+    (lambda: ag.LinearAttentionSpec(causal=False, decay=0.9), "decay needs causal=True"),
+    (lambda: ag.compile(ag.LinearAttentionSpec(feature_map=lambda x: x if x > 0 else 0.0)), "control flow"),
+    (lambda: ag.compile(ag.LinearAttentionSpec(feature_map=lambda x: x * torch.ones(3)[0])),
+     "feature_map reads a captured tensor"),
+])
+def test_bad_specs_raise_clear_errors(make, message):
+    with pytest.raises(SpecError, match=_escaped(message)):
+        make()
+
+
+def _escaped(message: str) -> str:
+    return "".join("\\" + c if c in "()[]." else c for c in message)
+
+
+def test_bad_calls_raise_clear_errors():
+    attn = ag.compile(ag.LinearAttentionSpec(decay="gated"))
+    q, k, v = Case(1, 2, 1, 8, 8, 4, 4).tensors(requires_grad=False)
+    gates = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="pass log_decay="):
+        attn(q, k, v)
+    with pytest.raises(ValueError, match=r"log_decay must be a floating-point tensor of shape \[1, 2, 8\]"):
+        attn(q, k, v, log_decay=torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="q and k must have the same length"):
+        attn(q, k[:, :, :5], v[:, :, :5], log_decay=gates)
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        attn(q.double(), k.double(), v.double(), log_decay=gates)
+    with pytest.raises(ValueError, match="state must hold kv"):
+        attn.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], ag.LinearState(torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 4)),
+                  log_decay=gates[:, :, :1])
+    wide = torch.zeros(1, 2, 8, 256)
+    with pytest.raises(ValueError, match="Dqk \\* Dv must be at most 16384"):
+        attn(wide, wide[:, :1], torch.zeros(1, 1, 8, 128), log_decay=gates)
+    plain = ag.compile(ag.LinearAttentionSpec(decay=torch.tensor([0.5, 0.6, 0.7])))
+    with pytest.raises(ValueError, match="only taken by specs with decay='gated'"):
+        plain(q, k, v, log_decay=gates)
+    with pytest.raises(ValueError, match=r"3 entries; expected one per query head \(2\)"):
+        plain(q, k, v)
+    everywhere = ag.compile(ag.LinearAttentionSpec(causal=False))
+    with pytest.raises(ValueError, match="takes no log_decay and returns no state"):
+        everywhere(q, k, v, return_state=True)
+    with pytest.raises(ValueError, match="no kernels are generated"):
+        everywhere.export("unused.py")
+    with pytest.raises(ValueError, match="this spec has causal=False"):
+        everywhere.step(q, k, v, ag.LinearState(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4)))
+
+
+def test_gradients_do_not_flow_into_the_state():
+    q, k, v = Case(1, 1, 1, 9, 9, 4, 4).tensors()
+    out, state = ag.compile(ag.LinearAttentionSpec())(q, k, v, return_state=True)
+    assert out.requires_grad and not state.kv.requires_grad and not state.n.requires_grad
+
+
+def test_decay_one_equals_no_decay():
+    q, k, v = Case(1, 2, 2, 33, 33, 8, 8).tensors(requires_grad=False)
+    none = ag.compile(ag.LinearAttentionSpec())(q, k, v)
+    one = ag.compile(ag.LinearAttentionSpec(decay=1.0))(q, k, v)
+    torch.testing.assert_close(none, one)
+    assert math.isclose(ag.LinearAttentionSpec(decay=0.5).log_decays(1, 1, 1, "cpu")[0, 0, 0].item(), math.log(0.5),
+                        rel_tol=1e-6)
