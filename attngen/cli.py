@@ -1,7 +1,7 @@
 """The ``attngen`` command line: compile, show, export, check and time spec files.
 
-A spec file is a Python file that defines an ``AttentionSpec`` named ``SPEC``
-(or the name given with ``--name``).
+A spec file is a Python file that defines an ``AttentionSpec`` (or a
+``LinearAttentionSpec``) named ``SPEC`` (or the name given with ``--name``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from . import reference
 from .errors import SpecError
 from .runtime import cache, plan
 from .runtime.autotune import median_seconds
+from .linear import LinearAttentionSpec
 from .runtime.compiled import CompiledAttention, compile as compile_spec
+from .runtime.linear import CompiledLinearAttention
 from .spec import AttentionSpec
 from .testing.cases import Case
 
@@ -29,20 +31,24 @@ class UsageError(Exception):
     """A mistake on the command line; printed without a traceback."""
 
 
-def load_spec(path: str, name: str) -> AttentionSpec:
-    """The AttentionSpec called ``name`` defined by the Python file at ``path``."""
+def load_spec(path: str, name: str, linear: bool = True) -> AttentionSpec | LinearAttentionSpec:
+    """The spec called ``name`` defined by the Python file at ``path`` (a LinearAttentionSpec only
+    where the command takes one: ``linear``)."""
     if not Path(path).is_file():
         raise UsageError(f"spec file {path!r} does not exist")
     namespace = runpy.run_path(path)
     if name not in namespace:
         raise UsageError(f"{path} defines no {name!r}; define {name} = attngen.AttentionSpec(...) or pass --name")
     spec = namespace[name]
-    if not isinstance(spec, AttentionSpec):
+    if isinstance(spec, LinearAttentionSpec) and not linear:
+        raise UsageError(f"{path}: {name} is a LinearAttentionSpec; this command takes an attngen.AttentionSpec "
+                         "(linear attention specs are tested with attngen.testing.assert_matches_reference)")
+    if not isinstance(spec, (AttentionSpec, LinearAttentionSpec)):
         raise UsageError(f"{path}: {name} is a {type(spec).__name__}, not an attngen.AttentionSpec")
     return spec
 
 
-def _compile(args) -> CompiledAttention:
+def _compile(args) -> CompiledAttention | CompiledLinearAttention:
     return compile_spec(load_spec(args.spec_file, args.name))
 
 
@@ -73,13 +79,17 @@ def write_dot(graph, path: Path) -> None:
 
 def cmd_show(args) -> int:
     attn = _compile(args)
+    linear = isinstance(attn, CompiledLinearAttention)
+    if linear and (args.plan or args.blocks):
+        raise UsageError("linear attention has no mask plan: it visits every chunk up to the diagonal")
     every = not (args.ir or args.source or args.plan)
     if every:
         print("# spec\n" + "\n".join(attn.spec.describe()) + "\n")
     graph = attn.kernel_graph()
     if every or args.ir:
-        print("# IR (optimized, with gradients and the mask plan)\n" + graph.text() + "\n")
-    if every or args.plan:
+        what = "the feature map, with its derivative" if linear else "with gradients and the mask plan"
+        print(f"# IR (optimized, {what})\n" + graph.text() + "\n")
+    if (every and not linear) or args.plan:
         print("# mask plan\n" + "\n".join(plan.describe(graph)))
         if args.blocks:
             counts = attn.block_stats(args.blocks, args.blocks)
@@ -94,15 +104,17 @@ def cmd_show(args) -> int:
 
 
 def cmd_export(args) -> int:
-    path = _compile(args).export(args.output)
-    print(f"wrote {path}: import it with only torch and triton; forward(q, k, v, *captured) is the entry point")
+    attn = _compile(args)
+    path = attn.export(args.output)
+    entry = "forward(q, k, v, g)" if isinstance(attn, CompiledLinearAttention) else "forward(q, k, v, *captured)"
+    print(f"wrote {path}: import it with only torch and triton; {entry} is the entry point")
     return 0
 
 
 def cmd_check(args) -> int:
     from .testing.check import check_spec, format_report
 
-    spec = load_spec(args.spec_file, args.name)
+    spec = load_spec(args.spec_file, args.name, linear=False)
     deep = args.deep
     examples = args.examples or (200 if deep else 20)
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if deep else (torch.float32,)
@@ -142,7 +154,7 @@ def cmd_fuzz(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    spec = load_spec(args.spec_file, args.name)
+    spec = load_spec(args.spec_file, args.name, linear=False)
     attn = compile_spec(spec)
     batch, heads, length, dim = args.shape
     q, k, v = Case(batch, heads, heads, length, length, dim, dim).tensors(device=args.device)
@@ -180,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(function=function)
         if name != "cache":
-            sub.add_argument("spec_file", help="a Python file defining an AttentionSpec")
+            sub.add_argument("spec_file", help="a Python file defining an AttentionSpec (or a LinearAttentionSpec: "
+                                               "compile, show, export)")
             sub.add_argument("--name", default="SPEC", help="the spec's variable name (default: SPEC)")
         return sub
 

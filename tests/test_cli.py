@@ -46,6 +46,15 @@ def test_show_prints_spec_ir_source_and_draws_the_graph(tmp_path):
     assert dot.startswith("digraph attngen") and "load capture0" in dot
 
 
+def test_show_and_export_a_linear_attention_spec(tmp_path):
+    retention = str(ROOT / "specs" / "retention.py")
+    out = attngen("show", retention, cache_dir=tmp_path).stdout
+    assert "decay = tensor[8]" in out and "# IR (optimized, the feature map" in out and "def _linear_fwd(" in out
+    assert "# mask plan" not in out
+    assert "forward(q, k, v, g)" in attngen("export", retention, "-o", str(tmp_path / "r.py"), cache_dir=tmp_path).stdout
+    assert "def _linear_bwd_dkdv(" in (tmp_path / "r.py").read_text()
+
+
 def test_check_runs_every_property(tmp_path):
     out = attngen("check", str(ROOT / "specs" / "softmax_learnable_sink.py"), "--examples", "3",
                   cache_dir=tmp_path).stdout
@@ -86,6 +95,8 @@ def test_bench_prints_a_table(tmp_path):
     (("show", "missing.py"), "does not exist"),
     (("show", ALIBI, "--name", "NOPE"), "defines no 'NOPE'"),
     (("show", ALIBI, "--name", "SLOPES"), "is a Tensor, not an attngen.AttentionSpec"),
+    (("show", str(ROOT / "specs" / "linear_elu.py"), "--plan"), "linear attention has no mask plan"),
+    (("check", str(ROOT / "specs" / "linear_elu.py")), "is a LinearAttentionSpec; this command takes"),
 ])
 def test_usage_errors_are_one_line(args, message, tmp_path):
     result = attngen(*args, cache_dir=tmp_path, check=False)
