@@ -5,7 +5,8 @@ variant runs forward and forward+backward on the same inputs, one after the
 other in one process. Outputs are checked against each other before timing.
 Times are medians of CUDA-event (or wall-clock on CPU) measurements after
 warm-up; TFLOP/s use the standard convention (4 B H Lq Lk D forward, times the
-fraction of kept scores, x2.5 for backward). A decoding sweep (one new token
+fraction of kept scores, x2.5 for backward; for linear attention, the recurrent
+form's work 4 B H L D^2). A decoding sweep (one new token
 against a KV cache, GQA 8:1, B 1..64, Lk 1k..128k) reports the cache read
 bandwidth. Results go to ``benchmarks/results/<device>-<date>/``: results.json
 (raw), results.md (tables) and one PNG per variant when matplotlib is installed.
@@ -36,7 +37,7 @@ except ImportError:  # older torch
     flex = None
 
 
-def variants(heads: int, length: int, device: str) -> dict:
+def variants(heads: int, length: int, dim: int, device: str) -> dict:
     """name -> (attngen spec, flex (score_mod, mask_mod) or None, SDPA kwargs or None, kept fraction)."""
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], device=device)
     docs = torch.arange(length, device=device) * 4 // length  # four equal documents
@@ -55,6 +56,7 @@ def variants(heads: int, length: int, device: str) -> dict:
     document = ag.masks.document(doc_ids)
     prefix_lm = ag.masks.prefix_lm(prefix)
     half = 0.5 + 0.5 / length
+    linear_work = dim / length  # linear attention: per token 2 D^2 to update the state, 2 D^2 to read it
     return {
         "plain": (ag.AttentionSpec(), (None, None), {}, 1.0),
         "causal": (ag.AttentionSpec(mask_mod=causal), (None, causal), {"is_causal": True}, half),
@@ -75,6 +77,14 @@ def variants(heads: int, length: int, device: str) -> dict:
         "elementwise_sigmoid2": (ag.AttentionSpec(normalization=ag.norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)),
                                  None, None, 1.0),
         "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
+        "sparsemax": (ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=causal), None, None, half),
+        "entmax15": (ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=causal), None, None, half),
+        "stick_breaking": (ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=causal), None, None,
+                           half),
+        "differential": (ag.AttentionSpec(differential=0.5, mask_mod=causal), None, None, half),
+        "linear_elu": (ag.LinearAttentionSpec(), None, None, linear_work),
+        "retention": (ag.LinearAttentionSpec(feature_map="identity", decay=0.97, normalize=False), None, None,
+                      linear_work),
     }
 
 
@@ -166,7 +176,7 @@ def measure(args) -> list[dict]:
     rows = []
     for shape in shapes(args.smoke, device):
         batch, heads, length, dim = shape
-        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(heads, length, device).items():
+        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(heads, length, dim, device).items():
             if args.only and name not in args.only:
                 continue
             for dtype in dtypes:
