@@ -38,7 +38,8 @@ except ImportError:  # older torch
 
 
 def variants(heads: int, length: int, dim: int, device: str) -> dict:
-    """name -> (attngen spec, flex (score_mod, mask_mod) or None, SDPA kwargs or None, kept fraction)."""
+    """name -> (attngen spec, flex (score_mod, mask_mod) or None, SDPA kwargs or None, kept fraction).
+    The sliding window is causal with 1024 keys (a quarter of the length below 4096)."""
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], device=device)
     docs = torch.arange(length, device=device) * 4 // length  # four equal documents
     doc_ids = docs[None, :]
@@ -60,8 +61,8 @@ def variants(heads: int, length: int, dim: int, device: str) -> dict:
     return {
         "plain": (ag.AttentionSpec(), (None, None), {}, 1.0),
         "causal": (ag.AttentionSpec(mask_mod=causal), (None, causal), {"is_causal": True}, half),
-        f"sliding_window_{window}": (ag.AttentionSpec(mask_mod=sliding), (None, sliding), None,
-                                     min(1.0, (window + 1) / length)),
+        "sliding_window": (ag.AttentionSpec(mask_mod=sliding), (None, sliding), None,
+                           min(1.0, (window + 1) / length)),
         "alibi": (ag.AttentionSpec(score_mod=alibi, mask_mod=causal), (alibi, causal), None, half),
         "softcap": (ag.AttentionSpec(score_mod=softcap), (softcap, None), None, 1.0),
         "document": (ag.AttentionSpec(mask_mod=document), (None, document), None, 0.25),
@@ -88,11 +89,22 @@ def variants(heads: int, length: int, dim: int, device: str) -> dict:
     }
 
 
-def shapes(smoke: bool, device: str) -> list[tuple[int, int, int, int]]:
-    """(batch, heads, length, head_dim): B * L = 16k tokens on GPUs."""
-    if smoke:
+def shapes(args, device: str) -> list[tuple[int, int, int, int]]:
+    """(batch, heads, length, head_dim): B * L = 16k tokens on GPUs, restricted to ``--lengths``/``--dims``."""
+    if args.smoke:
         return [(1, 2, 64, 32)] if device == "cpu" else [(2, 16, 512, 64)]
-    return [(16384 // length, 16, length, dim) for dim in (64, 128) for length in (512, 1024, 2048, 4096, 8192, 16384)]
+    return [(16384 // length, 16, length, dim) for dim in args.dims or (64, 128)
+            for length in args.lengths or (512, 1024, 2048, 4096, 8192, 16384)]
+
+
+def out_of_time(args) -> bool:
+    """Whether ``--budget`` seconds have passed since the run started (then no new measurement starts)."""
+    spent = time.perf_counter() - args.started
+    if args.budget is not None and spent > args.budget:
+        if not args.stopped:
+            print(f"budget of {args.budget:.0f} s spent: writing what was measured", flush=True)
+        args.stopped = True
+    return args.stopped
 
 
 def median_ms(run, device: str, repeats: int) -> float:
@@ -144,6 +156,8 @@ def measure_decode(args) -> list[dict]:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
     for batch, heads, kv_heads, length, dim in decode_shapes(args.smoke, device):
+        if out_of_time(args):
+            break
         gen = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype, generator=gen)
         k, v = (torch.randn(batch, kv_heads, length, dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
@@ -172,14 +186,16 @@ def measure_decode(args) -> list[dict]:
 
 def measure(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+    dtypes = [torch.float32] if device == "cpu" else [getattr(torch, name) for name in args.dtypes]
     rows = []
-    for shape in shapes(args.smoke, device):
+    for shape in shapes(args, device):
         batch, heads, length, dim = shape
         for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(heads, length, dim, device).items():
             if args.only and name not in args.only:
                 continue
             for dtype in dtypes:
+                if out_of_time(args):
+                    return rows
                 gen = torch.Generator(device=device).manual_seed(0)
                 q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
                            for _ in range(3))
@@ -218,19 +234,20 @@ def ratios(rows: list[dict]) -> None:
                 ours[f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[metric]
 
 
-def write(rows: list[dict], smoke: bool, root: Path, proxies: dict | None = None,
-          decode_rows: list[dict] = ()) -> Path:
+def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list[dict] = ()) -> Path:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     date = datetime.date.today().isoformat()
-    folder = root / f"{device.replace(' ', '_')}-{date}{'-smoke' if smoke else ''}"
+    folder = args.out / f"{device.replace(' ', '_')}-{date}{'-smoke' if args.smoke else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "date": date, "torch": torch.__version__, "triton": triton.__version__,
-            "attngen": ag.__version__, "smoke": smoke}
+            "attngen": ag.__version__, "smoke": args.smoke,
+            "stopped_at_budget": args.stopped}
     (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": list(decode_rows)},
                                                     indent=1))
     lines = [f"# attngen benchmarks: {device}, {date}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, attngen {meta['attngen']}"
-             f"{' (smoke run: tiny shapes, not a measurement)' if smoke else ''}", "",
+             f"{' (smoke run: tiny shapes, not a measurement)' if args.smoke else ''}"
+             f"{f' (stopped after the {args.budget:.0f} s budget: not every shape ran)' if args.stopped else ''}", "",
              "| variant | impl | B | H | L | D | dtype | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
              "| attngen speedup fwd / fwd+bwd | max diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,12 +307,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, measures nothing")
     parser.add_argument("--only", nargs="*", help="variant names to run")
+    parser.add_argument("--lengths", type=int, nargs="*", help="sequence lengths (default 512 .. 16384)")
+    parser.add_argument("--dims", type=int, nargs="*", help="head dims (default 64 128)")
+    parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float16"], choices=["bfloat16", "float16"],
+                        help="GPU dtypes (CPU runs float32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: start no new measurement after this, write what was measured")
     parser.add_argument("--proxies", action="store_true",
                         help="also measure the CPU proxies (compile latency, tiles visited, mask-plan building)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="folder for the <device>-<date> result folder (default: benchmarks/results)")
     args = parser.parse_args()
+    args.started, args.stopped = time.perf_counter(), False
+    unknown = set(args.only or ()) - set(variants(1, 64, 32, "cpu")) - {"decode"}
+    if unknown:
+        parser.error(f"--only: unknown variant(s) {', '.join(sorted(unknown))}; "
+                     f"known: {', '.join(variants(1, 64, 32, 'cpu'))}, decode")
     if args.repeats is None:
         args.repeats = 2 if args.smoke else 20
     rows = measure(args)
@@ -304,7 +332,7 @@ def main() -> None:
     proxies = cpu_proxies.run(quick=args.smoke) if args.proxies else None
     if proxies is not None:
         print(cpu_proxies.markdown(proxies))
-    print(f"results in {write(rows, args.smoke, args.out, proxies, decode_rows)}")
+    print(f"results in {write(rows, args, proxies, decode_rows)}")
 
 
 if __name__ == "__main__":

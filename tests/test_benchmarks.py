@@ -28,3 +28,13 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     causal = next(r for r in proxies["tiles"] if r["mask"] == "causal")
     assert causal["visited"] < 0.6 and "## CPU proxies" in table
     assert proxies["plan"]["summaries_ms"] < proxies["plan"]["dense_torch_ms"]
+
+
+def test_budget_stops_new_measurements_and_still_writes(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--budget", "0",
+                           "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    assert "budget of 0 s spent" in done.stdout
+    [folder] = tmp_path.iterdir()
+    results = json.loads((folder / "results.json").read_text())
+    assert results["rows"] == [] and results["decode"] == [] and results["meta"]["stopped_at_budget"]
+    assert "stopped after the 0 s budget" in (folder / "results.md").read_text()
