@@ -220,18 +220,31 @@ def measure(args) -> list[dict]:
     return rows
 
 
+# each non-softmax normalization against attngen's softmax with the same mask (target: >= 0.9)
+SOFTMAX_BASELINE = {**dict.fromkeys(["sigmoid", "softmax_sink", "off_by_one", "relu2", "scalable_softmax",
+                                     "affine_softmax", "elementwise_sigmoid2"], "plain"),
+                    **dict.fromkeys(["sparsemax", "entmax15", "stick_breaking"], "causal")}
+METRICS = ("forward_ms", "forward_backward_ms")
+
+
 def ratios(rows: list[dict]) -> None:
-    """Add attngen / best other implementation (higher is better: speed ratio)."""
+    """Add speed ratios (higher is better): attngen / best other implementation, and each
+    non-softmax normalization / attngen's softmax on the same shape."""
     key = lambda r: (r["variant"], r["length"], r["head_dim"], r["dtype"])  # noqa: E731
     groups: dict = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
-    for group in groups.values():
-        ours = next((r for r in group if r["impl"] == "attngen" and "error" not in r), None)
+    ours = {k: next((r for r in group if r["impl"] == "attngen" and "error" not in r), None)
+            for k, group in groups.items()}
+    for k, group in groups.items():
         others = [r for r in group if r["impl"] != "attngen" and "error" not in r]
-        if ours and others:
-            for metric in ("forward_ms", "forward_backward_ms"):
-                ours[f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[metric]
+        if ours[k] and others:
+            for metric in METRICS:
+                ours[k][f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[k][metric]
+        softmax = ours.get((SOFTMAX_BASELINE.get(k[0]), *k[1:]))
+        if ours[k] and softmax:
+            for metric in METRICS:
+                ours[k][f"{metric}_vs_own_softmax"] = softmax[metric] / ours[k][metric]
 
 
 def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list[dict] = ()) -> Path:
@@ -249,18 +262,18 @@ def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list
              f"{' (smoke run: tiny shapes, not a measurement)' if args.smoke else ''}"
              f"{f' (stopped after the {args.budget:.0f} s budget: not every shape ran)' if args.stopped else ''}", "",
              "| variant | impl | B | H | L | D | dtype | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
-             "| attngen speedup fwd / fwd+bwd | max diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| attngen speedup fwd / fwd+bwd | vs own softmax fwd / fwd+bwd | max diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | "
-                         f"{r['head_dim']} | {r['dtype']} | error: {r['error']} | | | | | |")
+                         f"{r['head_dim']} | {r['dtype']} | error: {r['error']} | | | | | | |")
             continue
-        speedup = (f"{r['forward_ms_speedup_vs_best_other']:.2f} / {r['forward_backward_ms_speedup_vs_best_other']:.2f}"
-                   if "forward_ms_speedup_vs_best_other" in r else "")
+        speedup, own = (f"{r[f'forward_ms_{name}']:.2f} / {r[f'forward_backward_ms_{name}']:.2f}"
+                        if f"forward_ms_{name}" in r else "" for name in ("speedup_vs_best_other", "vs_own_softmax"))
         lines.append(f"| {r['variant']} | {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | "
                      f"{r['head_dim']} | {r['dtype']} | {r['forward_ms']:.3f} | {r['forward_tflops']:.1f} | "
-                     f"{r['forward_backward_ms']:.3f} | {r['forward_backward_tflops']:.1f} | {speedup} | "
+                     f"{r['forward_backward_ms']:.3f} | {r['forward_backward_tflops']:.1f} | {speedup} | {own} | "
                      f"{r['max_diff_vs_attngen']:.1e} |")
     if decode_rows:
         lines += ["", "## Decoding (one new token, full cache, GQA)", "",
