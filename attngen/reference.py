@@ -229,20 +229,37 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads)
 
 
-def linear_attention(q, k, v, spec: LinearAttentionSpec, *, log_decay=None) -> torch.Tensor:
+def linear_attention(q, k, v, spec: LinearAttentionSpec, *, log_decay=None, state=None, return_state=False):
     """Linear attention of ``spec`` with the ``[Lq, Lk]`` weight matrix materialized:
     ``(phi(q) * scale) phi(k)^T``, if causal times ``exp(G_i - G_j)`` on and below the diagonal (0
-    above), then (``normalize``) divided by its row sums plus ``eps``."""
+    above), then (``normalize``) divided by its row sums plus ``eps``. Causal specs may continue from
+    ``state`` (kv, n), which adds ``exp(G_i) (phi(q_i) * scale)`` times it, and with ``return_state``
+    also return the state after the last token."""
     shape = check_inputs(q, k, v)
     group = shape.q_heads // shape.kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    w = (spec.phi(q) * spec.scale_for(shape.qk_dim)) @ spec.phi(k).transpose(-1, -2)
-    if spec.causal:
-        if shape.q_len != shape.kv_len:
-            raise ValueError(f"causal linear attention needs q and k of the same length, got {shape.q_len} and "
-                             f"{shape.kv_len}")
-        running = spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay, q.dtype).cumsum(-1)
-        causal = torch.ones(shape.q_len, shape.q_len, dtype=torch.bool, device=q.device).tril()
-        w = w * torch.exp(torch.where(causal, running[..., :, None] - running[..., None, :], -math.inf))
-    out = w @ v
-    return out / (w.sum(-1, keepdim=True) + spec.eps) if spec.normalize else out
+    phi_q, phi_k = spec.phi(q) * spec.scale_for(shape.qk_dim), spec.phi(k)
+    w = phi_q @ phi_k.transpose(-1, -2)
+    if not spec.causal:
+        out = w @ v
+        return out / (w.sum(-1, keepdim=True) + spec.eps) if spec.normalize else out
+    if shape.q_len != shape.kv_len:
+        raise ValueError(f"causal linear attention needs q and k of the same length, got {shape.q_len} and "
+                         f"{shape.kv_len}")
+    running = spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay, q.dtype).cumsum(-1)
+    causal = torch.ones(shape.q_len, shape.q_len, dtype=torch.bool, device=q.device).tril()
+    w = w * torch.exp(torch.where(causal, running[..., :, None] - running[..., None, :], -math.inf))
+    kv0, n0 = state if state is not None else (q.new_zeros(*q.shape[:2], shape.qk_dim, shape.v_dim),
+                                               q.new_zeros(*q.shape[:2], shape.qk_dim))
+    phi_q_past = phi_q * torch.exp(running)[..., None]  # sees the state, decayed from the first token
+    out = w @ v + phi_q_past @ kv0.to(q.dtype)
+    normalizer = w.sum(-1) + (phi_q_past * n0.to(q.dtype)[..., None, :]).sum(-1)
+    if spec.normalize:
+        out = out / (normalizer + spec.eps)[..., None]
+    if not return_state:
+        return out
+    total = running[..., -1:] if shape.q_len else running.new_zeros(*running.shape[:2], 1)
+    phi_k_to_end = phi_k * torch.exp(total - running)[..., None]
+    kv = torch.exp(total)[..., None] * kv0.to(q.dtype) + phi_k_to_end.transpose(-1, -2) @ v
+    n = torch.exp(total) * n0.to(q.dtype) + phi_k_to_end.sum(-2)
+    return out, (kv, n)

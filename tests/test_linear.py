@@ -144,6 +144,8 @@ def test_bad_calls_raise_clear_errors():
         attn(q, k[:, :, :5], v[:, :, :5], log_decay=gates)
     with pytest.raises(TypeError, match="q has dtype torch.float64"):
         attn(q.double(), k.double(), v.double(), log_decay=gates)
+    with pytest.raises(TypeError, match="state must be a LinearState"):
+        attn(q, k, v, log_decay=gates, state=torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="state must hold kv"):
         attn.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], ag.LinearState(torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 4)),
                   log_decay=gates[:, :, :1])
@@ -156,7 +158,7 @@ def test_bad_calls_raise_clear_errors():
     with pytest.raises(ValueError, match=r"3 entries; expected one per query head \(2\)"):
         plain(q, k, v)
     everywhere = ag.compile(ag.LinearAttentionSpec(causal=False))
-    with pytest.raises(ValueError, match="takes no log_decay and returns no state"):
+    with pytest.raises(ValueError, match="takes no log_decay or state and returns no state"):
         everywhere(q, k, v, return_state=True)
     with pytest.raises(ValueError, match="no kernels are generated"):
         everywhere.export("unused.py")
@@ -164,10 +166,46 @@ def test_bad_calls_raise_clear_errors():
         everywhere.step(q, k, v, ag.LinearState(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4)))
 
 
-def test_gradients_do_not_flow_into_the_state():
-    q, k, v = Case(1, 1, 1, 9, 9, 4, 4).tensors()
-    out, state = ag.compile(ag.LinearAttentionSpec())(q, k, v, return_state=True)
-    assert out.requires_grad and not state.kv.requires_grad and not state.n.requires_grad
+def _state(case: Case, seed: int = 2) -> ag.LinearState:
+    """A learnable state as earlier tokens would leave it (n > 0, as positive features give)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(case.batch, case.q_heads, case.qk_dim, case.v_dim, generator=gen)
+    n = torch.rand(case.batch, case.q_heads, case.qk_dim, generator=gen) * case.qk_dim
+    return ag.LinearState(kv.requires_grad_(), n.requires_grad_())
+
+
+@pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 37, 24, 40), Case(1, 2, 1, 5, 5, 8, 16)], ids=lambda c: c.id)
+@pytest.mark.parametrize("name", ["elu1", "retnet", "learnable_decay", "gated"])
+def test_continuing_from_a_state_matches_reference(name, case):
+    spec = SPECS[name](case.q_heads)
+    call = {"log_decay": _gates(case)} if spec.decay == "gated" else {}
+    compared = {r.name for r in assert_matches_reference(spec, *case.tensors(), state=_state(case), **call)}
+    assert {"state_kv", "state_n", "d state kv", "d state n"} <= compared
+
+
+def test_chained_calls_equal_one_call_with_gradients():
+    """Splitting a sequence into calls that pass the state on (chunked prefill, truncated BPTT
+    without the truncation) gives the one call's outputs, final state and gradients."""
+    case = Case(2, 4, 2, 45, 45, 16, 24)
+    attn = ag.compile(ag.LinearAttentionSpec(decay="gated"))
+    q, k, v = case.tensors()
+    gates = _gates(case)
+    upstream = torch.randn(2, 4, 45, 24, generator=torch.Generator().manual_seed(3))
+
+    def gradients(pieces):
+        state, outs = None, []
+        for piece in pieces:
+            out, state = attn(q[:, :, piece], k[:, :, piece], v[:, :, piece], log_decay=gates[:, :, piece],
+                              state=state, return_state=True)
+            outs.append(out)
+        out = torch.cat(outs, dim=2)
+        loss = (out * upstream).sum() + state.kv.sum() + state.n.square().sum()
+        return [out, state.kv, state.n, *torch.autograd.grad(loss, (q, k, v, gates))]
+
+    whole = gradients([slice(0, 45)])
+    chained = gradients([slice(0, 13), slice(13, 14), slice(14, 45)])
+    for one, many in zip(whole, chained):  # float32 rounding, relative to each tensor's scale
+        assert (many - one).abs().max() <= 1e-5 * one.abs().max()
 
 
 def test_decay_one_equals_no_decay():

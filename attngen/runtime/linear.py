@@ -29,8 +29,9 @@ def check_linear_inputs(q, k, v):
 
 
 def _check_state(state, shape, device) -> LinearState:
+    """``state`` as a float32 LinearState, after checking it fits these inputs."""
     if not isinstance(state, tuple) or len(state) != 2:
-        raise TypeError(f"state must be the LinearState (kv, n) a call with return_state=True returned, "
+        raise TypeError(f"state must be a LinearState (kv, n), as a call with return_state=True returns, "
                         f"got {type(state).__name__}")
     kv, n = state
     expected = (shape.batch, shape.q_heads, shape.qk_dim, shape.v_dim)
@@ -80,25 +81,28 @@ class CompiledLinearAttention:
         path.write_text(source)
         return path
 
-    def __call__(self, q, k, v, *, log_decay=None, return_state: bool = False):
+    def __call__(self, q, k, v, *, log_decay=None, state=None, return_state: bool = False):
         """Causal linear attention of q [B,Hq,L,Dqk], k [B,Hkv,L,Dqk], v [B,Hkv,L,Dv] -> [B,Hq,L,Dv]
         (with ``causal=False``, k and v may have another length).
 
-        ``log_decay`` [B, Hq, L] (specs with ``decay="gated"``): each token's log decay, <= 0;
-        differentiable. With ``return_state=True`` returns ``(out, LinearState)``: the state after
-        the last token, to continue with :meth:`step` (it carries no gradient).
+        ``log_decay`` [B, Hq, L] (specs with ``decay="gated"``): each token's log decay, <= 0.
+        ``state``: a :class:`LinearState` to continue from (the tokens before these; default none).
+        With ``return_state=True`` returns ``(out, LinearState)``: the state after the last token, to
+        continue with another call or :meth:`step`. Everything here is differentiable, the states too.
         """
         shape = check_linear_inputs(q, k, v)
         if not self.spec.causal:
-            if return_state or log_decay is not None:
-                raise ValueError("a non-causal linear attention spec takes no log_decay and returns no state")
+            if return_state or log_decay is not None or state is not None:
+                raise ValueError("a non-causal linear attention spec takes no log_decay or state and returns no "
+                                 "state")
             return self._all_keys(q, k, v, shape)
         if shape.q_len != shape.kv_len:
             raise ValueError(f"causal linear attention runs over one sequence: q and k must have the same length, "
                              f"got {shape.q_len} and {shape.kv_len}")
         g = self.spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay)
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
-        out, kv, n = kernels.forward(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps)
+        initial = None if state is None else _check_state(state, shape, q.device)
+        out, kv, n = kernels.forward(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps, initial)
         return (out, LinearState(kv, n)) if return_state else out
 
     def _all_keys(self, q, k, v, shape):

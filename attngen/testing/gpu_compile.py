@@ -75,12 +75,13 @@ def _compile_linear(attn: CompiledLinearAttention, q, k, v, arch: int, tiles: di
     kernels = load_kernels(attn.path, interpret=False)
     config = {**kernels.launch_config(q, device_type="cuda"), **(tiles or {})}
     g = torch.zeros(q.shape[:3])
+    states = (torch.zeros(*q.shape[:2], q.shape[3], v.shape[3]), torch.zeros(*q.shape[:2], q.shape[3]))
     built: list = []
     with _compile_only(arch, built):
-        out, normalizer, _, _ = kernels.run_forward(q, k, v, g, 1.0, config=config)
+        out, normalizer, *final = kernels.run_forward(q, k, v, g, *states, 1.0, config=config)
         phases = ["forward"] * len(built)
         if backward:
-            kernels.run_backward(q, k, v, g, out, normalizer, 1.0, config=config)
+            kernels.run_backward(q, k, v, g, *states, *final, out, normalizer, *final, 1.0, config=config)
             phases += ["backward"] * (len(built) - len(phases))
     return _built(built, phases)
 

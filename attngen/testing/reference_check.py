@@ -121,18 +121,27 @@ def _comparisons(kernel, materialized, q, k, v, tensors, seed, floor, backward=T
 
 
 def _compare_linear(spec: LinearAttentionSpec, q, k, v, seed: int, floor: float | None,
-                    log_decay=None) -> list[Comparison]:
-    """The linear attention branch of :func:`compare_with_reference`."""
+                    log_decay=None, state=None) -> list[Comparison]:
+    """The linear attention branch of :func:`compare_with_reference`; causal specs also compare the
+    final state (values and, through it, gradients) and continue from ``state`` when given."""
     attn = compile_spec(spec)
     tensors = learnable(spec)
     if isinstance(log_decay, torch.Tensor) and log_decay.requires_grad:
         tensors["log_decay"] = log_decay
+    if state is not None:
+        tensors.update({f"state {name}": t for name, t in zip(("kv", "n"), state) if t.requires_grad})
 
     def kernel(*t, return_stats):
-        return attn(*t, log_decay=log_decay), Stats()
+        if not spec.causal:
+            return attn(*t), Stats()
+        out, final = attn(*t, log_decay=log_decay, state=state, return_state=True)
+        return out, Stats(state_kv=final.kv, state_n=final.n)
 
     def materialized(*t, return_stats):
-        return reference.linear_attention(*t, spec, log_decay=log_decay), Stats()
+        if not spec.causal:
+            return reference.linear_attention(*t, spec), Stats()
+        out, (kv, n) = reference.linear_attention(*t, spec, log_decay=log_decay, state=state, return_state=True)
+        return out, Stats(state_kv=kv, state_n=n)
     return _comparisons(kernel, materialized, q, k, v, tensors, seed, floor)
 
 
@@ -147,7 +156,9 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     paged cache (``block_table``) is compared forward only, as it has no backward. With dropout (the
     spec's or the call's), the call's dropout seed is ``seed`` and the reference applies the same
     mask (dense calls). A :class:`~attngen.LinearAttentionSpec` takes its call's ``log_decay`` in
-    ``call`` (compared as a learnable tensor when it requires grad)."""
+    ``call`` (compared as a learnable tensor when it requires grad) and may continue from a
+    ``state`` (its tensors compared as learnable when they require grad); its final state is compared
+    as a statistic (``state_kv``, ``state_n``)."""
     if isinstance(spec, LinearAttentionSpec):
         return _compare_linear(spec, q, k, v, seed, floor, **call)
     attn = compile_spec(spec)
