@@ -114,7 +114,7 @@ def cmd_export(args) -> int:
 def cmd_check(args) -> int:
     from .testing.check import check_spec, format_report
 
-    spec = load_spec(args.spec_file, args.name, linear=False)
+    spec = load_spec(args.spec_file, args.name)
     deep = args.deep
     examples = args.examples or (200 if deep else 20)
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if deep else (torch.float32,)
@@ -129,7 +129,7 @@ def cmd_check(args) -> int:
     reports = check_spec(spec, examples=examples, heads=args.heads, batch=args.batch, max_len=max_len,
                          dtypes=dtypes, seed=args.seed, properties=args.property, progress=progress)
     source = f"import runpy\nSPEC = runpy.run_path({str(Path(args.spec_file).resolve())!r})[{args.name!r}]"
-    print(format_report(reports, source))
+    print(format_report(reports, source, linear=isinstance(spec, LinearAttentionSpec)))
     return 0 if all(r.ok for r in reports) else 1
 
 

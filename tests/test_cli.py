@@ -61,20 +61,33 @@ def test_check_runs_every_property(tmp_path):
     assert "all properties hold" in out and "reference" in out and "GQA = repeated heads" in out
 
 
-SNEAKY = textwrap.dedent("""
-    import torch, attngen as ag
+# each traced function differs from itself on tensors (the reference): the kernel computes s, the reference 2 s
+SNEAKY = {
+    "score_mod": ("""
+        import torch, attngen as ag
 
-    def sneaky(s, b, h, q_idx, kv_idx):  # traced: s; on tensors (the reference): 2 s
-        return s * 2.0 if isinstance(s, torch.Tensor) else s
+        def sneaky(s, b, h, q_idx, kv_idx):
+            return s * 2.0 if isinstance(s, torch.Tensor) else s
 
-    SPEC = ag.AttentionSpec(score_mod=sneaky)
-""")
+        SPEC = ag.AttentionSpec(score_mod=sneaky)
+    """, "kernel differs from the float64 reference"),
+    "feature_map": ("""
+        import torch, attngen as ag
+
+        def sneaky(x):
+            return x * 2.0 if isinstance(x, torch.Tensor) else x
+
+        SPEC = ag.LinearAttentionSpec(feature_map=sneaky, normalize=False)
+    """, "reference fails at"),
+}
 
 
-def test_check_fails_with_a_runnable_reproduction(tmp_path):
+@pytest.mark.parametrize("name", sorted(SNEAKY))
+def test_check_fails_with_a_runnable_reproduction(name, tmp_path):
+    source, message = SNEAKY[name]
     spec_file = tmp_path / "sneaky.py"
-    spec_file.write_text(SNEAKY)
-    result = attngen("check", str(spec_file), "--examples", "3", "--property", "reference", cache_dir=tmp_path,
+    spec_file.write_text(textwrap.dedent(source))
+    result = attngen("check", str(spec_file), "--examples", "2", "--property", "reference", cache_dir=tmp_path,
                      check=False)
     assert result.returncode == 1 and "1 of 1 properties failed" in result.stdout
     snippet = result.stdout.split("reproduce with:\n")[1].split("\n\n")[0]
@@ -82,7 +95,12 @@ def test_check_fails_with_a_runnable_reproduction(tmp_path):
     script.write_text("\n".join(line[4:] for line in snippet.splitlines()))
     rerun = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            env={**os.environ, "ATTNGEN_CACHE_DIR": str(tmp_path)})
-    assert rerun.returncode != 0 and "kernel differs from the float64 reference" in rerun.stderr
+    assert rerun.returncode != 0 and message in rerun.stderr
+
+
+def test_check_runs_the_linear_properties(tmp_path):
+    out = attngen("check", str(ROOT / "specs" / "gated_linear.py"), "--examples", "3", cache_dir=tmp_path).stdout
+    assert "all properties hold" in out and "recurrent step" in out and "chained calls" in out
 
 
 def test_bench_prints_a_table(tmp_path):
@@ -96,7 +114,7 @@ def test_bench_prints_a_table(tmp_path):
     (("show", ALIBI, "--name", "NOPE"), "defines no 'NOPE'"),
     (("show", ALIBI, "--name", "SLOPES"), "is a Tensor, not an attngen.AttentionSpec"),
     (("show", str(ROOT / "specs" / "linear_elu.py"), "--plan"), "linear attention has no mask plan"),
-    (("check", str(ROOT / "specs" / "linear_elu.py")), "is a LinearAttentionSpec; this command takes"),
+    (("bench", str(ROOT / "specs" / "linear_elu.py")), "is a LinearAttentionSpec; this command takes"),
 ])
 def test_usage_errors_are_one_line(args, message, tmp_path):
     result = attngen(*args, cache_dir=tmp_path, check=False)

@@ -12,13 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import attngen as ag
 from attngen.errors import SpecError
 from attngen.testing import Case, assert_matches_reference
-
-
-def _gates(case: Case, seed: int = 1) -> torch.Tensor:
-    """Data-dependent log decays in (-inf, 0], as logsigmoid gates give them."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(case.batch, case.q_heads, case.q_len, generator=gen) + 2.0
-    return torch.nn.functional.logsigmoid(logits).requires_grad_()
+from attngen.testing.linear_properties import gates, initial_state
 
 
 def _sigmoid_features(x):
@@ -42,7 +36,7 @@ CASES = [Case(2, 4, 2, 37, 37, 24, 40), Case(1, 2, 2, 16, 16, 16, 16), Case(1, 3
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_linear_attention_matches_reference(name, case):
     spec = SPECS[name](case.q_heads)
-    call = {"log_decay": _gates(case)} if spec.decay == "gated" else {}
+    call = {"log_decay": gates(case, requires_grad=True)} if spec.decay == "gated" else {}
     results = assert_matches_reference(spec, *case.tensors(), **call)
     compared = {r.name for r in results}
     assert {"out", "dq", "dk", "dv"} <= compared
@@ -57,7 +51,7 @@ def test_linear_attention_matches_reference(name, case):
 def test_linear_attention_on_random_shapes(batch, kv_heads, group, length, qk_dim, v_dim, name, dtype):
     case = Case(batch, kv_heads * group, kv_heads, length, length, qk_dim, v_dim, dtype=dtype)
     spec = SPECS[name](case.q_heads)
-    call = {"log_decay": _gates(case)} if spec.decay == "gated" else {}
+    call = {"log_decay": gates(case, requires_grad=True)} if spec.decay == "gated" else {}
     assert_matches_reference(spec, *case.tensors(), **call)
 
 
@@ -71,10 +65,10 @@ def test_prefill_then_steps_equals_one_call():
     spec = ag.LinearAttentionSpec(decay="gated")
     attn = ag.compile(spec)
     q, k, v = case.tensors(requires_grad=False)
-    gates = _gates(case).detach()
-    whole, final = attn(q, k, v, log_decay=gates, return_state=True)
-    prefix, state = attn(q[:, :, :29], k[:, :, :29], v[:, :, :29], log_decay=gates[:, :, :29], return_state=True)
-    rest, stepped = attn.step(q[:, :, 29:], k[:, :, 29:], v[:, :, 29:], state, log_decay=gates[:, :, 29:])
+    decays = gates(case)
+    whole, final = attn(q, k, v, log_decay=decays, return_state=True)
+    prefix, state = attn(q[:, :, :29], k[:, :, :29], v[:, :, :29], log_decay=decays[:, :, :29], return_state=True)
+    rest, stepped = attn.step(q[:, :, 29:], k[:, :, 29:], v[:, :, 29:], state, log_decay=decays[:, :, 29:])
     torch.testing.assert_close(torch.cat([prefix, rest], dim=2), whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stepped.kv, final.kv, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stepped.n, final.n, atol=1e-5, rtol=1e-5)
@@ -135,26 +129,26 @@ def _escaped(message: str) -> str:
 def test_bad_calls_raise_clear_errors():
     attn = ag.compile(ag.LinearAttentionSpec(decay="gated"))
     q, k, v = Case(1, 2, 1, 8, 8, 4, 4).tensors(requires_grad=False)
-    gates = torch.zeros(1, 2, 8)
+    decays = torch.zeros(1, 2, 8)
     with pytest.raises(ValueError, match="pass log_decay="):
         attn(q, k, v)
     with pytest.raises(ValueError, match=r"log_decay must be a floating-point tensor of shape \[1, 2, 8\]"):
         attn(q, k, v, log_decay=torch.zeros(1, 1, 8))
     with pytest.raises(ValueError, match="q and k must have the same length"):
-        attn(q, k[:, :, :5], v[:, :, :5], log_decay=gates)
+        attn(q, k[:, :, :5], v[:, :, :5], log_decay=decays)
     with pytest.raises(TypeError, match="q has dtype torch.float64"):
-        attn(q.double(), k.double(), v.double(), log_decay=gates)
+        attn(q.double(), k.double(), v.double(), log_decay=decays)
     with pytest.raises(TypeError, match="state must be a LinearState"):
-        attn(q, k, v, log_decay=gates, state=torch.zeros(1, 2, 4, 4))
+        attn(q, k, v, log_decay=decays, state=torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="state must hold kv"):
         attn.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], ag.LinearState(torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 4)),
-                  log_decay=gates[:, :, :1])
+                  log_decay=decays[:, :, :1])
     wide = torch.zeros(1, 2, 8, 256)
     with pytest.raises(ValueError, match="Dqk \\* Dv must be at most 16384"):
-        attn(wide, wide[:, :1], torch.zeros(1, 1, 8, 128), log_decay=gates)
+        attn(wide, wide[:, :1], torch.zeros(1, 1, 8, 128), log_decay=decays)
     plain = ag.compile(ag.LinearAttentionSpec(decay=torch.tensor([0.5, 0.6, 0.7])))
     with pytest.raises(ValueError, match="only taken by specs with decay='gated'"):
-        plain(q, k, v, log_decay=gates)
+        plain(q, k, v, log_decay=decays)
     with pytest.raises(ValueError, match=r"3 entries; expected one per query head \(2\)"):
         plain(q, k, v)
     everywhere = ag.compile(ag.LinearAttentionSpec(causal=False))
@@ -166,20 +160,13 @@ def test_bad_calls_raise_clear_errors():
         everywhere.step(q, k, v, ag.LinearState(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4)))
 
 
-def _state(case: Case, seed: int = 2) -> ag.LinearState:
-    """A learnable state as earlier tokens would leave it (n > 0, as positive features give)."""
-    gen = torch.Generator().manual_seed(seed)
-    kv = torch.randn(case.batch, case.q_heads, case.qk_dim, case.v_dim, generator=gen)
-    n = torch.rand(case.batch, case.q_heads, case.qk_dim, generator=gen) * case.qk_dim
-    return ag.LinearState(kv.requires_grad_(), n.requires_grad_())
-
-
 @pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 37, 24, 40), Case(1, 2, 1, 5, 5, 8, 16)], ids=lambda c: c.id)
 @pytest.mark.parametrize("name", ["elu1", "retnet", "learnable_decay", "gated"])
 def test_continuing_from_a_state_matches_reference(name, case):
     spec = SPECS[name](case.q_heads)
-    call = {"log_decay": _gates(case)} if spec.decay == "gated" else {}
-    compared = {r.name for r in assert_matches_reference(spec, *case.tensors(), state=_state(case), **call)}
+    call = {"log_decay": gates(case, requires_grad=True)} if spec.decay == "gated" else {}
+    state = initial_state(case, requires_grad=True)
+    compared = {r.name for r in assert_matches_reference(spec, *case.tensors(), state=state, **call)}
     assert {"state_kv", "state_n", "d state kv", "d state n"} <= compared
 
 
@@ -189,18 +176,18 @@ def test_chained_calls_equal_one_call_with_gradients():
     case = Case(2, 4, 2, 45, 45, 16, 24)
     attn = ag.compile(ag.LinearAttentionSpec(decay="gated"))
     q, k, v = case.tensors()
-    gates = _gates(case)
+    decays = gates(case, requires_grad=True)
     upstream = torch.randn(2, 4, 45, 24, generator=torch.Generator().manual_seed(3))
 
     def gradients(pieces):
         state, outs = None, []
         for piece in pieces:
-            out, state = attn(q[:, :, piece], k[:, :, piece], v[:, :, piece], log_decay=gates[:, :, piece],
+            out, state = attn(q[:, :, piece], k[:, :, piece], v[:, :, piece], log_decay=decays[:, :, piece],
                               state=state, return_state=True)
             outs.append(out)
         out = torch.cat(outs, dim=2)
         loss = (out * upstream).sum() + state.kv.sum() + state.n.square().sum()
-        return [out, state.kv, state.n, *torch.autograd.grad(loss, (q, k, v, gates))]
+        return [out, state.kv, state.n, *torch.autograd.grad(loss, (q, k, v, decays))]
 
     whole = gradients([slice(0, 45)])
     chained = gradients([slice(0, 13), slice(13, 14), slice(14, 45)])

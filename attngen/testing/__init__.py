@@ -5,7 +5,8 @@
   gradients of q, k, v and learnable tensors) under FlashAttention's rule;
 * :mod:`~attngen.testing.strategies`: hypothesis strategies for shapes,
   masks, score_mods, normalizations and whole specs;
-* :mod:`~attngen.testing.invariants`: properties that need no reference;
+* :mod:`~attngen.testing.invariants`: properties that need no reference
+  (:mod:`~attngen.testing.linear_properties` for linear attention);
 * :mod:`~attngen.testing.fuzz`: random specs from a grammar;
 * :func:`check_spec`: everything above for one spec (``attngen check``);
 * :mod:`~attngen.testing.gpu_compile`: build the kernels for a GPU without one.

@@ -1,8 +1,9 @@
 """``attngen check``: property-test one spec and report, with a runnable snippet for any failure.
 
 Each property (the float64 reference comparison, then every invariant of
-:mod:`attngen.testing.invariants`) runs on shapes drawn by hypothesis; a
-failing example is shrunk to a minimal one before it is reported.
+:mod:`attngen.testing.invariants`, or of :mod:`attngen.testing.linear_properties`
+for a linear attention spec) runs on shapes drawn by hypothesis; a failing
+example is shrunk to a minimal one before it is reported.
 """
 
 from __future__ import annotations
@@ -17,26 +18,28 @@ import torch
 from hypothesis import HealthCheck, Phase, given, reject, settings
 
 from .. import reference
+from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
 from .cases import Case
 from .compare import Comparison
-from .invariants import PROPERTIES
+from .invariants import PROPERTIES, REFERENCE
+from .linear_properties import LINEAR_PROPERTIES, linear_case
 from .reference_check import compare_with_reference
 from .snippets import PRELUDE
 from .strategies import shapes
 
-REFERENCE = "reference"
 
-
-def property_functions() -> dict[str, Callable[[AttentionSpec, Case], list[Comparison]]]:
-    """Every property ``attngen check`` runs: name -> function(spec, case) -> comparisons."""
+def property_functions(spec: AttentionSpec | LinearAttentionSpec) -> dict[str, Callable[..., list[Comparison]]]:
+    """Every property ``attngen check`` runs on ``spec``: name -> function(spec, case) -> comparisons."""
+    if isinstance(spec, LinearAttentionSpec):
+        return LINEAR_PROPERTIES
     return {REFERENCE: lambda spec, case: compare_with_reference(spec, *case.tensors(), seed=case.seed),
             **PROPERTIES}
 
 
-def assert_property(name: str, spec: AttentionSpec, case: Case) -> list[Comparison]:
+def assert_property(name: str, spec: AttentionSpec | LinearAttentionSpec, case: Case) -> list[Comparison]:
     """Run one property (see :func:`property_functions`) on ``case``; raise if a comparison fails."""
-    results = property_functions()[name](spec, case)
+    results = property_functions(spec)[name](spec, case)
     failures = [str(r) for r in results if not r.ok]
     if failures:
         raise AssertionError(f"{name} fails at {case.id}:\n  " + "\n  ".join(failures))
@@ -75,14 +78,21 @@ class PropertyReport:
             self.failure, self.failure_case = [r for r in results if not r.ok], case
 
 
-def _fits(spec: AttentionSpec, case: Case) -> bool:
+def _fits(spec: AttentionSpec | LinearAttentionSpec, case: Case) -> bool:
     """Whether the spec's captured tensors are large enough for this case (indices in range)."""
+    if isinstance(spec, LinearAttentionSpec):
+        return True
     q, k, _ = Case(case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len, 1, 1).tensors(False)
     try:
         reference.scores(q, k, spec)
     except IndexError:
         return False
     return True
+
+
+def _as_run(spec: AttentionSpec | LinearAttentionSpec, case: Case) -> Case:
+    """The case as the spec runs it (causal linear attention: Lk = Lq), so reports name what ran."""
+    return linear_case(spec, case) if isinstance(spec, LinearAttentionSpec) else case
 
 
 def _smaller(case: Case):
@@ -115,13 +125,13 @@ def _shrink(report: PropertyReport, run, budget: int = 40) -> None:
                 return
 
 
-def check_spec(spec: AttentionSpec, *, examples: int = 20, heads: int = 4, batch: int = 2, max_len: int = 96,
+def check_spec(spec: AttentionSpec | LinearAttentionSpec, *, examples: int = 20, heads: int = 4, batch: int = 2, max_len: int = 96,
                dtypes=None, seed: int = 0, properties=None, progress=None) -> list[PropertyReport]:
     """Run every property (or those named in ``properties``) on ``examples`` drawn shapes each; a
     failing case is simplified (fewer heads, shorter sequences, float32) while it keeps failing."""
     dtypes = dtypes or (torch.float32,)
     reports = []
-    for name, function in property_functions().items():
+    for name, function in property_functions(spec).items():
         if properties and name not in properties:
             continue
         report = PropertyReport(name)
@@ -132,6 +142,7 @@ def check_spec(spec: AttentionSpec, *, examples: int = 20, heads: int = 4, batch
                   suppress_health_check=list(HealthCheck), phases=(Phase.explicit, Phase.generate))
         @given(case=shapes(max_len=max_len, batch=tuple(range(1, batch + 1)), heads=heads, dtypes=tuple(dtypes)))
         def run(case):
+            case = _as_run(spec, case)
             if not _fits(spec, case):
                 reject()
             report.note(case, function(spec, case))
@@ -141,7 +152,8 @@ def check_spec(spec: AttentionSpec, *, examples: int = 20, heads: int = 4, batch
         try:
             run()
         except AssertionError:
-            _shrink(report, lambda case: function(spec, case) if _fits(spec, case) else [])
+            _shrink(report, lambda case: function(spec, _as_run(spec, case)) if _fits(spec, case) else [])
+            report.failure_case = _as_run(spec, report.failure_case)
         except hypothesis.errors.Unsatisfiable:
             report.error = (f"no drawn shape fits the spec's captured tensors (heads {heads}, batch <= {batch}, "
                             f"lengths <= {max_len}): pass --heads, --batch or --max-len to match them")
@@ -154,18 +166,20 @@ def check_spec(spec: AttentionSpec, *, examples: int = 20, heads: int = 4, batch
     return reports
 
 
-def reproduction(report: PropertyReport, spec_source: str) -> str:
-    """Python that reproduces a failed report: the spec, the shrunk case and the failing call."""
+def reproduction(report: PropertyReport, spec_source: str, linear: bool = False) -> str:
+    """Python that reproduces a failed report: the spec, the shrunk case and the failing call
+    (a linear spec's reference call also needs its gates and state: it goes through assert_property)."""
     case = report.failure_case
-    call = (f"attngen.testing.assert_matches_reference(SPEC, q, k, v, seed={case.seed})" if report.name == REFERENCE
+    direct = report.name == REFERENCE and not linear
+    call = (f"attngen.testing.assert_matches_reference(SPEC, q, k, v, seed={case.seed})" if direct
             else f"attngen.testing.assert_property({report.name!r}, SPEC, attngen.testing.{case!r})")
     lines = [*PRELUDE, spec_source.strip()]
-    if report.name == REFERENCE:
+    if direct:
         lines.append(case.snippet())
     return "\n".join(lines + [call]) + "\n"
 
 
-def format_report(reports: list[PropertyReport], spec_source: str) -> str:
+def format_report(reports: list[PropertyReport], spec_source: str, linear: bool = False) -> str:
     """The table ``attngen check`` prints, then a reproduction snippet for each failure."""
     lines = [f"{'property':<22}{'examples':>9}  {'worst error / bound':<36}at"]
     for r in reports:
@@ -182,7 +196,7 @@ def format_report(reports: list[PropertyReport], spec_source: str) -> str:
     for r in failed:
         lines += ["", f"{r.name} fails; the simplest failing case found ({r.failure_case.id}):"]
         lines += [f"  {c}" for c in r.failure]
-        lines += ["reproduce with:", *("    " + line for line in reproduction(r, spec_source).splitlines())]
+        lines += ["reproduce with:", *("    " + line for line in reproduction(r, spec_source, linear).splitlines())]
     bad = sum(not r.ok for r in reports)
     lines += ["", "all properties hold" if not bad else f"{bad} of {len(reports)} properties failed"]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from .cases import Case
 from .compare import FLOORS, Comparison, magnitude, max_error
 
 ROW_STATS = ("lse", "max", "entropy")
+REFERENCE = "reference"  # the name of the property that compares with the float64 reference
 
 
 def _run(spec: AttentionSpec, q, k, v) -> dict[str, torch.Tensor]:
@@ -28,7 +29,7 @@ def _run(spec: AttentionSpec, q, k, v) -> dict[str, torch.Tensor]:
     return {"out": out, **{name: getattr(stats, name) for name in stats.names()}}
 
 
-def _same(a: dict, b: dict, dtype, names=None) -> list[Comparison]:
+def agreement(a: dict, b: dict, dtype, names=None) -> list[Comparison]:
     """``a`` and ``b`` (two runs) agree on ``names`` (default: all)."""
     return [Comparison(name, max_error(a[name], b[name]), FLOORS.get(dtype, 1e-3) * max(1.0, magnitude(b[name])))
             for name in names or a]
@@ -50,7 +51,7 @@ def always_true_mask(spec: AttentionSpec, case: Case) -> list[Comparison]:
     """Anding a mask that is always True (but not known to be) changes nothing."""
     q, k, v = case.tensors(requires_grad=False)
     always = _mask(spec, lambda b, h, q_idx, kv_idx: q_idx >= 0)
-    return _same(_run(always, q, k, v), _run(spec, q, k, v), case.dtype)
+    return agreement(_run(always, q, k, v), _run(spec, q, k, v), case.dtype)
 
 
 def window_covering_everything(spec: AttentionSpec, case: Case) -> list[Comparison]:
@@ -58,7 +59,7 @@ def window_covering_everything(spec: AttentionSpec, case: Case) -> list[Comparis
     q, k, v = case.tensors(requires_grad=False)
     reach = max(case.q_len, case.kv_len)
     wide = _mask(spec, masks.sliding_window(reach, reach))
-    return _same(_run(wide, q, k, v), _run(spec, q, k, v), case.dtype)
+    return agreement(_run(wide, q, k, v), _run(spec, q, k, v), case.dtype)
 
 
 def last_query_of_causal(spec: AttentionSpec, case: Case) -> list[Comparison]:
@@ -67,7 +68,7 @@ def last_query_of_causal(spec: AttentionSpec, case: Case) -> list[Comparison]:
     causal, plain = _run(_mask(spec, masks.causal), q, k, v), _run(spec, q, k, v)
     names = ["out"] + [n for n in causal if n in ROW_STATS]
     last = [{n: run[n][:, :, -1] for n in names} for run in (causal, plain)]
-    return _same(*last, case.dtype)
+    return agreement(*last, case.dtype)
 
 
 def key_permutation(spec: AttentionSpec, case: Case) -> list[Comparison]:
@@ -76,7 +77,7 @@ def key_permutation(spec: AttentionSpec, case: Case) -> list[Comparison]:
         return []
     q, k, v = case.tensors(requires_grad=False)
     order = torch.randperm(case.kv_len, generator=torch.Generator().manual_seed(case.seed))
-    return _same(_run(spec, q, k[:, :, order], v[:, :, order]), _run(spec, q, k, v), case.dtype)
+    return agreement(_run(spec, q, k[:, :, order], v[:, :, order]), _run(spec, q, k, v), case.dtype)
 
 
 def rows_sum_to_one(spec: AttentionSpec, case: Case) -> list[Comparison]:
@@ -102,7 +103,7 @@ def row_shift(spec: AttentionSpec, case: Case) -> list[Comparison]:
         return (s if user is None else user(s, b, h, q_idx, kv_idx)) + 0.5 * (q_idx % 7) + 0.25 * h
     q, k, v = case.tensors(requires_grad=False)
     moved = _run(dataclasses.replace(spec, score_mod=shifted, stats=()), q, k, v)
-    return _same(moved, _run(dataclasses.replace(spec, stats=()), q, k, v), case.dtype)
+    return agreement(moved, _run(dataclasses.replace(spec, stats=()), q, k, v), case.dtype)
 
 
 def gqa_is_repeated_heads(spec: AttentionSpec, case: Case) -> list[Comparison]:
@@ -114,7 +115,7 @@ def gqa_is_repeated_heads(spec: AttentionSpec, case: Case) -> list[Comparison]:
     grouped = _run(spec, q, k, v)
     names = ["out"] + [n for n in grouped if n in ROW_STATS]
     repeated = _run(spec, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
-    return _same(grouped, repeated, case.dtype, names)
+    return agreement(grouped, repeated, case.dtype, names)
 
 
 def batch_split(spec: AttentionSpec, case: Case) -> list[Comparison]:
@@ -125,7 +126,7 @@ def batch_split(spec: AttentionSpec, case: Case) -> list[Comparison]:
     whole = _run(spec, q, k, v)
     parts = [_run(spec, q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(case.batch)]
     joined = {name: torch.cat([p[name] for p in parts]) for name in whole}
-    return _same(joined, whole, case.dtype)
+    return agreement(joined, whole, case.dtype)
 
 
 PROPERTIES: dict[str, Callable[[AttentionSpec, Case], list[Comparison]]] = {
