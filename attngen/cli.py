@@ -20,31 +20,29 @@ from . import reference
 from .errors import SpecError
 from .runtime import cache, plan
 from .runtime.autotune import median_seconds
-from .linear import LinearAttentionSpec
+from .linear import LinearAttentionSpec, LinearState
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .runtime.linear import CompiledLinearAttention
 from .spec import AttentionSpec
 from .testing.cases import Case
+from .testing.linear_properties import gates
 
 
 class UsageError(Exception):
     """A mistake on the command line; printed without a traceback."""
 
 
-def load_spec(path: str, name: str, linear: bool = True) -> AttentionSpec | LinearAttentionSpec:
-    """The spec called ``name`` defined by the Python file at ``path`` (a LinearAttentionSpec only
-    where the command takes one: ``linear``)."""
+def load_spec(path: str, name: str) -> AttentionSpec | LinearAttentionSpec:
+    """The spec called ``name`` defined by the Python file at ``path``."""
     if not Path(path).is_file():
         raise UsageError(f"spec file {path!r} does not exist")
     namespace = runpy.run_path(path)
     if name not in namespace:
         raise UsageError(f"{path} defines no {name!r}; define {name} = attngen.AttentionSpec(...) or pass --name")
     spec = namespace[name]
-    if isinstance(spec, LinearAttentionSpec) and not linear:
-        raise UsageError(f"{path}: {name} is a LinearAttentionSpec; this command takes an attngen.AttentionSpec "
-                         "(linear attention specs are tested with attngen.testing.assert_matches_reference)")
     if not isinstance(spec, (AttentionSpec, LinearAttentionSpec)):
-        raise UsageError(f"{path}: {name} is a {type(spec).__name__}, not an attngen.AttentionSpec")
+        raise UsageError(f"{path}: {name} is a {type(spec).__name__}, not an attngen.AttentionSpec or "
+                         "LinearAttentionSpec")
     return spec
 
 
@@ -153,14 +151,31 @@ def cmd_fuzz(args) -> int:
     return 1
 
 
+def _linear_contenders(attn: CompiledLinearAttention, case: Case, device: str) -> dict:
+    """attngen's chunked kernels, the materialized reference and (causal) the recurrent torch form."""
+    spec = attn.spec
+    call = {"log_decay": gates(case).to(device)} if spec.decay == "gated" else {}
+    found = {"attngen": lambda *t: attn(*t, **call),
+             "reference (materialized)": lambda *t: reference.linear_attention(*t, spec, **call)}
+    if spec.causal:
+        zero = LinearState(torch.zeros(case.batch, case.q_heads, case.qk_dim, case.v_dim, device=device),
+                           torch.zeros(case.batch, case.q_heads, case.qk_dim, device=device))
+        found["recurrent step (torch)"] = lambda *t: attn.step(*t, zero, **call)[0]
+    return found
+
+
 def cmd_bench(args) -> int:
-    spec = load_spec(args.spec_file, args.name, linear=False)
+    spec = load_spec(args.spec_file, args.name)
     attn = compile_spec(spec)
     batch, heads, length, dim = args.shape
-    q, k, v = Case(batch, heads, heads, length, length, dim, dim).tensors(device=args.device)
-    contenders = {"attngen": attn, "reference (materialized)": lambda *t: reference.attention(*t, spec)}
-    if spec.score_mod is None and spec.mask_mod is None:
-        contenders["torch SDPA"] = torch.nn.functional.scaled_dot_product_attention
+    case = Case(batch, heads, heads, length, length, dim, dim)
+    q, k, v = case.tensors(device=args.device)
+    if isinstance(spec, LinearAttentionSpec):
+        contenders = _linear_contenders(attn, case, args.device)
+    else:
+        contenders = {"attngen": attn, "reference (materialized)": lambda *t: reference.attention(*t, spec)}
+        if spec.score_mod is None and spec.mask_mod is None:
+            contenders["torch SDPA"] = torch.nn.functional.scaled_dot_product_attention
     print(f"shape B={batch} H={heads} L={length} D={dim} on {args.device}, median of {args.repeats}")
     print(f"{'implementation':<28}{'forward ms':>12}{'fwd+bwd ms':>12}")
     for label, fn in contenders.items():
@@ -192,8 +207,7 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(function=function)
         if name != "cache":
-            sub.add_argument("spec_file", help="a Python file defining an AttentionSpec (or a LinearAttentionSpec: "
-                                               "compile, show, export)")
+            sub.add_argument("spec_file", help="a Python file defining an AttentionSpec or a LinearAttentionSpec")
             sub.add_argument("--name", default="SPEC", help="the spec's variable name (default: SPEC)")
         return sub
 
