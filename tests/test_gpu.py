@@ -45,3 +45,27 @@ def test_cuda_block_mask_and_document_summaries():
     assert_matches_reference(spec, q, k, v)
     blocks = torch.rand(2, 8, 6, 6, device="cuda") > 0.5
     assert_matches_reference(ag.AttentionSpec(), q, k, v, block_mask=ag.BlockMask(blocks, block_size=128))
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_cuda_offsets_past_two_to_the_31_elements(mode):
+    """A KV cache of more than 2**31 elements: int32 offsets of batch entry 1 would wrap. Its values
+    are shifted by 10, so a read from anywhere else cannot go unnoticed; the backward's dK/dV too."""
+    keys, dim = (1 << 23) + 5, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(2, 1, keys, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(2, 1, keys, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v[1] += 10.0
+    q = torch.randn(2, 4, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert k.numel() > 2 ** 31
+    k.requires_grad_(mode == "prefill")
+    out = ag.compile(ag.AttentionSpec())(q, k, v, mode=mode)
+    k1 = k[1:].detach().float().requires_grad_(mode == "prefill")
+    expected = torch.nn.functional.scaled_dot_product_attention(q[1:].float(), k1, v[1:].float(), enable_gqa=True)
+    assert (out[1:].float() - expected).abs().max() < 0.1 and expected.mean() > 9.0  # bf16 ulp at 10: 0.06
+    if mode == "prefill":  # dK of batch entry 1 through the int64 atomics
+        upstream = torch.randn(expected.shape, device="cuda", generator=gen)
+        (out[1:].float() * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        scale = k1.grad.abs().max()
+        assert (k.grad[1:].float() - k1.grad).abs().max() < 0.05 * scale
