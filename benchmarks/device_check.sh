@@ -20,9 +20,10 @@ export PYTHONPATH=$PWD ATTNGEN_CACHE_DIR=$OUT/cache ATTNGEN_AUTOTUNE=0 ATTNGEN_Q
 } 2>&1 | tee "$OUT/environment.txt"
 
 # 1. correctness on the GPU: the compiled kernels against the float64 reference (bf16 cases and the
-#    normalization checks; all three dtypes would not fit the lease), 8 processes compiling in parallel
+#    normalization checks, the >2**31-element cache; all three dtypes would not fit the lease), 8 processes
+#    compiling in parallel
 timeout 170 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_gpu.py \
-  -k "bfloat16 or normalizations" > "$OUT/gpu_tests.log" 2>&1
+  -k "bfloat16 or normalizations or offsets" > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? (124: cut at 170 s), last lines:" && tail -n 4 "$OUT/gpu_tests.log"
 
 # 2. speed: the variants FlexAttention and SDPA share, two non-softmax ones, and decoding, at one length
