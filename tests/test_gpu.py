@@ -7,6 +7,7 @@ import torch
 
 import attngen as ag
 from attngen.testing import Case, assert_matches_reference
+from attngen.testing.linear_properties import gates, initial_state
 from variants import VARIANTS
 
 pytestmark = pytest.mark.gpu
@@ -69,3 +70,21 @@ def test_cuda_offsets_past_two_to_the_31_elements(mode):
         (expected * upstream).sum().backward()
         scale = k1.grad.abs().max()
         assert (k.grad[1:].float() - k1.grad).abs().max() < 0.05 * scale
+
+
+LINEAR = {"elu1": ag.LinearAttentionSpec(), "retention": ag.LinearAttentionSpec(feature_map="identity", decay=0.97,
+                                                                              normalize=False),
+          "gated": ag.LinearAttentionSpec(feature_map="identity", decay="gated", normalize=False)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [Case(2, 8, 2, 300, 300, 64, 64), Case(1, 4, 4, 129, 129, 128, 128)],
+                         ids=lambda c: c.id)
+@pytest.mark.parametrize("name", sorted(LINEAR))
+def test_cuda_linear_attention(name, case, dtype):
+    """The chunked kernels on CUDA (both launch configs: D <= 64 and D > 64), from a learnable state."""
+    case = dataclasses.replace(case, dtype=dtype)
+    call = {"state": ag.LinearState(*(t.detach().cuda().requires_grad_() for t in initial_state(case)))}
+    if name == "gated":
+        call["log_decay"] = gates(case).cuda().requires_grad_()
+    assert_matches_reference(LINEAR[name], *case.tensors(device="cuda"), **call)
