@@ -249,8 +249,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     threshold = normalization.family == "threshold"
     residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
-        + (["lse", "lse2", "o1", "o2"] if differential else []) \
-        + (["remaining"] if normalization.family == "stick_breaking" else [])
+        + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
