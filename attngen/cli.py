@@ -158,8 +158,7 @@ def _linear_contenders(attn: CompiledLinearAttention, case: Case, device: str) -
     found = {"attngen": lambda *t: attn(*t, **call),
              "reference (materialized)": lambda *t: reference.linear_attention(*t, spec, **call)}
     if spec.causal:
-        zero = LinearState(torch.zeros(case.batch, case.q_heads, case.qk_dim, case.v_dim, device=device),
-                           torch.zeros(case.batch, case.q_heads, case.qk_dim, device=device))
+        zero = LinearState.zeros(case.batch, case.q_heads, case.qk_dim, case.v_dim, device)
         found["recurrent step (torch)"] = lambda *t: attn.step(*t, zero, **call)[0]
     return found
 

@@ -43,6 +43,13 @@ class LinearState(NamedTuple):
     kv: torch.Tensor
     n: torch.Tensor
 
+    @classmethod
+    def zeros(cls, batch: int, heads: int, qk_dim: int, v_dim: int, device="cpu",
+              dtype=torch.float32) -> "LinearState":
+        """The state before any token."""
+        return cls(torch.zeros(batch, heads, qk_dim, v_dim, device=device, dtype=dtype),
+                   torch.zeros(batch, heads, qk_dim, device=device, dtype=dtype))
+
 
 def _gated(decay) -> bool:
     return isinstance(decay, str) and decay == "gated"

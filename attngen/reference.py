@@ -12,7 +12,7 @@ import math
 import torch
 
 from .inputs import check_inputs
-from .linear import LinearAttentionSpec
+from .linear import LinearAttentionSpec, LinearState
 from .norms import Normalization
 from .spec import AttentionSpec
 from . import stats as stats_module
@@ -249,8 +249,8 @@ def linear_attention(q, k, v, spec: LinearAttentionSpec, *, log_decay=None, stat
     running = spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay, q.dtype).cumsum(-1)
     causal = torch.ones(shape.q_len, shape.q_len, dtype=torch.bool, device=q.device).tril()
     w = w * torch.exp(torch.where(causal, running[..., :, None] - running[..., None, :], -math.inf))
-    kv0, n0 = state if state is not None else (q.new_zeros(*q.shape[:2], shape.qk_dim, shape.v_dim),
-                                               q.new_zeros(*q.shape[:2], shape.qk_dim))
+    kv0, n0 = state if state is not None else LinearState.zeros(*q.shape[:2], shape.qk_dim, shape.v_dim, q.device,
+                                                                q.dtype)
     phi_q_past = phi_q * torch.exp(running)[..., None]  # sees the state, decayed from the first token
     out = w @ v + phi_q_past @ kv0.to(q.dtype)
     normalizer = w.sum(-1) + (phi_q_past * n0.to(q.dtype)[..., None, :]).sum(-1)

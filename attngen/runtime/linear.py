@@ -105,12 +105,16 @@ class CompiledLinearAttention:
         out, kv, n = kernels.forward(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps, initial)
         return (out, LinearState(kv, n)) if return_state else out
 
+    def _features(self, q, k, v, shape):
+        """float32 ``phi(q) * scale``, ``phi(k)`` and v, keys and values repeated over each GQA group."""
+        group = shape.q_heads // shape.kv_heads
+        return (self.spec.phi(q.float()) * self.spec.scale_for(shape.qk_dim),
+                self.spec.phi(k.float()).repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1))
+
     def _all_keys(self, q, k, v, shape):
         """Non-causal: ``phi(q) (phi(k)^T v)``, float32 matrix products (torch autograd differentiates)."""
-        group = shape.q_heads // shape.kv_heads
-        phi_q = self.spec.phi(q.float()) * self.spec.scale_for(shape.qk_dim)
-        phi_k = self.spec.phi(k.float()).repeat_interleave(group, dim=1)
-        out = phi_q @ (phi_k.transpose(-1, -2) @ v.float().repeat_interleave(group, dim=1))
+        phi_q, phi_k, v32 = self._features(q, k, v, shape)
+        out = phi_q @ (phi_k.transpose(-1, -2) @ v32)
         if self.spec.normalize:
             out = out / (phi_q @ phi_k.sum(2, keepdim=True).transpose(-1, -2) + self.spec.eps)
         return out.to(q.dtype)
@@ -124,10 +128,7 @@ class CompiledLinearAttention:
             raise ValueError("step() is the recurrent form of causal linear attention; this spec has causal=False")
         kv, n = _check_state(state, shape, q.device)
         g = self.spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay)
-        group = shape.q_heads // shape.kv_heads
-        phi_q = self.spec.phi(q.float()) * self.spec.scale_for(shape.qk_dim)
-        phi_k = self.spec.phi(k.float()).repeat_interleave(group, dim=1)
-        v32 = v.float().repeat_interleave(group, dim=1)
+        phi_q, phi_k, v32 = self._features(q, k, v, shape)
         outs = []
         for t in range(shape.q_len):
             decay = torch.exp(g[:, :, t])

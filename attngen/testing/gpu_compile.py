@@ -17,6 +17,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import KernelInterface
 
 from ..runtime.compiled import CompiledAttention, per_head_parameters
+from ..linear import LinearState
 from ..runtime.linear import CompiledLinearAttention
 from ..runtime.loader import load_kernels
 
@@ -75,7 +76,7 @@ def _compile_linear(attn: CompiledLinearAttention, q, k, v, arch: int, tiles: di
     kernels = load_kernels(attn.path, interpret=False)
     config = {**kernels.launch_config(q, device_type="cuda"), **(tiles or {})}
     g = torch.zeros(q.shape[:3])
-    states = (torch.zeros(*q.shape[:2], q.shape[3], v.shape[3]), torch.zeros(*q.shape[:2], q.shape[3]))
+    states = LinearState.zeros(*q.shape[:2], q.shape[3], v.shape[3])
     built: list = []
     with _compile_only(arch, built):
         out, normalizer, *final = kernels.run_forward(q, k, v, g, *states, 1.0, config=config)
