@@ -3,15 +3,21 @@
 Triton's front end and its NVIDIA back end (LLVM, ptxas) need no device, so
 every kernel a call would launch can be built ahead of time for a chosen
 architecture: this catches code that Triton's interpreter accepts but the
-compiler rejects, and reports each kernel's shared memory. Nothing runs.
+compiler rejects, and reports what decides a kernel's speed before it runs:
+shared memory, registers and spills (from the cubin, by ``cuobjdump``), and
+which tensor-core instructions its dots became. Nothing runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import torch
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import KernelInterface
@@ -24,11 +30,23 @@ from ..runtime.loader import load_kernels
 
 @dataclass(frozen=True)
 class CompiledKernel:
-    """One kernel built for a GPU: its name, the phase that launches it and its static shared memory."""
+    """One kernel built for a GPU and what its machine code says about speed.
+
+    ``shared_bytes``: shared memory per program; ``registers``: per thread;
+    ``spill_bytes``: local memory per thread (registers spilled, 0 when none);
+    ``wgmma`` / ``mma_sync``: how many of its PTX tensor-core instructions are
+    Hopper's asynchronous warpgroup MMA or the older synchronous warp MMA.
+    """
 
     name: str
     phase: str
     shared_bytes: int
+    registers: int
+    spill_bytes: int
+    wgmma: int
+    mma_sync: int
+    num_warps: int
+    num_stages: int
 
 
 class _TargetDriver:
@@ -67,8 +85,26 @@ def _compile_only(arch: int, built: list):
         driver.set_active(previous)
 
 
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """``cuobjdump --dump-resource-usage`` of one kernel's cubin: e.g. {"REG": 168, "LOCAL": 0, ...}."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+                                capture_output=True, text=True, check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", report)}
+
+
+def _describe(kernel, phase: str) -> CompiledKernel:
+    usage = _resource_usage(kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
+    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, usage["REG"], usage["LOCAL"],
+                          len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
+                          kernel.metadata.num_warps, kernel.metadata.num_stages)
+
+
 def _built(built: list, phases: list) -> list[CompiledKernel]:
-    return [CompiledKernel(kernel.name, phase, kernel.metadata.shared) for kernel, phase in zip(built, phases)]
+    return [_describe(kernel, phase) for kernel, phase in zip(built, phases)]
 
 
 def _compile_linear(attn: CompiledLinearAttention, q, k, v, arch: int, tiles: dict | None,
