@@ -78,7 +78,8 @@ def test_ampere():
 @pytest.mark.parametrize("tiles", [
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-], ids=["128x128x2", "128x64x3"])
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+], ids=["128x128x2", "128x64x3", "64x128x3"])
 def test_the_shared_memory_estimate_bounds_large_configs(tiles):
     """At head dim 128 the autotuner prunes by an estimate; it must not under-count near the limit."""
     from attngen.runtime.autotune import shared_memory_bytes
@@ -87,6 +88,25 @@ def test_the_shared_memory_estimate_bounds_large_configs(tiles):
     for kernel in compile_for_gpu(ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)), q, k, v, tiles=tiles):
         if kernel.name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
             assert kernel.shared_bytes <= shared_memory_bytes(tiles, 128, 128, 2, kernel.phase), kernel
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch.tanh(score / 30.0)
+
+
+@pytest.mark.parametrize("tiles", [{}, {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}],
+                         ids=["default", "128x32"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("spec", [ag.AttentionSpec(score_mod=_softcap, mask_mod=ag.masks.causal),
+                                  ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n"))],
+                         ids=["softcap_causal", "sigmoid"])
+def test_every_dot_is_a_warpgroup_mma_and_no_register_spills(spec, dim, tiles):
+    """Speed hazards visible before any GPU run. On sm_90 a dot that Triton lowers to the synchronous
+    warp MMA instead of wgmma (a transposed register tile, or fewer than 64 rows per warpgroup) runs
+    at a fraction of the tensor-core rate, and spilled registers go through local memory."""
+    for kernel in compile_for_gpu(ag.compile(spec), *_tensors(torch.bfloat16, dim, dim), tiles=tiles):
+        if kernel.name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+            assert kernel.wgmma > 0 and kernel.mma_sync == 0 and kernel.spill_bytes == 0, kernel
 
 
 def test_user_block_masks_and_summaries_compile():

@@ -315,7 +315,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_lines": stat_lines,
         "stat_returns": ", ".join(stat_targets),
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
-        "stat_dp": " + ".join(f"dexp{e}[:, None] * (g{e} + dg{e})" for e in expectations),
+        "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
         "captures": captures,
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
         "mask_args": ", ".join(mask_inputs + capture_names),

@@ -41,16 +41,15 @@ def enabled(q: torch.Tensor) -> bool:
 def shared_memory_bytes(config: dict, qk_dim: int, v_dim: int, itemsize: int, phase: str) -> int:
     """An estimate of the shared memory of the ``phase`` ("forward" or "backward") kernels
     under ``config``: the tiles a program keeps, plus ``num_stages`` copies of the tiles its
-    loop streams. Calibrated on sm_90 builds (``attngen.testing.gpu_compile``): within a few
-    hundred bytes above the real size for the large configs that decide pruning."""
+    loop streams. Calibrated on sm_90 builds (``attngen.testing.gpu_compile``): at most 1 KB
+    above the real size for the large configs that decide pruning."""
     qk, dv = (max(16, triton.next_power_of_2(d)) for d in (qk_dim, v_dim))
     m, n, stages = config["BLOCK_M"], config["BLOCK_N"], config.get("num_stages", 1)
     if phase == "forward":  # q kept; k and v streamed
         return itemsize * (m * qk + stages * n * (qk + dv))
-    dq = itemsize * (m * (qk + dv) + stages * n * (qk + dv))  # q and dO kept; k and v streamed
-    # k and v kept; q, dO and the row statistics streamed; one transposed score tile
-    dkdv = itemsize * (stages * m * (qk + dv) + n * (qk + dv) + m * n) + stages * 8 * m
-    return max(dq, dkdv)
+    # backward: BLOCK_M rows kept (q and dO for dQ; k and v for dK/dV), BLOCK_N rows streamed, and
+    # for dK/dV also two float32 row statistics per streamed query
+    return itemsize * (m + stages * n) * (qk + dv) + stages * 8 * n
 
 
 def candidates(q: torch.Tensor, v: torch.Tensor, phase: str) -> list[dict]:
