@@ -41,3 +41,19 @@ def test_budget_stops_new_measurements_and_still_writes(tmp_path):
     results = json.loads((folder / "results.json").read_text())
     assert results["rows"] == [] and results["decode"] == [] and results["meta"]["stopped_at_budget"]
     assert "stopped after the 0 s budget" in (folder / "results.md").read_text()
+
+
+def test_machine_code_report_flags_synchronous_mma(tmp_path):
+    """With 32-row tiles (under the 64 rows of a warpgroup) Hopper's wgmma cannot be used: the report
+    must say so, and stay clean with 64."""
+    script = str(ROOT / "benchmarks" / "machine_code.py")
+    for rows, flagged in ((64, False), (32, True)):
+        subprocess.run([sys.executable, script, "--only", "causal", "--dims", "64", "--tiles",
+                        json.dumps({"BLOCK_M": rows, "BLOCK_N": 32}), "--out", str(tmp_path)], check=True,
+                       capture_output=True, text=True)
+        kernels = {r["name"]: r for r in json.loads((tmp_path / "machine_code.json").read_text())}
+        assert set(kernels) == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+        assert all(r["registers"] > 0 for r in kernels.values())
+        dots = [kernels[name] for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")]
+        assert all((r["mma_sync"] > 0) == flagged and (r["wgmma"] > 0) != flagged for r in dots)
+        assert ("| **_attn_bwd_dkdv** |" in (tmp_path / "machine_code.md").read_text()) == flagged

@@ -1,0 +1,80 @@
+"""What the harness's kernels compile to on Hopper, measured without a GPU.
+
+Every variant of ``benchmarks/run.py`` is built ahead of time for sm_90
+(``attngen.testing.gpu_compile``) at the launch configuration a call would use
+untuned (or ``--tiles``), and each kernel's machine code is summarized:
+registers per thread, bytes spilled to local memory, shared memory, and how
+many tensor-core instructions are Hopper's warpgroup MMA (wgmma) or the older
+synchronous MMA, which runs at a fraction of the rate. A spill or an
+``mma.sync`` in an attention kernel is a speed hazard to fix before timing.
+
+    python benchmarks/machine_code.py [--only causal sigmoid] [--dims 64 128] [--out FOLDER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import attngen as ag
+from attngen.testing.gpu_compile import compile_for_gpu
+from run import variants  # benchmarks/run.py
+
+
+def report(names: list[str] | None, dims: list[int], tiles: dict, length: int = 4096) -> list[dict]:
+    """One row per (variant, head dim, kernel)."""
+    rows = []
+    for dim in dims:
+        specs = {name: entry[0] for name, entry in variants(16, length, dim, "cpu").items()}
+        for name in names or specs:
+            q, k, v = (torch.empty(16384 // length, 16, length, dim, dtype=torch.bfloat16) for _ in range(3))
+            for kernel in compile_for_gpu(ag.compile(specs[name]), q, k, v, tiles=tiles):
+                rows.append({"variant": name, "dim": dim, **vars(kernel)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| variant | D | kernel | warps x stages | registers | spilled bytes | shared KB | wgmma | mma.sync |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hazard = "**" if r["spill_bytes"] or r["mma_sync"] else ""
+        lines.append(f"| {r['variant']} | {r['dim']} | {hazard}{r['name']}{hazard} | {r['num_warps']} x "
+                     f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
+                     f"{r['wgmma']} | {r['mma_sync']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import datetime
+
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", help="variants of benchmarks/run.py (default: all)")
+    parser.add_argument("--dims", nargs="+", type=int, default=[64, 128], help="head dims (default: 64 128)")
+    parser.add_argument("--tiles", type=json.loads, default={},
+                        help='launch configuration over the default, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 32}\'')
+    parser.add_argument("--out", type=Path, help="write machine_code.md and machine_code.json into this folder")
+    args = parser.parse_args()
+    known = variants(16, 4096, 64, "cpu")
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    rows = report(args.only, args.dims, args.tiles)
+    header = (f"# attngen kernels built for sm_90 (no GPU), {datetime.date.today().isoformat()}\n\n"
+              f"torch {torch.__version__}, triton {triton.__version__}, attngen {ag.__version__}; bf16, "
+              f"{'tiles ' + json.dumps(args.tiles) if args.tiles else 'the untuned CUDA launch configuration'}. "
+              f"Bold: a kernel with spilled registers or synchronous MMAs.\n\n")
+    text = header + markdown(rows)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "machine_code.md").write_text(text)
+        (args.out / "machine_code.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
