@@ -23,6 +23,13 @@ class Shape:
     v_dim: int
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a call may read ``t``'s values to check them: not while torch.compile traces (they
+    are data there, and a check would break the graph) nor while a CUDA graph is being captured
+    (reading them would synchronize the device). The kernels stay within the tensors either way."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_inputs(q, k, v, dtypes=None) -> Shape:
     """Validate q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]; return their sizes.
 

@@ -1,5 +1,6 @@
 """attngen attention inside torch.compile(fullgraph=True): a custom op, no graph break."""
 
+import pytest
 import torch
 
 import attngen as ag
@@ -29,3 +30,73 @@ def test_fullgraph_compile_matches_eager_including_gradients():
     torch.testing.assert_close(compiled, eager)
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want)
+
+
+CALLS = {  # name -> keyword arguments of a call on q [2, 2, 3, 16], k and v [2, 2, 40, 16]
+    "kv_lens": lambda: dict(kv_lens=torch.tensor([30, 40])),
+    "decode": lambda: dict(kv_lens=torch.tensor([30, 40]), mode="decode"),
+    "q_offset": lambda: dict(q_offset=torch.tensor([5, 9])),
+    "block_mask": lambda: dict(block_mask=torch.tensor([[[[True, False]]]])),
+    "dropout": lambda: dict(dropout_p=0.25, seed=3),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_kind_of_call_first_seen_inside_torch_compile(call, tmp_path, monkeypatch):
+    """The first call of a spec, or of a new kind of call, builds and imports kernels in Python that
+    Dynamo cannot trace; attngen does it outside the trace, so fullgraph compilation works from the start."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))  # nothing built or imported before
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen), \
+        torch.randn(2, 2, 40, 16, generator=gen)
+    bias = torch.rand(2, generator=gen)
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h] * 0.5,
+                                       mask_mod=ag.masks.causal))
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, **CALLS[call]()), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), attn(q, k, v, **CALLS[call]()), atol=0, rtol=0)
+
+
+def test_packed_and_paged_calls_first_seen_inside_torch_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(20, 2, 16, generator=gen, requires_grad=True), torch.randn(30, 2, 16, generator=gen)
+    cu_q, cu_k = torch.tensor([0, 8, 20]), torch.tensor([0, 10, 30])
+    packed = torch.compile(lambda q, k: attn(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), fullgraph=True,
+                           backend="aot_eager")
+    got = packed(q, k)
+    (dq,) = torch.autograd.grad(got.square().sum(), q)
+    want = attn(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(dq, torch.autograd.grad(want.square().sum(), q)[0], atol=0, rtol=0)
+    pages, table = torch.randn(12, 2, 8, 16, generator=gen), torch.tensor([[3, 1, 2], [0, 5, 4]])
+    q4 = torch.randn(2, 2, 1, 16, generator=gen)
+    paged = torch.compile(lambda q: attn(q, pages, pages, block_table=table, kv_lens=torch.tensor([20, 9])),
+                          fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(paged(q4), attn(q4, pages, pages, block_table=table, kv_lens=torch.tensor([20, 9])),
+                               atol=0, rtol=0)
+
+
+def test_traced_calls_skip_value_checks_and_kernels_clamp_kv_lens():
+    """Inside a trace kv_lens are data, not checked (an eager call raises); the kernels then treat a
+    length past the cache as the whole cache and a negative one as empty, reading nothing outside."""
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen), \
+        torch.randn(2, 2, 40, 16, generator=gen)
+    with pytest.raises(ValueError, match="kv_lens must be between 0 and the cache length"):
+        attn(q, k, v, kv_lens=torch.tensor([50, -3]))
+    traced = torch.compile(lambda lens: attn(q, k, v, kv_lens=lens), fullgraph=True, backend="aot_eager")
+    got = traced(torch.tensor([50, -3]))
+    torch.testing.assert_close(got, attn(q, k, v, kv_lens=torch.tensor([40, 0]), q_offset=torch.tensor([47, -6])),
+                               atol=0, rtol=0)
+    assert not got[1].any()
+
+
+def test_linear_attention_first_seen_inside_torch_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    attn = ag.compile(ag.LinearAttentionSpec(decay="gated"))
+    gen = torch.Generator().manual_seed(3)
+    q, g = torch.randn(1, 2, 20, 16, generator=gen), -torch.rand(1, 2, 20, generator=gen)
+    compiled = torch.compile(lambda q, g: attn(q, q, q, log_decay=g), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, g), attn(q, q, q, log_decay=g), atol=0, rtol=0)

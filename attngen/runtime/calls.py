@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import as_block_mask
-from ..inputs import KERNEL_DTYPES, Shape, check_inputs
+from ..inputs import KERNEL_DTYPES, Shape, check_inputs, values_checkable
 from ..spec import check_dropout
 from ..stats import Stats, map_stats
 from .variants import Variant, packed_tensors
@@ -151,12 +151,13 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
             raise ValueError("maps (col_sum, pooled) are not supported with kv_lens / q_offset")
         lens = shape.kv_len if kv_lens is None else kv_lens
         tensors["kv_lens"] = _integers("kv_lens", lens, shape.batch, q.device)
-        if bool((tensors["kv_lens"] < 0).any()) or bool((tensors["kv_lens"] > shape.kv_len).any()):
+        if values_checkable(tensors["kv_lens"]) and (bool((tensors["kv_lens"] < 0).any())
+                                                     or bool((tensors["kv_lens"] > shape.kv_len).any())):
             raise ValueError(f"kv_lens must be between 0 and the cache length ({shape.kv_len}), "
                              f"got {tensors['kv_lens'].tolist()}")
         offset = tensors["kv_lens"] - shape.q_len if q_offset is None else q_offset
         tensors["q_offset"] = _integers("q_offset", offset, shape.batch, q.device)
-        if block_table is not None:
+        if block_table is not None and values_checkable(tensors["block_table"]):
             _check_pages_in_range(tensors["block_table"], tensors["kv_lens"], k.shape[2], k.shape[0])
     block_size = None
     if block_mask is not None:

@@ -15,7 +15,7 @@ from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
 from ..trace import trace
-from . import autotune, calls, plan
+from . import autotune, calls, plan, tracing
 from .cache import cached_source
 from .linear import CompiledLinearAttention
 from .loader import load_kernels
@@ -59,6 +59,7 @@ class CompiledAttention:
         self.stand_ins = variant.stand_ins()  # captured placeholders for a call's own tensors
         self._variants: dict[Variant, CompiledAttention] = {}
         self._build()
+        self._traced_name = tracing.register(self)
 
     def _build(self) -> None:
         started = time.perf_counter()
@@ -122,6 +123,14 @@ class CompiledAttention:
                 raise ValueError(f"{name} is on {t.device} but q is on {device}; move it to {device}")
             found.append(t)
         return found
+
+    def build_for_call(self, call: str, device: torch.device) -> None:
+        """Build and import the kernels of a call of kind ``call`` (:meth:`Variant.encode`) on
+        ``device``: what a call traced by torch.compile cannot do itself (see :mod:`.tracing`)."""
+        attn = self.for_call(Variant.decode(call))
+        if attn._capture_signature() != attn.signature:
+            attn._build()
+        load_kernels(attn.path, interpret=device.type == "cpu")
 
     def for_call(self, variant: Variant) -> CompiledAttention:
         """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant."""
@@ -196,6 +205,7 @@ class CompiledAttention:
         call = calls.prepare(self.spec, q, k, v, block_mask=block_mask, kv_lens=kv_lens, q_offset=q_offset,
                              block_table=block_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                              mode=mode, dropout_p=dropout_p, seed=seed)
+        tracing.ready(call.q, self._traced_name, call.variant.encode())
         out, stats = self.for_call(call.variant)._run(call.q, call.k, call.v, call.shape, call.tensors)
         return call.finish(out, stats if return_stats else None)
 

@@ -13,6 +13,7 @@ from ..codegen.render import compiler_digest, render_linear
 from ..inputs import KERNEL_DTYPES, check_inputs
 from ..linear import LinearAttentionSpec, LinearState
 from ..trace import trace_feature_map
+from . import tracing
 from .cache import cached_source
 from .loader import load_kernels
 
@@ -57,6 +58,12 @@ class CompiledLinearAttention:
         # non-causal linear attention is two matrix products, left to torch: no kernels
         self.path, self.cache_hit = cached_source(self.key, self._generate) if spec.causal else (None, False)
         self.compile_seconds = time.perf_counter() - started
+        self._traced_name = tracing.register(self)
+
+    def build_for_call(self, call: str, device: torch.device) -> None:
+        """Import the kernel module for ``device`` (one kind of call: ``call`` is unused); what a call
+        traced by torch.compile cannot do itself (see :mod:`.tracing`)."""
+        load_kernels(self.path, interpret=device.type == "cpu")
 
     def kernel_graph(self):
         """The optimized feature map graph (with its derivative) the kernels are generated from."""
@@ -100,6 +107,7 @@ class CompiledLinearAttention:
             raise ValueError(f"causal linear attention runs over one sequence: q and k must have the same length, "
                              f"got {shape.q_len} and {shape.kv_len}")
         g = self.spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay)
+        tracing.ready(q, self._traced_name, "")
         kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
         initial = None if state is None else _check_state(state, shape, q.device)
         out, kv, n = kernels.forward(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps, initial)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import blocks_mask_mod
+from ..inputs import values_checkable
 from ..spec import AttentionSpec
 
 _INT = dict(dtype=torch.int32)
@@ -47,6 +48,18 @@ class Variant:
     split_kv: bool = False
     paged: bool = False
     dropout: bool = False
+
+    def encode(self) -> str:
+        """This variant as a short string, e.g. ``"64x128/01000"``; :meth:`decode` reverses it."""
+        blocks = "-" if self.block_size is None else f"{self.block_size[0]}x{self.block_size[1]}"
+        flags = (self.cache, self.packed, self.split_kv, self.paged, self.dropout)
+        return blocks + "/" + "".join("1" if flag else "0" for flag in flags)
+
+    @staticmethod
+    def decode(text: str) -> Variant:
+        blocks, flags = text.split("/")
+        block_size = None if blocks == "-" else tuple(int(n) for n in blocks.split("x"))
+        return Variant(block_size, *(flag == "1" for flag in flags))
 
     def stand_ins(self) -> dict[str, torch.Tensor]:
         """One small placeholder tensor per call tensor the rewritten mods read, by name."""
@@ -134,7 +147,7 @@ def packed_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.is_floating_point() or cu.numel() < 2:
             raise ValueError(f"{name} must be a 1-d integer tensor [batch + 1] of cumulative sequence lengths, "
                              f"got {cu if not isinstance(cu, torch.Tensor) else (cu.dtype, tuple(cu.shape))}")
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+        if values_checkable(cu) and (int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any())):
             raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
                              f"({total}), got {cu.tolist()}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
