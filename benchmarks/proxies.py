@@ -10,7 +10,11 @@
   tiles, dense evaluation of the same mask_mod on all positions with torch,
   and FlexAttention's ``create_block_mask`` on CPU;
 * interpreter time of attngen relative to the materialized reference on small
-  shapes (Triton's interpreter: a trend, not a speed).
+  shapes (Triton's interpreter: a trend, not a speed);
+* host time per call: everything an ``attn(q, k, v)`` call does in Python
+  (argument checks, launch configuration, tile summaries, the custom op's
+  dispatch) with the kernel launches themselves skipped, which bounds the
+  latency of small calls such as decoding steps on a GPU.
 
     python benchmarks/proxies.py [--quick] [--out FOLDER]   # FOLDER gets proxies.md and proxies.json
 """
@@ -131,6 +135,45 @@ def interpreter_ratio(length: int = 128) -> list[dict]:
     return rows
 
 
+def _per_call(run, calls: int) -> float:
+    """Seconds per call of ``run()`` over ``calls`` calls in a row."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - started) / calls
+
+
+def host_time(repeats: int = 300) -> list[dict]:
+    """Microseconds per call with every kernel launch skipped (best of 7 runs of ``repeats`` calls)."""
+    from triton.runtime.jit import KernelInterface
+
+    batch, q_heads, kv_heads, length, dim = 8, 32, 8, 4096, 128
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, q_heads, 1, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen) for _ in range(2))
+    kv_lens = torch.full((batch,), length)
+    slopes = torch.rand(q_heads, generator=gen)
+    calls = {
+        "plain": (ag.AttentionSpec(), {}),
+        "ALiBi": (ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)), {}),
+        "causal, kv_lens": (ag.AttentionSpec(mask_mod=ag.masks.causal), dict(kv_lens=kv_lens)),
+        "causal, kv_lens, split-KV": (ag.AttentionSpec(mask_mod=ag.masks.causal), dict(kv_lens=kv_lens, mode="decode")),
+    }
+    launch = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+    try:
+        rows = []
+        for name, (spec, call) in calls.items():
+            attn = ag.compile(spec)
+            attn(q, k, v, **call)  # builds and imports the module
+            best = min(_per_call(lambda: attn(q, k, v, **call), repeats) for _ in range(7))
+            rows.append({"call": name, "shape": f"B={batch} Hq={q_heads} Hkv={kv_heads} Lq=1 Lk={length} D={dim}",
+                         "microseconds": best * 1e6})
+        return rows
+    finally:
+        KernelInterface.__getitem__ = launch
+
+
 def markdown(results: dict) -> str:
     c = results["compile"]
     lines = ["## CPU proxies", "",
@@ -156,6 +199,10 @@ def markdown(results: dict) -> str:
     for r in results["interpreter"]:
         lines.append(f"| {r['variant']} | {r['length']} | {r['attngen_ms']:.1f} | {r['reference_ms']:.2f} | "
                      f"{r['ratio']:.0f} |")
+    lines += ["", "Host time per call, kernel launches skipped (best of 7 runs of back-to-back calls):", "",
+              "| call | shape | us per call |", "|---|---|---|"]
+    for r in results["host"]:
+        lines.append(f"| {r['call']} | {r['shape']} | {r['microseconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +211,8 @@ def run(quick: bool = False) -> dict:
     return {"compile": compile_latency(),
             "tiles": tiles_visited((1024,) if quick else (1024, 4096, 16384)),
             "plan": plan_building(2048 if quick else 32768),
-            "interpreter": interpreter_ratio(32 if quick else 128)}
+            "interpreter": interpreter_ratio(32 if quick else 128),
+            "host": host_time(20 if quick else 300)}
 
 
 def main() -> None:

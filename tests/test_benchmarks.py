@@ -31,6 +31,7 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     causal = next(r for r in proxies["tiles"] if r["mask"] == "causal")
     assert causal["visited"] < 0.6 and "## CPU proxies" in table
     assert proxies["plan"]["summaries_ms"] < proxies["plan"]["dense_torch_ms"]
+    assert len(proxies["host"]) == 4 and all(0 < r["microseconds"] < 1e5 for r in proxies["host"])
 
 
 def test_budget_stops_new_measurements_and_still_writes(tmp_path):

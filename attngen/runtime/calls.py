@@ -149,10 +149,9 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
     if cache:
         if map_stats(spec.stats):
             raise ValueError("maps (col_sum, pooled) are not supported with kv_lens / q_offset")
-        lens = shape.kv_len if kv_lens is None else kv_lens
-        tensors["kv_lens"] = _integers("kv_lens", lens, shape.batch, q.device)
-        if values_checkable(tensors["kv_lens"]) and (bool((tensors["kv_lens"] < 0).any())
-                                                     or bool((tensors["kv_lens"] > shape.kv_len).any())):
+        lens = tensors["kv_lens"] = _integers("kv_lens", shape.kv_len if kv_lens is None else kv_lens, shape.batch,
+                                              q.device)
+        if values_checkable(lens) and bool(((lens < 0) | (lens > shape.kv_len)).any()):  # one read on a GPU
             raise ValueError(f"kv_lens must be between 0 and the cache length ({shape.kv_len}), "
                              f"got {tensors['kv_lens'].tolist()}")
         offset = tensors["kv_lens"] - shape.q_len if q_offset is None else q_offset
