@@ -21,6 +21,7 @@ import torch
 
 import attngen as ag
 from attngen.testing.gpu_compile import compile_for_gpu
+from proxies import publish  # benchmarks/proxies.py
 from run import variants  # benchmarks/run.py
 
 
@@ -68,12 +69,7 @@ def main() -> None:
               f"torch {torch.__version__}, triton {triton.__version__}, attngen {ag.__version__}; bf16, "
               f"{'tiles ' + json.dumps(args.tiles) if args.tiles else 'the untuned CUDA launch configuration'}. "
               f"Bold: a kernel with spilled registers or synchronous MMAs.\n\n")
-    text = header + markdown(rows)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "machine_code.md").write_text(text)
-        (args.out / "machine_code.json").write_text(json.dumps(rows, indent=1))
+    publish(header + markdown(rows), rows, args.out, "machine_code")
 
 
 if __name__ == "__main__":

@@ -231,12 +231,17 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     header = (f"# attngen CPU proxies: {platform.machine()} CPU ({os.cpu_count()} cores), {date}\n\n"
               f"torch {torch.__version__}, triton {triton.__version__}, attngen {ag.__version__}\n\n")
-    text = header + markdown(results)
+    publish(header + markdown(results), results, args.out, "proxies")
+
+
+def publish(text: str, data, out, stem: str) -> None:
+    """Print the Markdown ``text``; with a folder ``out``, also write it and ``data`` there as
+    ``<stem>.md`` and ``<stem>.json``."""
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "proxies.md").write_text(text)
-        (args.out / "proxies.json").write_text(json.dumps(results, indent=1))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
