@@ -86,6 +86,41 @@ def test_split_kv_decoding_matches_reference(name):
     assert_matches_reference(DECODE_SPECS[name](4), q, k, v, mode="decode", **call)
 
 
+PACKING_SPECS = {
+    **DECODE_SPECS,
+    "scalable_unmasked": lambda h: ag.AttentionSpec(normalization=ag.norms.ScalableSoftmax(s=0.4, count="unmasked"),
+                                                    mask_mod=masks.sliding_window(40)),
+    "per_head_window": lambda h: ag.AttentionSpec(  # a plan that depends on the head: not packed
+        mask_mod=lambda b, hh, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 8 + 20 * hh),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PACKING_SPECS))
+def test_gqa_packed_decoding_matches_reference(name):
+    """Split-KV decoding packs the query heads sharing a kv head into one program's rows: with 4 query
+    heads per kv head and 5 queries, 20 rows span two 16-row tiles and wrap from one head to the next."""
+    q, k, v = Case(2, 8, 2, 5, 150, 16, 8, seed=5).tensors()
+    call = {} if name == "maps" else {"kv_lens": torch.tensor([150, 61])}
+    attn = ag.compile(PACKING_SPECS[name](8))
+    packed = "GQA packing" in attn.for_call(ag.runtime.variants.Variant(cache="kv_lens" in call, split_kv=True)).source
+    assert packed == (name != "per_head_window")
+    assert_matches_reference(PACKING_SPECS[name](8), q, k, v, mode="decode", **call)
+
+
+def test_gqa_packed_decoding_with_dropout_and_a_paged_cache():
+    k_pages, v_pages, table = _paged_cache(batch=2, kv_heads=2)
+    q = torch.randn(2, 8, 3, 16, generator=torch.Generator().manual_seed(6))
+    kv_lens = torch.tensor([50, 17])
+    spec = SPECS["alibi_learnable"](8)
+    paged = ag.compile(spec)(q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode="decode")
+    unsplit = ag.compile(spec)(q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode="prefill")
+    torch.testing.assert_close(paged, unsplit, atol=1e-6, rtol=1e-6)
+    k, v = (torch.randn(2, 2, 60, 16, generator=torch.Generator().manual_seed(7)) for _ in range(2))
+    attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal, dropout_p=0.3))
+    torch.testing.assert_close(attn(q, k, v, kv_lens=kv_lens, mode="decode", seed=11),
+                               attn(q, k, v, kv_lens=kv_lens, mode="prefill", seed=11), atol=1e-6, rtol=1e-6)
+
+
 def test_split_kv_source_has_a_combine_kernel_and_plain_modules_do_not():
     attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal))
     assert "_attn_combine" not in attn.source

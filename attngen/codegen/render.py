@@ -14,7 +14,7 @@ from .. import __version__
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import Normalization
-from ..runtime.plan import layout
+from ..runtime.plan import layout, same_for_all_heads
 from ..stats import MapStat
 from .printer import TritonPrinter
 
@@ -282,6 +282,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dropout_args": "" if "dropout_seed" not in kernel_captures else
                         f"cap{kernel_captures['dropout_seed']}, cap{kernel_captures['dropout_p']}, ",
         "split_kv": split_kv,
+        "pack_gqa": split_kv and same_for_all_heads(graph),
         "state": state,
         "state_vectors": repr([vector for _, vector in state]),
         "partial_args": partial_args,

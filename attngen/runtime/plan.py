@@ -76,6 +76,13 @@ def layout(graph: Graph, axis: str) -> str:
     return "split" if f"{axis}_split0" in graph.outputs else "masked"
 
 
+def same_for_all_heads(graph: Graph) -> bool:
+    """Whether the forward's kv loop plan depends on neither the query head nor the q tile's number,
+    so one program may hold rows of several query heads (GQA packing when decoding)."""
+    plan = [n for name, n in graph.outputs.items() if name.startswith(("kv_", "block_"))]
+    return not any(graph.depends_on(n, name) for n in plan for name in ("h", "q_tile"))
+
+
 def describe(graph: Graph) -> list[str]:
     """The mask plan of a kernel graph in words (``attngen show``)."""
     lines = [f"forward and dQ: per q tile, {_LAYOUTS[layout(graph, 'kv')].format(a='kv')}",
