@@ -139,3 +139,14 @@ def test_linear_attention_compiles(dtype, qk_dim, v_dim):
     assert [k.name for k in kernels] == ["_linear_fwd", "_linear_bwd_dq", "_linear_bwd_dkdv"]
     for kernel in kernels:
         assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel
+
+
+@pytest.mark.parametrize("q_len, synchronous", [(1, True), (16, False)])
+def test_packed_decoding_rows_fill_a_warpgroup_tile(q_len, synchronous):
+    """Split-KV decoding's default tile has as many rows as the packed (query head, query) pairs, up to
+    64: 4 query heads per kv head x 16 queries fill wgmma's 64 rows, a single query does not."""
+    q = torch.zeros(2, 8, q_len, 128, dtype=torch.bfloat16)
+    k = torch.zeros(2, 2, 4096, 128, dtype=torch.bfloat16)
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)).for_call(Variant(cache=True, split_kv=True))
+    [forward] = [kernel for kernel in compile_for_gpu(attn, q, k, k, backward=False) if kernel.name == "_attn_fwd"]
+    assert (forward.mma_sync > 0) == synchronous and (forward.wgmma > 0) != synchronous, forward

@@ -168,7 +168,7 @@ class CompiledAttention:
         attn = self.for_call(prepared.variant)
         kernels = load_kernels(attn.path, interpret=True)
         example = torch.empty(0, 0, 0, 64, dtype=torch.bfloat16, device="meta")
-        config = {**kernels.default_config(example, example, device.type),
+        config = {**kernels.default_config(example, example, example, device.type),
                   **{k: v for k, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)) if v is not None}}
         tensors = kernels.prepare_captures(attn._captures(device, prepared.tensors))
         shape = prepared.shape
