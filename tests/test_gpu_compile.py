@@ -150,3 +150,10 @@ def test_packed_decoding_rows_fill_a_warpgroup_tile(q_len, synchronous):
     attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)).for_call(Variant(cache=True, split_kv=True))
     [forward] = [kernel for kernel in compile_for_gpu(attn, q, k, k, backward=False) if kernel.name == "_attn_fwd"]
     assert (forward.mma_sync > 0) == synchronous and (forward.wgmma > 0) != synchronous, forward
+
+
+def test_stick_breaking_default_tiles_use_warpgroup_mma_at_head_dim_128():
+    """Its backward adds dK/dV products of BLOCK_N rows with atomics: 32 rows would lower to mma.sync."""
+    spec = ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal)
+    for kernel in compile_for_gpu(ag.compile(spec), *_tensors(torch.bfloat16, 128, 128)):
+        assert kernel.wgmma > 0 and kernel.mma_sync == 0 and kernel.spill_bytes == 0, kernel
