@@ -98,7 +98,20 @@ def cmd_show(args) -> int:
     if args.graph:
         write_dot(graph, Path(args.graph))
         print(f"IR graph written to {args.graph}", file=sys.stderr)
+    if args.machine_code:
+        print_machine_code(attn, args.machine_code)
     return 0
+
+
+def print_machine_code(attn, dim: int, heads: int = 8, length: int = 4096) -> None:
+    """What each kernel of ``attn`` compiles to on sm_90 (bf16, head dim ``dim``, untuned tiles), without a GPU."""
+    from .testing.gpu_compile import compile_for_gpu
+
+    q, k, v = (torch.empty(1, heads, length, dim, dtype=torch.bfloat16) for _ in range(3))
+    print(f"# machine code (sm_90, bf16, {heads} heads x {length} x {dim}, untuned tiles; built, not run)")
+    for kernel in compile_for_gpu(attn, q, k, v):
+        hazard = "  <- spills or mma.sync" if kernel.spill_bytes or kernel.mma_sync else ""
+        print(f"{kernel.phase:8}  {kernel.name:24}  {kernel.describe()}{hazard}")
 
 
 def cmd_export(args) -> int:
@@ -217,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--plan", action="store_true", help="print only the mask plan (which tiles are visited)")
     show.add_argument("--blocks", type=int, metavar="L", help="also count empty/full/partial tiles at length L")
     show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
+    show.add_argument("--machine-code", type=int, metavar="D", help="also build the kernels for Hopper (sm_90, bf16, "
+                      "head dim D; no GPU needed) and print registers, spills, shared memory and MMA instructions")
     export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
     export.add_argument("-o", "--output", required=True, help="the .py file to write")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "

@@ -46,6 +46,16 @@ def test_show_prints_spec_ir_source_and_draws_the_graph(tmp_path):
     assert dot.startswith("digraph attngen") and "load capture0" in dot
 
 
+def test_show_machine_code_builds_for_hopper_without_a_gpu(tmp_path):
+    out = attngen("show", ALIBI, "--plan", "--machine-code", "64", cache_dir=tmp_path).stdout
+    lines = {line.split()[1]: line for line in out.splitlines() if " registers, " in line}
+    assert set(lines) == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    assert "0 mma.sync" in lines["_attn_bwd_dkdv"] and " 0 wgmma" not in lines["_attn_bwd_dkdv"]
+    retention = attngen("show", str(ROOT / "specs" / "retention.py"), "--ir", "--machine-code", "128",
+                        cache_dir=tmp_path).stdout
+    assert "_linear_bwd_dkdv" in retention and "<- spills or mma.sync" in retention  # 32-row chunks at D=128
+
+
 def test_show_and_export_a_linear_attention_spec(tmp_path):
     retention = str(ROOT / "specs" / "retention.py")
     out = attngen("show", retention, cache_dir=tmp_path).stdout

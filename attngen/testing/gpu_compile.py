@@ -48,6 +48,11 @@ class CompiledKernel:
     num_warps: int
     num_stages: int
 
+    def describe(self) -> str:
+        """One line: its speed-relevant numbers."""
+        return (f"{self.registers} registers, {self.spill_bytes} B spilled, {self.shared_bytes / 1024:.1f} KB shared, "
+                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.num_warps} warps x {self.num_stages} stages")
+
 
 class _TargetDriver:
     """The parts of a Triton driver that compiling (not launching) asks for."""
