@@ -118,3 +118,14 @@ def test_the_nearest_key_takes_its_share_first():
         for j in range(i + 1):
             assert weights[0, 0, i, j].item() == pytest.approx(0.5 * 0.5 ** (i - j))
         assert weights[0, 0, i].sum().item() == pytest.approx(1 - 0.5 ** (i + 1))
+
+
+def test_sparsemax_rows_on_a_single_key_have_exactly_zero_score_gradients():
+    """Found by the deep fuzzer (seed 7): with one key per row, w (dP - delta) is the difference of two
+    roundings of dP, which summed over 68 rows exceeded the fp32 bound on a dK that is exactly 0."""
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + s, normalization=ag.norms.Sparsemax(),
+                            scale=1.0)
+    q, k, v = Case(batch=2, q_heads=4, kv_heads=1, q_len=17, kv_len=1, qk_dim=32, v_dim=32, seed=128).tensors()
+    assert_matches_reference(spec, q, k, v, seed=128)
+    ag.compile(spec)(q, k, v).square().sum().backward()
+    assert torch.all(k.grad == 0) and torch.all(q.grad == 0) and v.grad.abs().sum() > 0
