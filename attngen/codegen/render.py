@@ -253,8 +253,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
-                    "rows": "1" if stat.block_q is None else f"triton.cdiv(LQ, {stat.block_q})",
-                    "cols": f"triton.cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
+                    "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
+                    "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
     affine = normalization.affine is not None
     state = forward_state(softmax, affine, expectations, row_max)

@@ -153,11 +153,11 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
                                               q.device)
         if values_checkable(lens) and bool(((lens < 0) | (lens > shape.kv_len)).any()):  # one read on a GPU
             raise ValueError(f"kv_lens must be between 0 and the cache length ({shape.kv_len}), "
-                             f"got {tensors['kv_lens'].tolist()}")
-        offset = tensors["kv_lens"] - shape.q_len if q_offset is None else q_offset
+                             f"got {lens.tolist()}")
+        offset = lens - shape.q_len if q_offset is None else q_offset
         tensors["q_offset"] = _integers("q_offset", offset, shape.batch, q.device)
         if block_table is not None and values_checkable(tensors["block_table"]):
-            _check_pages_in_range(tensors["block_table"], tensors["kv_lens"], k.shape[2], k.shape[0])
+            _check_pages_in_range(tensors["block_table"], lens, k.shape[2], k.shape[0])
     block_size = None
     if block_mask is not None:
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len)

@@ -127,10 +127,7 @@ class CompiledAttention:
     def build_for_call(self, call: str, device: torch.device) -> None:
         """Build and import the kernels of a call of kind ``call`` (:meth:`Variant.encode`) on
         ``device``: what a call traced by torch.compile cannot do itself (see :mod:`.tracing`)."""
-        attn = self.for_call(Variant.decode(call))
-        if attn._capture_signature() != attn.signature:
-            attn._build()
-        load_kernels(attn.path, interpret=device.type == "cpu")
+        self.for_call(Variant.decode(call))._kernels(device)
 
     def for_call(self, variant: Variant) -> CompiledAttention:
         """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant."""
@@ -213,14 +210,18 @@ class CompiledAttention:
                      device="cpu") -> torch.Tensor:
         """For tests: the dropout mask ``[batch, heads, q_len, kv_len]`` (True: kept) that a dense call
         with this ``dropout_p`` and ``seed`` applies."""
-        kernels = load_kernels(self.for_call(Variant(dropout=True)).path, interpret=torch.device(device).type == "cpu")
+        kernels = self.for_call(Variant(dropout=True))._kernels(torch.device(device))
         return kernels.dropout_keep(seed, dropout_p, batch, heads, q_len, kv_len, device)
+
+    def _kernels(self, device: torch.device):
+        """The kernel module for ``device``, rebuilt first if the captured tensors changed kind."""
+        if self._capture_signature() != self.signature:  # e.g. requires_grad changed since compile
+            self._build()
+        return load_kernels(self.path, interpret=device.type == "cpu")
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
-        if self._capture_signature() != self.signature:  # e.g. requires_grad changed since compile
-            self._build()
-        kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
+        kernels = self._kernels(q.device)
         params = per_head_parameters(self.spec, shape.q_heads, q.device)
         captures = self._captures(q.device, tensors)
         if autotune.enabled(q):

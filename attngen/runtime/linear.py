@@ -63,7 +63,10 @@ class CompiledLinearAttention:
     def build_for_call(self, call: str, device: torch.device) -> None:
         """Import the kernel module for ``device`` (one kind of call: ``call`` is unused); what a call
         traced by torch.compile cannot do itself (see :mod:`.tracing`)."""
-        load_kernels(self.path, interpret=device.type == "cpu")
+        self._kernels(device)
+
+    def _kernels(self, device: torch.device):
+        return load_kernels(self.path, interpret=device.type == "cpu")
 
     def kernel_graph(self):
         """The optimized feature map graph (with its derivative) the kernels are generated from."""
@@ -108,7 +111,7 @@ class CompiledLinearAttention:
                              f"got {shape.q_len} and {shape.kv_len}")
         g = self.spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay)
         tracing.ready(q, self._traced_name, "")
-        kernels = load_kernels(self.path, interpret=q.device.type == "cpu")
+        kernels = self._kernels(q.device)
         initial = None if state is None else _check_state(state, shape, q.device)
         out, kv, n = kernels.forward(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps, initial)
         return (out, LinearState(kv, n)) if return_state else out
