@@ -180,6 +180,15 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     return gathered.permute(0, 2, 1, 3, 4).flatten(2, 3)
 
 
+def _dropout_slices(keep: torch.Tensor | None, shape: tuple[int, int, int, int]):
+    """``(batches, rows, keys) -> the part of the dropout mask`` of a call whose kernel sees
+    ``[B, Hq, Lq, Lk]`` = ``shape`` (a cache's full length, a packed call's tokens as one batch entry)."""
+    if keep is None:
+        return lambda batches, rows, keys: None
+    keep = torch.broadcast_to(keep, shape)
+    return lambda batches, rows, keys: keep[batches, :, rows, keys]
+
+
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False, kv_lens=None,
               q_offset=None, block_table=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_keep=None,
               dropout_p: float = 0.0):
@@ -191,7 +200,8 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     ([B + 1]): q, k, v are sequences packed as ``(tokens, heads, dim)``; row statistics come back
     as ``[heads, tokens]``. Both are computed one batch entry or sequence at a time, as separate
     calls (pooled maps, whose blocks would straddle them, are refused). ``dropout_keep`` (bool,
-    broadcastable to [B, Hq, Lq, Lk]) applies dropout of probability ``dropout_p`` with that mask.
+    broadcastable to [B, Hq, Lq, Lk] of the call's kernel: a cache's full length, or for packed
+    sequences [1, Hq, q tokens, k tokens]) applies dropout of probability ``dropout_p`` with that mask.
     """
     spec = spec or AttentionSpec()
     if block_table is not None:
@@ -203,16 +213,21 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     if kv_lens is not None or q_offset is not None:
         kv_lens = torch.full((q.shape[0],), k.shape[2]) if kv_lens is None else kv_lens
         offsets = kv_lens - q.shape[2] if q_offset is None else torch.as_tensor(q_offset).expand(q.shape[0])
+        keep = _dropout_slices(dropout_keep, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         pieces = [attention(q[b:b + 1], k[b:b + 1, :, :int(kv_lens[b])], v[b:b + 1, :, :int(kv_lens[b])],
-                            _shifted(spec, b, offsets[b]), return_stats=True) for b in range(q.shape[0])]
+                            _shifted(spec, b, offsets[b]), return_stats=True, dropout_p=dropout_p,
+                            dropout_keep=keep(slice(b, b + 1), slice(None), slice(0, int(kv_lens[b]))))
+                  for b in range(q.shape[0])]
         return _joined(pieces, 0, 0, return_stats)
     if cu_seqlens_q is not None:
+        keep = _dropout_slices(dropout_keep, (1, q.shape[1], q.shape[0], k.shape[0]))
         pieces = []
         for i in range(cu_seqlens_q.numel() - 1):
             rows = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
             keys = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
             dense = (t[part].transpose(0, 1).unsqueeze(0) for t, part in ((q, rows), (k, keys), (v, keys)))
-            out, stats = attention(*dense, _shifted(spec, i, 0), return_stats=True)
+            out, stats = attention(*dense, _shifted(spec, i, 0), return_stats=True, dropout_p=dropout_p,
+                                   dropout_keep=keep(slice(None), rows, keys))
             pieces.append((out[0].transpose(0, 1), stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})))
         return _joined(pieces, 0, -1, return_stats)
     shape = check_inputs(q, k, v)

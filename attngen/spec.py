@@ -111,8 +111,6 @@ def _check_differential(spec: AttentionSpec) -> None:
                         f"without sink or affine output, got {norm!r}")
     if spec.stats not in (None, ()):
         raise SpecError(f"differential attention has no statistics yet; got stats={spec.stats!r}")
-    if spec.dropout_p:
-        raise SpecError("differential attention does not support dropout yet")
 
 
 def check_dropout(rate, name: str) -> None:

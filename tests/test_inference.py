@@ -8,6 +8,8 @@ import torch
 import attngen as ag
 from attngen.testing import Case, assert_matches_reference
 
+from checks import paged_cache
+
 masks = ag.masks
 
 
@@ -107,8 +109,8 @@ def test_gqa_packed_decoding_matches_reference(name):
     assert_matches_reference(PACKING_SPECS[name](8), q, k, v, mode="decode", **call)
 
 
-def test_gqa_packed_decoding_with_dropout_and_a_paged_cache():
-    k_pages, v_pages, table = _paged_cache(batch=2, kv_heads=2)
+def test_gqa_packed_decoding_with_dropout_and_apaged_cache():
+    k_pages, v_pages, table = paged_cache(batch=2, kv_heads=2)
     q = torch.randn(2, 8, 3, 16, generator=torch.Generator().manual_seed(6))
     kv_lens = torch.tensor([50, 17])
     spec = SPECS["alibi_learnable"](8)
@@ -136,18 +138,10 @@ def test_mode_is_checked():
 
 # -- paged caches -------------------------------------------------------------------------
 
-def _paged_cache(batch=3, kv_heads=2, page=8, pages=20, max_pages=7, dim=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    k_pages = torch.randn(pages, kv_heads, page, dim, generator=gen)
-    v_pages = torch.randn(pages, kv_heads, page, dim, generator=gen)
-    table = torch.stack([torch.randperm(pages, generator=gen)[:max_pages] for _ in range(batch)]).int()
-    return k_pages, v_pages, table
-
-
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 @pytest.mark.parametrize("name", ["causal", "alibi_learnable", "sigmoid_log_n", "learnable_sink"])
 def test_paged_cache_equals_contiguous_and_reference(name, mode):
-    k_pages, v_pages, table = _paged_cache()
+    k_pages, v_pages, table = paged_cache()
     q = torch.randn(3, 4, 2, 16, generator=torch.Generator().manual_seed(1))
     kv_lens = torch.tensor([56, 13, 1])
     spec = SPECS[name](4)
@@ -159,7 +153,7 @@ def test_paged_cache_equals_contiguous_and_reference(name, mode):
 
 
 def test_paged_cache_has_no_backward():
-    k_pages, v_pages, table = _paged_cache()
+    k_pages, v_pages, table = paged_cache()
     q = torch.randn(3, 4, 1, 16, requires_grad=True)
     out = ag.compile(ag.AttentionSpec())(q, k_pages, v_pages, kv_lens=torch.tensor([9, 9, 9]), block_table=table)
     with pytest.raises(RuntimeError, match="paged KV cache is for inference"):
@@ -174,7 +168,7 @@ def test_paged_cache_has_no_backward():
     (lambda c: {**c, "kv_lens": torch.tensor([57, 1, 1])}, r"between 0 and the cache length \(56\)"),
 ])
 def test_bad_paged_calls(change, message):
-    k_pages, v_pages, table = _paged_cache()
+    k_pages, v_pages, table = paged_cache()
     q = torch.randn(3, 4, 1, 16)
     call = change({"kv_lens": torch.tensor([9, 9, 9]), "block_table": table})
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -152,12 +153,15 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     return "\n".join(" " * indent + line if line else "" for line in lines)
 
 
-def forward_state(softmax: bool, affine: bool, expectations: list[int], row_max: bool) -> list[tuple[str, bool]]:
+def forward_state(online: bool, differential: bool, affine: bool, expectations: list[int],
+                  row_max: bool) -> list[tuple[str, bool]]:
     """The running state of the forward loop, ``(name, is a [rows, DV] tile)``: what a split-KV
-    program hands to the combine kernel."""
+    program hands to the combine kernel. ``online``: an online softmax (a second one, suffixed 2,
+    for differential attention's second stream)."""
     state = [("acc", True)]
-    if softmax:
+    if online:
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
+        state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
         state += [(f"acc_exp{e}", False) for e in expectations]
         state += [("row_max", False), ("max_count", False)] if row_max else []
     return state
@@ -179,10 +183,12 @@ def threshold_context(normalization: Normalization) -> dict:
 
 
 def kv_loads(paged: bool, table: str) -> dict[str, str]:
-    """The forward kernels' key and value tile loads: dense, or through the paged cache's ``table``."""
+    """The forward kernels' key and value tile loads: dense, or through the paged cache's ``table``.
+    ``load_k2`` is the second half of the keys' columns (differential attention's K2)."""
     loads = {}
-    for name, tensor, dim in (("load_k", "K", "dqk"), ("load_v", "V", "dv")):
-        strides = ", ".join(f"stride_{tensor.lower()}{axis}" for axis in ("b", "h", "n", "d"))
+    for name, tensor, dim in (("load_k", "K", "dqk"), ("load_k2", "K + DQK * stride_kd", "dqk"),
+                              ("load_v", "V", "dv")):
+        strides = ", ".join(f"stride_{tensor[0].lower()}{axis}" for axis in ("b", "h", "n", "d"))
         if paged:
             loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, offs_{dim}, "
                            f"{strides}, LK, {dim.upper()})")
@@ -257,11 +263,14 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
     affine = normalization.affine is not None
-    state = forward_state(softmax, affine, expectations, row_max)
+    online = normalization.family == "softmax"
+    state = forward_state(online, differential, affine, expectations, row_max)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
-        + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA", "OSOFT"] if affine else [])
+        + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA", "OSOFT"] if affine else []) \
+        + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else [])
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
-        + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else [])
+        + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else []) \
+        + (["lse", "lse2", "o1", "o2", "lam"] if differential else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
     return {
@@ -294,6 +303,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "fingerprint": graph.fingerprint(),
         "spec_lines": docstring_lines(spec_lines),
         "softmax": softmax,
+        "online": online,
         "sink": normalization.sink is not None,
         "affine": normalization.affine is not None,
         "uses_kept": "n_kept" in used,
@@ -337,6 +347,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     }
 
 
+def _tidy(source: str) -> str:
+    """At most two blank lines in a row (sections a spec leaves out would otherwise leave more)."""
+    return re.sub(r"\n{4,}", "\n\n\n", source)
+
+
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            kernel_captures: dict[str, int] | None = None, differential: bool = False) -> str:
@@ -348,14 +363,14 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
                              kernel_captures or {}, differential)
-    return environment().get_template(TEMPLATE).render(**context)
+    return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
 def render_linear(graph: Graph, spec_lines: list[str], normalize: bool) -> str:
     """The Python source of a linear attention module; ``graph`` is the optimized trace of its feature
     map (output ``score`` and its derivative ``d_score``)."""
     feature_lines, feature_backward_lines, _ = score_functions(TritonPrinter(graph), "")
-    return environment().get_template(LINEAR_TEMPLATE).render(
+    return _tidy(environment().get_template(LINEAR_TEMPLATE).render(
         version=__version__, template_version=TEMPLATE_VERSION, fingerprint=graph.fingerprint(),
         spec_lines=docstring_lines(spec_lines), normalize=normalize, feature_lines=feature_lines,
-        feature_backward_lines=feature_backward_lines)
+        feature_backward_lines=feature_backward_lines))

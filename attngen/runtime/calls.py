@@ -137,12 +137,9 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         shape, tensors["block_table"] = _pages(q, k, v, block_table, kv_lens)
     else:
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
-    if spec.differential is not None:
-        if shape.qk_dim % 2:
-            raise ValueError(f"differential attention splits q and k in halves: their head dim must be even, "
+    if spec.differential is not None and shape.qk_dim % 2:
+        raise ValueError(f"differential attention splits q and k in halves: their head dim must be even, "
                              f"got {shape.qk_dim}")
-        if block_table is not None or dropout_p:
-            raise ValueError("differential attention does not support paged caches or dropout yet")
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None
@@ -163,9 +160,8 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len)
         block_size = blocks.block_size
         tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
-    # entmax's passes over a row and the stick's right-to-left order do not split; differential
-    # attention's two streams are not merged yet
-    single_pass = spec.normalization.family not in ("threshold", "stick_breaking") and spec.differential is None
+    # entmax's passes over a row and the stick's right-to-left order do not split
+    single_pass = spec.normalization.family not in ("threshold", "stick_breaking")
     split_kv = single_pass and (mode == "decode" or (mode in (None, "auto") and decoding(shape, q)))
     tensors.update(_dropout(spec, dropout_p, seed, q.device))
     variant = Variant(block_size, cache, packed, split_kv, block_table is not None, "dropout_seed" in tensors)

@@ -155,7 +155,7 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     cu_seqlens_q, cu_seqlens_k, block_table, mode, dropout_p) are passed to the call as they are; a
     paged cache (``block_table``) is compared forward only, as it has no backward. With dropout (the
     spec's or the call's), the call's dropout seed is ``seed`` and the reference applies the same
-    mask (dense calls). A :class:`~attngen.LinearAttentionSpec` takes its call's ``log_decay`` in
+    mask. A :class:`~attngen.LinearAttentionSpec` takes its call's ``log_decay`` in
     ``call`` (compared as a learnable tensor when it requires grad) and may continue from a
     ``state`` (its tensors compared as learnable when they require grad); its final state is compared
     as a statistic (``state_kv``, ``state_n``)."""
@@ -169,8 +169,7 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     rate = call.get("dropout_p", spec.dropout_p) or 0.0
     if rate:  # the call's dropout mask, drawn from the toolkit's seed, applied by the reference too
         call = {**call, "seed": seed}
-        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        layout.update(dropout_p=rate, dropout_keep=attn.dropout_keep(*shape, rate, seed, device=q.device))
+        layout.update(dropout_p=rate, dropout_keep=attn.dropout_keep(*_kernel_shape(q, k, call), rate, seed, device=q.device))
     backward = call.get("block_table") is None
 
     def kernel(*t, **kw):
@@ -179,6 +178,15 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     def materialized(*t, **kw):
         return reference.attention(*t, ref_spec, **layout, **kw)
     return _comparisons(kernel, materialized, q, k, v, tensors, seed, floor, backward, _forward_only_stats(spec))
+
+
+def _kernel_shape(q, k, call) -> tuple[int, int, int, int]:
+    """[B, Hq, Lq, Lk] as a call's kernels see them: packed sequences are one batch entry of all
+    tokens, a paged cache is as long as its block table's pages."""
+    if call.get("cu_seqlens_q") is not None:
+        return 1, q.shape[1], q.shape[0], k.shape[0]
+    table = call.get("block_table")
+    return q.shape[0], q.shape[1], q.shape[2], k.shape[2] * (1 if table is None else table.shape[1])
 
 
 def assert_matches_reference(spec: AttentionSpec, q, k, v, **options) -> list[Comparison]:
