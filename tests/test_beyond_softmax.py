@@ -153,6 +153,30 @@ def test_stick_breaking_with_dropout_a_cache_and_packed_sequences():
     assert_matches_reference(spec, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+@pytest.mark.parametrize("name", sorted(STICK))
+def test_stick_breaking_split_kv_decoding_joins_the_chunks_right_to_left(name):
+    """mode="decode" splits the keys into chunks, each breaking its own stick right to left; the combine
+    kernel shrinks each chunk's output by what the later chunks leave. 4 query heads per kv head with
+    3 queries: 12 rows per program, packed."""
+    q, k, v = Case(2, 8, 2, 3, 150, 16, 8, seed=4).tensors()
+    spec = STICK[name](8)
+    source = ag.compile(spec).for_call(Variant(cache=True, split_kv=True)).source
+    assert "def _attn_combine(" in source and "GQA packing" in source and "def _stick_bwd(" in source
+    assert_matches_reference(spec, q, k, v, mode="decode", kv_lens=torch.tensor([150, 61]))
+
+
+def test_stick_breaking_decoding_with_a_paged_cache_and_dropout():
+    spec = STICK["window_with_bias"](4)
+    k_pages, v_pages, table = paged_cache()
+    q = torch.randn(3, 4, 2, 16, generator=torch.Generator().manual_seed(1))
+    kv_lens = torch.tensor([56, 13, 1])
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec, q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode)
+    q, k, v = Case(2, 4, 2, 3, 150, 16, 8, seed=7).tensors()
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec, q, k, v, kv_lens=torch.tensor([150, 61]), mode=mode, dropout_p=0.3)
+
+
 def test_the_nearest_key_takes_its_share_first():
     """With equal logits z, key i-d (d keys back) gets sigmoid(z) (1 - sigmoid(z))^d; the weights
     sum to 1 - (1 - sigmoid(z))^(i+1) < 1."""

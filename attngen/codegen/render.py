@@ -153,13 +153,14 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     return "\n".join(" " * indent + line if line else "" for line in lines)
 
 
-def forward_state(online: bool, differential: bool, affine: bool, expectations: list[int],
+def forward_state(family: str, differential: bool, affine: bool, expectations: list[int],
                   row_max: bool) -> list[tuple[str, bool]]:
     """The running state of the forward loop, ``(name, is a [rows, DV] tile)``: what a split-KV
-    program hands to the combine kernel. ``online``: an online softmax (a second one, suffixed 2,
-    for differential attention's second stream)."""
-    state = [("acc", True)]
-    if online:
+    program hands to the combine kernel. The softmax family's is an online softmax (a second one,
+    suffixed 2, for differential attention's second stream); stick-breaking's, the log of the stick
+    its keys leave."""
+    state = [("acc", True)] + ([("remaining", False)] if family == "stick_breaking" else [])
+    if family == "softmax":
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
         state += [(f"acc_exp{e}", False) for e in expectations]
@@ -264,7 +265,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
     affine = normalization.affine is not None
     online = normalization.family == "softmax"
-    state = forward_state(online, differential, affine, expectations, row_max)
+    state = forward_state(normalization.family, differential, affine, expectations, row_max)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
         + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA", "OSOFT"] if affine else []) \
         + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else [])

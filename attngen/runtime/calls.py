@@ -160,9 +160,9 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len)
         block_size = blocks.block_size
         tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
-    # entmax's passes over a row and the stick's right-to-left order do not split
-    single_pass = spec.normalization.family not in ("threshold", "stick_breaking")
-    split_kv = single_pass and (mode == "decode" or (mode in (None, "auto") and decoding(shape, q)))
+    # entmax's threshold needs passes over the whole row: it does not split
+    split_kv = spec.normalization.family != "threshold" and (
+        mode == "decode" or (mode in (None, "auto") and decoding(shape, q)))
     tensors.update(_dropout(spec, dropout_p, seed, q.device))
     variant = Variant(block_size, cache, packed, split_kv, block_table is not None, "dropout_seed" in tensors)
     return Call(variant, tensors, q, k, v, shape)
