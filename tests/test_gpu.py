@@ -72,6 +72,40 @@ def test_cuda_offsets_past_two_to_the_31_elements(mode):
         assert (k.grad[1:].float() - k1.grad).abs().max() < 0.05 * scale
 
 
+SCRATCH = {  # kernels with [B, Hq, Lq, Dv]-sized float32 scratch buffers of their own
+    "differential": (lambda: ag.AttentionSpec(differential=0.5), {}),
+    "affine": (lambda: ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=0.9, beta=0.01)), {}),
+    "sparsemax": (lambda: ag.AttentionSpec(normalization=ag.norms.Sparsemax()), {}),
+    "split_kv": (lambda: ag.AttentionSpec(), {"mode": "decode"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRATCH))
+def test_cuda_scratch_buffers_past_two_to_the_31_elements(name):
+    """2**23 + 5 queries of dim 128 over 16 keys: per-row scratch buffers (differential's stream outputs,
+    affine's softmax output, entmax's weighted sums, split-KV partials) then hold more than 2**31
+    elements, and int32 offsets of batch entry 1 would wrap. Its values are shifted by 10; for
+    differential attention dQ (through the preprocess kernel's reads of the stream outputs) too."""
+    make, call = SCRATCH[name]
+    spec, queries, dim = make(), (1 << 23) + 5, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 1, queries, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(2, 1, 16, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(2, 1, 16, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v[1] += 10.0
+    assert q.numel() > 2 ** 31  # as many as each per-row buffer of Dv = 128
+    q.requires_grad_(name == "differential")
+    out = ag.compile(spec)(q, k, v, **call)
+    q1 = q[1:].detach().float().requires_grad_(name == "differential")
+    expected = ag.reference.attention(q1, k[1:].float(), v[1:].float(), spec)
+    assert (out[1:].float() - expected).abs().max() < 0.1 and expected.abs().mean() > 4.0
+    if name == "differential":
+        upstream = torch.randn(expected.shape, device="cuda", generator=gen)
+        (out[1:].float() * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        assert (q.grad[1:].float() - q1.grad).abs().max() < 0.05 * q1.grad.abs().max()
+
+
 LINEAR = {"elu1": ag.LinearAttentionSpec(), "retention": ag.LinearAttentionSpec(feature_map="identity", decay=0.97,
                                                                               normalize=False),
           "gated": ag.LinearAttentionSpec(feature_map="identity", decay="gated", normalize=False)}
