@@ -12,8 +12,8 @@ from attngen.testing import Case, Float64, assert_matches_reference, check_spec,
 from attngen.testing import invariants, strategies
 from attngen.testing.check import reproduction
 from attngen.testing.compare import compare
-from attngen.testing.fuzz import fuzz, fuzz_specs
-from attngen.testing.snippets import program
+from attngen.testing.fuzz import FuzzReport, fuzz, fuzz_calls, fuzz_specs
+from attngen.testing.snippets import Snippet, program
 
 
 def _sneaky(s, b, h, q_idx, kv_idx):
@@ -111,6 +111,30 @@ def test_fuzzer_default_profile_finds_no_mismatch():
     report = fuzz(examples=3 * settings().max_examples, seed=7)
     assert report.spec is None, report.reproduction()
     assert report.examples == 3 * settings().max_examples
+
+
+def test_fuzzed_calls_cover_caches_split_kv_and_dropout_but_no_maps_of_a_cache():
+    kinds = {"plain": set(), "maps": set()}
+
+    @settings(max_examples=80, deadline=None, database=None)
+    @given(data=st.data())
+    def draw(data):
+        for name, spec in (("plain", ag.AttentionSpec()), ("maps", ag.AttentionSpec(stats=("col_sum",)))):
+            call = data.draw(fuzz_calls(Case(2, 2, 1, 3, 10, 8, 8), spec)).value
+            kinds[name].add((*sorted(call), call.get("mode")))
+    draw()
+    both = {(None,), ("dropout_p", None)}
+    assert kinds["plain"] == both | {("kv_lens", "mode", "prefill"), ("kv_lens", "mode", "decode")}
+    assert kinds["maps"] == both
+
+
+def test_a_fuzz_report_reproduces_its_call():
+    report = FuzzReport(spec=Snippet("SPEC", "SPEC = ag.AttentionSpec(differential=0.5)"),
+                        case=Case(1, 2, 1, 3, 40, 16, 8),
+                        call=Snippet("CALL", "CALL = dict(kv_lens=torch.tensor([29]), mode='decode')"))
+    source = report.reproduction()
+    assert "CALL = dict(kv_lens=torch.tensor([29]), mode='decode')" in source and "**CALL)" in source
+    exec(source, {})  # runs as printed (the kernels match: nothing raised)
 
 
 @settings(max_examples=5, deadline=None)

@@ -19,6 +19,7 @@ import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..stats import map_stats
 from .cases import Case
 from .compare import Comparison
 from .reference_check import compare_with_reference
@@ -135,6 +136,20 @@ def fuzz_masks(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snipp
     return Snippet("mask_mod", grammar.captures + [f"mask_mod = lambda b, h, q_idx, kv_idx: {body}"])
 
 
+@st.composite
+def fuzz_calls(draw, case: Case, spec) -> Snippet:
+    """How a fuzzed spec is called (variable ``CALL``, keyword arguments): on the whole inputs, on a
+    KV cache of random lengths (split-KV or not), or with dropout."""
+    kinds = ["dense", "dense", "dropout"] + ([] if map_stats(spec.stats) else ["cache"])  # no maps of a cache
+    kind = draw(st.sampled_from(kinds))
+    if kind == "cache":
+        lens = draw(st.lists(st.integers(0, case.kv_len), min_size=case.batch, max_size=case.batch))
+        arguments = f"kv_lens=torch.tensor({lens}), mode={draw(st.sampled_from(['prefill', 'decode']))!r}"
+    else:
+        arguments = f"dropout_p={draw(st.sampled_from([0.1, 0.5]))}" if kind == "dropout" else ""
+    return Snippet("CALL", f"CALL = dict({arguments})")
+
+
 def fuzz_specs(heads: int = 4, batch: int = 2, max_len: int = 80):
     """Whole specs (variable ``SPEC``) whose score_mod and mask_mod come from the grammar."""
     return specs(heads=heads, batch=batch, max_len=max_len, score_mods=fuzz_score_mods, masks=fuzz_masks)
@@ -148,18 +163,20 @@ class FuzzReport:
     failure: list[Comparison] = field(default_factory=list)
     spec: Snippet | None = None
     case: Case | None = None
+    call: Snippet | None = None
     error: str | None = None
 
     def reproduction(self) -> str:
-        return program(self.spec, body=f"""
+        return program(self.spec, self.call, body=f"""
             {self.case.snippet()}
-            attngen.testing.assert_matches_reference(SPEC, q, k, v, seed={self.case.seed})
+            attngen.testing.assert_matches_reference(SPEC, q, k, v, seed={self.case.seed}, **CALL)
         """)
 
 
 def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None) -> FuzzReport:
-    """Compile and check ``examples`` random specs (:func:`fuzz_specs`) against the float64
-    reference on random shapes; stop at the first mismatch, shrunk by hypothesis."""
+    """Compile and check ``examples`` random specs (:func:`fuzz_specs`), called as
+    :func:`fuzz_calls` draws, against the float64 reference on random shapes; stop at the first
+    mismatch, shrunk by hypothesis."""
     report = FuzzReport()
 
     @hypothesis.seed(seed)
@@ -169,17 +186,19 @@ def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None) -> Fuzz
     def run(data):
         case = data.draw(shapes(max_len=max_len, heads=4, batch=2), label="case")
         spec = data.draw(fuzz_specs(heads=4, batch=2, max_len=max_len), label="spec")
+        call = data.draw(fuzz_calls(case, spec.value), label="call")
         try:
-            results = compare_with_reference(spec.value, *case.tensors(), seed=case.seed)
+            results = compare_with_reference(spec.value, *case.tensors(), seed=case.seed, **call.value)
         except Exception as error:  # a crash is a finding too
-            report.spec, report.case, report.error = spec, case, f"{type(error).__name__}: {error}"
+            report.spec, report.case, report.call = spec, case, call
+            report.error = f"{type(error).__name__}: {error}"
             raise
         report.examples += 1
         if progress and report.examples % 100 == 0:
             progress(report)
         bad = [r for r in results if not r.ok]
         if bad:
-            report.failure, report.spec, report.case = bad, spec, case
+            report.failure, report.spec, report.case, report.call = bad, spec, case, call
             raise AssertionError("mismatch")
 
     try:

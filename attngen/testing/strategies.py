@@ -189,12 +189,19 @@ def stats_for(draw, normalization: Snippet) -> str:
 @st.composite
 def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=score_mods, masks=masks) -> Snippet:
     """A whole ``AttentionSpec`` (variable ``SPEC``): a score_mod, a mask_mod (or none), a
-    normalization, a scale and statistics valid for it."""
+    normalization, a scale and statistics valid for it; one in four softmaxes without sink or affine
+    output is differential attention instead (a fixed or learnable per-head ``lam``, no statistics)."""
     score = draw(score_mods(heads=heads, batch=batch, max_len=max_len))
     mask = draw(masks(batch=batch, heads=heads, max_len=max_len)) if draw(st.booleans()) \
         else Snippet("mask_mod", "mask_mod = None")
     norm = draw(normalizations(heads=heads))
     scale = draw(st.sampled_from(["None", "0.3", "1.0"]))
+    plain = norm.value.family == "softmax" and norm.value.sink is None and norm.value.affine is None
+    extra = ""
+    if plain and draw(st.integers(0, 3)) == 0:
+        learnable = "(0.2 + 0.6 * " + _seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
+        extra = f", differential={draw(st.sampled_from(['0.5', learnable]))}"
+    stats = "()" if extra else draw(stats_for(norm))
     line = (f"SPEC = ag.AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, normalization=normalization, "
-            f"scale={scale}, stats={draw(stats_for(norm))})")
+            f"scale={scale}, stats={stats}{extra})")
     return Snippet("SPEC", line, uses=(score, mask, norm))
