@@ -141,6 +141,16 @@ def test_linear_attention_compiles(dtype, qk_dim, v_dim):
         assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_linear_attention_dots_are_warpgroup_mmas(dim):
+    """64-token chunks and the value columns split over programs: at D = 128 too, every dot is a
+    warpgroup MMA (with 32-token chunks they were mma.sync) and nothing spills."""
+    spec = ag.LinearAttentionSpec(feature_map="identity", decay=0.97, normalize=False)
+    q, k, v = (torch.randn(2, 4, 256, dim, dtype=torch.bfloat16) for _ in range(3))
+    for kernel in compile_for_gpu(ag.compile(spec), q, k, v):
+        assert kernel.wgmma > 0 and kernel.mma_sync == 0 and kernel.spill_bytes == 0, kernel
+
+
 @pytest.mark.parametrize("q_len, synchronous", [(1, True), (16, False)])
 def test_packed_decoding_rows_fill_a_warpgroup_tile(q_len, synchronous):
     """Split-KV decoding's default tile has as many rows as the packed (query head, query) pairs, up to

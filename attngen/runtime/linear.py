@@ -17,17 +17,6 @@ from . import tracing
 from .cache import cached_source
 from .loader import load_kernels
 
-MAX_STATE = 128 * 128  # Dqk * Dv: each program keeps the [Dqk, Dv] state of its head on chip
-
-
-def check_linear_inputs(q, k, v):
-    """The sizes of a linear attention call (see :func:`~attngen.inputs.check_inputs`), whose state must fit."""
-    shape = check_inputs(q, k, v, KERNEL_DTYPES)
-    if shape.qk_dim * shape.v_dim > MAX_STATE:
-        raise ValueError(f"linear attention keeps a [Dqk, Dv] state per head on chip: Dqk * Dv must be at most "
-                         f"{MAX_STATE} (e.g. 128 x 128), got {shape.qk_dim} x {shape.v_dim}")
-    return shape
-
 
 def _check_state(state, shape, device) -> LinearState:
     """``state`` as a float32 LinearState, after checking it fits these inputs."""
@@ -100,7 +89,7 @@ class CompiledLinearAttention:
         With ``return_state=True`` returns ``(out, LinearState)``: the state after the last token, to
         continue with another call or :meth:`step`. Everything here is differentiable, the states too.
         """
-        shape = check_linear_inputs(q, k, v)
+        shape = check_inputs(q, k, v, KERNEL_DTYPES)
         if not self.spec.causal:
             if return_state or log_decay is not None or state is not None:
                 raise ValueError("a non-causal linear attention spec takes no log_decay or state and returns no "
@@ -134,7 +123,7 @@ class CompiledLinearAttention:
         """Continue from ``state`` over the tokens of q [B,Hq,T,Dqk], k, v [B,Hkv,T,D] one at a time
         (the recurrent form, for decoding): returns ``(out [B,Hq,T,Dv], the new LinearState)``.
         ``log_decay`` [B, Hq, T] for gated specs."""
-        shape = check_linear_inputs(q, k, v)
+        shape = check_inputs(q, k, v, KERNEL_DTYPES)
         if not self.spec.causal:
             raise ValueError("step() is the recurrent form of causal linear attention; this spec has causal=False")
         kv, n = _check_state(state, shape, q.device)
