@@ -133,7 +133,9 @@ def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Te
 def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stats_module.Stats:
     """The requested statistics of the materialized weights."""
     index = _indices(p.shape, p.device)
-    row_max = torch.amax(torch.where(keep, logits, float("-inf")), dim=-1) if "max" in spec.stats else None
+    # the largest kept logit; -inf for a row without one, also when there is no key at all
+    kept = torch.nn.functional.pad(torch.where(keep, logits, float("-inf")), (0, 1), value=float("-inf"))
+    row_max = torch.amax(kept, dim=-1) if "max" in spec.stats else None
     expectations = {}
     for name, g in stats_module.kernel_expectations(spec.stats):
         values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)

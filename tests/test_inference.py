@@ -60,6 +60,15 @@ def test_explicit_query_offsets_and_empty_caches():
     assert torch.all(out[0] == 0) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_empty_caches_with_row_statistics(mode):
+    """Found by the fuzzer (seed 11): over an empty cache (kv_lens 0) a row has no logit; its max is
+    -inf and its lse the sink's (the reference's max failed on a row of no keys)."""
+    q, k, v = Case(2, 4, 1, 1, 1, 8, 8).tensors()
+    results = assert_matches_reference(SPECS["learnable_sink"](4), q, k, v, kv_lens=torch.tensor([0, 0]), mode=mode)
+    assert {"lse", "max", "d sink"} <= {r.name for r in results}
+
+
 def test_cache_with_a_block_mask():
     """Block-sparse decoding: the block mask is over the call's own rows and the cache's keys."""
     q, k, v = Case(2, 2, 2, 2, 96, 16, 16).tensors()
