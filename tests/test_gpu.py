@@ -72,6 +72,26 @@ def test_cuda_offsets_past_two_to_the_31_elements(mode):
         assert (k.grad[1:].float() - k1.grad).abs().max() < 0.05 * scale
 
 
+DECODING = {
+    "differential": lambda: ag.AttentionSpec(differential=torch.full((8,), 0.6, device="cuda", requires_grad=True),
+                                             mask_mod=ag.masks.causal),
+    "stick_breaking": lambda: ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODING))
+def test_cuda_split_kv_decoding_of_two_streams_and_of_the_stick(name):
+    """3 queries against caches of 3000 and 1700 keys: split-KV on CUDA by itself, GQA packed; then
+    the same through a paged cache (forward)."""
+    spec = DECODING[name]()
+    q, k, v = Case(2, 8, 2, 3, 3000, 64, 64, dtype=torch.bfloat16).tensors(device="cuda")
+    kv_lens = torch.tensor([3000, 1700], device="cuda")
+    assert_matches_reference(spec, q, k, v, kv_lens=kv_lens)
+    pages = [t.detach().view(2, 2, 24, 125, 64).transpose(1, 2).reshape(48, 2, 125, 64) for t in (k, v)]
+    table = torch.arange(48, device="cuda", dtype=torch.int32).view(2, 24)
+    assert_matches_reference(spec, q.detach(), *pages, kv_lens=kv_lens, block_table=table)
+
+
 SCRATCH = {  # kernels with [B, Hq, Lq, Dv]-sized float32 scratch buffers of their own
     "differential": (lambda: ag.AttentionSpec(differential=0.5), {}),
     "affine": (lambda: ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=0.9, beta=0.01)), {}),
@@ -112,11 +132,12 @@ LINEAR = {"elu1": ag.LinearAttentionSpec(), "retention": ag.LinearAttentionSpec(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", [Case(2, 8, 2, 300, 300, 64, 64), Case(1, 4, 4, 129, 129, 128, 128)],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [Case(2, 8, 2, 300, 300, 64, 64), Case(1, 4, 4, 129, 129, 128, 128),
+                                  Case(1, 2, 2, 200, 200, 128, 256)], ids=lambda c: c.id)
 @pytest.mark.parametrize("name", sorted(LINEAR))
 def test_cuda_linear_attention(name, case, dtype):
-    """The chunked kernels on CUDA (both launch configs: D <= 64 and D > 64), from a learnable state."""
+    """The chunked kernels on CUDA (both launch configs: D <= 64 and D > 64; value columns in 1, 2 and
+    4 blocks of 64), from a learnable state."""
     case = dataclasses.replace(case, dtype=dtype)
     call = {"state": ag.LinearState(*(t.detach().cuda().requires_grad_() for t in initial_state(case)))}
     if name == "gated":
