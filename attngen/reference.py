@@ -130,12 +130,16 @@ def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Te
     return total / (row_counts[:, None] * col_counts[None, :]).to(p.dtype)
 
 
+def _row_max(logits, keep):
+    """Each row's largest kept logit; -inf for a row without one, also when there is no key at all."""
+    kept = torch.nn.functional.pad(torch.where(keep, logits, float("-inf")), (0, 1), value=float("-inf"))
+    return torch.amax(kept, dim=-1)
+
+
 def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stats_module.Stats:
     """The requested statistics of the materialized weights."""
     index = _indices(p.shape, p.device)
-    # the largest kept logit; -inf for a row without one, also when there is no key at all
-    kept = torch.nn.functional.pad(torch.where(keep, logits, float("-inf")), (0, 1), value=float("-inf"))
-    row_max = torch.amax(kept, dim=-1) if "max" in spec.stats else None
+    row_max = _row_max(logits, keep) if "max" in spec.stats else None
     expectations = {}
     for name, g in stats_module.kernel_expectations(spec.stats):
         values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)
