@@ -21,11 +21,12 @@ export PYTHONPATH=$PWD ATTNGEN_CACHE_DIR=$OUT/cache ATTNGEN_AUTOTUNE=0 ATTNGEN_Q
 
 # 1. correctness on the GPU: the compiled kernels against the float64 reference (bf16 cases and the
 #    normalization checks; all three dtypes would not fit the lease), 8 processes compiling in parallel;
-#    then, alone (each takes up to ~35 GB), the caches of more than 2**31 elements
+#    then, alone (each takes up to ~35 GB), the caches and row buffers of more than 2**31 elements
 timeout 150 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_gpu.py \
-  -k "bfloat16 or normalizations" > "$OUT/gpu_tests.log" 2>&1
+  -k "bfloat16 or normalizations or decoding" > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? (124: cut at 150 s), last lines:" && tail -n 4 "$OUT/gpu_tests.log"
-timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k offsets > "$OUT/gpu_offsets.log" 2>&1
+timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "offsets or scratch" \
+  > "$OUT/gpu_offsets.log" 2>&1
 echo "int64 offsets: exit $?, last lines:" && tail -n 4 "$OUT/gpu_offsets.log"
 
 # 2. speed: the variants FlexAttention and SDPA share, two non-softmax ones, and decoding, at one length

@@ -149,9 +149,17 @@ def decode_shapes(smoke: bool, device: str) -> list[tuple[int, int, int, int, in
             if batch * length <= 1 << 20]
 
 
+DECODE_VARIANTS = {  # timed like attngen's softmax, with no other implementation to compare against
+    "attngen differential": ag.AttentionSpec(differential=0.5, mask_mod=ag.masks.causal),
+    "attngen stick-breaking": ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal),
+    "attngen sigmoid": ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n"), mask_mod=ag.masks.causal),
+}
+
+
 def measure_decode(args) -> list[dict]:
     """One new token per sequence against a full cache: attngen (split-KV on CUDA), compiled
-    FlexAttention and SDPA, all with GQA; reports the cache read bandwidth as well."""
+    FlexAttention and SDPA, all with GQA, then attngen's other normalizations (DECODE_VARIANTS);
+    reports the cache read bandwidth as well."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
@@ -169,12 +177,16 @@ def measure_decode(args) -> list[dict]:
             compiled = torch.compile(flex.flex_attention)
             runs["flex (compiled)"] = lambda: compiled(q, k, v, enable_gqa=True)
         reference = runs["attngen"]().float()
+        compared = set(runs)
+        runs.update({impl: (lambda a: lambda: a(q, k, v, kv_lens=lens))(ag.compile(spec))
+                     for impl, spec in DECODE_VARIANTS.items()})
         cache_bytes = 2 * batch * kv_heads * length * dim * q.element_size()
         for impl, run in runs.items():
             row = {"variant": "decode", "impl": impl, "batch": batch, "heads": f"{heads}:{kv_heads}",
                    "length": length, "head_dim": dim, "dtype": str(dtype).replace("torch.", "")}
             try:
-                row["max_diff_vs_attngen"] = float((run().float() - reference).abs().max())
+                if impl in compared:
+                    row["max_diff_vs_attngen"] = float((run().float() - reference).abs().max())
                 row["forward_ms"] = median_ms(run, device, args.repeats)
                 row["cache_gb_per_s"] = cache_bytes / row["forward_ms"] / 1e6
             except Exception as error:  # a failing baseline is a result too
@@ -279,8 +291,9 @@ def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list
         lines += ["", "## Decoding (one new token, full cache, GQA)", "",
                   "| impl | B | Hq:Hkv | Lk | D | dtype | ms | cache GB/s | max diff |", "|---|---|---|---|---|---|---|---|---|"]
         for r in decode_rows:
+            diff = f"{r['max_diff_vs_attngen']:.1e}" if "max_diff_vs_attngen" in r else ""
             cells = f"error: {r['error']} | | |" if "error" in r else \
-                f"{r['forward_ms']:.3f} | {r['cache_gb_per_s']:.0f} | {r['max_diff_vs_attngen']:.1e} |"
+                f"{r['forward_ms']:.3f} | {r['cache_gb_per_s']:.0f} | {diff} |"
             lines.append(f"| {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | {r['head_dim']} | "
                          f"{r['dtype']} | {cells}")
     if proxies is not None:
