@@ -98,7 +98,7 @@ def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
         return u ** power, torch.where(u > 0, u ** (power - 1), torch.zeros_like(u))
 
     with torch.no_grad():
-        top = x.amax(-1, keepdim=True)
+        top = _row_max(x, keep).unsqueeze(-1)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         lo, hi = top - 1, top  # the sum of the weights is >= 1 at lo and < 1 at hi
         for _ in range(200):
