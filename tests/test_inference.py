@@ -300,6 +300,8 @@ DROPOUT_SPECS = {
     "sigmoid": lambda h: ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias=-1.0)),
     "affine": DECODE_SPECS["affine"],
     "learnable_sink": SPECS["learnable_sink"],
+    "sparsemax": lambda h: ag.AttentionSpec(normalization=ag.norms.Sparsemax()),  # fuzzer, seed 14
+    "entmax": lambda h: ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=masks.causal),
 }
 
 
