@@ -113,7 +113,7 @@ def test_fuzzer_default_profile_finds_no_mismatch():
     assert report.examples == 3 * settings().max_examples
 
 
-def test_fuzzed_calls_cover_caches_split_kv_and_dropout_but_no_maps_of_a_cache():
+def test_fuzzed_calls_cover_caches_split_kv_dropout_and_block_masks_but_no_maps_of_a_cache():
     kinds = {"plain": set(), "maps": set()}
 
     @settings(max_examples=80, deadline=None, database=None)
@@ -123,7 +123,7 @@ def test_fuzzed_calls_cover_caches_split_kv_and_dropout_but_no_maps_of_a_cache()
             call = data.draw(fuzz_calls(Case(2, 2, 1, 3, 10, 8, 8), spec)).value
             kinds[name].add((*sorted(call), call.get("mode")))
     draw()
-    both = {(None,), ("dropout_p", None)}
+    both = {(None,), ("dropout_p", None), ("block_mask", None)}
     assert kinds["plain"] == both | {("kv_lens", "mode", "prefill"), ("kv_lens", "mode", "decode")}
     assert kinds["maps"] == both
 

@@ -24,7 +24,7 @@ from .cases import Case
 from .compare import Comparison
 from .reference_check import compare_with_reference
 from .snippets import Snippet, program
-from .strategies import shapes, specs
+from .strategies import seeded, shapes, specs
 
 TABLE = 97  # length of every captured table; indices are taken % TABLE
 
@@ -139,12 +139,17 @@ def fuzz_masks(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snipp
 @st.composite
 def fuzz_calls(draw, case: Case, spec) -> Snippet:
     """How a fuzzed spec is called (variable ``CALL``, keyword arguments): on the whole inputs, on a
-    KV cache of random lengths (split-KV or not), or with dropout."""
-    kinds = ["dense", "dense", "dropout"] + ([] if map_stats(spec.stats) else ["cache"])  # no maps of a cache
+    KV cache of random lengths (split-KV or not), with dropout, or with a random block mask."""
+    kinds = ["dense", "dense", "dropout", "blocks"] + ([] if map_stats(spec.stats) else ["cache"])  # no maps of a cache
     kind = draw(st.sampled_from(kinds))
     if kind == "cache":
         lens = draw(st.lists(st.integers(0, case.kv_len), min_size=case.batch, max_size=case.batch))
         arguments = f"kv_lens=torch.tensor({lens}), mode={draw(st.sampled_from(['prefill', 'decode']))!r}"
+    elif kind == "blocks":  # [B or 1, Hq or 1, nq, nk] blocks of ceil(Lq / nq) x ceil(Lk / nk) tokens
+        sizes = (draw(st.sampled_from([1, case.batch])), draw(st.sampled_from([1, case.q_heads])),
+                 draw(st.integers(1, case.q_len)), draw(st.integers(1, case.kv_len)))
+        arguments = "block_mask=" + seeded(f"torch.rand({sizes}, ", draw(st.integers(0, 9999))) + \
+            f" > {draw(st.sampled_from([0.2, 0.6]))}"
     else:
         arguments = f"dropout_p={draw(st.sampled_from([0.1, 0.5]))}" if kind == "dropout" else ""
     return Snippet("CALL", f"CALL = dict({arguments})")

@@ -20,7 +20,7 @@ from .snippets import Snippet
 SPECIAL_LENGTHS = (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 
 
-def _seeded(expression: str, seed: int) -> str:
+def seeded(expression: str, seed: int) -> str:
     """``expression`` with ``generator=...`` bound to a seeded generator (expression ends with ``(..., ``)."""
     return f"{expression}generator=torch.Generator().manual_seed({seed}))"
 
@@ -52,15 +52,15 @@ def masks(draw, batch: int = 2, heads: int = 4, max_len: int = 80) -> Snippet:
 
     def table() -> str:
         name = f"mask_table{len(captures)}"
-        captures.append(f"{name} = " + _seeded(f"torch.rand({batch}, {max_len}, {max_len}, ", draw(seed))
+        captures.append(f"{name} = " + seeded(f"torch.rand({batch}, {max_len}, {max_len}, ", draw(seed))
                         + f" > {draw(st.sampled_from([0.2, 0.5, 0.9]))}")
         return f"(lambda b, h, q_idx, kv_idx: {name}[b, q_idx, kv_idx])"
 
     def per_batch(high: int) -> str:
-        return _seeded(f"torch.randint(0, {high}, ({batch},), ", draw(seed))
+        return seeded(f"torch.randint(0, {high}, ({batch},), ", draw(seed))
 
     def documents() -> str:
-        ids = _seeded(f"torch.randint(0, {draw(st.integers(1, 6))}, ({batch}, {max_len}), ", draw(seed))
+        ids = seeded(f"torch.randint(0, {draw(st.integers(1, 6))}, ({batch}, {max_len}), ", draw(seed))
         return f"ag.masks.document({ids}{'.sort().values' if draw(st.booleans()) else ''})"
 
     def neighborhood() -> str:
@@ -113,22 +113,22 @@ def score_mods(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snipp
         return Snippet("score_mod", "score_mod = None")
     if kind == "alibi":
         return Snippet("score_mod", [
-            "score_slopes = " + _seeded(f"torch.rand({heads}, ", seed) + learn,
+            "score_slopes = " + seeded(f"torch.rand({heads}, ", seed) + learn,
             "score_mod = lambda s, b, h, q_idx, kv_idx: s - score_slopes[h] * (q_idx - kv_idx) * 0.1"])
     if kind == "softcap":
         cap = draw(st.sampled_from([0.5, 2.0, 20.0]))
         return Snippet("score_mod", f"score_mod = lambda s, b, h, q_idx, kv_idx: {cap} * torch.tanh(s / {cap})")
     if kind == "relative_bias":
         return Snippet("score_mod", [
-            "score_bias = (0.5 * " + _seeded(f"torch.randn({heads}, {2 * max_len - 1}, ", seed) + f"){learn}",
+            "score_bias = (0.5 * " + seeded(f"torch.randn({heads}, {2 * max_len - 1}, ", seed) + f"){learn}",
             f"score_mod = lambda s, b, h, q_idx, kv_idx: s + score_bias[h, q_idx - kv_idx + {max_len - 1}]"])
     if kind == "temperature":
         return Snippet("score_mod", [
-            "score_temperature = (0.5 + " + _seeded(f"torch.rand({max_len}, ", seed) + f"){learn}",
+            "score_temperature = (0.5 + " + seeded(f"torch.rand({max_len}, ", seed) + f"){learn}",
             "score_mod = lambda s, b, h, q_idx, kv_idx: s * score_temperature[q_idx]"])
     if kind == "key_bias":
         return Snippet("score_mod", [
-            "score_key_bias = " + _seeded(f"torch.randn({batch}, {max_len}, ", seed) + learn,
+            "score_key_bias = " + seeded(f"torch.randn({batch}, {max_len}, ", seed) + learn,
             "score_mod = lambda s, b, h, q_idx, kv_idx: s + score_key_bias[b, kv_idx]"])
     if kind == "checkerboard":
         return Snippet("score_mod", "score_mod = lambda s, b, h, q_idx, kv_idx: "
@@ -143,7 +143,7 @@ def normalizations(draw, heads: int = 4) -> Snippet:
     seed = draw(st.integers(0, 9999))
 
     def per_head(scale: str, offset: str) -> str:
-        return f"({offset} + {scale} * " + _seeded(f"torch.rand({heads}, ", seed) + ").requires_grad_()"
+        return f"({offset} + {scale} * " + seeded(f"torch.rand({heads}, ", seed) + ").requires_grad_()"
     count = draw(st.sampled_from(["length", "unmasked"]))
     choices = {
         "softmax": "ag.norms.Softmax()",
@@ -199,7 +199,7 @@ def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=sc
     plain = norm.value.family == "softmax" and norm.value.sink is None and norm.value.affine is None
     extra = ""
     if plain and draw(st.integers(0, 3)) == 0:
-        learnable = "(0.2 + 0.6 * " + _seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
+        learnable = "(0.2 + 0.6 * " + seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
         extra = f", differential={draw(st.sampled_from(['0.5', learnable]))}"
     stats = "()" if extra else draw(stats_for(norm))
     line = (f"SPEC = ag.AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, normalization=normalization, "
