@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import attngen as ag
 from attngen.testing import Case, assert_matches_reference
 
 
@@ -27,3 +28,12 @@ def paged_cache(batch=3, kv_heads=2, page=8, pages=20, max_pages=7, dim=16, seed
     v_pages = torch.randn(pages, kv_heads, page, dim, generator=gen)
     table = torch.stack([torch.randperm(pages, generator=gen)[:max_pages] for _ in range(batch)]).int()
     return k_pages, v_pages, table
+
+
+def check_paged(spec, q, k_pages, v_pages, table, kv_lens, mode):
+    """A paged-cache call equals the call on the gathered contiguous cache, and the reference."""
+    paged = ag.compile(spec)(q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode)
+    contiguous = ag.compile(spec)(q, ag.reference.gather_pages(k_pages, table),
+                                  ag.reference.gather_pages(v_pages, table), kv_lens=kv_lens)
+    torch.testing.assert_close(paged, contiguous, atol=1e-6, rtol=1e-6)
+    assert_matches_reference(spec, q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode)
