@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import time
@@ -163,6 +164,7 @@ def measure_decode(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
+    others = {impl: ag.compile(spec) for impl, spec in DECODE_VARIANTS.items()}
     for batch, heads, kv_heads, length, dim in decode_shapes(args.smoke, device):
         if out_of_time(args):
             break
@@ -178,8 +180,7 @@ def measure_decode(args) -> list[dict]:
             runs["flex (compiled)"] = lambda: compiled(q, k, v, enable_gqa=True)
         reference = runs["attngen"]().float()
         compared = set(runs)
-        runs.update({impl: (lambda a: lambda: a(q, k, v, kv_lens=lens))(ag.compile(spec))
-                     for impl, spec in DECODE_VARIANTS.items()})
+        runs.update({impl: functools.partial(other, q, k, v, kv_lens=lens) for impl, other in others.items()})
         cache_bytes = 2 * batch * kv_heads * length * dim * q.element_size()
         for impl, run in runs.items():
             row = {"variant": "decode", "impl": impl, "batch": batch, "heads": f"{heads}:{kv_heads}",

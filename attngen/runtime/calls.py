@@ -139,7 +139,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
     if spec.differential is not None and shape.qk_dim % 2:
         raise ValueError(f"differential attention splits q and k in halves: their head dim must be even, "
-                             f"got {shape.qk_dim}")
+                         f"got {shape.qk_dim}")
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None

@@ -169,7 +169,8 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     rate = call.get("dropout_p", spec.dropout_p) or 0.0
     if rate:  # the call's dropout mask, drawn from the toolkit's seed, applied by the reference too
         call = {**call, "seed": seed}
-        layout.update(dropout_p=rate, dropout_keep=attn.dropout_keep(*_kernel_shape(q, k, call), rate, seed, device=q.device))
+        keep = attn.dropout_keep(*_kernel_shape(q, k, call), rate, seed, device=q.device)
+        layout.update(dropout_p=rate, dropout_keep=keep)
     backward = call.get("block_table") is None
 
     def kernel(*t, **kw):
