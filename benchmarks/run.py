@@ -126,6 +126,32 @@ def median_ms(run, device: str, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def compiled_flex():
+    """FlexAttention under torch.compile, compiled afresh: every variant and shape calls the same
+    function, and past Dynamo's recompile limit (8) a call would silently fall back to eager mode.
+    Compiled graphs still come from Inductor's on-disk caches when a warm-up run made them."""
+    torch._dynamo.reset()
+    return torch.compile(flex.flex_attention)
+
+
+def sdpa_backends(device: str) -> dict:
+    """name -> SDPA backend: on CUDA flash (FlashAttention-2) and cuDNN, each forced; on CPU the default."""
+    if device != "cuda":
+        return {"sdpa": None}
+    backends = torch.nn.attention.SDPBackend
+    return {"sdpa (flash)": backends.FLASH_ATTENTION, "sdpa (cudnn)": backends.CUDNN_ATTENTION}
+
+
+def sdpa(backend, **kwargs):
+    """callable(q, k, v) running SDPA with ``backend`` (None: the default choice)."""
+    def run(q, k, v):
+        if backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        with torch.nn.attention.sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    return run
+
+
 def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
     """name -> callable(q, k, v) for everything that can express the variant."""
     batch, heads, length, _ = shape
@@ -134,10 +160,10 @@ def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
         score_mod, mask_mod = flex_mods
         block_mask = None if mask_mod is None else flex.create_block_mask(mask_mod, None, None, length, length,
                                                                           device=device)
-        compiled = torch.compile(flex.flex_attention)
+        compiled = compiled_flex()
         found["flex (compiled)"] = lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
     if sdpa_kwargs is not None:
-        found["sdpa"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+        found.update({name: sdpa(backend, **sdpa_kwargs) for name, backend in sdpa_backends(device).items()})
     return found
 
 
@@ -174,9 +200,9 @@ def measure_decode(args) -> list[dict]:
         lens = torch.full((batch,), length, device=device, dtype=torch.int32)
         attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
         runs = {"attngen": lambda: attn(q, k, v, kv_lens=lens),
-                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+                "sdpa": functools.partial(sdpa(None, enable_gqa=True), q, k, v)}
         if flex is not None:
-            compiled = torch.compile(flex.flex_attention)
+            compiled = compiled_flex()
             runs["flex (compiled)"] = lambda: compiled(q, k, v, enable_gqa=True)
         reference = runs["attngen"]().float()
         compared = set(runs)
@@ -241,8 +267,9 @@ METRICS = ("forward_ms", "forward_backward_ms")
 
 
 def ratios(rows: list[dict]) -> None:
-    """Add speed ratios (higher is better): attngen / best other implementation, and each
-    non-softmax normalization / attngen's softmax on the same shape."""
+    """Add speed ratios (higher is better): on each other implementation's row, attngen's speedup
+    over it (its time / attngen's); on attngen's row of a non-softmax normalization, its speed
+    relative to attngen's softmax on the same shape."""
     key = lambda r: (r["variant"], r["length"], r["head_dim"], r["dtype"])  # noqa: E731
     groups: dict = {}
     for row in rows:
@@ -250,14 +277,47 @@ def ratios(rows: list[dict]) -> None:
     ours = {k: next((r for r in group if r["impl"] == "attngen" and "error" not in r), None)
             for k, group in groups.items()}
     for k, group in groups.items():
-        others = [r for r in group if r["impl"] != "attngen" and "error" not in r]
-        if ours[k] and others:
+        for other in (r for r in group if r["impl"] != "attngen" and "error" not in r and ours[k]):
             for metric in METRICS:
-                ours[k][f"{metric}_speedup_vs_best_other"] = min(r[metric] for r in others) / ours[k][metric]
+                other[f"{metric}_attngen_speedup"] = other[metric] / ours[k][metric]
         softmax = ours.get((SOFTMAX_BASELINE.get(k[0]), *k[1:]))
         if ours[k] and softmax:
             for metric in METRICS:
                 ours[k][f"{metric}_vs_own_softmax"] = softmax[metric] / ours[k][metric]
+
+
+TARGETS = (  # issue 9: (what, rows it covers, ratio key, goal)
+    ("fwd vs FlexAttention", lambda r: r["impl"] == "flex (compiled)", "forward_ms_attngen_speedup", 1.1),
+    ("fwd+bwd vs FlexAttention", lambda r: r["impl"] == "flex (compiled)", "forward_backward_ms_attngen_speedup",
+     1.05),
+    ("causal fwd vs SDPA flash", lambda r: r["impl"] == "sdpa (flash)" and r["variant"] == "causal",
+     "forward_ms_attngen_speedup", 0.95),
+    ("causal fwd+bwd vs SDPA flash", lambda r: r["impl"] == "sdpa (flash)" and r["variant"] == "causal",
+     "forward_backward_ms_attngen_speedup", 0.95),
+    ("non-softmax fwd vs own softmax", lambda r: r["impl"] == "attngen", "forward_ms_vs_own_softmax", 0.9),
+    ("non-softmax fwd+bwd vs own softmax", lambda r: r["impl"] == "attngen", "forward_backward_ms_vs_own_softmax",
+     0.9),
+)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Markdown lines: for each speed target, the worst measured ratio (and where), and how many rows met
+    the goal; then attngen's failures at head dim 128 (the target is none)."""
+    lines = ["## Targets", "", "| target | goal | worst ratio | at | rows meeting it |", "|---|---|---|---|---|"]
+    for what, covers, ratio, goal in TARGETS:
+        measured = [r for r in rows if covers(r) and ratio in r]
+        if not measured:
+            lines.append(f"| {what} | >= {goal} | not measured | | |")
+            continue
+        worst = min(measured, key=lambda r: r[ratio])
+        lines.append(f"| {what} | >= {goal} | {worst[ratio]:.2f} | {worst['variant']} L{worst['length']} "
+                     f"D{worst['head_dim']} {worst['dtype']} | {sum(r[ratio] >= goal for r in measured)} of "
+                     f"{len(measured)} |")
+    failed = [f"{r['variant']} L{r['length']} {r['dtype']}" for r in rows
+              if r["impl"] == "attngen" and r["head_dim"] == 128 and "error" in r]
+    tried = sum(r["impl"] == "attngen" and r["head_dim"] == 128 for r in rows)
+    lines.append(f"| attngen failures at head dim 128 | none | {len(failed)} of {tried} | {', '.join(failed)} | |")
+    return lines
 
 
 def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list[dict] = ()) -> Path:
@@ -274,6 +334,8 @@ def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list
              f"torch {meta['torch']}, triton {meta['triton']}, attngen {meta['attngen']}"
              f"{' (smoke run: tiny shapes, not a measurement)' if args.smoke else ''}"
              f"{f' (stopped after the {args.budget:.0f} s budget: not every shape ran)' if args.stopped else ''}", "",
+             "Speedup: attngen's over the row's implementation (its time / attngen's; above 1, attngen is "
+             "faster). vs own softmax: attngen's row against attngen's softmax with the same mask.", "",
              "| variant | impl | B | H | L | D | dtype | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
              "| attngen speedup fwd / fwd+bwd | vs own softmax fwd / fwd+bwd | max diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -283,11 +345,12 @@ def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list
                          f"{r['head_dim']} | {r['dtype']} | error: {r['error']} | | | | | | |")
             continue
         speedup, own = (f"{r[f'forward_ms_{name}']:.2f} / {r[f'forward_backward_ms_{name}']:.2f}"
-                        if f"forward_ms_{name}" in r else "" for name in ("speedup_vs_best_other", "vs_own_softmax"))
+                        if f"forward_ms_{name}" in r else "" for name in ("attngen_speedup", "vs_own_softmax"))
         lines.append(f"| {r['variant']} | {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | "
                      f"{r['head_dim']} | {r['dtype']} | {r['forward_ms']:.3f} | {r['forward_tflops']:.1f} | "
                      f"{r['forward_backward_ms']:.3f} | {r['forward_backward_tflops']:.1f} | {speedup} | {own} | "
                      f"{r['max_diff_vs_attngen']:.1e} |")
+    lines += [""] + targets(rows)
     if decode_rows:
         lines += ["", "## Decoding (one new token, full cache, GQA)", "",
                   "| impl | B | Hq:Hkv | Lk | D | dtype | ms | cache GB/s | max diff |", "|---|---|---|---|---|---|---|---|---|"]
