@@ -97,9 +97,10 @@ def _run(attention, q, k, v, tensors, upstream, mode=None, backward=True,
     if not backward:
         return values
     names = [n for n in stats.names() if n not in forward_only]
-    for name in ["out", *names]:  # upstream gradients are drawn the first time they are needed
-        shape = out.shape if name == "out" else getattr(stats, name).shape
-        upstream.setdefault(name, torch.randn(shape, generator=upstream["_gen"], dtype=torch.float64))
+    for name in ["out", *names]:  # upstream gradients are drawn (on CPU) the first time they are needed
+        if name not in upstream:
+            shape = out.shape if name == "out" else getattr(stats, name).shape
+            upstream[name] = torch.randn(shape, generator=upstream["_gen"], dtype=torch.float64).to(out.device)
     inputs = [*leaves, *tensors.values()]
     grads = torch.autograd.grad(_loss(out, stats, upstream, names), inputs, allow_unused=True)
     for name, grad, leaf in zip(["dq", "dk", "dv", *(f"d {n}" for n in tensors)], grads, inputs):
