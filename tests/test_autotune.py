@@ -1,6 +1,7 @@
 """Autotuning: tuned once per shape bucket, stored on disk, pruned by shared memory."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -90,3 +91,17 @@ def test_export_builds_in_the_tuned_configs(tmp_path, monkeypatch):
     attn(*(torch.randn(1, 1, 24, 16) for _ in range(3)))
     source = attn.export(tmp_path / "exported.py").read_text()
     assert "TUNED_CONFIGS = {'cpu/float32/16/16/32/32': {'forward': {'BLOCK_M':" in source
+
+
+def _store_buckets(worker: int) -> None:
+    for i in range(30):
+        autotune._store("module", f"bucket-{worker}-{i}", {"forward": {"BLOCK_M": 64, "BLOCK_N": 32}})
+
+
+def test_processes_tuning_other_buckets_at_once_keep_each_others_choices(tmp_path, monkeypatch):
+    """Ranks of one job tune their own buckets of one module at the same moment: every choice survives."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        pool.map(_store_buckets, range(4))
+    assert len(autotune.stored("module")) == 4 * 30

@@ -13,6 +13,7 @@ retunes. On CPU (Triton's interpreter) the fixed default is used, unless
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -111,8 +112,16 @@ def ensure_tuned(kernels: ModuleType, key: str, q, k, v, captures, params) -> No
     chosen = dict(known.get(bucket, {}))
     if not all(phase in chosen for phase in phases):
         chosen = _tune(kernels, bucket, phases, chosen, q, k, v, captures, params)
-        write_atomic(_tuning_file(key), json.dumps({**stored(key), bucket: chosen}, indent=1, sort_keys=True))
+        _store(key, bucket, chosen)
     kernels.TUNED_CONFIGS[bucket] = chosen
+
+
+def _store(key: str, bucket: str, chosen: dict) -> None:
+    """Add ``bucket``'s choice to the module's tuning file, under a lock: processes tuning other buckets
+    of the same module at once (the ranks of one job, say) keep each other's choices."""
+    with open(cache_dir() / f"{key}.tuning.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_atomic(_tuning_file(key), json.dumps({**stored(key), bucket: chosen}, indent=1, sort_keys=True))
 
 
 def _tune(kernels: ModuleType, bucket: str, phases, chosen: dict, q, k, v, captures, params) -> dict:

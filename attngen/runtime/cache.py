@@ -52,8 +52,8 @@ def entries() -> list[Path]:
 
 
 def clear() -> int:
-    """Delete every cached module, tuning result and leftover temporary file; return how many modules."""
+    """Delete every cached module, tuning result, lock and leftover temporary file; return how many modules."""
     removed = entries()
-    for path in removed + list(cache_dir().glob("*.json")) + list(cache_dir().glob(".*.tmp")):
+    for path in removed + [p for pattern in ("*.json", "*.lock", ".*.tmp") for p in cache_dir().glob(pattern)]:
         path.unlink(missing_ok=True)
     return len(removed)
