@@ -37,6 +37,21 @@ def test_device_mismatch_of_captured_tensor():
         attn(q, k, v)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda docs: ag.AttentionSpec(mask_mod=ag.masks.document(docs[None, :])), "indexed with b in dim 0"),
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - torch.ones(1)[h]),
+     "indexed with h in dim 0"),
+    (lambda docs: ag.AttentionSpec(mask_mod=ag.masks.document(docs[None, :40].expand(2, 40))), "in dim 1"),
+], ids=["batch", "head", "query"])
+def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
+    """A [1, L] tensor indexed with b does not broadcast (eager torch raises IndexError); the kernel
+    would read out of bounds and return wrong values without a word."""
+    q = torch.randn(2, 2, 48, 16)
+    spec = make(torch.arange(48) // 12)
+    with pytest.raises(ValueError, match=message):
+        ag.compile(spec)(q, q, q)
+
+
 def test_python_if_on_traced_value_names_the_line():
     def score_mod(score, b, h, q_idx, kv_idx):
         if q_idx > kv_idx:  # the offending line
