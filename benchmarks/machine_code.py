@@ -29,7 +29,7 @@ def report(names: list[str] | None, dims: list[int], tiles: dict, length: int = 
     """One row per (variant, head dim, kernel)."""
     rows = []
     for dim in dims:
-        specs = {name: entry[0] for name, entry in variants(16, length, dim, "cpu").items()}
+        specs = {name: entry[0] for name, entry in variants(16384 // length, 16, length, dim, "cpu").items()}
         for name in names or specs:
             q, k, v = (torch.empty(16384 // length, 16, length, dim, dtype=torch.bfloat16) for _ in range(3))
             for kernel in compile_for_gpu(ag.compile(specs[name]), q, k, v, tiles=tiles):
@@ -60,7 +60,7 @@ def main() -> None:
                         help='launch configuration over the default, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 32}\'')
     parser.add_argument("--out", type=Path, help="write machine_code.md and machine_code.json into this folder")
     args = parser.parse_args()
-    known = variants(16, 4096, 64, "cpu")
+    known = variants(4, 16, 4096, 64, "cpu")
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")

@@ -22,6 +22,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 import triton
 
 import attngen as ag
+from attngen.runtime import autotune
 import proxies as cpu_proxies  # benchmarks/proxies.py
 
 try:
@@ -38,12 +40,12 @@ except ImportError:  # older torch
     flex = None
 
 
-def variants(heads: int, length: int, dim: int, device: str) -> dict:
+def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict:
     """name -> (attngen spec, flex (score_mod, mask_mod) or None, SDPA kwargs or None, kept fraction).
     The sliding window is causal with 1024 keys (a quarter of the length below 4096)."""
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], device=device)
     docs = torch.arange(length, device=device) * 4 // length  # four equal documents
-    doc_ids = docs[None, :]
+    doc_ids = docs.expand(batch, length)  # [B, L]: both mask_mods read doc_ids[b, .] for every b
     window = min(1024, length // 4)
     prefix = length // 4
 
@@ -152,6 +154,26 @@ def sdpa(backend, **kwargs):
     return run
 
 
+def graphed(run, device: str):
+    """A callable replaying ``run`` captured in a CUDA graph (as serving loops run decoding: no
+    host work per step), or None on CPU or where capture fails."""
+    if device != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return graph.replay
+    except Exception as error:  # a graph that cannot be captured is a result too
+        print(f"no CUDA graph: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
+        return None
+
+
 def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
     """name -> callable(q, k, v) for everything that can express the variant."""
     batch, heads, length, _ = shape
@@ -215,7 +237,10 @@ def measure_decode(args) -> list[dict]:
                 if impl in compared:
                     row["max_diff_vs_attngen"] = float((run().float() - reference).abs().max())
                 row["forward_ms"] = median_ms(run, device, args.repeats)
-                row["cache_gb_per_s"] = cache_bytes / row["forward_ms"] / 1e6
+                replay = graphed(run, device)
+                if replay is not None:
+                    row["graph_ms"] = median_ms(replay, device, args.repeats)
+                row["cache_gb_per_s"] = cache_bytes / row.get("graph_ms", row["forward_ms"]) / 1e6
             except Exception as error:  # a failing baseline is a result too
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             rows.append(row)
@@ -229,7 +254,7 @@ def measure(args) -> list[dict]:
     rows = []
     for shape in shapes(args, device):
         batch, heads, length, dim = shape
-        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(heads, length, dim, device).items():
+        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(*shape, device).items():
             if args.only and name not in args.only:
                 continue
             for dtype in dtypes:
@@ -320,18 +345,26 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def tuning(args) -> str:
+    """How attngen's launch configs were chosen in this run, in words."""
+    mode = os.environ.get("ATTNGEN_AUTOTUNE", "1")
+    if mode == "0" or not (torch.cuda.is_available() or mode == "cpu"):
+        return "untuned (default launch configs)"
+    return f"autotuned over {len(args.candidates)} candidate configs" if args.candidates else "autotuned"
+
+
 def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list[dict] = ()) -> Path:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     date = datetime.date.today().isoformat()
     folder = args.out / f"{device.replace(' ', '_')}-{date}{'-smoke' if args.smoke else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "date": date, "torch": torch.__version__, "triton": triton.__version__,
-            "attngen": ag.__version__, "smoke": args.smoke,
+            "attngen": ag.__version__, "smoke": args.smoke, "tuning": tuning(args),
             "stopped_at_budget": args.stopped}
     (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": list(decode_rows)},
                                                     indent=1))
     lines = [f"# attngen benchmarks: {device}, {date}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, attngen {meta['attngen']}"
+             f"torch {meta['torch']}, triton {meta['triton']}, attngen {meta['attngen']}; attngen {meta['tuning']}"
              f"{' (smoke run: tiny shapes, not a measurement)' if args.smoke else ''}"
              f"{f' (stopped after the {args.budget:.0f} s budget: not every shape ran)' if args.stopped else ''}", "",
              "Speedup: attngen's over the row's implementation (its time / attngen's; above 1, attngen is "
@@ -353,11 +386,15 @@ def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list
     lines += [""] + targets(rows)
     if decode_rows:
         lines += ["", "## Decoding (one new token, full cache, GQA)", "",
-                  "| impl | B | Hq:Hkv | Lk | D | dtype | ms | cache GB/s | max diff |", "|---|---|---|---|---|---|---|---|---|"]
+                  "eager: a plain call per step; graph: replays of one CUDA graph capture (no host work per step). "
+                  "Cache GB/s from the graph time where there is one.", "",
+                  "| impl | B | Hq:Hkv | Lk | D | dtype | eager ms | graph ms | cache GB/s | max diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in decode_rows:
             diff = f"{r['max_diff_vs_attngen']:.1e}" if "max_diff_vs_attngen" in r else ""
-            cells = f"error: {r['error']} | | |" if "error" in r else \
-                f"{r['forward_ms']:.3f} | {r['cache_gb_per_s']:.0f} | {diff} |"
+            graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else ""
+            cells = f"error: {r['error']} | | | |" if "error" in r else \
+                f"{r['forward_ms']:.3f} | {graph} | {r['cache_gb_per_s']:.0f} | {diff} |"
             lines.append(f"| {r['impl']} | {r['batch']} | {r['heads']} | {r['length']} | {r['head_dim']} | "
                          f"{r['dtype']} | {cells}")
     if proxies is not None:
@@ -404,16 +441,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no new measurement after this, write what was measured")
+    parser.add_argument("--candidates", type=json.loads, metavar="JSON",
+                        help="autotune attngen over these tile configs (a JSON list of {BLOCK_M, BLOCK_N, num_warps, "
+                             "num_stages}) instead of its full list, even where ATTNGEN_AUTOTUNE=0")
     parser.add_argument("--proxies", action="store_true",
                         help="also measure the CPU proxies (compile latency, tiles visited, mask-plan building)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="folder for the <device>-<date> result folder (default: benchmarks/results)")
     args = parser.parse_args()
     args.started, args.stopped = time.perf_counter(), False
-    unknown = set(args.only or ()) - set(variants(1, 64, 32, "cpu")) - {"decode"}
+    unknown = set(args.only or ()) - set(variants(1, 1, 64, 32, "cpu")) - {"decode"}
     if unknown:
         parser.error(f"--only: unknown variant(s) {', '.join(sorted(unknown))}; "
-                     f"known: {', '.join(variants(1, 64, 32, 'cpu'))}, decode")
+                     f"known: {', '.join(variants(1, 1, 64, 32, 'cpu'))}, decode")
+    if args.candidates:
+        os.environ["ATTNGEN_AUTOTUNE"] = "1"
+        autotune.GPU_CANDIDATES[:] = args.candidates
     if args.repeats is None:
         args.repeats = 2 if args.smoke else 20
     rows = measure(args)
