@@ -138,6 +138,14 @@ def test_stick_breaking_gradients_stay_exact_when_the_stick_runs_out(case):
     assert_matches_reference(spec, *case.tensors())
 
 
+def test_stick_breaking_dq_over_long_bf16_rows():
+    """Each earlier key's share of dP * P is the row's total less the later keys' sums, and every key
+    weighs it by sigmoid(l) (about 1/2): a total from the output rounded to bf16 put its rounding into
+    dQ some L/2 times (2000 keys: 39x the bound; found on an H200 with 3000 keys, 2026-11-28)."""
+    spec = ag.AttentionSpec(normalization=ag.norms.StickBreaking())
+    assert_matches_reference(spec, *Case(1, 2, 2, 4, 2000, 64, 64, dtype=torch.bfloat16).tensors())
+
+
 def test_stick_breaking_with_dropout_a_cache_and_packed_sequences():
     spec = STICK["causal"](2)
     q, k, v = Case(2, 2, 2, 20, 30, 16, 16).tensors()
