@@ -110,17 +110,23 @@ def out_of_time(args) -> bool:
     return args.stopped
 
 
-def median_ms(run, device: str, repeats: int) -> float:
+def median_ms(run, device: str, repeats: int, calls: int = 5) -> float:
+    """Milliseconds per call: the median over ``repeats`` timings, each of ``calls`` back-to-back calls
+    between two CUDA events (wall clock on CPU), after a warm-up call. Back to back, as in training
+    and as triton.testing.do_bench times, the host runs ahead of the GPU, so a call's host work is
+    hidden behind the kernels before it, unless it takes longer than they do. (The 2026-11-28 H200
+    tables synchronized after every call instead, so each time there includes the call's host work.)"""
     run()
     times = []
     for _ in range(repeats):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run()
+            for _ in range(calls):
+                run()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / calls)
         else:
             started = time.perf_counter()
             run()
