@@ -110,3 +110,15 @@ def test_mask_mod_must_return_a_boolean():
 def test_compile_rejects_non_specs():
     with pytest.raises(TypeError, match="takes an attngen.AttentionSpec"):
         ag.compile(lambda s, b, h, q, k: s)
+
+
+def test_interpreter_with_a_numpy_it_cannot_run_with_is_refused(monkeypatch):
+    """Triton before 3.7 runs its interpreter into a TypeError inside a kernel with numpy 2.4."""
+    import numpy
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"Triton 3.6.0's interpreter .* numpy 2.4.1: install numpy<2.4, or triton>=3.7"):
+        ag.compile(ag.AttentionSpec())(q, k, v)
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    assert ag.compile(ag.AttentionSpec())(q, k, v).shape == (*q.shape[:3], v.shape[3])
