@@ -117,6 +117,21 @@ def test_user_block_masks_and_summaries_compile():
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= {k.name for k in kernels}
 
 
+def test_data_dependent_masks_pipeline_their_loads():
+    """A document mask has no closed-form loop range: its kernels visit the live tiles a first kernel
+    listed, with no branch around the K/V (or Q/dO) loads, so Triton prefetches them. Shared memory
+    that grows with num_stages shows the prefetch buffers; it stayed flat while each tile was
+    checked in the loop and wrapped in an ``if``."""
+    doc_ids = torch.randint(0, 4, (2, 200)).sort().values
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.document(doc_ids)))
+    loops = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+    shared = {stages: {k.name: k.shared_bytes for k in compile_for_gpu(attn, *_tensors(torch.bfloat16),
+                                                                        tiles={"num_stages": stages})}
+              for stages in (2, 3)}
+    assert {"_kv_tile_list", "_q_tile_list"} <= set(shared[2])
+    for name in loops:
+        assert shared[3][name] > shared[2][name], (name, shared)
+
 @pytest.mark.parametrize("variant", [Variant(split_kv=True), Variant(cache=True, split_kv=True, paged=True),
                                      Variant(packed=True), Variant(cache=True), Variant(dropout=True)],
                          ids=lambda v: v.describe())

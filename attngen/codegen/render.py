@@ -15,7 +15,7 @@ from .. import __version__
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import Normalization
-from ..runtime.plan import layout, same_for_all_heads
+from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat
 from .printer import TritonPrinter
 
@@ -78,9 +78,9 @@ def map_lines(maps: list[MapStat]) -> list[str]:
 # The two loop directions: the tiles of one axis visited by a program owning a tile of the other.
 _AXES = {
     "kv": dict(lo="kv_lo", hi="kv_hi", length="LK", block="BLOCK_N", other="q",
-               tiles="kv_lo // BLOCK_N", other_tile="q_tile"),
+               tiles="kv_lo // BLOCK_N", other_tile="q_tile", other_length="LQ", other_block="BLOCK_M"),
     "q": dict(lo="q_lo", hi="q_hi", length="LQ", block="BLOCK_M", other="kv",
-              tiles="q_lo // BLOCK_M", other_tile="kv_tile"),
+              tiles="q_lo // BLOCK_M", other_tile="kv_tile", other_length="LK", other_block="BLOCK_N"),
 }
 
 
@@ -90,13 +90,16 @@ def segment_names(axis: str, layout: str) -> list[str]:
 
 
 def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], str], indent: int,
-              window: bool = False, descending: bool = False) -> str:
+              window: bool = False, descending: bool = False, plan_row: str | None = None) -> str:
     """The loop of one program over the ``axis`` tiles ("kv" or "q") its mask plan visits.
 
     ``body(masked)`` is the code for one tile given the name of its masked
     flag. Layout "split": masked tiles, then tiles kept whole (no mask
     evaluated, no branch: the loop software-pipelines), then masked tiles;
-    "masked": one loop that checks every tile; "full": every tile, unmasked.
+    "masked": one loop that checks every tile, or, given ``plan_row`` (the
+    program's (batch, head) row of the tile lists, as an expression), one
+    over the live tiles ``_<axis>_tile_list`` listed (no branch around the
+    loads: it pipelines); "full": every tile, unmasked.
     ``window``: only the tiles in ``[window_lo, window_hi)`` (split-KV decoding).
     ``descending``: the tiles from the last to the first (stick-breaking).
     """
@@ -124,6 +127,17 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         add("if live:", 1)
         add(body("masked"), 2)
 
+    def listed_loop() -> None:
+        lists = f"(({a['other_length']} + {a['other_block']} - 1) // {a['other_block']})"
+        add(f"live_tiles = TILES + ({plan_row} * {lists} + {a['other_tile']}).to(tl.int64) "
+            f"* (({a['length']} + {block} - 1) // {block} + 1)", 0)
+        add("n_live = tl.load(live_tiles)", 0)
+        add(f"for i in range(0, n_live):  # the live tiles _{axis}_tile_list found{', last first' if descending else ''}", 0)
+        add(f"entry = tl.load(live_tiles + {'n_live - i' if descending else '1 + i'})", 1)
+        add(f"{lo} = entry // 2 * {block}", 1)
+        add("masked = entry % 2 != 0", 1)
+        add(body("masked"), 1)
+
     def full_loop(start: str, end: str, comment: str) -> None:
         loop(start, end, comment)
         add(body("False"), 1)
@@ -131,6 +145,8 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     if layout == "full":
         first, last = ("window_lo", "window_hi") if window else ("0", a["length"])
         full_loop(first, last, "mask_mod is always True")
+    elif plan_row is not None:
+        listed_loop()
     else:
         other = a["other"]
         names = segment_names(axis, layout)
@@ -237,7 +253,12 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     layouts = {axis: layout(graph, axis) for axis in _AXES}
     segment_lines = {axis: printer.statements({n: n for n in segment_names(axis, layouts[axis])})[0]
                      for axis in _AXES if layouts[axis] != "full"}
-
+    # a masked axis's live tiles are listed by a first kernel where some tiles can be skipped, except for
+    # split-KV decoding (its programs take windows of the range, and GQA packing gives them rows of no
+    # single q tile)
+    skips = not graph.is_const(outputs["block_live"], True)
+    tile_lists = [axis for axis in _AXES if layouts[axis] == "masked" and skips and not split_kv]
+    plan_row = "(b * HQ + h)" if depends_on_head(graph) else "b"
 
     expectations = list(range(sum(1 for name in outputs if name.startswith("exp") and "." not in name)))
     stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in expectations
@@ -341,8 +362,12 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "segment_names": {axis: ", ".join(segment_names(axis, layout)) for axis, layout in layouts.items()},
         "mask_params": mask_params,
         "tile_summaries": repr(tuple((t.capture, t.reduce, t.dims) for t in graph.tiles)),
+        "tile_lists": tile_lists,
+        "list_param": {axis: ", TILES" if axis in tile_lists else "" for axis in _AXES},
+        "plan_heads": "HQ" if depends_on_head(graph) else "1",
         "tile_loop": lambda axis, body, indent, window=False, descending=False: tile_loop(
-            axis, layouts[axis], mask_params, body, indent, window, descending),
+            axis, layouts[axis], mask_params, body, indent, window, descending,
+            plan_row if axis in tile_lists else None),
         "backward_lines": backward_lines,
         "grads": grads,
     }

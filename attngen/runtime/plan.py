@@ -65,7 +65,9 @@ _LAYOUTS = {
     "full": "every tile, no mask evaluated (mask_mod is always True)",
     "split": "{a} tiles in the closed-form range [{a}_start, {a}_end); those in [{a}_split0, {a}_split1) are "
              "kept whole and run without mask_mod or a branch, the others are checked one by one",
-    "masked": "{a} tiles in the closed-form range [{a}_start, {a}_end), each checked with block_state",
+    "masked": "{a} tiles in the closed-form range [{a}_start, {a}_end), each checked with block_state: by a "
+              "first kernel that lists the live ones, which the loop then visits without a branch (it "
+              "pipelines), or, for split-KV decoding, in the loop itself",
 }
 
 
@@ -74,6 +76,13 @@ def layout(graph: Graph, axis: str) -> str:
     if graph.is_const(graph.outputs["mask"], True):
         return "full"
     return "split" if f"{axis}_split0" in graph.outputs else "masked"
+
+
+def depends_on_head(graph: Graph) -> bool:
+    """Whether the mask plan (loop ranges and block states, either axis) differs between query heads:
+    if not, one tile list per batch entry serves every head."""
+    plan = [n for name, n in graph.outputs.items() if name.startswith(("kv_", "q_", "block_"))]
+    return any(graph.depends_on(n, "h") for n in plan)
 
 
 def same_for_all_heads(graph: Graph) -> bool:
