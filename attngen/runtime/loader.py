@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
@@ -19,12 +20,21 @@ def _release(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def check_interpreter() -> None:
-    """Raise if Triton's interpreter cannot run with the installed numpy: before Triton 3.7 it calls
+@functools.cache
+def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why this Triton's interpreter cannot run with this numpy, or None: before Triton 3.7 it calls
     int() on one-element arrays, which numpy 2.4 refuses (a TypeError deep inside a kernel)."""
-    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
-        raise RuntimeError(f"Triton {triton.__version__}'s interpreter (attngen's CPU path) does not work with "
-                           f"numpy {numpy.__version__}: install numpy<2.4, or triton>=3.7")
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (attngen's CPU path) does not work with numpy "
+                f"{numpy_version}: install numpy<2.4, or triton>=3.7")
+    return None
+
+
+def check_interpreter() -> None:
+    """Raise if Triton's interpreter cannot run with the installed numpy (decided once per pair of versions)."""
+    problem = _interpreter_problem(triton.__version__, numpy.__version__)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def load_kernels(path: Path, interpret: bool) -> ModuleType:
