@@ -113,27 +113,41 @@ def test_fuzzer_default_profile_finds_no_mismatch():
     assert report.examples == 3 * settings().max_examples
 
 
-def test_fuzzed_calls_cover_caches_split_kv_dropout_and_block_masks_but_no_maps_of_a_cache():
-    kinds = {"plain": set(), "maps": set()}
+def test_fuzzed_calls_cover_every_kind_of_call_the_spec_allows():
+    kinds = {"plain": set(), "col_sum": set(), "pooled": set()}
+    case = Case(2, 2, 1, 3, 10, 8, 8)
+    specs = {"plain": ag.AttentionSpec(), "col_sum": ag.AttentionSpec(stats=("col_sum",)),
+             "pooled": ag.AttentionSpec(stats=(ag.stats.pooled(2, 2),))}
 
-    @settings(max_examples=80, deadline=None, database=None)
+    @settings(max_examples=120, deadline=None, database=None)
     @given(data=st.data())
     def draw(data):
-        for name, spec in (("plain", ag.AttentionSpec()), ("maps", ag.AttentionSpec(stats=("col_sum",)))):
-            call = data.draw(fuzz_calls(Case(2, 2, 1, 3, 10, 8, 8), spec)).value
-            kinds[name].add((*sorted(call), call.get("mode")))
+        for name, spec in specs.items():
+            (q, k, v), call = data.draw(fuzz_calls(case, spec)).value(*case.tensors())
+            kind = "packed" if "cu_seqlens_q" in call else "paged" if "block_table" in call else None
+            kinds[name].add((kind, *sorted(call), call.get("mode")))
+            if kind == "paged":  # the pages hold the cache
+                assert torch.equal(ag.reference.gather_pages(k, call["block_table"])[:, :, :case.kv_len],
+                                   case.tensors()[1])
+            if kind == "packed":
+                assert q.shape[0] == int(call["cu_seqlens_q"][-1]) and k.shape[0] == int(call["cu_seqlens_k"][-1])
     draw()
-    both = {(None,), ("dropout_p", None), ("block_mask", None)}
-    assert kinds["plain"] == both | {("kv_lens", "mode", "prefill"), ("kv_lens", "mode", "decode")}
-    assert kinds["maps"] == both
+    both = {(None, None), (None, "dropout_p", None), (None, "block_mask", None)}
+    packed = {("packed", "cu_seqlens_k", "cu_seqlens_q", None)}
+    cache = {(kind, *names, mode) for mode in ("prefill", "decode") for kind, names in
+             ((None, ("kv_lens", "mode")), ("paged", ("block_table", "kv_lens", "mode")))}
+    assert kinds["plain"] == both | packed | cache
+    assert kinds["col_sum"] == both | packed
+    assert kinds["pooled"] == both
 
 
 def test_a_fuzz_report_reproduces_its_call():
     report = FuzzReport(spec=Snippet("SPEC", "SPEC = ag.AttentionSpec(differential=0.5)"),
                         case=Case(1, 2, 1, 3, 40, 16, 8),
-                        call=Snippet("CALL", "CALL = dict(kv_lens=torch.tensor([29]), mode='decode')"))
+                        call=Snippet("CALL", "CALL = lambda q, k, v: attngen.testing.paged_call(q, k, v, [29], "
+                                             "page_size=16, seed=3, mode='decode')"))
     source = report.reproduction()
-    assert "CALL = dict(kv_lens=torch.tensor([29]), mode='decode')" in source and "**CALL)" in source
+    assert "attngen.testing.paged_call(q, k, v, [29]" in source and "**call)" in source
     exec(source, {})  # runs as printed (the kernels match: nothing raised)
 
 

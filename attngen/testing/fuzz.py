@@ -138,13 +138,25 @@ def fuzz_masks(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snipp
 
 @st.composite
 def fuzz_calls(draw, case: Case, spec) -> Snippet:
-    """How a fuzzed spec is called (variable ``CALL``, keyword arguments): on the whole inputs, on a
-    KV cache of random lengths (split-KV or not), with dropout, or with a random block mask."""
-    kinds = ["dense", "dense", "dropout", "blocks"] + ([] if map_stats(spec.stats) else ["cache"])  # no maps of a cache
+    """How a fuzzed spec is called (variable ``CALL``: ``CALL(q, k, v)`` gives the call's positional and
+    keyword arguments): on the whole inputs, on a KV cache of random lengths (split-KV or not, paged or
+    not), with dropout, with a random block mask, or on packed sequences of random lengths."""
+    maps = map_stats(spec.stats)
+    kinds = ["dense", "dense", "dropout", "blocks"] + ([] if maps else ["cache", "paged"]) \
+        + ([] if any(m.block_q is not None for m in maps) else ["packed"])  # no maps of a cache, no pooled packed
     kind = draw(st.sampled_from(kinds))
-    if kind == "cache":
-        lens = draw(st.lists(st.integers(0, case.kv_len), min_size=case.batch, max_size=case.batch))
-        arguments = f"kv_lens=torch.tensor({lens}), mode={draw(st.sampled_from(['prefill', 'decode']))!r}"
+    batch = dict(min_size=case.batch, max_size=case.batch)
+    if kind in ("cache", "paged"):
+        lens = draw(st.lists(st.integers(0, case.kv_len), **batch))
+        mode = draw(st.sampled_from(["prefill", "decode"]))
+        if kind == "paged":
+            return _call(f"attngen.testing.paged_call(q, k, v, {lens}, page_size={draw(st.sampled_from([4, 16]))}, "
+                         f"seed={draw(st.integers(0, 9999))}, mode={mode!r})")
+        arguments = f"kv_lens=torch.tensor({lens}), mode={mode!r}"
+    elif kind == "packed":
+        lens_q = draw(st.lists(st.integers(0, case.q_len), **batch))
+        return _call(f"attngen.testing.packed_call(q, k, v, {lens_q}, "
+                     f"{draw(st.lists(st.integers(0, case.kv_len), **batch))})")
     elif kind == "blocks":  # [B or 1, Hq or 1, nq, nk] blocks of ceil(Lq / nq) x ceil(Lk / nk) tokens
         sizes = (draw(st.sampled_from([1, case.batch])), draw(st.sampled_from([1, case.q_heads])),
                  draw(st.integers(1, case.q_len)), draw(st.integers(1, case.kv_len)))
@@ -152,7 +164,11 @@ def fuzz_calls(draw, case: Case, spec) -> Snippet:
             f" > {draw(st.sampled_from([0.2, 0.6]))}"
     else:
         arguments = f"dropout_p={draw(st.sampled_from([0.1, 0.5]))}" if kind == "dropout" else ""
-    return Snippet("CALL", f"CALL = dict({arguments})")
+    return _call(f"((q, k, v), dict({arguments}))")
+
+
+def _call(expression: str) -> Snippet:
+    return Snippet("CALL", f"CALL = lambda q, k, v: {expression}")
 
 
 def fuzz_specs(heads: int = 4, batch: int = 2, max_len: int = 80):
@@ -174,7 +190,8 @@ class FuzzReport:
     def reproduction(self) -> str:
         return program(self.spec, self.call, body=f"""
             {self.case.snippet()}
-            attngen.testing.assert_matches_reference(SPEC, q, k, v, seed={self.case.seed}, **CALL)
+            args, call = CALL(q, k, v)
+            attngen.testing.assert_matches_reference(SPEC, *args, seed={self.case.seed}, **call)
         """)
 
 
@@ -193,7 +210,8 @@ def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None) -> Fuzz
         spec = data.draw(fuzz_specs(heads=4, batch=2, max_len=max_len), label="spec")
         call = data.draw(fuzz_calls(case, spec.value), label="call")
         try:
-            results = compare_with_reference(spec.value, *case.tensors(), seed=case.seed, **call.value)
+            args, kwargs = call.value(*case.tensors())
+            results = compare_with_reference(spec.value, *args, seed=case.seed, **kwargs)
         except Exception as error:  # a crash is a finding too
             report.spec, report.case, report.call = spec, case, call
             report.error = f"{type(error).__name__}: {error}"
