@@ -16,6 +16,7 @@ from variants import VARIANTS, Case
 CASE = Case(2, 4, 2, 200, 180, 64, 64)
 H100_SHARED_MEMORY = 227 * 1024
 SLOPES = torch.rand(4, requires_grad=True)
+DOC_IDS = torch.randint(0, 4, (2, 200), generator=torch.Generator().manual_seed(0)).sort().values
 
 
 def _tensors(dtype, qk_dim=64, v_dim=64):
@@ -98,8 +99,9 @@ def _softcap(score, b, h, q_idx, kv_idx):
                          ids=["default", "128x32"])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("spec", [ag.AttentionSpec(score_mod=_softcap, mask_mod=ag.masks.causal),
-                                  ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n"))],
-                         ids=["softcap_causal", "sigmoid"])
+                                  ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n")),
+                                  ag.AttentionSpec(mask_mod=ag.masks.document(DOC_IDS))],
+                         ids=["softcap_causal", "sigmoid", "document"])
 def test_every_dot_is_a_warpgroup_mma_and_no_register_spills(spec, dim, tiles):
     """Speed hazards visible before any GPU run. On sm_90 a dot that Triton lowers to the synchronous
     warp MMA instead of wgmma (a transposed register tile, or fewer than 64 rows per warpgroup) runs
