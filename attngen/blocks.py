@@ -82,11 +82,36 @@ class BlockMask:
         return f"BlockMask({kind} {tuple(self.blocks.shape)}, block_size={self.block_size})"
 
 
-def as_block_mask(block_mask, q_len: int, kv_len: int) -> BlockMask:
-    """``block_mask`` as given to a call: a :class:`BlockMask` or a bool block matrix."""
+def flex_block_mask(block_mask):
+    """``block_mask`` if it is a FlexAttention ``BlockMask``, else None."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    except ImportError:  # a torch without FlexAttention
+        return None
+    return block_mask if isinstance(block_mask, FlexBlockMask) else None
+
+
+def flex_mask_mod(block_mask):
+    """The mask_mod a FlexAttention ``BlockMask`` applies inside its blocks (None: its no-op mask)."""
+    from torch.nn.attention.flex_attention import noop_mask
+    return None if block_mask.mask_mod is noop_mask else block_mask.mask_mod
+
+
+def as_block_mask(block_mask, q_len: int, kv_len: int, mask_mod=None) -> BlockMask:
+    """``block_mask`` as given to a call: a :class:`BlockMask`, a bool block matrix, or a FlexAttention
+    ``BlockMask``, whose mask_mod must then be the spec's ``mask_mod`` (or its no-op mask): attngen
+    applies the spec's mask_mod in every kept block, FlexAttention the block mask's in partial ones."""
     if isinstance(block_mask, BlockMask):
         return block_mask
-    return BlockMask.from_dense(block_mask, q_len, kv_len)
+    flex = flex_block_mask(block_mask)
+    if flex is None:
+        return BlockMask.from_dense(block_mask, q_len, kv_len)
+    own = flex_mask_mod(flex)
+    if own is not None and own is not mask_mod:
+        raise ValueError(f"block_mask is a FlexAttention BlockMask that applies its own mask_mod ({_name(own)}), "
+                         f"not the spec's ({_name(mask_mod)}): compile AttentionSpec(mask_mod=block_mask.mask_mod), "
+                         "or call ag.attention(q, k, v, score_mod, block_mask=block_mask), which takes it")
+    return BlockMask(flex.to_dense().bool(), tuple(flex.BLOCK_SIZE))
 
 
 def blocks_mask_mod(blocks: torch.Tensor, block_size: tuple[int, int]):
@@ -97,6 +122,10 @@ def blocks_mask_mod(blocks: torch.Tensor, block_size: tuple[int, int]):
     def in_kept_block(b, h, q_idx, kv_idx):
         return blocks[b, h, q_idx // block_q, kv_idx // block_k]
     return in_kept_block
+
+
+def _name(fn) -> str:
+    return "None" if fn is None else getattr(fn, "__name__", repr(fn))
 
 
 def _describe(value) -> str:

@@ -317,6 +317,45 @@ def test_block_mask_with_the_one_call_form_and_sigmoid():
     _run_both(spec, q, k, v, blocks, _blocked(blocks, (32, 32)))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # unfused: fine as a reference
+def test_flex_attention_block_masks_work_as_in_flex_attention():
+    """Code written for FlexAttention ports by renaming the call: ag.attention takes its BlockMask and,
+    like flex_attention, the mask_mod inside it; the kernels match flex_attention itself, and the float64
+    reference forward and backward."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = _qkv(2, 4, 2, 100, 150)
+    docs = torch.randint(0, 3, (2, 150), generator=torch.Generator().manual_seed(2)).sort().values
+
+    def same_document_nearby(b, h, q_idx, kv_idx):
+        return (docs[b, kv_idx] == docs[b, torch.clamp(q_idx, max=149)]) & (kv_idx <= q_idx + 40)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 20 * torch.tanh(score / 20)
+    block_mask = flex_attention.create_block_mask(same_document_nearby, 2, None, 100, 150, device="cpu",
+                                                  BLOCK_SIZE=(32, 64))
+    expected = flex_attention.flex_attention(q.detach(), k.detach(), v.detach(), score_mod=softcap,
+                                             block_mask=block_mask, enable_gqa=True)  # no backward on CPU
+    torch.testing.assert_close(ag.attention(q, k, v, score_mod=softcap, block_mask=block_mask), expected,
+                               atol=1e-5, rtol=1e-5)
+    spec = ag.AttentionSpec(score_mod=softcap, mask_mod=same_document_nearby)
+    assert_matches_reference(spec, q, k, v, block_mask=block_mask)
+    with pytest.raises(ValueError, match=r"block_mask is a FlexAttention BlockMask that applies its own mask_mod "
+                                         r"\(same_document_nearby\), not the spec's \(None\)"):
+        ag.compile(ag.AttentionSpec(score_mod=softcap))(q, k, v, block_mask=block_mask)
+
+
+def test_flex_attention_block_masks_of_kv_blocks_alone():
+    """A FlexAttention BlockMask built from block indices (its mask_mod the no-op) is block sparsity alone."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = _qkv(1, 2, 2, 70, 130)
+    indices = torch.tensor([[[[0, 2, 0], [1, 0, 0], [2, 0, 0]]]], dtype=torch.int32)  # [1, 1, q blocks, kv blocks]
+    counts = torch.tensor([[[2, 1, 1]]], dtype=torch.int32)
+    block_mask = flex_attention.BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(32, 64),
+                                                         seq_lengths=(70, 130))
+    dense = torch.tensor([[[[True, False, True], [False, True, False], [False, False, True]]]])
+    out = _run_both(ag.AttentionSpec(), q, k, v, block_mask, _blocked(dense, (32, 64)))
+    assert torch.equal(out, ag.attention(q, k, v, block_mask=ag.BlockMask(dense, (32, 64))))
+
 @pytest.mark.parametrize("block_mask, message", [
     (torch.ones(1, 1, 4, dtype=torch.bool), r"a bool tensor \[batch or 1, .* shape \(1, 1, 4\)"),
     (torch.ones(1, 1, 2, 2), "got a torch.float32 tensor"),

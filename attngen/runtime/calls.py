@@ -157,7 +157,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
             _check_pages_in_range(tensors["block_table"], lens, k.shape[2], k.shape[0])
     block_size = None
     if block_mask is not None:
-        blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len)
+        blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len, spec.mask_mod)
         block_size = blocks.block_size
         tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
     # entmax's threshold needs passes over the whole row: it does not split

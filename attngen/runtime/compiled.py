@@ -11,6 +11,7 @@ import triton
 
 from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
+from ..blocks import flex_block_mask, flex_mask_mod
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
@@ -186,9 +187,10 @@ class CompiledAttention:
                  seed: int | None = None, return_stats: bool = False):
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
 
-        ``block_mask`` (an :class:`attngen.BlockMask` or a bool block matrix
-        ``[B|1, Hq|1, nq, nk]`` of ``ceil(Lq/nq) x ceil(Lk/nk)`` blocks) limits
-        attention to its True blocks, on top of the spec's mask_mod.
+        ``block_mask`` (an :class:`attngen.BlockMask`, a bool block matrix
+        ``[B|1, Hq|1, nq, nk]`` of ``ceil(Lq/nq) x ceil(Lk/nk)`` blocks, or a
+        FlexAttention ``BlockMask`` whose mask_mod is the spec's or the no-op)
+        limits attention to its kept blocks, on top of the spec's mask_mod.
         ``kv_lens`` ([B] ints): k and v are caches holding ``kv_lens[b]`` keys for
         batch entry ``b``; ``q_offset`` (int or [B]; default ``kv_lens - Lq``, the
         queries being the last tokens) places query ``i`` at ``i + q_offset[b]``
@@ -274,6 +276,10 @@ def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public A
 def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False, **call):
     """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``; ``call`` takes the
     keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, block_table,
-    cu_seqlens_q/k, mode, dropout_p, seed)."""
+    cu_seqlens_q/k, mode, dropout_p, seed). Without ``mask_mod``, a FlexAttention ``BlockMask`` given as
+    ``block_mask`` supplies its own, as in FlexAttention."""
+    flex = flex_block_mask(call.get("block_mask"))
+    if mask_mod is None and flex is not None:
+        mask_mod = flex_mask_mod(flex)
     spec = AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale)
     return compile(spec)(q, k, v, return_stats=return_stats, **call)
