@@ -337,6 +337,13 @@ def test_flex_attention_block_masks_work_as_in_flex_attention():
                                              block_mask=block_mask, enable_gqa=True)  # no backward on CPU
     torch.testing.assert_close(ag.attention(q, k, v, score_mod=softcap, block_mask=block_mask), expected,
                                atol=1e-5, rtol=1e-5)
+    _, aux = flex_attention.flex_attention(q.detach(), k.detach(), v.detach(), score_mod=softcap, block_mask=block_mask,
+                                           enable_gqa=True, return_aux=flex_attention.AuxRequest(lse=True))
+    expected_lse = aux.lse
+    _, lse = ag.attention(q, k, v, score_mod=softcap, block_mask=block_mask, enable_gqa=True, return_lse=True)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="fifth argument is mask_mod; pass a block mask as block_mask="):
+        ag.attention(q, k, v, softcap, block_mask)  # flex_attention's positional order
     spec = ag.AttentionSpec(score_mod=softcap, mask_mod=same_document_nearby)
     assert_matches_reference(spec, q, k, v, block_mask=block_mask)
     with pytest.raises(ValueError, match=r"block_mask is a FlexAttention BlockMask that applies its own mask_mod "

@@ -11,7 +11,7 @@ import triton
 
 from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
-from ..blocks import flex_block_mask, flex_mask_mod
+from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
@@ -273,13 +273,24 @@ def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public A
     return CompiledAttention(spec)
 
 
-def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False, **call):
+def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False,
+              return_lse: bool = False, enable_gqa: bool = True, **call):
     """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``; ``call`` takes the
     keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, block_table,
-    cu_seqlens_q/k, mode, dropout_p, seed). Without ``mask_mod``, a FlexAttention ``BlockMask`` given as
-    ``block_mask`` supplies its own, as in FlexAttention."""
+    cu_seqlens_q/k, mode, dropout_p, seed). As in FlexAttention, a FlexAttention ``BlockMask`` given as
+    ``block_mask`` supplies its mask_mod (unless ``mask_mod`` is given), and ``return_lse=True`` returns
+    ``(out, lse)``; ``enable_gqa`` is accepted for FlexAttention's callers (query heads may always be a
+    multiple of the kv heads)."""
+    if isinstance(mask_mod, BlockMask) or flex_block_mask(mask_mod) is not None:
+        raise TypeError("ag.attention's fifth argument is mask_mod; pass a block mask as block_mask=... "
+                        "(flex_attention's fifth argument is its block mask)")
     flex = flex_block_mask(call.get("block_mask"))
     if mask_mod is None and flex is not None:
         mask_mod = flex_mask_mod(flex)
-    spec = AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale)
-    return compile(spec)(q, k, v, return_stats=return_stats, **call)
+    attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale))
+    if return_lse:  # FlexAttention's spelling of return_stats=True
+        if return_stats:
+            raise ValueError("pass return_stats=True (out, stats) or return_lse=True (out, lse), not both")
+        out, stats = attn(q, k, v, return_stats=True, **call)
+        return out, stats.lse
+    return attn(q, k, v, return_stats=return_stats, **call)
