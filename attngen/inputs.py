@@ -30,14 +30,25 @@ def values_checkable(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (the kernels would get no storage to read);
+    not asked while torch.compile traces, which cannot trace the question."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def check_inputs(q, k, v, dtypes=None) -> Shape:
     """Validate q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]; return their sizes.
 
-    ``dtypes`` restricts the floating dtypes accepted (the kernels' set).
+    ``dtypes`` restricts the floating dtypes accepted (the kernels' set) and refuses torch.func's
+    wrapped tensors (the kernels' calls; the reference runs under torch.func).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if dtypes is not None and _transformed(t):
+            raise NotImplementedError(
+                f"{name} is a tensor of a torch.func transform (grad, vmap, jacrev, ...): attngen's kernels "
+                "support torch.autograd (loss.backward(), torch.autograd.grad) and batched calls, not torch.func")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions [batch, heads, seq_len, head_dim], "
                              f"got shape {tuple(t.shape)}")

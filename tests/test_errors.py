@@ -30,6 +30,17 @@ def test_bad_inputs(args, error, message):
         attn(*args)
 
 
+@pytest.mark.parametrize("transform", [
+    lambda call: torch.func.grad(lambda q: call(q).sum())(q),
+    lambda call: torch.func.vmap(call)(q[None].expand(3, -1, -1, -1, -1)),
+], ids=["grad", "vmap"])
+@pytest.mark.parametrize("compiled", [attn, ag.compile(ag.LinearAttentionSpec(feature_map="elu+1"))],
+                         ids=["softmax", "linear"])
+def test_torch_func_transforms_are_refused_clearly(transform, compiled):
+    """The kernels read tensor storage, which torch.func's wrapped tensors do not expose."""
+    with pytest.raises(NotImplementedError, match=r"q is a tensor of a torch.func transform .* not torch.func"):
+        transform(lambda q: compiled(q, k, v))
+
 def test_device_mismatch_of_captured_tensor():
     slopes = torch.rand(4, device="meta")
     attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h]))
