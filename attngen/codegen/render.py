@@ -131,9 +131,10 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         lists = f"(({a['other_length']} + {a['other_block']} - 1) // {a['other_block']})"
         add(f"live_tiles = TILES + ({plan_row} * {lists} + {a['other_tile']}).to(tl.int64) "
             f"* (({a['length']} + {block} - 1) // {block} + 1)", 0)
+        order, entry = (", last first", "n_live - i") if descending else ("", "1 + i")
         add("n_live = tl.load(live_tiles)", 0)
-        add(f"for i in range(0, n_live):  # the live tiles _{axis}_tile_list found{', last first' if descending else ''}", 0)
-        add(f"entry = tl.load(live_tiles + {'n_live - i' if descending else '1 + i'})", 1)
+        add(f"for i in range(0, n_live):  # the live tiles _{axis}_tile_list found{order}", 0)
+        add(f"entry = tl.load(live_tiles + {entry})", 1)
         add(f"{lo} = entry // 2 * {block}", 1)
         add("masked = entry % 2 != 0", 1)
         add(body("masked"), 1)
