@@ -9,6 +9,7 @@ import torch
 
 import attngen as ag
 from attngen import norms
+from attngen.codegen.render import map_lines
 from attngen.testing import assert_matches_reference
 from checks import check_variant
 from variants import VARIANTS, Case, Variant, case_id
@@ -178,3 +179,12 @@ def test_maps_with_a_mask_mixing_program_scalars_and_tiles():
     spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: ~((h != b) | (kv_idx > q_idx)),
                             stats=(ag.stats.col_sum(), ag.stats.pooled(5, 1, "mean", name="map")))
     assert_matches_reference(spec, *Case(2, 4, 1, 1, 17, 8, 8).tensors())
+
+
+@pytest.mark.parametrize("stat", [ag.stats.col_sum(), ag.stats.pooled(16, 16), ag.stats.pooled(16, 16, "max"),
+                                  ag.stats.col_sum(reduce_heads=True)], ids=str)
+def test_map_offsets_are_int64(stat):
+    """A map of block 16 at 128k tokens holds 2**26 entries per head: with 32 heads its element offsets pass
+    2**31 (too large to allocate in a CPU test, so the generated offsets are checked for int64)."""
+    offset = map_lines([stat])[0]
+    assert offset.startswith("map_offset0 = ((") and ").to(tl.int64) * " in offset, offset

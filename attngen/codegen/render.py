@@ -65,7 +65,9 @@ def map_lines(maps: list[MapStat]) -> list[str]:
         bq, bk = stat.block_q, stat.block_k
         rows, row = ("1", "0 * q_idx") if bq is None else (f"((LQ + {bq - 1}) // {bq})", f"q_idx // {bq}")
         head = "b * (HQ // GROUP) + h // GROUP" if stat.reduce_heads else "b * HQ + h"
-        lines.append(f"map_offset{m} = (({head}) * {rows} + {row}) * ((LK + {bk - 1}) // {bk}) + kv_idx // {bk}")
+        # int64: a map may hold more than 2**31 entries (block 16 at 128k tokens: 2**26 per head)
+        lines.append(f"map_offset{m} = (({head}).to(tl.int64) * {rows} + {row}) * ((LK + {bk - 1}) // {bk}) "
+                     f"+ kv_idx // {bk}")
         if stat.reduce == "mean":  # positions per block; at least 1 also past the ends (no inf * 0 there)
             count_rows = "LQ" if bq is None else f"tl.maximum(tl.minimum({bq}, LQ - {row} * {bq}), 1)"
             count_cols = f"tl.maximum(tl.minimum({bk}, LK - kv_idx // {bk} * {bk}), 1)"
