@@ -160,14 +160,16 @@ def _differential_weights(q, k, spec: AttentionSpec) -> torch.Tensor:
 
 
 def _shifted(spec: AttentionSpec, batch, query) -> AttentionSpec:
-    """``spec`` run on one batch entry (or sequence) alone: its mods see batch index ``b + batch``
-    and query positions ``q_idx + query``."""
+    """``spec`` run on one batch entry (or sequence) alone: its mods and row expectations see batch
+    index ``b + batch`` and query positions ``q_idx + query``."""
     def shift_score(score):
         return None if score is None else (lambda s, b, h, i, j: score(s, b + batch, h, i + query, j))
     mask = spec.mask_mod
+    stats = tuple(stats_module.Expectation(shift_score(s.g), s.name) if isinstance(s, stats_module.Expectation)
+                  else s for s in spec.stats)
     return dataclasses.replace(
         spec, score_mod=shift_score(spec.score_mod), second_score_mod=shift_score(spec.second_score_mod),
-        mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)))
+        mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)), stats=stats)
 
 
 def _joined(pieces: list, out_dim: int, stat_dim: int, return_stats: bool):

@@ -52,6 +52,21 @@ def test_decoding_equals_the_last_row_of_full_attention():
         torch.testing.assert_close(step, full[:, :, -1:], atol=1e-5, rtol=1e-5)
 
 
+DRIFT = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: torch.tanh(s) * (q_idx - kv_idx) + b, "drift")
+
+
+def test_decoding_rows_expectations_equal_the_last_rows_of_full_attention():
+    """A row expectation sees the query's position in the sequence (fuzz seed 19 found it seeing the
+    row's index in the call, in the kernels and in the reference alike)."""
+    q, k, v = Case(2, 4, 2, 50, 64, 16, 16).tensors(requires_grad=False)
+    attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal, stats=("lse", DRIFT)))
+    for length, rows in ((37, 1), (50, 5)):
+        _, full = attn(q[:, :, :length], k[:, :, :length], v[:, :, :length], return_stats=True)
+        for mode in ("prefill", "decode"):
+            _, step = attn(q[:, :, length - rows:length], k, v, kv_lens=torch.tensor([length, length]), mode=mode,
+                           return_stats=True)
+            torch.testing.assert_close(step.drift, full.drift[:, :, -rows:], atol=1e-5, rtol=1e-5)
+
 def test_explicit_query_offsets_and_empty_caches():
     q, k, v = Case(2, 2, 2, 3, 40, 16, 16).tensors()
     assert_matches_reference(SPECS["causal"](2), q, k, v, q_offset=torch.tensor([5, 30]))
@@ -234,6 +249,16 @@ def test_packed_equals_padded_and_masked():
         torch.testing.assert_close(packed[int(cu[i]):int(cu[i]) + n], out[i, :, :n].transpose(0, 1),
                                    atol=1e-5, rtol=1e-5)
 
+
+def test_packed_rows_expectations_equal_a_batch_of_the_sequences():
+    """Packed sequences of equal length are a batch: b is the sequence, q_idx the position within it."""
+    lengths = [21, 21, 21]
+    q, k, v, cu, _ = _packed(lengths, lengths, heads=2, kv_heads=1, v_dim=16)
+    attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal, stats=("lse", DRIFT)))
+    _, packed = attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, return_stats=True)
+    batch = [t.detach().unflatten(0, (3, 21)).transpose(1, 2) for t in (q, k, v)]
+    _, dense = attn(*batch, return_stats=True)
+    torch.testing.assert_close(packed.drift, dense.drift.transpose(0, 1).flatten(1), atol=1e-5, rtol=1e-5)
 
 def test_packed_plan_skips_tiles_between_sequences():
     cu = torch.arange(0, 513, 64)  # eight sequences of 64 tokens

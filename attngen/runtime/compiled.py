@@ -73,8 +73,8 @@ class CompiledAttention:
     def _build(self) -> None:
         started = time.perf_counter()
         self._plan_graph = None
-        self.expectations = stats_module.kernel_expectations(self.spec.stats)
         traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
+        self.expectations = stats_module.kernel_expectations(traced.stats)
         self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count,
                            second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
                            two_streams=self.spec.differential is not None)
