@@ -247,8 +247,8 @@ def parser() -> argparse.ArgumentParser:
     fuzz = commands.add_parser("fuzz", help="check random specs from a grammar against the reference",
                                description="compile random score_mods and mask_mods (from a small grammar) with "
                                            "random normalizations and statistics (or as differential attention), "
-                                           "call each on its inputs, on a KV cache (paged or not), as packed sequences, "
-                                           "with dropout or with a block mask, "
+                                           "call each on its inputs, on a KV cache (paged or not), as packed sequences "
+                                           "or with a block mask, with or without dropout, "
                                            "and compare it with the float64 reference; stops at the first "
                                            "mismatch and prints it as a snippet")
     fuzz.set_defaults(function=cmd_fuzz)

@@ -40,23 +40,24 @@ class Case(Shape):
         return f"q, k, v = attngen.testing.Case({fields}).tensors()"
 
 
-def packed_call(q, k, v, lens_q: list[int], lens_k: list[int]):
+def packed_call(q, k, v, lens_q: list[int], lens_k: list[int], **call):
     """A case's ``q, k, v`` as packed sequences: batch entry b's first ``lens_q[b]`` queries and
     ``lens_k[b]`` keys, concatenated along the token axis. Returns ``((q, k, v), call)`` with q
-    ``[tokens, Hq, Dqk]`` and ``call`` the keyword arguments ``cu_seqlens_q`` and ``cu_seqlens_k``."""
+    ``[tokens, Hq, Dqk]`` and ``call`` the keyword arguments ``cu_seqlens_q`` and ``cu_seqlens_k``
+    (and those given, e.g. ``dropout_p``)."""
     def pack(t, lens):
         return torch.cat([t[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
 
     def offsets(lens):
         return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
     return (pack(q, lens_q), pack(k, lens_k), pack(v, lens_k)), dict(cu_seqlens_q=offsets(lens_q),
-                                                                     cu_seqlens_k=offsets(lens_k))
+                                                                     cu_seqlens_k=offsets(lens_k), **call)
 
 
-def paged_call(q, k, v, kv_lens: list[int], page_size: int, seed: int, mode: str | None = None):
+def paged_call(q, k, v, kv_lens: list[int], page_size: int, seed: int, **call):
     """A case's k and v as a paged KV cache: each batch entry's rows cut into pages of ``page_size``
     and stored in one pool in an order drawn from ``seed``. Returns ``((q, k_pages, v_pages), call)``
-    with ``call`` the keyword arguments ``kv_lens``, ``block_table`` and ``mode``."""
+    with ``call`` the keyword arguments ``kv_lens`` and ``block_table`` (and those given, e.g. ``mode``)."""
     batch, _, length, _ = k.shape
     per_entry = -(-length // page_size)
     order = torch.randperm(batch * per_entry, generator=torch.Generator().manual_seed(seed)).to(k.device)
@@ -66,4 +67,4 @@ def paged_call(q, k, v, kv_lens: list[int], page_size: int, seed: int, mode: str
         return padded.unflatten(2, (per_entry, page_size)).transpose(1, 2).flatten(0, 1)[torch.argsort(order)]
     table = order.view(batch, per_entry).to(torch.int32)
     return (q, pages(k), pages(v)), dict(kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=q.device),
-                                         block_table=table, mode=mode)
+                                         block_table=table, **call)
