@@ -135,7 +135,8 @@ def test_data_dependent_masks_pipeline_their_loads():
         assert shared[3][name] > shared[2][name], (name, shared)
 
 @pytest.mark.parametrize("variant", [Variant(split_kv=True), Variant(cache=True, split_kv=True, paged=True),
-                                     Variant(packed=True), Variant(cache=True), Variant(dropout=True)],
+                                     Variant(packed=True), Variant(cache=True), Variant(dropout=True),
+                                     Variant(block_size=(16, 64), cache=True, split_kv=True)],
                          ids=lambda v: v.describe())
 def test_call_variants_compile(variant):
     attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal, stats=("lse", "max"))).for_call(variant)
@@ -144,6 +145,8 @@ def test_call_variants_compile(variant):
     kernels = compile_for_gpu(attn, q, k, v, tiles={"BLOCK_M": 16}, backward=not variant.paged)
     names = {k.name for k in kernels}
     assert ("_attn_combine" in names) == variant.split_kv
+    # sequence ids and per-head blocks have no closed-form range: their live tiles are listed
+    assert ("_kv_tile_list" in names) == (variant.packed or variant.block_size is not None)
 
 
 @pytest.mark.parametrize("dtype, qk_dim, v_dim", [(torch.bfloat16, 64, 64), (torch.float32, 128, 128),

@@ -102,7 +102,8 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     program's (batch, head) row of the tile lists, as an expression), one
     over the live tiles ``_<axis>_tile_list`` listed (no branch around the
     loads: it pipelines); "full": every tile, unmasked.
-    ``window``: only the tiles in ``[window_lo, window_hi)`` (split-KV decoding).
+    ``window``: only the tiles in ``[window_lo, window_hi)``, or of a list the
+    ``split``-th ``CHUNK // BLOCK_N`` entries (split-KV decoding).
     ``descending``: the tiles from the last to the first (stick-breaking).
     """
     a = _AXES[axis]
@@ -133,10 +134,19 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         lists = f"(({a['other_length']} + {a['other_block']} - 1) // {a['other_block']})"
         add(f"live_tiles = TILES + ({plan_row} * {lists} + {a['other_tile']}).to(tl.int64) "
             f"* (({a['length']} + {block} - 1) // {block} + 1)", 0)
-        order, entry = (", last first", "n_live - i") if descending else ("", "1 + i")
         add("n_live = tl.load(live_tiles)", 0)
-        add(f"for i in range(0, n_live):  # the live tiles _{axis}_tile_list found{order}", 0)
-        add(f"entry = tl.load(live_tiles + {entry})", 1)
+        first, last = "0", "n_live"
+        if window:  # this program's share of the list: CHUNK // BLOCK_N of its entries
+            first, last = "first", "last"
+            add(f"first = tl.minimum(split * (CHUNK // {block}), n_live)", 0)
+            add(f"last = tl.minimum(first + CHUNK // {block}, n_live)", 0)
+        comment = f"the live tiles _{axis}_tile_list found"
+        if descending:
+            add(f"for i in range(0, {last if first == '0' else f'{last} - {first}'}):  # {comment}, last first", 0)
+            add(f"entry = tl.load(live_tiles + {last} - i)", 1)
+        else:
+            add(f"for i in range({first}, {last}):  # {comment}", 0)
+            add("entry = tl.load(live_tiles + 1 + i)", 1)
         add(f"{lo} = entry // 2 * {block}", 1)
         add("masked = entry % 2 != 0", 1)
         add(body("masked"), 1)
@@ -256,11 +266,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     layouts = {axis: layout(graph, axis) for axis in _AXES}
     segment_lines = {axis: printer.statements({n: n for n in segment_names(axis, layouts[axis])})[0]
                      for axis in _AXES if layouts[axis] != "full"}
-    # a masked axis's live tiles are listed by a first kernel where some tiles can be skipped, except for
-    # split-KV decoding (its programs take windows of the range, and GQA packing gives them rows of no
-    # single q tile)
+    # a masked axis's live tiles are listed by a first kernel where some tiles can be skipped, except under
+    # GQA packing (its programs hold rows of several heads, of no single q tile)
+    pack_gqa = split_kv and same_for_all_heads(graph)
     skips = not graph.is_const(outputs["block_live"], True)
-    tile_lists = [axis for axis in _AXES if layouts[axis] == "masked" and skips and not split_kv]
+    tile_lists = [axis for axis in _AXES if layouts[axis] == "masked" and skips and not pack_gqa]
     plan_row = "(b * HQ + h)" if depends_on_head(graph) else "b"
 
     expectations = list(range(sum(1 for name in outputs if name.startswith("exp") and "." not in name)))
@@ -316,7 +326,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dropout_args": "" if "dropout_seed" not in kernel_captures else
                         f"cap{kernel_captures['dropout_seed']}, cap{kernel_captures['dropout_p']}, ",
         "split_kv": split_kv,
-        "pack_gqa": split_kv and same_for_all_heads(graph),
+        "pack_gqa": pack_gqa,
         "state": state,
         "state_vectors": repr([vector for _, vector in state]),
         "partial_args": partial_args,

@@ -67,7 +67,7 @@ _LAYOUTS = {
              "kept whole and run without mask_mod or a branch, the others are checked one by one",
     "masked": "{a} tiles in the closed-form range [{a}_start, {a}_end), each checked with block_state: by a "
               "first kernel that lists the live ones, which the loop then visits without a branch (it "
-              "pipelines), or, for split-KV decoding, in the loop itself",
+              "pipelines), or, for split-KV decoding with GQA packing, in the loop itself",
 }
 
 
