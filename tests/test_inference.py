@@ -125,15 +125,15 @@ def test_split_kv_decoding_matches_reference(name):
 
 @pytest.mark.parametrize("normalization", [ag.norms.Softmax(), ag.norms.StickBreaking()], ids=str)
 def test_block_sparse_split_kv_decoding_takes_shares_of_the_tile_lists(normalization):
-    """Per-head block masks (Quest-style top-k blocks) while decoding: each split-KV program takes its
-    share of the listed live tiles (stick-breaking: last first), and the shares merge exactly."""
+    """Per-head block masks (Quest-style top-k blocks) while decoding: each split-KV program takes an
+    even share of the listed live tiles (stick-breaking: last first), and the shares merge exactly."""
     q, k, v = Case(2, 4, 2, 3, 300, 16, 8, seed=2).tensors()
     blocks = torch.rand(2, 4, 1, 10, generator=torch.Generator().manual_seed(3)) > 0.5
     spec = ag.AttentionSpec(normalization=normalization, mask_mod=masks.causal)
     call = dict(kv_lens=torch.tensor([300, 170]), mode="decode", block_mask=ag.BlockMask(blocks, (3, 32)))
     assert_matches_reference(spec, q, k, v, **call)
     source = ag.compile(spec).for_call(Variant(block_size=(3, 32), cache=True, split_kv=True)).source
-    assert "TILE_LISTS" in source and "first = tl.minimum(split * (CHUNK // BLOCK_N), n_live)" in source
+    assert "TILE_LISTS" in source and "share = (n_live + SPLITS - 1) // SPLITS" in source
 
 PACKING_SPECS = {
     **DECODE_SPECS,

@@ -102,8 +102,8 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     program's (batch, head) row of the tile lists, as an expression), one
     over the live tiles ``_<axis>_tile_list`` listed (no branch around the
     loads: it pipelines); "full": every tile, unmasked.
-    ``window``: only the tiles in ``[window_lo, window_hi)``, or of a list the
-    ``split``-th ``CHUNK // BLOCK_N`` entries (split-KV decoding).
+    ``window``: only the tiles in ``[window_lo, window_hi)``, or the ``split``-th
+    of ``SPLITS`` even shares of a list (split-KV decoding).
     ``descending``: the tiles from the last to the first (stick-breaking).
     """
     a = _AXES[axis]
@@ -136,10 +136,11 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
             f"* (({a['length']} + {block} - 1) // {block} + 1)", 0)
         add("n_live = tl.load(live_tiles)", 0)
         first, last = "0", "n_live"
-        if window:  # this program's share of the list: CHUNK // BLOCK_N of its entries
+        if window:  # this program's share of the list: an even one, so sparse rows keep every split busy
             first, last = "first", "last"
-            add(f"first = tl.minimum(split * (CHUNK // {block}), n_live)", 0)
-            add(f"last = tl.minimum(first + CHUNK // {block}, n_live)", 0)
+            add("share = (n_live + SPLITS - 1) // SPLITS", 0)
+            add("first = tl.minimum(split * share, n_live)", 0)
+            add("last = tl.minimum(first + share, n_live)", 0)
         comment = f"the live tiles _{axis}_tile_list found"
         if descending:
             add(f"for i in range(0, {last if first == '0' else f'{last} - {first}'}):  # {comment}, last first", 0)
