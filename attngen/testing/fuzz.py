@@ -140,33 +140,36 @@ def fuzz_masks(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snipp
 def fuzz_calls(draw, case: Case, spec) -> Snippet:
     """How a fuzzed spec is called (variable ``CALL``: ``CALL(q, k, v)`` gives the call's positional and
     keyword arguments): on the whole inputs, on a KV cache of random lengths (split-KV or not, paged or
-    not), with a random block mask, or on packed sequences of random lengths; each with or without
-    dropout."""
+    not), with a random block mask (also on a contiguous cache), or on packed sequences of random
+    lengths; each with or without dropout."""
     maps = map_stats(spec.stats)
     kinds = ["dense", "blocks"] + ([] if maps else ["cache", "paged"]) \
         + ([] if any(m.block_q is not None for m in maps) else ["packed"])  # no maps of a cache, no pooled packed
     kind = draw(st.sampled_from(kinds))
-    extra = draw(st.sampled_from(["", "", f"dropout_p={draw(st.sampled_from([0.1, 0.5]))}"]))
+    extra = [draw(st.sampled_from(["", "", f"dropout_p={draw(st.sampled_from([0.1, 0.5]))}"]))]
     batch = dict(min_size=case.batch, max_size=case.batch)
-    if kind in ("cache", "paged"):
-        lens = draw(st.lists(st.integers(0, case.kv_len), **batch))
-        extra = ", ".join([f"mode={draw(st.sampled_from(['prefill', 'decode']))!r}"] + ([extra] if extra else []))
-        if kind == "paged":
-            return _call(f"attngen.testing.paged_call(q, k, v, {lens}, page_size={draw(st.sampled_from([4, 16]))}, "
-                         f"seed={draw(st.integers(0, 9999))}, {extra})")
-        arguments = f"kv_lens=torch.tensor({lens}), {extra}"
-    elif kind == "packed":
+    if kind == "packed":
         lens_q = draw(st.lists(st.integers(0, case.q_len), **batch))
         lens_k = draw(st.lists(st.integers(0, case.kv_len), **batch))
-        return _call(f"attngen.testing.packed_call(q, k, v, {lens_q}, {lens_k}{', ' + extra if extra else ''})")
-    elif kind == "blocks":  # [B or 1, Hq or 1, nq, nk] blocks of ceil(Lq / nq) x ceil(Lk / nk) tokens
+        return _call(f"attngen.testing.packed_call(q, k, v, {_join([str(lens_q), str(lens_k), *extra])})")
+    if kind in ("cache", "paged"):
+        lens = draw(st.lists(st.integers(0, case.kv_len), **batch))
+        extra.append(f"mode={draw(st.sampled_from(['prefill', 'decode']))!r}")
+        if kind == "paged":
+            return _call(f"attngen.testing.paged_call(q, k, v, {lens}, page_size={draw(st.sampled_from([4, 16]))}, "
+                         f"seed={draw(st.integers(0, 9999))}, {_join(extra)})")
+        extra.append(f"kv_lens=torch.tensor({lens})")
+    if kind == "blocks" or (kind == "cache" and draw(st.booleans())):
+        # [B or 1, Hq or 1, nq, nk] blocks of ceil(Lq / nq) x ceil(Lk / nk) tokens
         sizes = (draw(st.sampled_from([1, case.batch])), draw(st.sampled_from([1, case.q_heads])),
                  draw(st.integers(1, case.q_len)), draw(st.integers(1, case.kv_len)))
-        arguments = "block_mask=" + seeded(f"torch.rand({sizes}, ", draw(st.integers(0, 9999))) + \
-            f" > {draw(st.sampled_from([0.2, 0.6]))}" + (f", {extra}" if extra else "")
-    else:
-        arguments = extra
-    return _call(f"((q, k, v), dict({arguments}))")
+        extra.append("block_mask=" + seeded(f"torch.rand({sizes}, ", draw(st.integers(0, 9999))) +
+                     f" > {draw(st.sampled_from([0.2, 0.6]))}")
+    return _call(f"((q, k, v), dict({_join(extra)}))")
+
+
+def _join(arguments: list[str]) -> str:
+    return ", ".join(a for a in arguments if a)
 
 
 def _call(expression: str) -> Snippet:
