@@ -165,11 +165,10 @@ def _shifted(spec: AttentionSpec, batch, query) -> AttentionSpec:
     def shift_score(score):
         return None if score is None else (lambda s, b, h, i, j: score(s, b + batch, h, i + query, j))
     mask = spec.mask_mod
-    stats = tuple(stats_module.Expectation(shift_score(s.g), s.name) if isinstance(s, stats_module.Expectation)
-                  else s for s in spec.stats)
     return dataclasses.replace(
         spec, score_mod=shift_score(spec.score_mod), second_score_mod=shift_score(spec.second_score_mod),
-        mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)), stats=stats)
+        mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)),
+        stats=stats_module.expectations_moved(spec.stats, shift_score))
 
 
 def _joined(pieces: list, out_dim: int, stat_dim: int, return_stats: bool):

@@ -82,6 +82,12 @@ def pooled(block_q: int, block_k: int, reduce: str = "mean", name: str = "pooled
     return MapStat(name, block_q, block_k, reduce)
 
 
+def expectations_moved(stats, move: Callable) -> tuple:
+    """``stats`` with each row expectation's ``g(score, b, h, q_idx, kv_idx)`` rewritten by ``move``, the
+    rewrite a call applies to its score_mod (so ``g`` sees the indices the score_mod sees)."""
+    return tuple(Expectation(move(s.g), s.name) if isinstance(s, Expectation) else s for s in stats)
+
+
 def expectation(g: Callable, name: str) -> Expectation:
     """A row expectation statistic ``sum_j p_ij g(l_ij, ...)`` named ``name``."""
     return Expectation(g, name)

@@ -272,7 +272,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     pack_gqa = split_kv and same_for_all_heads(graph)
     skips = not graph.is_const(outputs["block_live"], True)
     tile_lists = [axis for axis in _AXES if layouts[axis] == "masked" and skips and not pack_gqa]
-    plan_row = "(b * HQ + h)" if depends_on_head(graph) else "b"
+    per_head = depends_on_head(graph)  # else one tile list per batch entry serves every head
+    plan_row = "(b * HQ + h)" if per_head else "b"
 
     expectations = list(range(sum(1 for name in outputs if name.startswith("exp") and "." not in name)))
     stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in expectations
@@ -378,7 +379,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "tile_summaries": repr(tuple((t.capture, t.reduce, t.dims) for t in graph.tiles)),
         "tile_lists": tile_lists,
         "list_param": {axis: ", TILES" if axis in tile_lists else "" for axis in _AXES},
-        "plan_heads": "HQ" if depends_on_head(graph) else "1",
+        "plan_heads": "HQ" if per_head else "1",
         "tile_loop": lambda axis, body, indent, window=False, descending=False: tile_loop(
             axis, layouts[axis], mask_params, body, indent, window, descending,
             plan_row if axis in tile_lists else None),

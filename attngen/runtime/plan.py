@@ -78,18 +78,22 @@ def layout(graph: Graph, axis: str) -> str:
     return "split" if f"{axis}_split0" in graph.outputs else "masked"
 
 
+def _plan_depends(graph: Graph, outputs: tuple[str, ...], inputs: tuple[str, ...]) -> bool:
+    """Whether a plan output named with a prefix in ``outputs`` depends on one of ``inputs``."""
+    plan = [n for name, n in graph.outputs.items() if name.startswith(outputs)]
+    return any(graph.depends_on(n, name) for n in plan for name in inputs)
+
+
 def depends_on_head(graph: Graph) -> bool:
     """Whether the mask plan (loop ranges and block states, either axis) differs between query heads:
     if not, one tile list per batch entry serves every head."""
-    plan = [n for name, n in graph.outputs.items() if name.startswith(("kv_", "q_", "block_"))]
-    return any(graph.depends_on(n, "h") for n in plan)
+    return _plan_depends(graph, ("kv_", "q_", "block_"), ("h",))
 
 
 def same_for_all_heads(graph: Graph) -> bool:
     """Whether the forward's kv loop plan depends on neither the query head nor the q tile's number,
     so one program may hold rows of several query heads (GQA packing when decoding)."""
-    plan = [n for name, n in graph.outputs.items() if name.startswith(("kv_", "block_"))]
-    return not any(graph.depends_on(n, name) for n in plan for name in ("h", "q_tile"))
+    return not _plan_depends(graph, ("kv_", "block_"), ("h", "q_tile"))
 
 
 def describe(graph: Graph) -> list[str]:

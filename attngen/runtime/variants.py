@@ -19,7 +19,7 @@ import torch
 from ..blocks import blocks_mask_mod
 from ..inputs import values_checkable
 from ..spec import AttentionSpec
-from ..stats import Expectation
+from ..stats import expectations_moved
 
 _INT = dict(dtype=torch.int32)
 KERNEL_CAPTURES = ("block_table", "dropout_seed", "dropout_p")  # read by the kernels themselves, not by mods
@@ -86,7 +86,7 @@ class Variant:
         if self.cache:
             second = _shift_queries(second, None, t["q_offset"])[0]
             score, mask = _shift_queries(score, mask, t["q_offset"])
-            stats = _expectations_moved(stats, lambda g: _shift_queries(g, None, t["q_offset"])[0])
+            stats = expectations_moved(stats, lambda g: _shift_queries(g, None, t["q_offset"])[0])
             mask = _and(lambda b, h, q_idx, kv_idx: kv_idx < t["kv_lens"][b], mask)
             key_count = lambda b, q_idx: t["kv_lens"][b]  # noqa: E731
         if self.block_size is not None:  # blocks of the call's own tiles: unshifted query positions
@@ -94,7 +94,7 @@ class Variant:
         if self.packed:
             second = _unpack(second, None, t)[0]
             score, mask = _unpack(score, mask, t)
-            stats = _expectations_moved(stats, lambda g: _unpack(g, None, t)[0])
+            stats = expectations_moved(stats, lambda g: _unpack(g, None, t)[0])
             key_count = lambda b, q_idx: t["len_k"][t["seq_q"][q_idx]]  # noqa: E731
         traced = dataclasses.replace(spec, score_mod=score, second_score_mod=second, mask_mod=mask, stats=stats)
         return traced, key_count
@@ -113,12 +113,6 @@ def _and(first, second):
     if first is None or second is None:
         return second if first is None else first
     return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
-
-
-def _expectations_moved(stats, move):
-    """``stats`` with each row expectation's ``g(score, b, h, q_idx, kv_idx)`` rewritten by ``move`` as
-    the score_mod is: it sees the positions (and, packed, the sequence) the call's mods see."""
-    return tuple(Expectation(move(s.g), s.name) if isinstance(s, Expectation) else s for s in stats)
 
 
 def _shift_queries(score, mask, q_offset):
