@@ -133,3 +133,44 @@ def test_interpreter_with_a_numpy_it_cannot_run_with_is_refused(monkeypatch):
         ag.compile(ag.AttentionSpec())(q, k, v)
     monkeypatch.setattr(triton, "__version__", "3.7.1")
     assert ag.compile(ag.AttentionSpec())(q, k, v).shape == (*q.shape[:3], v.shape[3])
+
+
+def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
+    """Under torch.use_deterministic_algorithms(True), as torch's own operations: a call whose CUDA
+    kernels would add floats atomically raises, naming what (with warn_only=True it warns). Triton's
+    interpreter runs its programs in order, so on CPU the same call runs."""
+    from attngen.runtime.compiled import per_head_parameters
+    from attngen.runtime.loader import load_kernels
+    slopes = torch.rand(4, requires_grad=True)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            normalization=ag.norms.Softmax(sink=torch.zeros(4, requires_grad=True)),
+                            mask_mod=ag.masks.causal, stats=("lse", "col_sum"))
+    attn = ag.compile(spec)
+    kernels = load_kernels(attn.path, interpret=True)
+    q, k, v = (torch.randn(1, 4, 20, 8, requires_grad=True) for _ in range(3))
+    captures = [c.tensor for c in attn.graph.captures]
+    params = per_head_parameters(spec, 4, q.device)
+    summed = kernels.atomic_sums(k, v, captures, params)
+    assert summed == ["the col_sum map", "the gradient of captured tensor #0", "the gradient of sink"]
+    with torch.no_grad():
+        assert kernels.atomic_sums(k, v, captures, params) == ["the col_sum map"]
+    stick = ag.compile(ag.AttentionSpec(normalization=ag.norms.StickBreaking()))
+    assert load_kernels(stick.path, interpret=True).atomic_sums(k, v, [], []) == \
+        ["the gradient of k", "the gradient of v"]
+    cuda = torch.device("cuda")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match=r"attngen: the col_sum map, the gradient of captured tensor #0, "
+                                               r"the gradient of sink are summed on the GPU with atomic float adds"):
+            kernels._alert_nondeterministic(cuda, summed)
+        kernels._alert_nondeterministic(cuda, [])  # nothing summed: nothing to say
+        kernels._alert_nondeterministic(q.device, summed)  # Triton's interpreter: a fixed order
+        out, stats = attn(q, k, v, return_stats=True)
+        (out.sum() + stats.lse.sum()).backward()
+        assert slopes.grad is not None
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="the gradient of sink is summed on the GPU"):
+            kernels._alert_nondeterministic(cuda, ["the gradient of sink"])
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -149,3 +149,23 @@ def test_cuda_linear_attention(name, case, dtype):
     if name == "gated":
         call["log_decay"] = gates(case).cuda().requires_grad_()
     assert_matches_reference(LINEAR[name], *case.tensors(device="cuda"), **call)
+
+
+def test_cuda_deterministic_mode_refuses_atomic_float_sums():
+    """torch.use_deterministic_algorithms(True): a learnable score_mod tensor's gradient and linear
+    attention's backward are atomic float sums on the GPU, so the call raises, naming them; without
+    them it runs."""
+    slopes = torch.rand(4, device="cuda", requires_grad=True)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal)
+    q, k, v = Case(1, 4, 2, 100, 100, 64, 64).tensors(device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="the gradient of captured tensor #0 is summed on the GPU"):
+            ag.compile(spec)(q, k, v)
+        ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))(q, k, v).sum().backward()
+        with pytest.raises(RuntimeError, match="the gradient of q, the gradient of k, the gradient of v are summed"):
+            ag.compile(LINEAR["elu1"])(q, k, v)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -134,6 +134,23 @@ def test_data_dependent_masks_pipeline_their_loads():
     for name in loops:
         assert shared[3][name] > shared[2][name], (name, shared)
 
+def test_gqa_packed_decoding_pipelines_a_data_dependent_mask():
+    """Split-KV decoding of a mask with one plan for every head (32-key blocks chosen per batch entry)
+    packs the query heads of a kv head into one program's rows; it loops over their tile list, so its
+    shared memory grows with num_stages (it stayed flat while each tile was checked in the loop)."""
+    chosen = torch.rand(2, 10, generator=torch.Generator().manual_seed(1)) > 0.5
+    spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: chosen[b, kv_idx // 32])
+    attn = ag.compile(spec).for_call(Variant(cache=True, split_kv=True))
+    assert "GQA packing" in attn.source
+    q, k, v = (torch.randn(2, 4, 5, 64, dtype=torch.bfloat16), torch.randn(2, 2, 300, 64, dtype=torch.bfloat16),
+               torch.randn(2, 2, 300, 64, dtype=torch.bfloat16))
+    shared = {stages: {k.name: k.shared_bytes for k in compile_for_gpu(attn, q, k, v, tiles={"num_stages": stages},
+                                                                        backward=False)}
+              for stages in (2, 3)}
+    assert "_kv_tile_list" in shared[2]
+    assert shared[3]["_attn_fwd"] > shared[2]["_attn_fwd"], shared
+
+
 @pytest.mark.parametrize("variant", [Variant(split_kv=True), Variant(cache=True, split_kv=True, paged=True),
                                      Variant(packed=True), Variant(cache=True), Variant(dropout=True),
                                      Variant(block_size=(16, 64), cache=True, split_kv=True)],

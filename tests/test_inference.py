@@ -156,6 +156,20 @@ def test_gqa_packed_decoding_matches_reference(name):
     assert_matches_reference(PACKING_SPECS[name](8), q, k, v, mode="decode", **call)
 
 
+@pytest.mark.parametrize("normalization", [ag.norms.Softmax(), ag.norms.StickBreaking()], ids=str)
+def test_gqa_packed_decoding_loops_over_the_listed_tiles_of_a_data_dependent_mask(normalization):
+    """A document mask while decoding has one plan for every head: GQA-packed split-KV programs take
+    even shares of their rows' tile list, with no check of the tiles inside the loop."""
+    doc = torch.sort(torch.randint(0, 4, (2, 300), generator=torch.Generator().manual_seed(0)), dim=1).values
+    spec = ag.AttentionSpec(normalization=normalization, mask_mod=masks.document(doc))
+    q, k, v = Case(2, 8, 2, 3, 300, 16, 8, seed=5).tensors()
+    assert_matches_reference(spec, q, k, v, kv_lens=torch.tensor([300, 170]), mode="decode")
+    source = ag.compile(spec).for_call(Variant(cache=True, split_kv=True)).source
+    forward = source[source.index("def _attn_fwd("):source.index("def _attn_combine(")]
+    assert "GQA packing" in forward and "share = (n_live + SPLITS - 1) // SPLITS" in forward
+    assert "block_state(" not in forward
+
+
 def test_gqa_packed_decoding_with_dropout_and_apaged_cache():
     k_pages, v_pages, table = paged_cache(batch=2, kv_heads=2)
     q = torch.randn(2, 8, 3, 16, generator=torch.Generator().manual_seed(6))

@@ -80,9 +80,9 @@ def map_lines(maps: list[MapStat]) -> list[str]:
 # The two loop directions: the tiles of one axis visited by a program owning a tile of the other.
 _AXES = {
     "kv": dict(lo="kv_lo", hi="kv_hi", length="LK", block="BLOCK_N", other="q",
-               tiles="kv_lo // BLOCK_N", other_tile="q_tile", other_length="LQ", other_block="BLOCK_M"),
+               tiles="kv_lo // BLOCK_N", other_tile="q_tile"),
     "q": dict(lo="q_lo", hi="q_hi", length="LQ", block="BLOCK_M", other="kv",
-              tiles="q_lo // BLOCK_M", other_tile="kv_tile", other_length="LK", other_block="BLOCK_N"),
+              tiles="q_lo // BLOCK_M", other_tile="kv_tile"),
 }
 
 
@@ -99,9 +99,10 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     flag. Layout "split": masked tiles, then tiles kept whole (no mask
     evaluated, no branch: the loop software-pipelines), then masked tiles;
     "masked": one loop that checks every tile, or, given ``plan_row`` (the
-    program's (batch, head) row of the tile lists, as an expression), one
-    over the live tiles ``_<axis>_tile_list`` listed (no branch around the
-    loads: it pipelines); "full": every tile, unmasked.
+    program's (batch, head) row of the tile lists, as an expression; the
+    lists' grid has the kernel's along axis 0), one over the live tiles
+    ``_<axis>_tile_list`` listed (no branch around the loads: it pipelines);
+    "full": every tile, unmasked.
     ``window``: only the tiles in ``[window_lo, window_hi)``, or the ``split``-th
     of ``SPLITS`` even shares of a list (split-KV decoding).
     ``descending``: the tiles from the last to the first (stick-breaking).
@@ -131,8 +132,7 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         add(body("masked"), 2)
 
     def listed_loop() -> None:
-        lists = f"(({a['other_length']} + {a['other_block']} - 1) // {a['other_block']})"
-        add(f"live_tiles = TILES + ({plan_row} * {lists} + {a['other_tile']}).to(tl.int64) "
+        add(f"live_tiles = TILES + ({plan_row} * tl.num_programs(0) + {a['other_tile']}).to(tl.int64) "
             f"* (({a['length']} + {block} - 1) // {block} + 1)", 0)
         add("n_live = tl.load(live_tiles)", 0)
         first, last = "0", "n_live"
@@ -267,11 +267,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     layouts = {axis: layout(graph, axis) for axis in _AXES}
     segment_lines = {axis: printer.statements({n: n for n in segment_names(axis, layouts[axis])})[0]
                      for axis in _AXES if layouts[axis] != "full"}
-    # a masked axis's live tiles are listed by a first kernel where some tiles can be skipped, except under
-    # GQA packing (its programs hold rows of several heads, of no single q tile)
+    # a masked axis's live tiles are listed by a first kernel where some tiles can be skipped
     pack_gqa = split_kv and same_for_all_heads(graph)
     skips = not graph.is_const(outputs["block_live"], True)
-    tile_lists = [axis for axis in _AXES if layouts[axis] == "masked" and skips and not pack_gqa]
+    tile_lists = [axis for axis in _AXES if layouts[axis] == "masked" and skips]
     per_head = depends_on_head(graph)  # else one tile list per batch entry serves every head
     plan_row = "(b * HQ + h)" if per_head else "b"
 
@@ -356,6 +355,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "row_max": row_max,
         "scale": repr(None if scale is None else float(scale)),
         "maps": map_context,
+        "summed_maps": repr([f"the {m['name']} map" for m in grad_maps]),
         "grad_maps": grad_maps,
         "map_lines": map_lines(maps),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
@@ -380,9 +380,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "tile_lists": tile_lists,
         "list_param": {axis: ", TILES" if axis in tile_lists else "" for axis in _AXES},
         "plan_heads": "HQ" if per_head else "1",
-        "tile_loop": lambda axis, body, indent, window=False, descending=False: tile_loop(
+        # a GQA-packed program reads its batch entry's list (its plan is the same for every head)
+        "tile_loop": lambda axis, body, indent, window=False, descending=False, packed=False: tile_loop(
             axis, layouts[axis], mask_params, body, indent, window, descending,
-            plan_row if axis in tile_lists else None),
+            ("b" if packed else plan_row) if axis in tile_lists else None),
         "backward_lines": backward_lines,
         "grads": grads,
     }

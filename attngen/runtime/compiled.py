@@ -274,23 +274,32 @@ def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public A
 
 
 def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False,
-              return_lse: bool = False, enable_gqa: bool = True, **call):
+              return_lse: bool = False, return_aux=None, enable_gqa: bool = True, **call):
     """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``; ``call`` takes the
     keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, block_table,
     cu_seqlens_q/k, mode, dropout_p, seed). As in FlexAttention, a FlexAttention ``BlockMask`` given as
-    ``block_mask`` supplies its mask_mod (unless ``mask_mod`` is given), and ``return_lse=True`` returns
-    ``(out, lse)``; ``enable_gqa`` is accepted for FlexAttention's callers (query heads may always be a
-    multiple of the kv heads)."""
+    ``block_mask`` supplies its mask_mod (unless ``mask_mod`` is given); ``return_lse=True`` returns
+    ``(out, lse)`` and ``return_aux=AuxRequest(lse=..., max_scores=...)`` returns ``(out, AuxOutput)``
+    (max_scores: each row's largest score after score_mod, the "max" statistic); ``enable_gqa`` is
+    accepted for FlexAttention's callers (query heads may always be a multiple of the kv heads)."""
     if isinstance(mask_mod, BlockMask) or flex_block_mask(mask_mod) is not None:
         raise TypeError("ag.attention's fifth argument is mask_mod; pass a block mask as block_mask=... "
                         "(flex_attention's fifth argument is its block mask)")
+    if sum((return_stats, return_lse, return_aux is not None)) > 1:
+        raise ValueError("pass one of return_stats=True (out, stats), return_lse=True (out, lse) or "
+                         "return_aux=AuxRequest(...) (out, AuxOutput)")
     flex = flex_block_mask(call.get("block_mask"))
     if mask_mod is None and flex is not None:
         mask_mod = flex_mask_mod(flex)
-    attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale))
-    if return_lse:  # FlexAttention's spelling of return_stats=True
-        if return_stats:
-            raise ValueError("pass return_stats=True (out, stats) or return_lse=True (out, lse), not both")
-        out, stats = attn(q, k, v, return_stats=True, **call)
+    if return_aux is None:
+        attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale))
+        if not return_lse:
+            return attn(q, k, v, return_stats=return_stats, **call)
+        out, stats = attn(q, k, v, return_stats=True, **call)  # FlexAttention's spelling of return_stats=True
         return out, stats.lse
-    return attn(q, k, v, return_stats=return_stats, **call)
+    from torch.nn.attention.flex_attention import AuxOutput
+    requested = ("lse",) * bool(return_aux.lse) + ("max",) * bool(return_aux.max_scores)
+    attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale, stats=requested))
+    out, stats = attn(q, k, v, return_stats=True, **call)
+    return out, AuxOutput(lse=stats.lse if return_aux.lse else None,
+                          max_scores=stats.max if return_aux.max_scores else None)

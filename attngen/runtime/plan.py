@@ -65,9 +65,9 @@ _LAYOUTS = {
     "full": "every tile, no mask evaluated (mask_mod is always True)",
     "split": "{a} tiles in the closed-form range [{a}_start, {a}_end); those in [{a}_split0, {a}_split1) are "
              "kept whole and run without mask_mod or a branch, the others are checked one by one",
-    "masked": "{a} tiles in the closed-form range [{a}_start, {a}_end), each checked with block_state: by a "
+    "masked": "{a} tiles in the closed-form range [{a}_start, {a}_end), each checked with block_state by a "
               "first kernel that lists the live ones, which the loop then visits without a branch (it "
-              "pipelines), or, for split-KV decoding with GQA packing, in the loop itself",
+              "pipelines)",
 }
 
 
