@@ -153,11 +153,19 @@ def cmd_fuzz(args) -> int:
 
     def progress(report):
         print(f"  {report.examples} specs, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    report = fuzz(examples, seed=args.seed, progress=progress)
+
+    def near_miss(report, miss):
+        print(f"near miss at spec {report.examples} (every error within {slack:g}x its bound; goes on):")
+        for line in miss.failure:
+            print(f"  {line}")
+        print("reproduce with:\n" + miss.reproduction, flush=True)
+    slack = 1.0 if args.strict else 2.0
+    report = fuzz(examples, seed=args.seed, progress=progress, near_miss=slack, on_near_miss=near_miss)
+    misses = f", {len(report.near_misses)} near misses (above)" if report.near_misses else ""
     if report.spec is None:
-        print(f"{report.examples} specs match the reference ({time.perf_counter() - started:.0f} s)")
+        print(f"{report.examples} specs match the reference{misses} ({time.perf_counter() - started:.0f} s)")
         return 0
-    print(f"mismatch after {report.examples} specs; the smallest hypothesis found ({report.case.id}):")
+    print(f"mismatch after {report.examples} specs{misses}; the smallest hypothesis found ({report.case.id}):")
     for line in [report.error] if report.error else report.failure:
         print(f"  {line}")
     print("reproduce with:\n" + report.reproduction())
@@ -250,11 +258,14 @@ def parser() -> argparse.ArgumentParser:
                                            "call each on its inputs, on a KV cache (paged or not), as packed sequences "
                                            "or with a block mask, with or without dropout, "
                                            "and compare it with the float64 reference; stops at the first "
-                                           "mismatch and prints it as a snippet")
+                                           "mismatch and prints it as a snippet. A spec whose errors all stay "
+                                           "within twice their bounds (float32 rounding of ill-conditioned "
+                                           "specs) is printed as a near miss and the run goes on")
     fuzz.set_defaults(function=cmd_fuzz)
     fuzz.add_argument("--examples", type=int, help="random specs (default 100, --deep 10000)")
     fuzz.add_argument("--deep", action="store_true", help="10,000 specs (hours on a CPU: run it in the background)")
     fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
+    fuzz.add_argument("--strict", action="store_true", help="stop at near misses too")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     bench = command("bench", cmd_bench, "time a spec against the reference and SDPA")
     bench.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")

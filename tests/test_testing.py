@@ -11,7 +11,7 @@ import attngen as ag
 from attngen.testing import Case, Float64, assert_matches_reference, check_spec, compare_with_reference
 from attngen.testing import invariants, strategies
 from attngen.testing.check import reproduction
-from attngen.testing.compare import compare
+from attngen.testing.compare import Comparison, compare
 from attngen.testing.fuzz import FuzzReport, fuzz, fuzz_calls, fuzz_specs
 from attngen.testing.snippets import Snippet, program
 
@@ -111,6 +111,26 @@ def test_fuzzer_default_profile_finds_no_mismatch():
     report = fuzz(examples=3 * settings().max_examples, seed=7)
     assert report.spec is None, report.reproduction()
     assert report.examples == 3 * settings().max_examples
+
+
+@pytest.mark.parametrize("error, stops", [(1.5e-5, False), (3e-5, True)])
+def test_fuzzer_goes_on_past_near_misses_only(monkeypatch, error, stops):
+    """With near_miss=2, a spec whose errors stay within twice their bounds is recorded and the run goes
+    on; an error past that stops it, shrunk. The default (1) stops at any error past its bound."""
+    import attngen.testing.fuzz as fuzz_module
+    monkeypatch.setattr(fuzz_module, "compare_with_reference",
+                        lambda *args, **kwargs: [Comparison("out", 0.0, 1e-5), Comparison("dq", error, 1e-5)])
+    seen = []
+    report = fuzz(examples=5, seed=1, near_miss=2.0, on_near_miss=lambda report, miss: seen.append(miss))
+    assert (report.spec is not None) == stops
+    if stops:
+        assert [str(r) for r in report.failure] == ["dq: max error 3.000e-05 exceeds bound 1.000e-05"]
+        assert report.near_misses == []
+    else:
+        assert report.examples == 5 and 1 <= len(report.near_misses) <= 5 and seen == report.near_misses
+        assert "assert_matches_reference(SPEC" in report.near_misses[0].reproduction
+        assert [str(r) for r in report.near_misses[0].failure] == ["dq: max error 1.500e-05 exceeds bound 1.000e-05"]
+        assert fuzz(examples=5, seed=1).spec is not None  # strict by default
 
 
 def test_fuzzed_calls_cover_every_kind_of_call_the_spec_allows():
