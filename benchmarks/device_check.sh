@@ -57,7 +57,7 @@ if [ -n "$MAIN_ONLY" ]; then
   warm main --only $MAIN_ONLY $SIZES &
 else
   warm masks --only plain causal sliding_window $SIZES &
-  warm mods --only alibi softcap document prefix_lm $SIZES &
+  warm mods --only alibi softcap document prefix_lm block_sparse $SIZES &
   warm norms --only sigmoid softmax_sink off_by_one relu2 scalable_softmax affine_softmax elementwise_sigmoid2 \
     $SIZES &
   warm others --only entropy_stat sparsemax entmax15 stick_breaking differential linear_elu retention decode \

@@ -40,9 +40,26 @@ except ImportError:  # older torch
     flex = None
 
 
+def block_sparse(heads: int, length: int, device: str):
+    """A FlexAttention BlockMask of whole blocks (128 x 128; 16 x 16 for short smoke lengths), per
+    head: each query block keeps its diagonal block and about a quarter of the earlier ones (block
+    selection as in NSA or Quest), and the fraction of scores it keeps."""
+    block = 128 if length >= 512 else 16
+    n = -(-length // block)
+    gen = torch.Generator(device=device).manual_seed(0)
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    keep = ((torch.rand(heads, n, n, generator=gen, device=device) < 0.25) | eye) & eye.cumsum(0).bool()
+    counts = keep.sum(-1, dtype=torch.int32)[None]  # [1, H, n]: the same for every batch entry
+    indices = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]  # kept first
+    mask = flex.BlockMask.from_kv_blocks(torch.zeros_like(counts), indices, counts, indices, BLOCK_SIZE=block,
+                                         seq_lengths=(length, length))
+    return mask, float(keep.sum()) / keep.numel()
+
+
 def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict:
-    """name -> (attngen spec, flex (score_mod, mask_mod) or None, SDPA kwargs or None, kept fraction).
-    The sliding window is causal with 1024 keys (a quarter of the length below 4096)."""
+    """name -> (attngen spec, flex (score_mod, mask_mod or BlockMask) or None, SDPA kwargs or None, kept
+    fraction). The sliding window is causal with 1024 keys (a quarter of the length below 4096); a
+    BlockMask goes to attngen too, as ``block_mask=``."""
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], device=device)
     docs = torch.arange(length, device=device) * 4 // length  # four equal documents
     doc_ids = docs.expand(batch, length)  # [B, L]: both mask_mods read doc_ids[b, .] for every b
@@ -61,6 +78,7 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
     prefix_lm = ag.masks.prefix_lm(prefix)
     half = 0.5 + 0.5 / length
     linear_work = dim / length  # linear attention: per token 2 D^2 to update the state, 2 D^2 to read it
+    blocks, blocks_kept = block_sparse(heads, length, device) if flex is not None else (None, 0.0)
     return {
         "plain": (ag.AttentionSpec(), (None, None), {}, 1.0),
         "causal": (ag.AttentionSpec(mask_mod=causal), (None, causal), {"is_causal": True}, half),
@@ -70,6 +88,7 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
         "softcap": (ag.AttentionSpec(score_mod=softcap), (softcap, None), None, 1.0),
         "document": (ag.AttentionSpec(mask_mod=document), (None, document), None, 0.25),
         "prefix_lm": (ag.AttentionSpec(mask_mod=prefix_lm), (None, prefix_lm), None, half + prefix / length / 4),
+        **({"block_sparse": (ag.AttentionSpec(), (None, blocks), None, blocks_kept)} if blocks is not None else {}),
         "sigmoid": (ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n")), None, None, 1.0),
         "softmax_sink": (ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(heads, device=device))),
                          None, None, 1.0),
@@ -186,8 +205,12 @@ def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
     found = {"attngen": ag.compile(spec)}
     if flex is not None and flex_mods is not None:
         score_mod, mask_mod = flex_mods
-        block_mask = None if mask_mod is None else flex.create_block_mask(mask_mod, None, None, length, length,
-                                                                          device=device)
+        if isinstance(mask_mod, flex.BlockMask):  # a block-sparse pattern of its own: both take it
+            block_mask = mask_mod
+            found["attngen"] = functools.partial(found["attngen"], block_mask=block_mask)
+        else:
+            block_mask = None if mask_mod is None else flex.create_block_mask(mask_mod, None, None, length, length,
+                                                                              device=device)
         compiled = compiled_flex()
         found["flex (compiled)"] = lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
     if sdpa_kwargs is not None:

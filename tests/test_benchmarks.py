@@ -10,12 +10,13 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def test_smoke_run_writes_json_and_a_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "plain", "causal",
-                    "sigmoid", "decode", "--repeats", "1", "--proxies", "--out", str(tmp_path)], check=True, capture_output=True,
+                    "sigmoid", "block_sparse", "decode", "--repeats", "1", "--proxies", "--out", str(tmp_path)], check=True, capture_output=True,
                    text=True)
     [folder] = tmp_path.iterdir()
     rows = json.loads((folder / "results.json").read_text())["rows"]
     ours = [r for r in rows if r["impl"] == "attngen"]
-    assert {r["variant"] for r in ours} == {"plain", "causal", "sigmoid"} and all("forward_ms" in r for r in ours)
+    assert {r["variant"] for r in ours} == {"plain", "causal", "sigmoid", "block_sparse"}
+    assert all("forward_ms" in r for r in ours)
     sigmoid = next(r for r in ours if r["variant"] == "sigmoid")
     plain = next(r for r in ours if r["variant"] == "plain")
     assert sigmoid["forward_ms_vs_own_softmax"] == plain["forward_ms"] / sigmoid["forward_ms"]
