@@ -11,7 +11,7 @@ against each other, and attngen's backward against the float64 reference.
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 import attngen as ag
 import attngen.testing
@@ -35,9 +35,12 @@ q, k, v = (torch.randn(B, H, L, D, device=device) for _ in range(3))
 
 with warnings.catch_warnings():  # eager FlexAttention warns that it is unfused: fine for a comparison
     warnings.simplefilter("ignore")
-    expected = flex_attention(q, k, v, score_mod=soft_cap, block_mask=block_mask)
-out = ag.attention(q, k, v, score_mod=soft_cap, block_mask=block_mask)  # the renamed call
-print(f"max |attngen - flex_attention| = {(out - expected).abs().max().item():.2e}")
+    expected, expected_aux = flex_attention(q, k, v, score_mod=soft_cap, block_mask=block_mask,
+                                            return_aux=AuxRequest(lse=True))
+out, aux = ag.attention(q, k, v, score_mod=soft_cap, block_mask=block_mask,  # the renamed call
+                        return_aux=AuxRequest(lse=True))
+print(f"max |attngen - flex_attention| = {(out - expected).abs().max().item():.2e} "
+      f"(lse: {(aux.lse - expected_aux.lse).abs().max().item():.2e})")
 
 # Compiled once, a spec takes the same BlockMask (its mask_mod is the spec's) and trains.
 attn = ag.compile(ag.AttentionSpec(score_mod=soft_cap, mask_mod=same_document_within_128))
