@@ -160,17 +160,19 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
     cuda = torch.device("cuda")
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
+        torch.use_deterministic_algorithms(False)
+        kernels._alert_nondeterministic(cuda, lambda: 1 / 0)  # off: what is summed is not even listed
         torch.use_deterministic_algorithms(True)
         with pytest.raises(RuntimeError, match=r"attngen: the col_sum map, the gradient of captured tensor #0, "
                                                r"the gradient of sink are summed on the GPU with atomic float adds"):
-            kernels._alert_nondeterministic(cuda, summed)
-        kernels._alert_nondeterministic(cuda, [])  # nothing summed: nothing to say
-        kernels._alert_nondeterministic(q.device, summed)  # Triton's interpreter: a fixed order
+            kernels._alert_nondeterministic(cuda, lambda: summed)
+        kernels._alert_nondeterministic(cuda, list)  # nothing summed: nothing to say
+        kernels._alert_nondeterministic(q.device, lambda: summed)  # Triton's interpreter: a fixed order
         out, stats = attn(q, k, v, return_stats=True)
         (out.sum() + stats.lse.sum()).backward()
         assert slopes.grad is not None
         torch.use_deterministic_algorithms(True, warn_only=True)
         with pytest.warns(UserWarning, match="the gradient of sink is summed on the GPU"):
-            kernels._alert_nondeterministic(cuda, ["the gradient of sink"])
+            kernels._alert_nondeterministic(cuda, lambda: ["the gradient of sink"])
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
