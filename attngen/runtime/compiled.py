@@ -291,15 +291,14 @@ def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stat
     flex = flex_block_mask(call.get("block_mask"))
     if mask_mod is None and flex is not None:
         mask_mod = flex_mask_mod(flex)
-    if return_aux is None:
-        attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale))
-        if not return_lse:
-            return attn(q, k, v, return_stats=return_stats, **call)
-        out, stats = attn(q, k, v, return_stats=True, **call)  # FlexAttention's spelling of return_stats=True
+    requested = None if return_aux is None else \
+        ("lse",) * bool(return_aux.lse) + ("max",) * bool(return_aux.max_scores)  # None: the default, lse
+    attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale, stats=requested))
+    if not (return_lse or return_aux is not None):
+        return attn(q, k, v, return_stats=return_stats, **call)
+    out, stats = attn(q, k, v, return_stats=True, **call)  # FlexAttention's spellings of return_stats=True
+    if return_lse:
         return out, stats.lse
     from torch.nn.attention.flex_attention import AuxOutput
-    requested = ("lse",) * bool(return_aux.lse) + ("max",) * bool(return_aux.max_scores)
-    attn = compile(AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, scale=scale, stats=requested))
-    out, stats = attn(q, k, v, return_stats=True, **call)
     return out, AuxOutput(lse=stats.lse if return_aux.lse else None,
                           max_scores=stats.max if return_aux.max_scores else None)
