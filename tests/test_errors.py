@@ -138,8 +138,8 @@ def test_interpreter_with_a_numpy_it_cannot_run_with_is_refused(monkeypatch):
 def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
     """Under torch.use_deterministic_algorithms(True), as torch's own operations: a call whose CUDA
     kernels would add floats atomically raises, naming what (with warn_only=True it warns). Triton's
-    interpreter runs its programs in order, so on CPU the same call runs."""
-    from attngen.runtime.compiled import per_head_parameters
+    interpreter runs its programs in order, so on CPU the same call runs. The sink's gradient is not
+    an atomic sum: each row's part is stored and torch adds the parts."""
     from attngen.runtime.loader import load_kernels
     slopes = torch.rand(4, requires_grad=True)
     spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -149,13 +149,12 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
     kernels = load_kernels(attn.path, interpret=True)
     q, k, v = (torch.randn(1, 4, 20, 8, requires_grad=True) for _ in range(3))
     captures = [c.tensor for c in attn.graph.captures]
-    params = per_head_parameters(spec, 4, q.device)
-    summed = kernels.atomic_sums(k, v, captures, params)
-    assert summed == ["the col_sum map", "the gradient of captured tensor #0", "the gradient of sink"]
+    summed = kernels.atomic_sums(k, v, captures)
+    assert summed == ["the col_sum map", "the gradient of captured tensor #0"]
     with torch.no_grad():
-        assert kernels.atomic_sums(k, v, captures, params) == ["the col_sum map"]
+        assert kernels.atomic_sums(k, v, captures) == ["the col_sum map"]
     stick = ag.compile(ag.AttentionSpec(normalization=ag.norms.StickBreaking()))
-    assert load_kernels(stick.path, interpret=True).atomic_sums(k, v, [], []) == \
+    assert load_kernels(stick.path, interpret=True).atomic_sums(k, v, []) == \
         ["the gradient of k", "the gradient of v"]
     cuda = torch.device("cuda")
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -163,8 +162,8 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
         torch.use_deterministic_algorithms(False)
         kernels._alert_nondeterministic(cuda, lambda: 1 / 0)  # off: what is summed is not even listed
         torch.use_deterministic_algorithms(True)
-        with pytest.raises(RuntimeError, match=r"attngen: the col_sum map, the gradient of captured tensor #0, "
-                                               r"the gradient of sink are summed on the GPU with atomic float adds"):
+        with pytest.raises(RuntimeError, match=r"attngen: the col_sum map, the gradient of captured tensor #0 "
+                                               r"are summed on the GPU with atomic float adds"):
             kernels._alert_nondeterministic(cuda, lambda: summed)
         kernels._alert_nondeterministic(cuda, list)  # nothing summed: nothing to say
         kernels._alert_nondeterministic(q.device, lambda: summed)  # Triton's interpreter: a fixed order
