@@ -135,11 +135,12 @@ def test_interpreter_with_a_numpy_it_cannot_run_with_is_refused(monkeypatch):
     assert ag.compile(ag.AttentionSpec())(q, k, v).shape == (*q.shape[:3], v.shape[3])
 
 
-def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
-    """Under torch.use_deterministic_algorithms(True), as torch's own operations: a call whose CUDA
-    kernels would add floats atomically raises, naming what (with warn_only=True it warns). Triton's
-    interpreter runs its programs in order, so on CPU the same call runs. The sink's gradient is not
-    an atomic sum: each row's part is stored and torch adds the parts."""
+def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True), as torch's own operations: CUDA kernels that
+    would add floats atomically raise where they launch, naming what (with warn_only=True they warn),
+    so eager and torch.compile behave alike. Triton's interpreter runs its programs in order, so on
+    CPU the same call runs. The sink's gradient is not an atomic sum: each row's part is stored and
+    torch adds the parts."""
     from attngen.runtime.loader import load_kernels
     slopes = torch.rand(4, requires_grad=True)
     spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -147,31 +148,38 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu():
                             mask_mod=ag.masks.causal, stats=("lse", "col_sum"))
     attn = ag.compile(spec)
     kernels = load_kernels(attn.path, interpret=True)
-    q, k, v = (torch.randn(1, 4, 20, 8, requires_grad=True) for _ in range(3))
-    captures = [c.tensor for c in attn.graph.captures]
-    summed = kernels.atomic_sums(k, v, captures)
-    assert summed == ["the col_sum map", "the gradient of captured tensor #0"]
-    with torch.no_grad():
-        assert kernels.atomic_sums(k, v, captures) == ["the col_sum map"]
+    assert kernels.FORWARD_ATOMIC_SUMS == ["the col_sum map"]
+    assert kernels.BACKWARD_ATOMIC_SUMS == ["the gradient of captured tensor #0"]
     stick = ag.compile(ag.AttentionSpec(normalization=ag.norms.StickBreaking()))
-    assert load_kernels(stick.path, interpret=True).atomic_sums(k, v, []) == \
-        ["the gradient of k", "the gradient of v"]
+    assert load_kernels(stick.path, interpret=True).BACKWARD_ATOMIC_SUMS == ["the gradient of k", "the gradient of v"]
+    assert load_kernels(ag.compile(ag.LinearAttentionSpec()).path, interpret=True).BACKWARD_ATOMIC_SUMS[:3] == \
+        ["the gradient of q", "the gradient of k", "the gradient of v"]
+    q, k, v = (torch.randn(1, 4, 20, 8, requires_grad=True) for _ in range(3))
     cuda = torch.device("cuda")
+    summed = kernels.FORWARD_ATOMIC_SUMS + kernels.BACKWARD_ATOMIC_SUMS
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(False)
-        kernels._alert_nondeterministic(cuda, lambda: 1 / 0)  # off: what is summed is not even listed
+        kernels._alert_nondeterministic(cuda, summed)
         torch.use_deterministic_algorithms(True)
         with pytest.raises(RuntimeError, match=r"attngen: the col_sum map, the gradient of captured tensor #0 "
                                                r"are summed on the GPU with atomic float adds"):
-            kernels._alert_nondeterministic(cuda, lambda: summed)
-        kernels._alert_nondeterministic(cuda, list)  # nothing summed: nothing to say
-        kernels._alert_nondeterministic(q.device, lambda: summed)  # Triton's interpreter: a fixed order
+            kernels._alert_nondeterministic(cuda, summed)
+        kernels._alert_nondeterministic(cuda, [])  # nothing summed: nothing to say
+        kernels._alert_nondeterministic(q.device, summed)  # Triton's interpreter: a fixed order
         out, stats = attn(q, k, v, return_stats=True)
         (out.sum() + stats.lse.sum()).backward()
         assert slopes.grad is not None
         torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="the gradient of sink is summed on the GPU"):
-            kernels._alert_nondeterministic(cuda, lambda: ["the gradient of sink"])
+        with pytest.warns(UserWarning, match="the gradient of captured tensor #0 is summed on the GPU"):
+            kernels._alert_nondeterministic(cuda, kernels.BACKWARD_ATOMIC_SUMS)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    # where the kernels launch, eager or compiled: the forward's sums, then (in backward) the gradients'
+    for run in (attn, torch.compile(attn, fullgraph=True, backend="aot_eager")):
+        alerts = []
+        monkeypatch.setattr(kernels, "_alert_nondeterministic", lambda device, what: alerts.append(what))
+        out = run(q, k, v)
+        assert alerts == [["the col_sum map"]]
+        out.sum().backward()
+        assert alerts == [["the col_sum map"], ["the gradient of captured tensor #0"]]

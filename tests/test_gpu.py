@@ -153,8 +153,9 @@ def test_cuda_linear_attention(name, case, dtype):
 
 def test_cuda_deterministic_mode_refuses_atomic_float_sums():
     """torch.use_deterministic_algorithms(True): a learnable score_mod tensor's gradient and linear
-    attention's backward are atomic float sums on the GPU, so the call raises, naming them; without
-    them (a per-head sink's gradient is not one) it runs."""
+    attention's backward are atomic float sums on the GPU, so their backward raises, naming them,
+    eager or under torch.compile; the forward alone runs, and so does everything without them (a
+    per-head sink's gradient is not one)."""
     slopes = torch.rand(4, device="cuda", requires_grad=True)
     spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
                             mask_mod=ag.masks.causal)
@@ -162,13 +163,16 @@ def test_cuda_deterministic_mode_refuses_atomic_float_sums():
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        with pytest.raises(RuntimeError, match="the gradient of captured tensor #0 is summed on the GPU"):
-            ag.compile(spec)(q, k, v)
+        attn = ag.compile(spec)
+        for run in (attn, torch.compile(attn, fullgraph=True)):
+            out = run(q, k, v)
+            with pytest.raises(RuntimeError, match="the gradient of captured tensor #0 is summed on the GPU"):
+                out.sum().backward()
         ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))(q, k, v).sum().backward()
         sink = torch.zeros(4, device="cuda", requires_grad=True)  # per-head: row parts summed by torch
-        ag.compile(ag.AttentionSpec(norm=ag.norms.Softmax(sink=sink)))(q, k, v).sum().backward()
+        ag.compile(ag.AttentionSpec(normalization=ag.norms.Softmax(sink=sink)))(q, k, v).sum().backward()
         assert sink.grad is not None
-        with pytest.raises(RuntimeError, match="the gradient of q, the gradient of k, the gradient of v are summed"):
-            ag.compile(LINEAR["elu1"])(q, k, v)
+        with pytest.raises(RuntimeError, match="the gradient of q, the gradient of k, the gradient of v, "):
+            ag.compile(LINEAR["elu1"])(q, k, v).sum().backward()
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
