@@ -102,3 +102,29 @@ def test_capture_that_starts_requiring_grad_gets_a_gradient():
     slopes.requires_grad_()
     attn(q, k, v).sum().backward()
     assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["softmax", "differential", "stick_breaking"])
+def test_learnable_captures_by_what_their_index_depends_on(family):
+    """A captured tensor's gradient entry that is the same along a query row (indexed by the head, by
+    the query) is summed per row in the kernel and added up by torch (no atomics); one indexed by the
+    key is added atomically, and only it is named as an atomic sum. Each against the float64
+    reference, with GQA, Lq != Lk, odd lengths and rows that keep no key."""
+    from attngen.runtime.loader import load_kernels
+    gen = torch.Generator().manual_seed(0)
+    per_head = torch.rand(4, generator=gen).requires_grad_()  # capture 0, read at [h]
+    per_query = (0.5 + torch.rand(2, 37, generator=gen)).requires_grad_()  # capture 1, at [b, q_idx]
+    per_key = torch.rand(41, generator=gen).requires_grad_()  # capture 2, at [kv_idx]
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s * (0.5 + per_head[h]) * per_query[b, q_idx] + per_key[kv_idx]
+
+    options = {"differential": {"differential": 0.5},
+               "stick_breaking": {"normalization": ag.norms.StickBreaking()}}.get(family, {})
+    spec = ag.AttentionSpec(score_mod=score, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx + 4) & (q_idx >= 3),
+                            **options)
+    assert_matches_reference(spec, *Case(2, 4, 2, 37, 41, 16, 8).tensors())
+    kernels = load_kernels(ag.compile(spec).path, interpret=True)
+    assert set(kernels.ROW_GRADIENT_CAPTURES) == {0, 1}
+    assert kernels.BACKWARD_ATOMIC_SUMS[0] == "the gradient of captured tensor #2"
+    assert len(kernels.BACKWARD_ATOMIC_SUMS) == (3 if family == "stick_breaking" else 1)  # + stick's dK, dV

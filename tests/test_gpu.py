@@ -152,26 +152,29 @@ def test_cuda_linear_attention(name, case, dtype):
 
 
 def test_cuda_deterministic_mode_refuses_atomic_float_sums():
-    """torch.use_deterministic_algorithms(True): a learnable score_mod tensor's gradient and linear
-    attention's backward are atomic float sums on the GPU, so their backward raises, naming them,
-    eager or under torch.compile; the forward alone runs, and so does everything without them (a
-    per-head sink's gradient is not one)."""
-    slopes = torch.rand(4, device="cuda", requires_grad=True)
-    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
-                            mask_mod=ag.masks.causal)
-    q, k, v = Case(1, 4, 2, 100, 100, 64, 64).tensors(device="cuda")
+    """torch.use_deterministic_algorithms(True): a learnable tensor read at a key-dependent index and
+    linear attention's backward are atomic float sums on the GPU, so their backward raises, naming
+    them, eager or under torch.compile; the forward alone runs. Per-head slopes and a sink are summed
+    per row and added up by torch: their gradients are the same bit for bit from run to run."""
+    key_bias = torch.rand(700, device="cuda", requires_grad=True)
+    slopes, sink = (torch.rand(8, device="cuda", requires_grad=True) for _ in range(2))
+    biased = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + key_bias[kv_idx]))
+    alibi = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                                        normalization=ag.norms.Softmax(sink=sink), mask_mod=ag.masks.causal))
+    q, k, v = Case(2, 8, 2, 700, 700, 64, 64).tensors(device="cuda")
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        attn = ag.compile(spec)
-        for run in (attn, torch.compile(attn, fullgraph=True)):
+        for run in (biased, torch.compile(biased, fullgraph=True)):
             out = run(q, k, v)
             with pytest.raises(RuntimeError, match="the gradient of captured tensor #0 is summed on the GPU"):
                 out.sum().backward()
-        ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))(q, k, v).sum().backward()
-        sink = torch.zeros(4, device="cuda", requires_grad=True)  # per-head: row parts summed by torch
-        ag.compile(ag.AttentionSpec(normalization=ag.norms.Softmax(sink=sink)))(q, k, v).sum().backward()
-        assert sink.grad is not None
+        runs = []
+        for _ in range(2):
+            slopes.grad, sink.grad = None, None
+            alibi(q, k, v).square().sum().backward()
+            runs.append((slopes.grad.clone(), sink.grad.clone()))
+        assert all(torch.equal(first, second) for first, second in zip(*runs))
         with pytest.raises(RuntimeError, match="the gradient of q, the gradient of k, the gradient of v, "):
             ag.compile(LINEAR["elu1"])(q, k, v).sum().backward()
     finally:

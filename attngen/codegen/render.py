@@ -309,13 +309,17 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["lse", "lse2", "o1", "o2", "lam"] if differential else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
+    score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2"))) \
+        if differential else {}
+    tagged_grads = [("", g) for g in grads] + [("2_", g) for g in score2.get("grads2", [])]
+    # gradient terms whose index does not depend on the key: summed per query row in the kernel, then by torch
+    row_grads = [(tag, g) for tag, g in tagged_grads if g["axes"] in ("", "q")]
     return {
         "family_description": "differential attention (two softmax streams)" if differential else
                               f"{normalization.family} ({type(normalization).__name__})",
         "stick": normalization.family == "stick_breaking",
         "differential": differential,
-        **(dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2")))
-           if differential else {}),
+        **score2,
         "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
         "elementwise": normalization.family == "elementwise",
         "threshold": threshold,
@@ -365,7 +369,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
         "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
         "captures": captures,
-        "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
+        "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"])
+                         + "".join(f", dcap_rows{tag}{g['k']}, dcap_at{tag}{g['k']}" for tag, g in row_grads),
+        "row_grad_captures": repr(tuple(g["capture"] for _, g in row_grads)),
+        "atomic_grad_captures": repr(tuple(sorted({g["capture"] for _, g in tagged_grads
+                                                   if g["axes"] not in ("", "q")}))),
         "mask_args": ", ".join(mask_inputs + capture_names),
         "tile_inputs": ", ".join(mask_inputs + counts + capture_names),
         "tile_args": ", ".join(tile_args),
