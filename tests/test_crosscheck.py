@@ -33,10 +33,11 @@ def test_matches_flex_attention(name, lengths):
     block_mask = None
     if mask_mod is not None:
         block_mask = flex.create_block_mask(mask_mod, 1, 2, lengths[0], lengths[1], device="cpu")
-    expected, lse = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
+    expected, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                        return_aux=flex.AuxRequest(lse=True))
     out, stats = ag.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, return_stats=True)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(stats.lse, lse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(stats.lse, aux.lse, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
