@@ -372,6 +372,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"])
                          + "".join(f", dcap_rows{tag}{g['k']}, dcap_at{tag}{g['k']}" for tag, g in row_grads),
         "row_grad_captures": repr(tuple(g["capture"] for _, g in row_grads)),
+        # the dQ kernels' lines around their kv loop: each row's running sum of those terms, then its store
+        "row_grad_starts": [f"row_grad{tag}{g['k']} = tl.full([BLOCK_M, 1], 0.0, tl.float32)" for tag, g in row_grads],
+        "row_grad_stores": [f"tl.store(dcap_rows{tag}{g['k']} + pid_bh * LQ + q_idx, row_grad{tag}{g['k']}, "
+                            "mask=q_valid)" for tag, g in row_grads],
         "atomic_grad_captures": repr(tuple(sorted({g["capture"] for _, g in tagged_grads
                                                    if g["axes"] not in ("", "q")}))),
         "mask_args": ", ".join(mask_inputs + capture_names),
