@@ -107,17 +107,20 @@ def test_capture_that_starts_requiring_grad_gets_a_gradient():
 @pytest.mark.parametrize("family", ["softmax", "differential", "stick_breaking"])
 def test_learnable_captures_by_what_their_index_depends_on(family):
     """A captured tensor's gradient entry that is the same along a query row (indexed by the head, by
-    the query) is summed per row in the kernel and added up by torch (no atomics); one indexed by the
-    key is added atomically, and only it is named as an atomic sum. Each against the float64
-    reference, with GQA, Lq != Lk, odd lengths and rows that keep no key."""
+    the query) is summed per row in the dQ kernel, one indexed by the key alone per key in the dK/dV
+    kernel, and torch adds the parts up (no atomics); one indexed by both (a relative position) is
+    added atomically, and only it is named as an atomic sum (stick-breaking, with no dK/dV kernel,
+    adds the key-indexed one atomically too). Each against the float64 reference, with GQA,
+    Lq != Lk, odd lengths and rows that keep no key."""
     from attngen.runtime.loader import load_kernels
     gen = torch.Generator().manual_seed(0)
     per_head = torch.rand(4, generator=gen).requires_grad_()  # capture 0, read at [h]
     per_query = (0.5 + torch.rand(2, 37, generator=gen)).requires_grad_()  # capture 1, at [b, q_idx]
-    per_key = torch.rand(41, generator=gen).requires_grad_()  # capture 2, at [kv_idx]
+    per_key = torch.rand(2, 41, generator=gen).requires_grad_()  # capture 2, at [b, kv_idx]
+    relative = torch.rand(4, 80, generator=gen).requires_grad_()  # capture 3, at [h, q_idx - kv_idx + 40]
 
     def score(s, b, h, q_idx, kv_idx):
-        return s * (0.5 + per_head[h]) * per_query[b, q_idx] + per_key[kv_idx]
+        return s * (0.5 + per_head[h]) * per_query[b, q_idx] + per_key[b, kv_idx] + relative[h, q_idx - kv_idx + 40]
 
     options = {"differential": {"differential": 0.5},
                "stick_breaking": {"normalization": ag.norms.StickBreaking()}}.get(family, {})
@@ -126,5 +129,7 @@ def test_learnable_captures_by_what_their_index_depends_on(family):
     assert_matches_reference(spec, *Case(2, 4, 2, 37, 41, 16, 8).tensors())
     kernels = load_kernels(ag.compile(spec).path, interpret=True)
     assert set(kernels.ROW_GRADIENT_CAPTURES) == {0, 1}
-    assert kernels.BACKWARD_ATOMIC_SUMS[0] == "the gradient of captured tensor #2"
-    assert len(kernels.BACKWARD_ATOMIC_SUMS) == (3 if family == "stick_breaking" else 1)  # + stick's dK, dV
+    stick = family == "stick_breaking"
+    assert set(kernels.KEY_GRADIENT_CAPTURES) == (set() if stick else {2})
+    assert kernels.BACKWARD_ATOMIC_SUMS == [f"the gradient of captured tensor #{i}" for i in ((2, 3) if stick else (3,))] \
+        + (["the gradient of k", "the gradient of v"] if stick else [])

@@ -140,17 +140,17 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu(monkeypatch):
     would add floats atomically raise where they launch, naming what (with warn_only=True they warn),
     so eager and torch.compile behave alike. Triton's interpreter runs its programs in order, so on
     CPU the same call runs. The sink's gradient is not an atomic sum: each row's part is stored and
-    torch adds the parts, as for a captured tensor read at an index that does not depend on the key."""
+    torch adds the parts, as for a captured tensor read at an index of the head, the query or the key alone."""
     from attngen.runtime.loader import load_kernels
-    slopes, key_bias = torch.rand(4, requires_grad=True), torch.rand(20, requires_grad=True)
+    slopes, relative = torch.rand(4, requires_grad=True), torch.rand(39, requires_grad=True)
     spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
-                            s - slopes[h] * (q_idx - kv_idx) + key_bias[kv_idx],
+                            s - slopes[h] * (q_idx - kv_idx) + relative[q_idx - kv_idx + 19],
                             normalization=ag.norms.Softmax(sink=torch.zeros(4, requires_grad=True)),
                             mask_mod=ag.masks.causal, stats=("lse", "col_sum"))
     attn = ag.compile(spec)
     kernels = load_kernels(attn.path, interpret=True)
     assert kernels.FORWARD_ATOMIC_SUMS == ["the col_sum map"]
-    assert kernels.BACKWARD_ATOMIC_SUMS == ["the gradient of captured tensor #1"]  # key_bias; slopes[h]: row parts
+    assert kernels.BACKWARD_ATOMIC_SUMS == ["the gradient of captured tensor #1"]  # relative; slopes[h]: row parts
     stick = ag.compile(ag.AttentionSpec(normalization=ag.norms.StickBreaking()))
     assert load_kernels(stick.path, interpret=True).BACKWARD_ATOMIC_SUMS == ["the gradient of k", "the gradient of v"]
     assert load_kernels(ag.compile(ag.LinearAttentionSpec()).path, interpret=True).BACKWARD_ATOMIC_SUMS[:3] == \
@@ -170,7 +170,7 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu(monkeypatch):
         kernels._alert_nondeterministic(q.device, summed)  # Triton's interpreter: a fixed order
         out, stats = attn(q, k, v, return_stats=True)
         (out.sum() + stats.lse.sum()).backward()
-        assert slopes.grad is not None and key_bias.grad is not None
+        assert slopes.grad is not None and relative.grad is not None
         torch.use_deterministic_algorithms(True, warn_only=True)
         with pytest.warns(UserWarning, match="the gradient of captured tensor #1 is summed on the GPU"):
             kernels._alert_nondeterministic(cuda, kernels.BACKWARD_ATOMIC_SUMS)

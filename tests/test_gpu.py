@@ -152,15 +152,19 @@ def test_cuda_linear_attention(name, case, dtype):
 
 
 def test_cuda_deterministic_mode_refuses_atomic_float_sums():
-    """torch.use_deterministic_algorithms(True): a learnable tensor read at a key-dependent index and
-    linear attention's backward are atomic float sums on the GPU, so their backward raises, naming
-    them, eager or under torch.compile; the forward alone runs. Per-head slopes and a sink are summed
-    per row and added up by torch: their gradients are the same bit for bit from run to run."""
-    key_bias = torch.rand(700, device="cuda", requires_grad=True)
+    """torch.use_deterministic_algorithms(True): a learnable relative-position table (read at an index
+    of both query and key) and linear attention's backward are atomic float sums on the GPU, so their
+    backward raises, naming them, eager or under torch.compile; the forward alone runs. Per-head
+    slopes, a per-key bias and a sink are summed per row or key and added up by torch: their
+    gradients are the same bit for bit from run to run."""
+    relative = torch.rand(8, 1399, device="cuda", requires_grad=True)
+    key_bias = torch.rand(2, 700, device="cuda", requires_grad=True)
     slopes, sink = (torch.rand(8, device="cuda", requires_grad=True) for _ in range(2))
-    biased = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + key_bias[kv_idx]))
-    alibi = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
-                                        normalization=ag.norms.Softmax(sink=sink), mask_mod=ag.masks.causal))
+    biased = ag.compile(ag.AttentionSpec(
+        score_mod=lambda s, b, h, q_idx, kv_idx: s + relative[h, q_idx - kv_idx + 699]))
+    alibi = ag.compile(ag.AttentionSpec(
+        score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx) + key_bias[b, kv_idx],
+        normalization=ag.norms.Softmax(sink=sink), mask_mod=ag.masks.causal))
     q, k, v = Case(2, 8, 2, 700, 700, 64, 64).tensors(device="cuda")
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
@@ -171,9 +175,9 @@ def test_cuda_deterministic_mode_refuses_atomic_float_sums():
                 out.sum().backward()
         runs = []
         for _ in range(2):
-            slopes.grad, sink.grad = None, None
+            slopes.grad, key_bias.grad, sink.grad = None, None, None
             alibi(q, k, v).square().sum().backward()
-            runs.append((slopes.grad.clone(), sink.grad.clone()))
+            runs.append((slopes.grad.clone(), key_bias.grad.clone(), sink.grad.clone()))
         assert all(torch.equal(first, second) for first, second in zip(*runs))
         with pytest.raises(RuntimeError, match="the gradient of q, the gradient of k, the gradient of v, "):
             ag.compile(LINEAR["elu1"])(q, k, v).sum().backward()

@@ -247,6 +247,30 @@ def score_functions(printer: TritonPrinter, stream: str) -> tuple[list[str], lis
     return score_lines, backward_lines, grads
 
 
+def capture_gradient_context(tagged_grads: list[tuple[str, dict]], stick: bool) -> dict:
+    """How the backward kernels sum each captured-tensor gradient term (``tagged_grads``: (stream tag,
+    term) pairs). A term whose index does not depend on the key is summed over each query row in the
+    dQ kernel, one indexed by the key alone over each key's queries in the dK/dV kernel (stick-breaking
+    has none: atomics); each part is stored with the flat index of its entry and torch adds them up.
+    Terms indexed by both, all of them atomically added, are the ``atomic_grad_captures``."""
+    rows = [(tag, g) for tag, g in tagged_grads if g["axes"] in ("", "q")]
+    keys = [] if stick else [(tag, g) for tag, g in tagged_grads if g["axes"] == "kv"]
+    atomic = {g["capture"] for _, g in tagged_grads if g["axes"] == "both" or (stick and g["axes"] == "kv")}
+    context = {"atomic_grad_captures": repr(tuple(sorted(atomic)))}
+    for name, terms, block, start, valid in (("row", rows, "BLOCK_M", "pid_bh * LQ + q_idx", "q_valid"),
+                                             ("key", keys, "BLOCK_N", "(b * HQ + h) * LK + kv_idx", "kv_valid")):
+        names = [f"{tag}{g['k']}" for tag, g in terms]
+        context.update({
+            f"{name}_grad_args": "".join(f", dcap_{name}s{n}, dcap_{name}s_at{n}" for n in names),
+            f"{name}_grad_captures": repr(tuple(g["capture"] for _, g in terms)),
+            # the lines around the loop: each row's (key's) running sum of its terms, then its store
+            f"{name}_grad_starts": [f"{name}_grad{n} = tl.full([{block}, 1], 0.0, tl.float32)" for n in names],
+            f"{name}_grad_stores": [f"tl.store(dcap_{name}s{n} + {start}, {name}_grad{n}, mask={valid})"
+                                    for n in names],
+        })
+    return context
+
+
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    kernel_captures: dict[str, int] | None = None, differential: bool = False) -> dict:
@@ -312,8 +336,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2"))) \
         if differential else {}
     tagged_grads = [("", g) for g in grads] + [("2_", g) for g in score2.get("grads2", [])]
-    # gradient terms whose index does not depend on the key: summed per query row in the kernel, then by torch
-    row_grads = [(tag, g) for tag, g in tagged_grads if g["axes"] in ("", "q")]
     return {
         "family_description": "differential attention (two softmax streams)" if differential else
                               f"{normalization.family} ({type(normalization).__name__})",
@@ -369,15 +391,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
         "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
         "captures": captures,
-        "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"])
-                         + "".join(f", dcap_rows{tag}{g['k']}, dcap_at{tag}{g['k']}" for tag, g in row_grads),
-        "row_grad_captures": repr(tuple(g["capture"] for _, g in row_grads)),
-        # the dQ kernels' lines around their kv loop: each row's running sum of those terms, then its store
-        "row_grad_starts": [f"row_grad{tag}{g['k']} = tl.full([BLOCK_M, 1], 0.0, tl.float32)" for tag, g in row_grads],
-        "row_grad_stores": [f"tl.store(dcap_rows{tag}{g['k']} + pid_bh * LQ + q_idx, row_grad{tag}{g['k']}, "
-                            "mask=q_valid)" for tag, g in row_grads],
-        "atomic_grad_captures": repr(tuple(sorted({g["capture"] for _, g in tagged_grads
-                                                   if g["axes"] not in ("", "q")}))),
+        **capture_gradient_context(tagged_grads, normalization.family == "stick_breaking"),
+        "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
         "mask_args": ", ".join(mask_inputs + capture_names),
         "tile_inputs": ", ".join(mask_inputs + counts + capture_names),
         "tile_args": ", ".join(tile_args),
