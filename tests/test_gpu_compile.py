@@ -17,6 +17,14 @@ CASE = Case(2, 4, 2, 200, 180, 64, 64)
 H100_SHARED_MEMORY = 227 * 1024
 SLOPES = torch.rand(4, requires_grad=True)
 DOC_IDS = torch.randint(0, 4, (2, 200), generator=torch.Generator().manual_seed(0)).sort().values
+# learnable tensors read per head, per query, per key and per relative position: gradients summed per row in
+# the dQ kernel, per key in the dK/dV kernel and atomically
+PER_HEAD, PER_QUERY, PER_KEY, RELATIVE = (torch.rand(shape, requires_grad=True)
+                                          for shape in ((4,), (2, 200), (2, 180), (4, 399)))
+
+
+def _learnable(score, b, h, q_idx, kv_idx):
+    return score * PER_HEAD[h] * PER_QUERY[b, q_idx] + PER_KEY[b, kv_idx] + RELATIVE[h, q_idx - kv_idx + 199]
 
 
 def _tensors(dtype, qk_dim=64, v_dim=64):
@@ -40,6 +48,8 @@ def _extra_specs():
                                          score_mod=lambda s, b, h, q_idx, kv_idx: s * torch.rand(4)[h],
                                          mask_mod=ag.masks.causal),
         "entmax_1_3": ag.AttentionSpec(normalization=ag.norms.Entmax(1.3)),
+        "learnable_captures": ag.AttentionSpec(score_mod=_learnable, mask_mod=ag.masks.causal),
+        "differential_learnable_captures": ag.AttentionSpec(score_mod=_learnable, differential=0.5),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),
             "col_sum", ag.stats.pooled(16, 16, "mean", name="mean_map"),

@@ -263,10 +263,14 @@ def capture_gradient_context(tagged_grads: list[tuple[str, dict]], stick: bool) 
         context.update({
             f"{name}_grad_args": "".join(f", dcap_{name}s{n}, dcap_{name}s_at{n}" for n in names),
             f"{name}_grad_captures": repr(tuple(g["capture"] for _, g in terms)),
-            # the lines around the loop: each row's (key's) running sum of its terms, then its store
-            f"{name}_grad_starts": [f"{name}_grad{n} = tl.full([{block}, 1], 0.0, tl.float32)" for n in names],
-            f"{name}_grad_stores": [f"tl.store(dcap_{name}s{n} + {start}, {name}_grad{n}, mask={valid})"
-                                    for n in names],
+            # the lines around the loop: each row's (key's) running sum of a term and the index of its entry
+            # (0 if no tile is visited: the sum stays 0), then their stores
+            f"{name}_grad_starts": [line for n in names for line in (
+                f"{name}_grad{n} = tl.full([{block}, 1], 0.0, tl.float32)",
+                f"{name}_at{n} = tl.full([{block}, 1], 0, tl.int64)")],
+            f"{name}_grad_stores": [line for n in names for line in (
+                f"tl.store(dcap_{name}s{n} + {start}, {name}_grad{n}, mask={valid})",
+                f"tl.store(dcap_{name}s_at{n} + {start}, {name}_at{n}, mask={valid})")],
         })
     return context
 
