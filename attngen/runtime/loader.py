@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import re
 import sys
@@ -20,7 +19,6 @@ def _release(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-@functools.cache
 def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why this Triton's interpreter cannot run with this numpy, or None: before Triton 3.7 it calls
     int() on one-element arrays, which numpy 2.4 refuses (a TypeError deep inside a kernel)."""
@@ -30,9 +28,15 @@ def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     return None
 
 
+_interpreter_problems: dict[tuple[str, str], str | None] = {}  # a plain dict: Dynamo traces it without a warning
+
+
 def check_interpreter() -> None:
     """Raise if Triton's interpreter cannot run with the installed numpy (decided once per pair of versions)."""
-    problem = _interpreter_problem(triton.__version__, numpy.__version__)
+    versions = (triton.__version__, numpy.__version__)
+    if versions not in _interpreter_problems:
+        _interpreter_problems[versions] = _interpreter_problem(*versions)
+    problem = _interpreter_problems[versions]
     if problem:
         raise RuntimeError(problem)
 
