@@ -283,6 +283,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     printer = TritonPrinter(graph)
     outputs = graph.outputs
     softmax = normalization.family == "softmax" and not differential  # the single-stream softmax kernels
+    stick = normalization.family == "stick_breaking"
 
     score_lines, backward_lines, grads = score_functions(printer, "")
 
@@ -343,7 +344,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     return {
         "family_description": "differential attention (two softmax streams)" if differential else
                               f"{normalization.family} ({type(normalization).__name__})",
-        "stick": normalization.family == "stick_breaking",
+        "stick": stick,
         "differential": differential,
         **score2,
         "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
@@ -395,7 +396,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
         "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
         "captures": captures,
-        **capture_gradient_context(tagged_grads, normalization.family == "stick_breaking"),
+        **capture_gradient_context(tagged_grads, stick),
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
         "mask_args": ", ".join(mask_inputs + capture_names),
         "tile_inputs": ", ".join(mask_inputs + counts + capture_names),
