@@ -146,6 +146,17 @@ def test_stick_breaking_dq_over_long_bf16_rows():
     assert_matches_reference(spec, *Case(1, 2, 2, 4, 2000, 64, 64, dtype=torch.bfloat16).tensors())
 
 
+def test_stick_breaking_slope_gradient_sums_far_keys_exactly():
+    """Far from the query a key's share of dP * P before it is tiny, yet it was taken as the row's
+    total less the near keys' large sums: that rounding, weighted by the distance q - kv in a slope's
+    gradient, left d slopes 5x outside the bound at 128 keys (0.01x now that the earlier share adds
+    the tiles further left, totals in float64, to the keys before it in its own tile)."""
+    slopes = (0.02 * torch.rand(4, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=masks.causal, normalization=ag.norms.StickBreaking())
+    assert_matches_reference(spec, *Case(1, 4, 2, 128, 128, 16, 8).tensors())
+
+
 def test_stick_breaking_with_dropout_a_cache_and_packed_sequences():
     spec = STICK["causal"](2)
     q, k, v = Case(2, 2, 2, 20, 30, 16, 16).tensors()
