@@ -153,8 +153,7 @@ def test_deterministic_mode_refuses_atomic_float_sums_on_a_gpu(monkeypatch):
     assert kernels.BACKWARD_ATOMIC_SUMS == ["the gradient of captured tensor #1"]  # relative; slopes[h]: row parts
     stick = ag.compile(ag.AttentionSpec(normalization=ag.norms.StickBreaking()))
     assert load_kernels(stick.path, interpret=True).BACKWARD_ATOMIC_SUMS == ["the gradient of k", "the gradient of v"]
-    assert load_kernels(ag.compile(ag.LinearAttentionSpec()).path, interpret=True).BACKWARD_ATOMIC_SUMS[:3] == \
-        ["the gradient of q", "the gradient of k", "the gradient of v"]
+    assert "atomic_add" not in ag.compile(ag.LinearAttentionSpec()).source  # parts summed by torch
     q, k, v = (torch.randn(1, 4, 20, 8, requires_grad=True) for _ in range(3))
     cuda = torch.device("cuda")
     summed = kernels.FORWARD_ATOMIC_SUMS + kernels.BACKWARD_ATOMIC_SUMS

@@ -153,10 +153,10 @@ def test_cuda_linear_attention(name, case, dtype):
 
 def test_cuda_deterministic_mode_refuses_atomic_float_sums():
     """torch.use_deterministic_algorithms(True): a learnable relative-position table (read at an index
-    of both query and key) and linear attention's backward are atomic float sums on the GPU, so their
-    backward raises, naming them, eager or under torch.compile; the forward alone runs. Per-head
-    slopes, a per-key bias and a sink are summed per row or key and added up by torch: their
-    gradients are the same bit for bit from run to run."""
+    of both query and key) is an atomic float sum on the GPU, so its backward raises, naming it,
+    eager or under torch.compile; the forward alone runs. Per-head slopes, a per-key bias and a sink
+    are summed per row or key and added up by torch, as linear attention's gradients are per value
+    block and query head: they are the same bit for bit from run to run."""
     relative = torch.rand(8, 1399, device="cuda", requires_grad=True)
     key_bias = torch.rand(2, 700, device="cuda", requires_grad=True)
     slopes, sink = (torch.rand(8, device="cuda", requires_grad=True) for _ in range(2))
@@ -179,7 +179,14 @@ def test_cuda_deterministic_mode_refuses_atomic_float_sums():
             alibi(q, k, v).square().sum().backward()
             runs.append((slopes.grad.clone(), key_bias.grad.clone(), sink.grad.clone()))
         assert all(torch.equal(first, second) for first, second in zip(*runs))
-        with pytest.raises(RuntimeError, match="the gradient of q, the gradient of k, the gradient of v, "):
-            ag.compile(LINEAR["elu1"])(q, k, v).sum().backward()
+        gated = ag.compile(LINEAR["gated"])
+        decays = gates(Case(2, 8, 2, 700, 700, 64, 64)).cuda().requires_grad_()
+        runs = []
+        for _ in range(2):
+            linear_q, linear_k, linear_v = (t.detach().requires_grad_() for t in (q, k, v))
+            decays.grad = None
+            gated(linear_q, linear_k, linear_v, log_decay=decays).square().sum().backward()
+            runs.append((linear_q.grad, linear_k.grad, linear_v.grad, decays.grad.clone()))
+        assert all(torch.equal(first, second) for first, second in zip(*runs))
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
