@@ -318,7 +318,12 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     params += ["lam"] if differential else []
     threshold = normalization.family == "threshold"
-    residuals = (["o_soft"] if normalization.affine else []) + (["n_kept"] if "n_kept" in used else []) \
+    affine = normalization.affine is not None
+    # the softmax output kept in float32 for the backward's delta = dO . O (affine: its softmax part):
+    # from an output rounded to half precision, delta's rounding error (coherent over a row) adds up
+    # in the gradient of every learnable tensor, weighted by d logit / d tensor
+    o_soft = softmax and (affine or normalization.sink is not None or any(c["differentiable"] for c in captures))
+    residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
@@ -327,14 +332,15 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
-    affine = normalization.affine is not None
     online = normalization.family == "softmax"
     state = forward_state(normalization.family, differential, affine, expectations, row_max)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
-        + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA", "OSOFT"] if affine else []) \
+        + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
+        + (["OSOFT"] if o_soft else []) \
         + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else [])
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
-        + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta", "o_soft"] if affine else []) \
+        + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta"] if affine else []) \
+        + (["o_soft"] if o_soft else []) \
         + (["lse", "lse2", "o1", "o2", "lam"] if differential else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
@@ -372,7 +378,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "softmax": softmax,
         "online": online,
         "sink": normalization.sink is not None,
-        "affine": normalization.affine is not None,
+        "affine": affine,
+        "o_soft": o_soft,
         "uses_kept": "n_kept" in used,
         "norm_params": params,
         "params_unpack": _unpack(params) if params else "",
