@@ -122,6 +122,10 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
 def cmd_check(args) -> int:
     from .testing.check import check_spec, format_report
 
@@ -131,7 +135,7 @@ def cmd_check(args) -> int:
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if deep else (torch.float32,)
     max_len = args.max_len or (256 if deep else 96)
     print(f"attngen check {args.spec_file}: {examples} examples per property, {args.heads} query heads, "
-          f"batch <= {args.batch}, lengths <= {max_len}, {', '.join(str(d).replace('torch.', '') for d in dtypes)}",
+          f"batch <= {args.batch}, lengths <= {max_len}, {_dtype_names(dtypes)}",
           flush=True)
 
     def progress(report):
@@ -148,7 +152,10 @@ def cmd_fuzz(args) -> int:
     from .testing.fuzz import fuzz
 
     examples = args.examples or (10_000 if args.deep else 100)
-    print(f"attngen fuzz: {examples} random specs against the float64 reference (seed {args.seed})", flush=True)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if args.deep or args.half else (torch.float32,)
+    max_len = args.max_len or (128 if args.deep else 48)
+    print(f"attngen fuzz: {examples} random specs against the float64 reference (seed {args.seed}), lengths <= "
+          f"{max_len}, {_dtype_names(dtypes)}", flush=True)
     started = time.perf_counter()
 
     def progress(report):
@@ -160,7 +167,8 @@ def cmd_fuzz(args) -> int:
             print(f"  {line}")
         print("reproduce with:\n" + miss.reproduction, flush=True)
     slack = 1.0 if args.strict else 2.0
-    report = fuzz(examples, seed=args.seed, progress=progress, near_miss=slack, on_near_miss=near_miss)
+    report = fuzz(examples, seed=args.seed, max_len=max_len, progress=progress, near_miss=slack,
+                  on_near_miss=near_miss, dtypes=dtypes)
     misses = f", {len(report.near_misses)} near misses (above)" if report.near_misses else ""
     if report.spec is None:
         print(f"{report.examples} specs match the reference{misses} ({time.perf_counter() - started:.0f} s)")
@@ -263,7 +271,10 @@ def parser() -> argparse.ArgumentParser:
                                            "specs) is printed as a near miss and the run goes on")
     fuzz.set_defaults(function=cmd_fuzz)
     fuzz.add_argument("--examples", type=int, help="random specs (default 100, --deep 10000)")
-    fuzz.add_argument("--deep", action="store_true", help="10,000 specs (hours on a CPU: run it in the background)")
+    fuzz.add_argument("--deep", action="store_true", help="10,000 specs, lengths up to 128, bf16 and fp16 too "
+                                                          "(hours on a CPU: run it in the background)")
+    fuzz.add_argument("--half", action="store_true", help="bf16 and fp16 inputs too")
+    fuzz.add_argument("--max-len", type=int, help="longest Lq / Lk (default 48, --deep 128)")
     fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
     fuzz.add_argument("--strict", action="store_true", help="stop at near misses too")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"

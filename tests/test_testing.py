@@ -113,6 +113,21 @@ def test_fuzzer_default_profile_finds_no_mismatch():
     assert report.examples == 3 * settings().max_examples
 
 
+def test_fuzzer_in_half_precision_finds_no_mismatch():
+    """bf16 and fp16 inputs (`attngen fuzz --half`): its first run found affine softmax losing beta on
+    CPU in bf16."""
+    report = fuzz(examples=settings().max_examples, seed=3, dtypes=(torch.bfloat16, torch.float16))
+    assert report.spec is None, report.reproduction()
+
+
+def test_fuzzer_draws_the_dtypes_asked_for(monkeypatch):
+    import attngen.testing.fuzz as fuzz_module
+    seen = []
+    monkeypatch.setattr(fuzz_module, "compare_with_reference", lambda spec, q, *args, **kwargs: seen.append(q.dtype) or [])
+    assert fuzz(examples=10, seed=2, dtypes=(torch.bfloat16, torch.float16)).examples == 10
+    assert set(seen) == {torch.bfloat16, torch.float16}
+
+
 @pytest.mark.parametrize("error, stops", [(1.5e-5, False), (3e-5, True)])
 def test_fuzzer_goes_on_past_near_misses_only(monkeypatch, error, stops):
     """With near_miss=2, a spec whose errors stay within twice their bounds is recorded and the run goes

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import hypothesis
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -214,9 +215,9 @@ class FuzzReport:
 
 
 def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None, near_miss: float = 1.0,
-         on_near_miss=None) -> FuzzReport:
+         on_near_miss=None, dtypes=(torch.float32,)) -> FuzzReport:
     """Compile and check ``examples`` random specs (:func:`fuzz_specs`), called as
-    :func:`fuzz_calls` draws, against the float64 reference on random shapes; stop at the first
+    :func:`fuzz_calls` draws, against the float64 reference on random shapes (of ``dtypes``); stop at the first
     mismatch, shrunk by hypothesis. With ``near_miss`` > 1, a spec whose errors are all at most
     ``near_miss`` times their bounds is recorded (and passed to ``on_near_miss``) and the run goes
     on: in long float32 runs, ill-conditioned specs and long sums exceed the 2x rule by rounding
@@ -228,7 +229,7 @@ def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None, near_mi
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def run(data):
-        case = data.draw(shapes(max_len=max_len, heads=4, batch=2), label="case")
+        case = data.draw(shapes(max_len=max_len, heads=4, batch=2, dtypes=dtypes), label="case")
         spec = data.draw(fuzz_specs(heads=4, batch=2, max_len=max_len), label="spec")
         call = data.draw(fuzz_calls(case, spec.value), label="call")
         try:
