@@ -122,6 +122,11 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _dtypes(half: bool) -> tuple[torch.dtype, ...]:
+    """The input dtypes a check or fuzz run draws: float32, and with ``half`` bf16 and fp16 too."""
+    return (torch.float32, torch.bfloat16, torch.float16) if half else (torch.float32,)
+
+
 def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
@@ -132,7 +137,7 @@ def cmd_check(args) -> int:
     spec = load_spec(args.spec_file, args.name)
     deep = args.deep
     examples = args.examples or (200 if deep else 20)
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) if deep else (torch.float32,)
+    dtypes = _dtypes(deep)
     max_len = args.max_len or (256 if deep else 96)
     print(f"attngen check {args.spec_file}: {examples} examples per property, {args.heads} query heads, "
           f"batch <= {args.batch}, lengths <= {max_len}, {_dtype_names(dtypes)}",
@@ -152,7 +157,7 @@ def cmd_fuzz(args) -> int:
     from .testing.fuzz import fuzz
 
     examples = args.examples or (10_000 if args.deep else 100)
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) if args.deep or args.half else (torch.float32,)
+    dtypes = _dtypes(args.deep or args.half)
     max_len = args.max_len or (128 if args.deep else 48)
     print(f"attngen fuzz: {examples} random specs against the float64 reference (seed {args.seed}), lengths <= "
           f"{max_len}, {_dtype_names(dtypes)}", flush=True)

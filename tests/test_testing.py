@@ -123,7 +123,8 @@ def test_fuzzer_in_half_precision_finds_no_mismatch():
 def test_fuzzer_draws_the_dtypes_asked_for(monkeypatch):
     import attngen.testing.fuzz as fuzz_module
     seen = []
-    monkeypatch.setattr(fuzz_module, "compare_with_reference", lambda spec, q, *args, **kwargs: seen.append(q.dtype) or [])
+    monkeypatch.setattr(fuzz_module, "compare_with_reference",
+                        lambda spec, q, *args, **kwargs: seen.append(q.dtype) or [])
     assert fuzz(examples=10, seed=2, dtypes=(torch.bfloat16, torch.float16)).examples == 10
     assert set(seen) == {torch.bfloat16, torch.float16}
 
