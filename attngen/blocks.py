@@ -73,9 +73,7 @@ class BlockMask:
         if bool((indices[valid] >= kv_blocks).any()):
             raise ValueError(f"block_mask indices must be below the number of kv blocks ({kv_blocks}), "
                              f"got {int(indices.max())}")
-        dense = torch.zeros(*indices.shape[:3], kv_blocks + 1, dtype=torch.bool, device=indices.device)
-        dense.scatter_(3, torch.where(valid, indices, kv_blocks), True)  # padding lands in the extra column
-        return dense[..., :kv_blocks]
+        return _scatter_blocks(torch.where(valid, indices, kv_blocks), kv_blocks)
 
     def __repr__(self) -> str:
         kind = "bool" if self.blocks.dtype == torch.bool else "indices"
@@ -111,7 +109,27 @@ def as_block_mask(block_mask, q_len: int, kv_len: int, mask_mod=None) -> BlockMa
         raise ValueError(f"block_mask is a FlexAttention BlockMask that applies its own mask_mod ({_name(own)}), "
                          f"not the spec's ({_name(mask_mod)}): compile AttentionSpec(mask_mod=block_mask.mask_mod), "
                          "or call ag.attention(q, k, v, score_mod, block_mask=block_mask), which takes it")
-    return BlockMask(flex.to_dense().bool(), tuple(flex.BLOCK_SIZE))
+    dense = _rows_to_dense(flex.kv_num_blocks, flex.kv_indices)
+    if flex.full_kv_num_blocks is not None:
+        dense |= _rows_to_dense(flex.full_kv_num_blocks, flex.full_kv_indices)
+    return BlockMask(dense, tuple(flex.BLOCK_SIZE))
+
+
+def _rows_to_dense(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The bool block matrix ``[..., nq, nk]`` of FlexAttention's per-row lists: row ``r`` keeps the
+    blocks ``indices[..., r, :counts[..., r]]``. A few tensor operations, where BlockMask.to_dense
+    runs vmap (milliseconds of host time per call)."""
+    kv_blocks = indices.shape[-1]
+    listed = torch.arange(kv_blocks, device=indices.device) < counts[..., None]
+    return _scatter_blocks(torch.where(listed, indices, kv_blocks), kv_blocks)
+
+
+def _scatter_blocks(columns: torch.Tensor, kv_blocks: int) -> torch.Tensor:
+    """The bool block matrix ``[..., nq, kv_blocks]`` with True at each row's ``columns``; a column of
+    ``kv_blocks`` (padding) sets nothing."""
+    dense = torch.zeros(*columns.shape[:-1], kv_blocks + 1, dtype=torch.bool, device=columns.device)
+    dense.scatter_(-1, columns.long(), True)  # padding lands in the extra column, dropped below
+    return dense[..., :kv_blocks]
 
 
 def blocks_mask_mod(blocks: torch.Tensor, block_size: tuple[int, int]):

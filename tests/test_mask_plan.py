@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import attngen as ag
+from attngen.blocks import as_block_mask
 from attngen.ir.evaluate import evaluate
 from attngen.ir.passes import loop_segments
 from attngen.reference import scores
@@ -412,6 +413,25 @@ def test_flex_attention_block_masks_of_kv_blocks_alone():
     dense = torch.tensor([[[[True, False, True], [False, True, False], [False, False, True]]]])
     out = _run_both(ag.AttentionSpec(), q, k, v, block_mask, _blocked(dense, (32, 64)))
     assert torch.equal(out, ag.attention(q, k, v, block_mask=ag.BlockMask(dense, (32, 64))))
+
+def test_flex_attention_block_masks_convert_as_their_to_dense():
+    """attngen reads a FlexAttention BlockMask's per-row lists itself (no vmap): partial and full blocks,
+    and entries past each row's count ignored, give exactly BlockMask.to_dense()."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    docs = torch.randint(0, 4, (2, 300), generator=torch.Generator().manual_seed(5)).sort().values
+
+    def causal_documents(b, h, q_idx, kv_idx):
+        return (docs[b, q_idx] == docs[b, kv_idx]) & (kv_idx <= q_idx)
+    made = flex_attention.create_block_mask(causal_documents, 2, 3, 300, 300, device="cpu", BLOCK_SIZE=32)
+    assert made.full_kv_num_blocks is not None and int(made.full_kv_num_blocks.sum()) > 0
+    counts = torch.tensor([[[1, 0, 2]]], dtype=torch.int32)
+    listed = flex_attention.BlockMask.from_kv_blocks(counts, torch.tensor([[[[2, 1, 1], [0, 2, 1], [1, 0, 2]]]],
+                                                                          dtype=torch.int32), BLOCK_SIZE=16)
+    for block_mask in (made, listed):
+        converted = as_block_mask(block_mask, 300, 300, block_mask.mask_mod)
+        assert converted.block_size == tuple(block_mask.BLOCK_SIZE)
+        assert torch.equal(converted.blocks, block_mask.to_dense().bool())
+
 
 @pytest.mark.parametrize("block_mask, message", [
     (torch.ones(1, 1, 4, dtype=torch.bool), r"a bool tensor \[batch or 1, .* shape \(1, 1, 4\)"),
