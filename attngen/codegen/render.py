@@ -142,15 +142,22 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
             add("first = tl.minimum(split * share, n_live)", 0)
             add("last = tl.minimum(first + share, n_live)", 0)
         comment = f"the live tiles _{axis}_tile_list found"
+        # each tile's entry is loaded one tile ahead, so that its K/V (Q/dO) addresses are known
+        # when the software pipeline issues their copies
         if descending:
-            add(f"for i in range(0, {last if first == '0' else f'{last} - {first}'}):  # {comment}, last first", 0)
-            add(f"entry = tl.load(live_tiles + {last} - i)", 1)
+            count = last if first == "0" else f"{last} - {first}"
+            add(f"entry = tl.load(live_tiles + {last}, mask={count} > 0, other=0)", 0)
+            add(f"for i in range(0, {count}):  # {comment}, last first", 0)
+            add(f"next_entry = tl.load(live_tiles + {last} - 1 - i, mask=i + 1 < {count}, other=0)", 1)
         else:
+            offset, any_live = ("1", f"{last} > 0") if first == "0" else (f"1 + {first}", f"{first} < {last}")
+            add(f"entry = tl.load(live_tiles + {offset}, mask={any_live}, other=0)", 0)
             add(f"for i in range({first}, {last}):  # {comment}", 0)
-            add("entry = tl.load(live_tiles + 1 + i)", 1)
+            add(f"next_entry = tl.load(live_tiles + 2 + i, mask=i + 1 < {last}, other=0)", 1)
         add(f"{lo} = entry // 2 * {block}", 1)
         add("masked = entry % 2 != 0", 1)
         add(body("masked"), 1)
+        add("entry = next_entry", 1)
 
     def full_loop(start: str, end: str, comment: str) -> None:
         loop(start, end, comment)
