@@ -71,6 +71,11 @@ class Normalization:
     sink = None
     affine = None  # (alpha, beta) for an affine softmax
 
+    @property
+    def learnable_sink(self) -> bool:
+        """Whether the sink is a tensor that receives a gradient (``requires_grad``)."""
+        return isinstance(self.sink, torch.Tensor) and self.sink.requires_grad
+
     def logits(self, score, h, n):
         """Softmax family: the logits the softmax is taken over."""
         return score

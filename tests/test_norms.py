@@ -88,6 +88,20 @@ def test_dropout_in_bfloat16_over_a_single_key():
     assert check["dk"].error < 1e-4 and check["dq"].error < 1e-4
 
 
+def test_float32_softmax_output_is_kept_only_where_a_tensor_learns():
+    """The float32 output residual for the backward's delta (o_soft) costs a float32 write of the whole
+    output. A fixed sink, a float or a tensor without requires_grad, does without; a learnable one
+    keeps it, also when requires_grad is switched on after compiling (the kernels are rebuilt)."""
+    assert "OSOFT" not in ag.compile(ag.AttentionSpec(normalization=norms.OffByOne())).source
+    sink = torch.tensor([0.5, -1.0])
+    attn = ag.compile(ag.AttentionSpec(normalization=norms.Softmax(sink=sink)))
+    assert "OSOFT" not in attn.source
+    sink.requires_grad_()
+    q, k, v = (t.requires_grad_() for t in Case(1, 2, 2, 20, 20, 16, 16).tensors())
+    attn(q, k, v).sum().backward()
+    assert "OSOFT" in attn.source and sink.grad is not None and torch.isfinite(sink.grad).all()
+
+
 @pytest.mark.parametrize("norm_name", NORMS)
 def test_fully_masked_rows_give_zero_output_without_nan(norm_name):
     variant = _variant(norm_name, "empty_rows")

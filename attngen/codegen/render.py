@@ -328,8 +328,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     affine = normalization.affine is not None
     # the softmax output kept in float32 for the backward's delta = dO . O (affine: its softmax part):
     # from an output rounded to half precision, delta's rounding error (coherent over a row) adds up
-    # in the gradient of every learnable tensor, weighted by d logit / d tensor
-    o_soft = softmax and (affine or normalization.sink is not None or any(c["differentiable"] for c in captures))
+    # in the gradient of every learnable tensor, weighted by d logit / d tensor. It costs a float32
+    # write of the whole output (and its memory), so only where a tensor learns
+    o_soft = softmax and (affine or normalization.learnable_sink or any(c["differentiable"] for c in captures))
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])

@@ -87,14 +87,17 @@ class CompiledAttention:
         self.signature = self._capture_signature()
         self.description = self.spec.describe() + \
             ([f"call variant: {self.variant.describe()}"] if self.variant != Variant() else [])
-        identity = "\n".join([self.graph.text(), *self.description, f"compiler {compiler_digest()}",
+        identity = "\n".join([self.graph.text(), *self.signature, *self.description, f"compiler {compiler_digest()}",
                               f"triton {triton.__version__}"])
         self.key = hashlib.sha256(identity.encode()).hexdigest()
         self.path, self.cache_hit = cached_source(self.key, self._generate)
         self.compile_seconds = time.perf_counter() - started
 
     def _capture_signature(self) -> tuple[str, ...]:
-        return tuple(c.signature() for c in self.graph.captures)
+        """What the generated code depends on besides the spec's text: each capture's kind and
+        whether a gradient flows to it or to the sink."""
+        sink = ("learnable sink",) if self.spec.normalization.learnable_sink else ()
+        return tuple(c.signature() for c in self.graph.captures) + sink
 
     def kernel_graph(self):
         """The graph the kernels are generated from: optimized, with gradients and the mask plan."""
