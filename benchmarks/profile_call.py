@@ -23,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import run as bench  # benchmarks/run.py  # noqa: E402
 
 
-def per_call(step, calls: int = 20) -> tuple[float, float]:
-    """(host ms, GPU ms) per call of ``step`` over ``calls`` back-to-back calls."""
-    step()
+def per_call(step, calls: int = 20, warmup: int = 5) -> tuple[float, float]:
+    """(host ms, GPU ms) per call of ``step`` over ``calls`` back-to-back calls, after ``warmup``
+    calls (with one, the first timing after compiling read 0.67 ms of host time where later ones
+    read 0.36)."""
+    for _ in range(warmup):
+        step()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     started = time.perf_counter()
