@@ -25,8 +25,8 @@ import run as bench  # benchmarks/run.py  # noqa: E402
 
 def per_call(step, calls: int = 20, warmup: int = 5) -> tuple[float, float]:
     """(host ms, GPU ms) per call of ``step`` over ``calls`` back-to-back calls, after ``warmup``
-    calls (with one, the first timing after compiling read 0.67 ms of host time where later ones
-    read 0.36)."""
+    calls (after one, on 2026-12-04, the document forward read 0.67 ms of host time where run.py's
+    timing of the same call read 0.36)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
