@@ -180,12 +180,15 @@ def test_call_variants_compile(variant):
                                                   (torch.bfloat16, 128, 128), (torch.float16, 256, 64),
                                                   (torch.float16, 40, 24)])
 def test_linear_attention_compiles(dtype, qk_dim, v_dim):
+    """Every kernel builds and fits shared memory; float32 dots (torch's TF32 switch off) are exact FMA
+    products, half-precision ones tensor-core MMAs."""
     spec = ag.LinearAttentionSpec(feature_map=lambda x: torch.sigmoid(x), decay="gated")
     q, k, v = (torch.randn(2, heads, 200, dim, dtype=dtype) for heads, dim in ((4, qk_dim), (2, qk_dim), (2, v_dim)))
     kernels = compile_for_gpu(ag.compile(spec), q, k, v)
     assert [k.name for k in kernels] == ["_linear_fwd", "_linear_bwd_dq", "_linear_bwd_dkdv"]
     for kernel in kernels:
         assert 0 <= kernel.shared_bytes <= H100_SHARED_MEMORY, kernel
+        assert (kernel.wgmma + kernel.mma_sync == 0) == (dtype == torch.float32), kernel
 
 
 @pytest.mark.parametrize("dim", [64, 128])
