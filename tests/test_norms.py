@@ -102,6 +102,19 @@ def test_float32_softmax_output_is_kept_only_where_a_tensor_learns():
     assert "OSOFT" in attn.source and sink.grad is not None and torch.isfinite(sink.grad).all()
 
 
+def test_sigmoid_and_tanh_keep_float32_accuracy_over_wide_scores():
+    """The kernels' sigmoid and tanh take one exp2 and a reciprocal in multiply-adds (no division): on
+    scores from -51 to 51, saturating both ways and near 0 in tanh, they stay within float32's bounds
+    (with one Newton step fewer, the output is 7x out and dK 48x)."""
+    spec = ag.AttentionSpec(normalization=norms.Sigmoid(),
+                            score_mod=lambda s, b, h, q_idx, kv_idx: 30 * torch.tanh(s / 30))
+    q, k, v = Case(1, 2, 2, 40, 50, 16, 16, seed=3).tensors()
+    q = (12 * q).detach().requires_grad_()
+    scores = q @ k.transpose(-1, -2) / 4
+    assert scores.min() < -50 and scores.max() > 50 and (scores.abs() < 1).any()
+    assert_matches_reference(spec, q, k, v)
+
+
 @pytest.mark.parametrize("norm_name", NORMS)
 def test_fully_masked_rows_give_zero_output_without_nan(norm_name):
     variant = _variant(norm_name, "empty_rows")
