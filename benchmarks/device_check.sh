@@ -16,6 +16,7 @@
 #      LENGTH_SWEEP=1 also plain and causal over L=512..16384. A run cut by its timeout writes no
 #      tables, but benchmarks.log holds every row measured (one JSON line each).
 # $OUT brings back at most 8 files: the logs, and results.tgz with the result folders (tables, JSON, PNGs).
+# TESTS_BUDGET (default 250) bounds step 1 in seconds; TUNED=0 skips the tuned timings of step 2.
 # SMOKE=1 runs the same steps on tiny shapes, on any machine (a dry run of this script's plumbing).
 set -u
 OUT=${OUT:-/tmp/attngen-device}
@@ -26,6 +27,7 @@ export PYTHONPATH=$PWD ATTNGEN_CACHE_DIR=$WORK/cache ATTNGEN_AUTOTUNE=0 ATTNGEN_
 SIZES="--lengths 4096 --dims 64 128 --dtypes bfloat16 ${SMOKE:+--smoke}"
 MAIN_ONLY=${MAIN_ONLY:-}
 SWEEP="--only plain causal --lengths 16384 1024 8192 512 2048 --dims 64 128 --dtypes bfloat16 ${SMOKE:+--smoke}"
+TESTS_BUDGET=${TESTS_BUDGET:-250}
 SHORTLIST=$(python3 -c "import json; print(json.dumps([{'BLOCK_M': m, 'BLOCK_N': n, 'num_warps': w, 'num_stages': s}
   for m, n in ((64, 32), (64, 64), (128, 64), (128, 128)) for w in (4, 8) for s in (2, 3)]))")
 
@@ -40,14 +42,14 @@ cat "$OUT/environment.txt"
 
 # 1. correctness, with the benchmarks' compiles and the tuning beside it
 {
-  timeout 250 python3 -m pytest -v -m gpu -n 8 --timeout 200 -p no:cacheprovider tests/test_gpu.py \
+  timeout $TESTS_BUDGET python3 -m pytest -v -m gpu -n 8 --timeout 200 -p no:cacheprovider tests/test_gpu.py \
     -k "not offsets and not scratch"
-  echo "exit $? (124: cut at 250 s)"
+  echo "exit $? (124: cut at $TESTS_BUDGET s)"
 } > "$OUT/gpu_tests.log" 2>&1 &
 {
-  timeout 250 python3 -m pytest -v -m gpu --timeout 120 -p no:cacheprovider tests/test_gpu.py \
+  timeout $TESTS_BUDGET python3 -m pytest -v -m gpu --timeout 120 -p no:cacheprovider tests/test_gpu.py \
     -k "offsets or scratch"
-  echo "exit $? (124: cut at 250 s)"
+  echo "exit $? (124: cut at $TESTS_BUDGET s)"
 } > "$WORK/offsets.log" 2>&1 &
 warm() {  # warm NAME ARGS...: one untimed pass (log in $WORK/warm-NAME.log)
   local name=$1; shift
@@ -63,9 +65,10 @@ else
   warm others --only entropy_stat sparsemax entmax15 stick_breaking differential linear_elu retention decode \
     $SIZES &
 fi
+TUNED=${TUNED:-1}
 for variant in plain causal; do
   for dim in 64 128; do
-    warm "tune-$variant-$dim" --only $variant $SIZES --dims $dim --candidates "$SHORTLIST" &
+    [ "$TUNED" = 1 ] && warm "tune-$variant-$dim" --only $variant $SIZES --dims $dim --candidates "$SHORTLIST" &
   done
 done
 [ "${LENGTH_SWEEP:-0}" = 1 ] && warm lengths $SWEEP &
@@ -80,9 +83,11 @@ timeout $((MAIN_BUDGET + 40)) python3 benchmarks/run.py --repeats 20 --budget "$
   $SIZES \
   ${MAIN_ONLY:+--only $MAIN_ONLY} > "$OUT/benchmarks.log" 2>&1
 echo "main sweep: exit $?" | tee -a "$OUT/benchmarks.log"
-timeout 90 python3 benchmarks/run.py --repeats 20 --budget 60 --out "$WORK/results/tuned" --only plain causal \
-  $SIZES --candidates "$SHORTLIST" >> "$OUT/benchmarks.log" 2>&1
-echo "tuned plain and causal: exit $?" | tee -a "$OUT/benchmarks.log"
+if [ "$TUNED" = 1 ]; then
+  timeout 90 python3 benchmarks/run.py --repeats 20 --budget 60 --out "$WORK/results/tuned" --only plain causal \
+    $SIZES --candidates "$SHORTLIST" >> "$OUT/benchmarks.log" 2>&1
+  echo "tuned plain and causal: exit $?" | tee -a "$OUT/benchmarks.log"
+fi
 if [ "${LENGTH_SWEEP:-0}" = 1 ]; then
   timeout 100 python3 benchmarks/run.py --repeats 20 --budget 75 --out "$WORK/results/lengths" $SWEEP \
     >> "$OUT/benchmarks.log" 2>&1

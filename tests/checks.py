@@ -37,3 +37,15 @@ def check_paged(spec, q, k_pages, v_pages, table, kv_lens, mode):
                                   ag.reference.gather_pages(v_pages, table), kv_lens=kv_lens)
     torch.testing.assert_close(paged, contiguous, atol=1e-6, rtol=1e-6)
     assert_matches_reference(spec, q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode)
+
+
+def check_wide_scores(dtype=torch.float32, device="cpu"):
+    """Sigmoid weights of scores capped by ``30 tanh(s / 30)``, on raw scores from -51 to 51 (sigmoid
+    and tanh saturating both ways, tanh also near 0), against float64."""
+    spec = ag.AttentionSpec(normalization=ag.norms.Sigmoid(),
+                            score_mod=lambda s, b, h, q_idx, kv_idx: 30 * torch.tanh(s / 30))
+    q, k, v = Case(1, 2, 2, 40, 50, 16, 16, dtype=dtype, seed=3).tensors(device=device)
+    q = (12 * q).detach().requires_grad_()
+    scores = q.float() @ k.float().transpose(-1, -2) / 4
+    assert scores.min() < -50 and scores.max() > 50 and (scores.abs() < 1).any()
+    assert_matches_reference(spec, q, k, v)

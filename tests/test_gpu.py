@@ -8,6 +8,7 @@ import torch
 import attngen as ag
 from attngen.testing import Case, assert_matches_reference
 from attngen.testing.linear_properties import gates, initial_state
+from checks import check_wide_scores
 from variants import VARIANTS
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +39,12 @@ def test_cuda_kernels_match_reference(variant, case, dtype):
 def test_cuda_normalizations(normalization):
     spec = ag.AttentionSpec(mask_mod=ag.masks.causal, normalization=normalization())
     assert_matches_reference(spec, *Case(2, 8, 2, 257, 257, 64, 64, dtype=torch.bfloat16).tensors(device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_sigmoid_and_tanh_over_wide_scores(dtype):
+    """exp2 on the GPU is approximate (ex2.approx): the reciprocal's Newton steps keep its accuracy."""
+    check_wide_scores(dtype, device="cuda")
 
 
 def test_cuda_block_mask_and_document_summaries():
