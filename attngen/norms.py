@@ -184,8 +184,9 @@ class Entmax(Normalization):
     ``tau`` per row such that ``sum_j p_j = 1``; keys below the threshold get exactly 0.
 
     ``alpha`` in (1, 2]: 2 is sparsemax, 1.5 the usual entmax, toward 1 softmax. The kernels find
-    ``tau`` with ``iterations`` safeguarded Newton steps, each a pass over the row's keys (default:
-    8 for sparsemax, whose support iteration is exact, else 14), then normalize the weights.
+    ``tau`` with at most ``iterations`` safeguarded Newton steps, each a pass over the row's keys
+    (default: 8 for sparsemax, whose support iteration is exact, else 14), stopping once no row's
+    ``tau`` moves by more than 1e-6 of its size, then normalize the weights.
     """
 
     family = "threshold"
