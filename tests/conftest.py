@@ -8,6 +8,12 @@ from hypothesis import HealthCheck, settings
 # Tests never touch the user's cache; subprocess tests inherit this.
 os.environ.setdefault("ATTNGEN_CACHE_DIR", tempfile.mkdtemp(prefix="attngen-test-cache-"))
 
+# Tensors allocated without values (torch.empty and the like) come filled with NaN under
+# torch.use_deterministic_algorithms(True): an element that no kernel writes then shows against the
+# reference. Only without CUDA, where no kernel adds floats atomically (which that mode refuses).
+if not torch.cuda.is_available():
+    torch.use_deterministic_algorithms(True)
+
 settings.register_profile("ci", max_examples=12, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("deep", max_examples=300, deadline=None,
