@@ -196,7 +196,9 @@ def test_tile_lists_hold_the_planned_tiles_in_order(name, seed, q_len, kv_len, b
     visited, full = attn.tile_plan(q_len, kv_len, batch, heads, block_m=block_m, block_n=block_n)
     captures = kernels.prepare_captures([c.tensor for c in attn.graph.captures])
     config = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    lists = kernels.plan_arguments("kv", captures, batch, heads, q_len, kv_len, config, torch.device("cpu"))[-1]
+    summaries = kernels.tile_summaries(captures, q_len, kv_len, config)
+    lists = kernels.plan_arguments("kv", captures, summaries, batch, heads, q_len, kv_len, config,
+                                   torch.device("cpu"))[-1]
     lists = lists.view(batch, -1, visited.shape[2], visited.shape[3] + 1)
     assert lists.shape[1] == (heads if name == "per_head_blocks" else 1)
     for b in range(batch):
@@ -228,7 +230,9 @@ def test_gqa_packed_tile_lists_plan_over_the_queries_of_their_rows(seed, q_len, 
     q_offset = kv_lens - q_len
     captures = kernels.prepare_captures(attn._captures(torch.device("cpu"), {"kv_lens": kv_lens, "q_offset": q_offset}))
     config = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    lists = kernels.plan_arguments("kv", captures, 2, 8, q_len, kv_len, config, torch.device("cpu"), group=group)[-1]
+    summaries = kernels.tile_summaries(captures, q_len, kv_len, config)
+    lists = kernels.plan_arguments("kv", captures, summaries, 2, 8, q_len, kv_len, config, torch.device("cpu"),
+                                   group=group)[-1]
     n_q, n_kv = -(-group * q_len // block_m), -(-kv_len // block_n)
     lists = lists.view(2, n_q, n_kv + 1)
     for b in range(2):
@@ -457,3 +461,22 @@ def test_block_mask_construction_errors():
         ag.BlockMask(torch.ones(2, 2, dtype=torch.bool), block_size=16)
     with pytest.raises(TypeError, match="integer block indices"):
         ag.BlockMask(torch.ones(1, 1, 2, 2), block_size=16)
+
+
+@pytest.mark.parametrize("tiles", [(32, 32), (32, 16)], ids=["square", "oblong"])
+def test_backward_plans_share_square_tiles_summaries(tiles, monkeypatch):
+    """The dQ and dK/dV kernels swap the two tile sizes: with square tiles their plans read the same
+    summaries, computed once (a torch op or two per summary saved per call); oblong tiles need their
+    own. Either way a document mask's gradients match the reference."""
+    doc = torch.tensor([[0] * 20 + [1] * 30 + [2] * 27])
+    spec = ag.AttentionSpec(mask_mod=ag.masks.document(doc) & ag.masks.causal)
+    q, k, v = Case(1, 2, 2, 77, 77, 16, 16, seed=4).tensors()
+    kernels = load_kernels(ag.compile(spec).path, interpret=True)
+    config = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    monkeypatch.setitem(kernels.TUNED_CONFIGS, kernels.shape_bucket(q, k, v), {"forward": config, "backward": config})
+    made = []
+    summaries = kernels.tile_summaries
+    monkeypatch.setattr(kernels, "tile_summaries",
+                        lambda *args: made.append((args[-1]["BLOCK_M"], args[-1]["BLOCK_N"])) or summaries(*args))
+    assert_matches_reference(spec, q, k, v)
+    assert made == [tiles, tiles] + ([] if tiles[0] == tiles[1] else [tiles[::-1]])  # forward, dQ, dK/dV
