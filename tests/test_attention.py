@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attngen as ag
 from attngen.testing import assert_matches_reference
@@ -86,6 +89,31 @@ def test_kernels_write_every_element_of_their_outputs(name, case):
     with NaN (conftest.py): in every family, with rows of no key, no queries or no keys, the kernels
     write them whole."""
     assert_matches_reference(WRITTEN_WHOLE[name], *case.tensors())
+
+
+class _Dispatched(TorchDispatchMode):
+    """Counts the torch operations run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("normalization", [ag.norms.Softmax(), ag.norms.Sparsemax(), ag.norms.OffByOne()],
+                         ids=["softmax", "sparsemax", "off_by_one"])
+def test_backward_fills_no_memory_that_it_overwrites(normalization):
+    """The gradients of unused statistics stay None and the residuals' (never differentiated) are not
+    made: with nothing to accumulate, a backward fills no memory (each fill a kernel on the GPU; the
+    sparsemax residuals' zeros were 7 per call)."""
+    q, k, v = (t.requires_grad_() for t in Case(1, 2, 2, 40, 40, 16, 16).tensors())
+    out = ag.compile(ag.AttentionSpec(normalization=normalization))(q, k, v)
+    with _Dispatched() as dispatched:
+        out.backward(torch.randn_like(out))
+    assert not {name for name in dispatched.ops if "zero" in name or "fill" in name or name == "full"}
 
 
 def test_one_call_form_matches_compiled_spec():
