@@ -35,7 +35,10 @@ class CompiledKernel:
     ``shared_bytes``: shared memory per program; ``registers``: per thread;
     ``spill_bytes``: local memory per thread (registers spilled, 0 when none);
     ``wgmma`` / ``mma_sync``: how many of its PTX tensor-core instructions are
-    Hopper's asynchronous warpgroup MMA or the older synchronous warp MMA.
+    Hopper's asynchronous warpgroup MMA or the older synchronous warp MMA;
+    ``mufu``: its special-function-unit instructions (exp2, log2, reciprocal,
+    ...) in the machine code, a unit with 1/8 of the multiply-adds' throughput
+    (static counts, loops counted once).
     """
 
     name: str
@@ -45,13 +48,15 @@ class CompiledKernel:
     spill_bytes: int
     wgmma: int
     mma_sync: int
+    mufu: int
     num_warps: int
     num_stages: int
 
     def describe(self) -> str:
         """One line: its speed-relevant numbers."""
         return (f"{self.registers} registers, {self.spill_bytes} B spilled, {self.shared_bytes / 1024:.1f} KB shared, "
-                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.num_warps} warps x {self.num_stages} stages")
+                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.mufu} MUFU, "
+                f"{self.num_warps} warps x {self.num_stages} stages")
 
 
 class _TargetDriver:
@@ -90,21 +95,21 @@ def _compile_only(arch: int, built: list):
         driver.set_active(previous)
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """``cuobjdump --dump-resource-usage`` of one kernel's cubin: e.g. {"REG": 168, "LOCAL": 0, ...}."""
+def _cuobjdump(cubin: bytes, option: str) -> str:
+    """``cuobjdump <option>`` of one kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
-                                capture_output=True, text=True, check=True).stdout
-    return {key: int(value) for key, value in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", report)}
+        return subprocess.run([knobs.nvidia.cuobjdump.path, option, file.name],
+                              capture_output=True, text=True, check=True).stdout
 
 
 def _describe(kernel, phase: str) -> CompiledKernel:
-    usage = _resource_usage(kernel.asm["cubin"])
-    ptx = kernel.asm["ptx"]
-    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, usage["REG"], usage["LOCAL"],
+    cubin, ptx = kernel.asm["cubin"], kernel.asm["ptx"]
+    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))  # e.g. REG:168
+    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, int(usage["REG"]), int(usage["LOCAL"]),
                           len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
+                          len(re.findall(r"\bMUFU\.", _cuobjdump(cubin, "-sass"))),
                           kernel.metadata.num_warps, kernel.metadata.num_stages)
 
 
