@@ -40,8 +40,8 @@ def report(names: list[str] | None, dims: list[int], tiles: dict, length: int = 
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | D | kernel | warps x stages | registers | spilled bytes | shared KB | wgmma | mma.sync | MUFU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | D | kernel | warps x stages | registers | spilled bytes | shared KB | wgmma | mma.sync "
+             "| MUFU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hazard = "**" if r["spill_bytes"] or r["mma_sync"] else ""
         lines.append(f"| {r['variant']} | {r['dim']} | {hazard}{r['name']}{hazard} | {r['num_warps']} x "

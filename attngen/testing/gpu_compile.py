@@ -95,21 +95,21 @@ def _compile_only(arch: int, built: list):
         driver.set_active(previous)
 
 
-def _cuobjdump(cubin: bytes, option: str) -> str:
-    """``cuobjdump <option>`` of one kernel's cubin."""
+def _machine_code(cubin: bytes) -> str:
+    """One kernel's resource usage (e.g. ``REG:168 ... LOCAL:0``) and SASS, by one ``cuobjdump``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        return subprocess.run([knobs.nvidia.cuobjdump.path, option, file.name],
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", "--dump-sass", file.name],
                               capture_output=True, text=True, check=True).stdout
 
 
 def _describe(kernel, phase: str) -> CompiledKernel:
-    cubin, ptx = kernel.asm["cubin"], kernel.asm["ptx"]
-    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))  # e.g. REG:168
+    ptx, machine_code = kernel.asm["ptx"], _machine_code(kernel.asm["cubin"])
+    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", machine_code))
     return CompiledKernel(kernel.name, phase, kernel.metadata.shared, int(usage["REG"]), int(usage["LOCAL"]),
                           len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
-                          len(re.findall(r"\bMUFU\.", _cuobjdump(cubin, "-sass"))),
+                          len(re.findall(r"\bMUFU\.", machine_code)),
                           kernel.metadata.num_warps, kernel.metadata.num_stages)
 
 
