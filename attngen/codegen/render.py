@@ -231,7 +231,7 @@ def kv_loads(paged: bool, table: str) -> dict[str, str]:
             loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, offs_{dim}, "
                            f"{strides}, LK, {dim.upper()})")
         else:
-            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, offs_{dim}, {strides}, LK, {dim.upper()})"
+            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, offs_{dim}, {strides}, LK, {dim.upper()}, EVEN_N)"
     return loads
 
 

@@ -37,8 +37,9 @@ class CompiledKernel:
     ``wgmma`` / ``mma_sync``: how many of its PTX tensor-core instructions are
     Hopper's asynchronous warpgroup MMA or the older synchronous warp MMA;
     ``mufu``: its special-function-unit instructions (exp2, log2, reciprocal,
-    ...) in the machine code, a unit with 1/8 of the multiply-adds' throughput
-    (static counts, loops counted once).
+    ...) in the machine code, a unit with 1/8 of the multiply-adds' throughput;
+    ``instructions``: all its machine-code (SASS) instructions (static counts,
+    loops counted once).
     """
 
     name: str
@@ -49,13 +50,14 @@ class CompiledKernel:
     wgmma: int
     mma_sync: int
     mufu: int
+    instructions: int
     num_warps: int
     num_stages: int
 
     def describe(self) -> str:
         """One line: its speed-relevant numbers."""
         return (f"{self.registers} registers, {self.spill_bytes} B spilled, {self.shared_bytes / 1024:.1f} KB shared, "
-                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.mufu} MUFU, "
+                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.mufu} MUFU of {self.instructions} instructions, "
                 f"{self.num_warps} warps x {self.num_stages} stages")
 
 
@@ -110,6 +112,7 @@ def _describe(kernel, phase: str) -> CompiledKernel:
     return CompiledKernel(kernel.name, phase, kernel.metadata.shared, int(usage["REG"]), int(usage["LOCAL"]),
                           len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
                           len(re.findall(r"\bMUFU\.", machine_code)),
+                          len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", machine_code, re.MULTILINE)),
                           kernel.metadata.num_warps, kernel.metadata.num_stages)
 
 
