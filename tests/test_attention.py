@@ -70,7 +70,14 @@ def test_half_precision_within_twice_the_torch_error(name, dtype):
     assert_matches_reference(spec, q, k, v)
 
 
+# learnable tensors read per head, per query and per key: their gradients are added up from per-row and
+# per-key parts that the backward kernels write
+PER_HEAD, PER_QUERY, PER_KEY = (torch.rand(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+                                for shape in ((4,), (2, 70), (2, 33)))
 WRITTEN_WHOLE = {
+    "learnable_captures": ag.AttentionSpec(
+        score_mod=lambda s, b, h, q_idx, kv_idx: s * PER_HEAD[h] + PER_QUERY[b, q_idx] * PER_KEY[b, kv_idx],
+        mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3),
     "softmax": ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3,
                                 stats=("lse", "max", "entropy")),
     "affine": ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=0.8, beta=0.1)),
@@ -101,6 +108,17 @@ class _Dispatched(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+def test_learnable_captures_fill_only_their_gradients():
+    """The captured tensors' gradients start at zero (the parts are added into them); each row's and each
+    key's part, and the entry it adds to, are written whole by the kernels (6 fills more before)."""
+    q, k, v = (t.requires_grad_() for t in Case(2, 4, 2, 70, 33, 16, 16).tensors())
+    out = ag.compile(WRITTEN_WHOLE["learnable_captures"])(q, k, v)
+    with _Dispatched() as dispatched:
+        out.backward(torch.randn_like(out))
+    fills = {name: n for name, n in dispatched.ops.items() if "zero" in name or "fill" in name or name == "full"}
+    assert sum(fills.values()) == 3, fills
 
 
 @pytest.mark.parametrize("normalization", [ag.norms.Softmax(), ag.norms.Sparsemax(), ag.norms.OffByOne()],
