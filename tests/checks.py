@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attngen as ag
 from attngen.testing import Case, assert_matches_reference
+
+
+class _Dispatched(TorchDispatchMode):
+    """Counts the torch operations run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fills(run) -> dict[str, int]:
+    """The torch operations that fill memory (zeros, fill_, full: each a kernel on a GPU) that ``run()``
+    dispatches, with how many times each."""
+    with _Dispatched() as dispatched:
+        run()
+    return {name: n for name, n in dispatched.ops.items() if "zero" in name or "fill" in name or name == "full"}
 
 
 def variant_inputs(variant, case: Case):

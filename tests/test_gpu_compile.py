@@ -59,7 +59,9 @@ def _extra_specs():
 
 
 def _check(spec, dtype=torch.bfloat16, arch=90, qk_dim=64, v_dim=64, lengths=(200, 180), **tiles):
-    kernels = compile_for_gpu(ag.compile(spec), *_tensors(dtype, qk_dim, v_dim, lengths), arch=arch, tiles=tiles)
+    """Builds the kernels of a forward and of a backward with the statistics' gradients."""
+    kernels = compile_for_gpu(ag.compile(spec), *_tensors(dtype, qk_dim, v_dim, lengths), arch=arch, tiles=tiles,
+                              stat_grads=True)
     names = {k.name for k in kernels}
     assert names & {"_attn_bwd_dq", "_diff_bwd_dq", "_stick_bwd"} and \
         names & {"_attn_fwd", "_threshold_fwd", "_stick_fwd"}, names

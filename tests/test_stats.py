@@ -11,7 +11,7 @@ import attngen as ag
 from attngen import norms
 from attngen.codegen.render import map_lines
 from attngen.testing import assert_matches_reference
-from checks import check_variant
+from checks import check_variant, fills
 from variants import VARIANTS, Case, Variant, case_id
 
 
@@ -52,6 +52,33 @@ def _with_stats(base: Variant, stats, normalization=None) -> Variant:
 @pytest.mark.parametrize("stats", STATS)
 def test_statistics_and_their_gradients_match_reference(stats, base, case):
     check_variant(_with_stats(BASES[base], STATS[stats]), case)
+
+
+def test_statistics_left_out_of_the_loss_cost_the_backward_nothing():
+    """Statistics kept for monitoring (max, entropy, a pooled map) and left out of the loss: the backward
+    kernels skip their terms (HAS_DSTATS), nothing is filled for them (3 fills before) and the maps' row-dot
+    pass does not run; q, k and v get exactly the gradients of the same attention without statistics.
+    With one of them in the loss, the others' terms are zeros (against float64)."""
+    q, k, v = Case(2, 4, 2, 45, 40, 16, 16, seed=3).tensors()
+    grad_out = torch.randn(2, 4, 45, 16, generator=torch.Generator().manual_seed(0))
+    stats = ("lse", "max", "entropy", ag.stats.pooled(16, 8, "mean", name="map"))
+    grads = []
+    for spec in (ag.AttentionSpec(mask_mod=ag.masks.causal, stats=stats), ag.AttentionSpec(mask_mod=ag.masks.causal)):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = ag.compile(spec)(*inputs)
+        assert not fills(lambda: out.backward(grad_out))
+        grads.append([t.grad for t in inputs])
+    for monitored, plain in zip(*grads):
+        assert torch.equal(monitored, plain)
+    spec = ag.AttentionSpec(mask_mod=ag.masks.causal, stats=("entropy", "max"))
+    for run, dtype in ((ag.compile(spec), torch.float32), (lambda *t, **kw: ag.reference.attention(*t, spec, **kw),
+                                                           torch.float64)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, stats = run(*inputs, return_stats=True)
+        ((out * grad_out.to(dtype)).sum() + stats.entropy.sum()).backward()  # the max left out
+        grads.append([t.grad for t in inputs])
+    for kernel, reference in zip(*grads[2:]):
+        torch.testing.assert_close(kernel.double(), reference, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("normalization", [

@@ -397,6 +397,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_names": "".join(f"{name}, " for name in stats),
         "stats_unpack": _unpack(stats) if stats else "",
         "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
+        # the gradients of the statistics whose backward terms the dQ and dK/dV kernels add (HAS_DSTATS)
+        "stat_grads": [f"d{name}" for name in stats if name in ("expectations", "row_max")]
+                      + [f"dmap{m['index']}" for m in grad_maps],
         "expectations": expectations,
         "row_max": row_max,
         "scale": repr(None if scale is None else float(scale)),

@@ -137,13 +137,16 @@ def _compile_linear(attn: CompiledLinearAttention, q, k, v, arch: int, tiles: di
 
 
 def compile_for_gpu(attn: CompiledAttention | CompiledLinearAttention, q, k, v, *, arch: int = 90,
-                    tiles: dict | None = None, backward: bool = True) -> list[CompiledKernel]:
+                    tiles: dict | None = None, backward: bool = True,
+                    stat_grads: bool = False) -> list[CompiledKernel]:
     """Build, for ``sm_<arch>``, every kernel that ``attn(q, k, v)`` (and its backward) launches.
 
     ``q``, ``k``, ``v`` are CPU tensors giving dtype and shapes. The launch
     configuration is the CUDA default, updated with ``tiles`` (e.g.
     ``{"BLOCK_M": 128, "num_stages": 3}``, or ``{"CHUNK": 32}`` for linear
-    attention). Raises Triton's compilation error if a kernel does not build.
+    attention). The backward is that of a loss of the output alone, or with
+    ``stat_grads`` of the statistics too. Raises Triton's compilation error if
+    a kernel does not build.
     """
     if isinstance(attn, CompiledLinearAttention):
         return _compile_linear(attn, q, k, v, arch, tiles, backward)
@@ -158,7 +161,9 @@ def compile_for_gpu(attn: CompiledAttention | CompiledLinearAttention, q, k, v, 
         out, stats, residuals = kernels.run_forward(q, k, v, captures, params, scale, config)
         phases += ["forward"] * (len(built) - len(phases))
         if backward:
-            kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), [None] * len(stats),
-                                 captures, params, scale, config)
+            dstats = [torch.ones_like(stat) if stat_grads and name not in kernels.FORWARD_ONLY_STATS else None
+                      for name, stat in zip(kernels.STAT_OUTPUTS, stats)]
+            kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), dstats, captures, params,
+                                 scale, config)
             phases += ["backward"] * (len(built) - len(phases))
     return _built(built, phases)
