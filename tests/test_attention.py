@@ -70,7 +70,7 @@ def test_half_precision_within_twice_the_torch_error(name, dtype):
 # learnable tensors read per head, per query and per key: their gradients are added up from per-row and
 # per-key parts that the backward kernels write
 PER_HEAD, PER_QUERY, PER_KEY = (torch.rand(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
-                                for shape in ((4,), (2, 70), (2, 33)))
+                                for shape in ((4,), (2, 128), (2, 64)))
 WRITTEN_WHOLE = {
     "learnable_captures": ag.AttentionSpec(
         score_mod=lambda s, b, h, q_idx, kv_idx: s * PER_HEAD[h] + PER_QUERY[b, q_idx] * PER_KEY[b, kv_idx],
@@ -93,6 +93,27 @@ def test_kernels_write_every_element_of_their_outputs(name, case):
     with NaN (conftest.py): in every family, with rows of no key, no queries or no keys, the kernels
     write them whole."""
     assert_matches_reference(WRITTEN_WHOLE[name], *case.tensors())
+
+
+@pytest.mark.parametrize("name", sorted(WRITTEN_WHOLE))
+def test_whole_tile_kernels_match_the_bounds_checked_ones(name, monkeypatch):
+    """At lengths that are multiples of the tiles the kernels are built without bounds checks (EVEN_M,
+    EVEN_N); forced to check them anyway, they give bit-identical outputs and gradients."""
+    from attngen.runtime.loader import load_kernels
+    attn = ag.compile(WRITTEN_WHOLE[name])
+    q, k, v = Case(1, 4, 2, 128, 64, 16, 16, seed=2).tensors()
+    grad_out = torch.randn(1, 4, 128, 16, generator=torch.Generator().manual_seed(0))
+    results = []
+    for checked in (False, True):
+        if checked:
+            monkeypatch.setattr(load_kernels(attn.path, interpret=True), "_fitted",
+                                lambda config, LQ, LK: {**config, "EVEN_M": False, "EVEN_N": False})
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attn(*inputs)
+        out.backward(grad_out)
+        results.append([out, *(t.grad for t in inputs)])
+    for whole, checked in zip(*results):
+        assert torch.equal(whole, checked)
 
 
 def test_learnable_captures_fill_only_their_gradients():
