@@ -79,8 +79,10 @@ class _TargetDriver:
 
 @contextlib.contextmanager
 def _compile_only(arch: int, built: list):
-    """Inside, ``kernel[grid](...)`` compiles for ``sm_<arch>`` and records the kernel instead of launching."""
-    launch = KernelInterface.__getitem__
+    """Inside, ``kernel[grid](...)`` compiles for ``sm_<arch>`` and records the kernel instead of launching.
+    As no kernel writes them, ``torch.empty`` tensors are zeros there: the launchers read some back (the
+    entries that captured tensors' gradient parts add to)."""
+    launch, empty = KernelInterface.__getitem__, torch.empty
 
     def warmup(self, grid):
         def run(*args, **kwargs):
@@ -90,10 +92,12 @@ def _compile_only(arch: int, built: list):
     previous = driver._active  # None on a machine without a GPU, where reset_active() would fail
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     KernelInterface.__getitem__ = warmup
+    torch.empty = torch.zeros
     try:
         yield
     finally:
         KernelInterface.__getitem__ = launch
+        torch.empty = empty
         driver.set_active(previous)
 
 
