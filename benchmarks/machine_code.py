@@ -7,8 +7,8 @@ registers per thread, bytes spilled to local memory, shared memory, and how
 many tensor-core instructions are Hopper's warpgroup MMA (wgmma) or the older
 synchronous MMA, which runs at a fraction of the rate, and how many instructions
 go to the special-function unit (MUFU: exp2, log2, reciprocal), which has 1/8 of
-the multiply-adds' throughput, among all its machine-code instructions. A spill or an ``mma.sync`` in an attention
-kernel is a speed hazard to fix before timing.
+the multiply-adds' throughput, among all its machine-code instructions. A spill
+or an ``mma.sync`` in an attention kernel is a speed hazard to fix before timing.
 
     python benchmarks/machine_code.py [--only causal sigmoid] [--dims 64 128] [--out FOLDER]
 """
