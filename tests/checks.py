@@ -23,12 +23,18 @@ class _Dispatched(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def dispatched(run) -> collections.Counter:
+    """How many times ``run()`` dispatches each torch operation, by name (each a kernel launch or at
+    least a few microseconds of host time on a GPU)."""
+    with _Dispatched() as counted:
+        run()
+    return counted.ops
+
+
 def fills(run) -> dict[str, int]:
     """The torch operations that fill memory (zeros, fill_, full: each a kernel on a GPU) that ``run()``
     dispatches, with how many times each."""
-    with _Dispatched() as dispatched:
-        run()
-    return {name: n for name, n in dispatched.ops.items() if "zero" in name or "fill" in name or name == "full"}
+    return {name: n for name, n in dispatched(run).items() if "zero" in name or "fill" in name or name == "full"}
 
 
 def variant_inputs(variant, case: Case):

@@ -23,7 +23,7 @@ from attngen.reference import scores
 from attngen.runtime.loader import load_kernels
 from attngen.testing import assert_matches_reference
 from attngen.trace import trace
-from checks import check_variant
+from checks import check_variant, dispatched
 from variants import Case, Variant
 
 masks = ag.masks
@@ -464,19 +464,22 @@ def test_block_mask_construction_errors():
 
 
 @pytest.mark.parametrize("tiles", [(32, 32), (32, 16)], ids=["square", "oblong"])
-def test_backward_plans_share_square_tiles_summaries(tiles, monkeypatch):
-    """The dQ and dK/dV kernels swap the two tile sizes: with square tiles their plans read the same
-    summaries, computed once (a torch op or two per summary saved per call); oblong tiles need their
-    own. Either way a document mask's gradients match the reference."""
+def test_each_tiling_is_summarized_once_per_pass(tiles, monkeypatch):
+    """A document mask reads the same ids along both axes, and the dQ and dK/dV kernels swap the two
+    tile sizes: each pass gathers and reduces (one torch.aminmax for min and max) once per tiling,
+    square tiles having one, oblong two (a torch op or two per summary saved per call). Either way a
+    document mask's gradients match the reference."""
     doc = torch.tensor([[0] * 20 + [1] * 30 + [2] * 27])
     spec = ag.AttentionSpec(mask_mod=ag.masks.document(doc) & ag.masks.causal)
     q, k, v = Case(1, 2, 2, 77, 77, 16, 16, seed=4).tensors()
-    kernels = load_kernels(ag.compile(spec).path, interpret=True)
+    attn = ag.compile(spec)
+    kernels = load_kernels(attn.path, interpret=True)
     config = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     monkeypatch.setitem(kernels.TUNED_CONFIGS, kernels.shape_bucket(q, k, v), {"forward": config, "backward": config})
-    made = []
-    summaries = kernels.tile_summaries
-    monkeypatch.setattr(kernels, "tile_summaries",
-                        lambda *args: made.append((args[-1]["BLOCK_M"], args[-1]["BLOCK_N"])) or summaries(*args))
+    outputs = []
+    forward = dispatched(lambda: outputs.append(attn(q, k, v)))
+    backward = dispatched(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
+    tilings = 1 if tiles[0] == tiles[1] else 2
+    for ops in (forward, backward):
+        assert (ops["index_select"], ops["aminmax"], ops["amin"], ops["amax"]) == (tilings, tilings, 0, 0), ops
     assert_matches_reference(spec, q, k, v)
-    assert made == [tiles, tiles] + ([] if tiles[0] == tiles[1] else [tiles[::-1]])  # forward, dQ, dK/dV
