@@ -9,6 +9,7 @@ two block sizes need not match.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -109,19 +110,37 @@ def as_block_mask(block_mask, q_len: int, kv_len: int, mask_mod=None) -> BlockMa
         raise ValueError(f"block_mask is a FlexAttention BlockMask that applies its own mask_mod ({_name(own)}), "
                          f"not the spec's ({_name(mask_mod)}): compile AttentionSpec(mask_mod=block_mask.mask_mod), "
                          "or call ag.attention(q, k, v, score_mod, block_mask=block_mask), which takes it")
-    dense = _rows_to_dense(flex.kv_num_blocks, flex.kv_indices)
+    return _from_flex(flex)
+
+
+_FROM_FLEX = weakref.WeakKeyDictionary()  # FlexAttention BlockMask -> (its tensors, their versions, BlockMask)
+
+
+def _from_flex(flex) -> BlockMask:
+    """A FlexAttention ``BlockMask`` as a :class:`BlockMask`: one scatter of its partial and full blocks'
+    per-row lists (``to_dense`` runs vmap, milliseconds of host time per call). A mask is made once and
+    passed to many calls (every layer of a model), so the result is kept with the mask while it holds
+    the same tensors, unchanged: their version counters, which in-place torch operations advance, are
+    compared."""
+    lists = [(flex.kv_num_blocks, flex.kv_indices)]
     if flex.full_kv_num_blocks is not None:
-        dense |= _rows_to_dense(flex.full_kv_num_blocks, flex.full_kv_indices)
-    return BlockMask(dense, tuple(flex.BLOCK_SIZE))
-
-
-def _rows_to_dense(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The bool block matrix ``[..., nq, nk]`` of FlexAttention's per-row lists: row ``r`` keeps the
-    blocks ``indices[..., r, :counts[..., r]]``. A few tensor operations, where BlockMask.to_dense
-    runs vmap (milliseconds of host time per call)."""
-    kv_blocks = indices.shape[-1]
-    listed = torch.arange(kv_blocks, device=indices.device) < counts[..., None]
-    return _scatter_blocks(torch.where(listed, indices, kv_blocks), kv_blocks)
+        lists.append((flex.full_kv_num_blocks, flex.full_kv_indices))
+    tensors = tuple(t for pair in lists for t in pair)
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter: nothing is kept
+        versions = None
+    kept = _FROM_FLEX.get(flex)
+    if versions is not None and kept is not None and kept[1] == versions \
+            and all(a is b for a, b in zip(kept[0], tensors, strict=True)):
+        return kept[2]
+    kv_blocks = flex.kv_indices.shape[-1]
+    columns = torch.cat([torch.where(torch.arange(kv_blocks, device=indices.device) < counts[..., None],
+                                     indices, kv_blocks) for counts, indices in lists], dim=-1)
+    converted = BlockMask(_scatter_blocks(columns, kv_blocks), tuple(flex.BLOCK_SIZE))
+    if versions is not None:
+        _FROM_FLEX[flex] = (tensors, versions, converted)
+    return converted
 
 
 def _scatter_blocks(columns: torch.Tensor, kv_blocks: int) -> torch.Tensor:

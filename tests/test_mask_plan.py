@@ -437,6 +437,31 @@ def test_flex_attention_block_masks_convert_as_their_to_dense():
         assert torch.equal(converted.blocks, block_mask.to_dense().bool())
 
 
+def test_flex_attention_block_masks_are_read_once_while_unchanged():
+    """A FlexAttention BlockMask passed to many calls (every layer of a model) is read on the first:
+    later calls dispatch no scatter. Changed in place, or given other lists, it is read again."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = (t.detach() for t in _qkv(1, 2, 2, 64, 64))
+    block_mask = flex_attention.BlockMask.from_kv_blocks(
+        torch.tensor([[[1, 2]]], dtype=torch.int32), torch.tensor([[[[0, 1], [1, 0]]]], dtype=torch.int32),
+        BLOCK_SIZE=32, seq_lengths=(64, 64))
+    attn = ag.compile(ag.AttentionSpec())
+
+    def scatters_and_output(dense):
+        outputs = []
+        scatters = dispatched(lambda: outputs.append(attn(q, k, v, block_mask=block_mask)))["scatter_"]
+        assert torch.equal(outputs[0], attn(q, k, v, block_mask=ag.BlockMask(torch.tensor(dense), 32)))
+        return scatters
+
+    assert scatters_and_output([[[[True, False], [True, True]]]]) == 1
+    assert scatters_and_output([[[[True, False], [True, True]]]]) == 0
+    block_mask.kv_num_blocks[0, 0, 1] = 1  # in place: the second row keeps its first listed block alone
+    assert scatters_and_output([[[[True, False], [False, True]]]]) == 1
+    block_mask.kv_indices = torch.tensor([[[[1, 0], [0, 1]]]], dtype=torch.int32)  # other lists
+    assert scatters_and_output([[[[False, True], [True, False]]]]) == 1
+    assert scatters_and_output([[[[False, True], [True, False]]]]) == 0
+
+
 @pytest.mark.parametrize("block_mask, message", [
     (torch.ones(1, 1, 4, dtype=torch.bool), r"a bool tensor \[batch or 1, .* shape \(1, 1, 4\)"),
     (torch.ones(1, 1, 2, 2), "got a torch.float32 tensor"),
