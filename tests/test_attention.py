@@ -48,6 +48,18 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
     assert torch.isfinite(stats.lse[:, :, 3:]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_a_score_mod_sends_to_minus_inf_are_as_fully_masked_ones(dtype):
+    """A score_mod that gives -inf to every key of a row (its mask keeps them): output 0, lse -inf, and
+    gradients finite and as the reference's, through exp (float32) and exp2 (bfloat16) alike."""
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: torch.where(q_idx < 3, float("-inf"), s),
+                            mask_mod=ag.masks.causal)
+    case = Case(1, 2, 2, 40, 40, 16, 16, dtype=dtype, seed=1)
+    out, stats = ag.compile(spec)(*case.tensors(), return_stats=True)
+    assert torch.all(out[:, :, :3] == 0) and torch.all(stats.lse[:, :, :3] == float("-inf"))
+    assert_matches_reference(spec, *case.tensors())
+
+
 def test_everything_masked_has_finite_gradients():
     spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: q_idx < 0)
     q, k, v = Case(1, 1, 1, 9, 9, 16, 16, seed=0).tensors()
