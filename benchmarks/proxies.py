@@ -14,7 +14,10 @@
 * host time per call: everything an ``attn(q, k, v)`` call does in Python
   (argument checks, launch configuration, tile summaries, the custom op's
   dispatch) with the kernel launches themselves skipped, which bounds the
-  latency of small calls such as decoding steps on a GPU.
+  latency of small calls such as decoding steps on a GPU, and the torch
+  operations it dispatches (a GPU's host pays each: the masked calls of the
+  2026-12-04 H200 run were host-bound); for decoding steps, and for the
+  document and block-sparse masks at a training length, forward and backward.
 
     python benchmarks/proxies.py [--quick] [--out FOLDER]   # FOLDER gets proxies.md and proxies.json
 """
@@ -29,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attngen as ag
 
@@ -143,32 +147,83 @@ def _per_call(run, calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
-def host_time(repeats: int = 300) -> list[dict]:
-    """Microseconds per call with every kernel launch skipped (best of 7 runs of ``repeats`` calls)."""
-    from triton.runtime.jit import KernelInterface
+class _Dispatches(TorchDispatchMode):
+    """Counts the torch operations dispatched inside it (each a few microseconds of host time, and most
+    a kernel, on a GPU)."""
 
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _decoding_calls() -> tuple[str, dict]:
+    """A decoding step's shape and its calls: name -> (spec, q, k, v, call keywords, backward?)."""
     batch, q_heads, kv_heads, length, dim = 8, 32, 8, 4096, 128
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, q_heads, 1, dim, generator=gen)
     k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen) for _ in range(2))
     kv_lens = torch.full((batch,), length)
     slopes = torch.rand(q_heads, generator=gen)
-    calls = {
-        "plain": (ag.AttentionSpec(), {}),
-        "ALiBi": (ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)), {}),
-        "causal, kv_lens": (ag.AttentionSpec(mask_mod=ag.masks.causal), dict(kv_lens=kv_lens)),
-        "causal, kv_lens, split-KV": (ag.AttentionSpec(mask_mod=ag.masks.causal), dict(kv_lens=kv_lens, mode="decode")),
+    causal = ag.AttentionSpec(mask_mod=ag.masks.causal)
+    return f"B={batch} Hq={q_heads} Hkv={kv_heads} Lq=1 Lk={length} D={dim}", {
+        "plain": (ag.AttentionSpec(), q, k, v, {}, False),
+        "ALiBi": (ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)),
+                  q, k, v, {}, False),
+        "causal, kv_lens": (causal, q, k, v, dict(kv_lens=kv_lens), False),
+        "causal, kv_lens, split-KV": (causal, q, k, v, dict(kv_lens=kv_lens, mode="decode"), False),
     }
+
+
+def _masked_calls() -> tuple[str, dict]:
+    """Training-length calls whose masks need per-call tile summaries (the benchmark's document mask
+    and block-sparse FlexAttention BlockMask), forward and forward + backward. Few heads and a small
+    head dim: the host's work does not depend on them, the CPU's tensor work would."""
+    import run as bench  # benchmarks/run.py (imports this module)
+
+    batch, heads, length, dim = 4, 2, 4096, 16
+    specs = bench.variants(batch, heads, length, dim, "cpu")
+    q, k, v = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+    calls = {}
+    for name, label in (("document", "document mask"), ("block_sparse", "block-sparse (FlexAttention BlockMask)")):
+        spec, (_, mask), _, _ = specs[name]
+        call = {"block_mask": mask} if name == "block_sparse" else {}
+        calls[f"{label}, forward"] = (spec, q, k, v, call, False)
+        calls[f"{label}, forward + backward"] = (spec, q, k, v, call, True)
+    return f"B={batch} H={heads} L={length} D={dim}", calls
+
+
+def host_time(repeats: int = 300) -> list[dict]:
+    """Microseconds and torch operations per call with every kernel launch skipped (best of 7 runs of
+    ``repeats`` calls; a tenth as many with a backward)."""
+    from triton.runtime.jit import KernelInterface
+
     launch = KernelInterface.__getitem__
     KernelInterface.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
     try:
         rows = []
-        for name, (spec, call) in calls.items():
-            attn = ag.compile(spec)
-            attn(q, k, v, **call)  # builds and imports the module
-            best = min(_per_call(lambda: attn(q, k, v, **call), repeats) for _ in range(7))
-            rows.append({"call": name, "shape": f"B={batch} Hq={q_heads} Hkv={kv_heads} Lq=1 Lk={length} D={dim}",
-                         "microseconds": best * 1e6})
+        for shape, calls in (_decoding_calls(), _masked_calls()):
+            for name, (spec, q, k, v, call, backward) in calls.items():
+                attn = ag.compile(spec)
+                grad = torch.ones(*q.shape[:-1], v.shape[-1])
+
+                def step():
+                    if not backward:
+                        with torch.no_grad():
+                            return attn(q, k, v, **call)
+                    out = attn(q, k, v, **call)
+                    out.backward(grad)
+                    q.grad = k.grad = v.grad = None
+
+                step()  # builds and imports the module
+                best = min(_per_call(step, max(1, repeats // (10 if backward else 1))) for _ in range(7))
+                with _Dispatches() as dispatches:
+                    step()
+                rows.append({"call": name, "shape": shape, "microseconds": best * 1e6,
+                             "torch_ops": dispatches.count})
         return rows
     finally:
         KernelInterface.__getitem__ = launch
@@ -199,10 +254,11 @@ def markdown(results: dict) -> str:
     for r in results["interpreter"]:
         lines.append(f"| {r['variant']} | {r['length']} | {r['attngen_ms']:.1f} | {r['reference_ms']:.2f} | "
                      f"{r['ratio']:.0f} |")
-    lines += ["", "Host time per call, kernel launches skipped (best of 7 runs of back-to-back calls):", "",
-              "| call | shape | us per call |", "|---|---|---|"]
+    lines += ["", "Host time per call, kernel launches skipped (best of 7 runs of back-to-back calls), and the torch "
+              "operations a call dispatches:", "",
+              "| call | shape | us per call | torch ops per call |", "|---|---|---|---|"]
     for r in results["host"]:
-        lines.append(f"| {r['call']} | {r['shape']} | {r['microseconds']:.0f} |")
+        lines.append(f"| {r['call']} | {r['shape']} | {r['microseconds']:.0f} | {r['torch_ops']} |")
     return "\n".join(lines) + "\n"
 
 
