@@ -387,6 +387,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "online": online,
         "sink": normalization.sink is not None,
         "affine": affine,
+        # affine softmax: the tiles a row keeps whole add their values' column sums, which the launcher
+        # computes per tile (decoding calls, paged or split over the keys, take the masked tiles' dot)
+        "value_sums": affine and "dropout_seed" not in kernel_captures and "block_table" not in kernel_captures
+                      and not split_kv,
         "o_soft": o_soft,
         "uses_kept": "n_kept" in used,
         "norm_params": params,
