@@ -284,7 +284,8 @@ def capture_gradient_context(tagged_grads: list[tuple[str, dict]], stick: bool) 
 
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
-                   kernel_captures: dict[str, int] | None = None, differential: bool = False) -> dict:
+                   kernel_captures: dict[str, int] | None = None, differential: bool = False,
+                   cache: bool = False) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
@@ -388,9 +389,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "sink": normalization.sink is not None,
         "affine": affine,
         # affine softmax: the tiles a row keeps whole add their values' column sums, which the launcher
-        # computes per tile (decoding calls, paged or split over the keys, take the masked tiles' dot)
-        "value_sums": affine and "dropout_seed" not in kernel_captures and "block_table" not in kernel_captures
-                      and not split_kv,
+        # computes per tile; decoding (a KV cache, which that would read whole, or keys split over programs)
+        # and dropout take the masked tiles' dot
+        "value_sums": affine and not (cache or split_kv) and "dropout_seed" not in kernel_captures,
         "o_soft": o_soft,
         "uses_kept": "n_kept" in used,
         "norm_params": params,
@@ -453,15 +454,16 @@ def _tidy(source: str) -> str:
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
-           kernel_captures: dict[str, int] | None = None, differential: bool = False) -> str:
+           kernel_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
     ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the
-    halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``."""
+    halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``;
+    ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             kernel_captures or {}, differential)
+                             kernel_captures or {}, differential, cache)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 

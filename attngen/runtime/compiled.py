@@ -111,7 +111,8 @@ class CompiledAttention:
         return render(self.kernel_graph(), self.description, self.spec.normalization,
                       row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
-                      kernel_captures=self.kernel_captures, differential=self.spec.differential is not None)
+                      kernel_captures=self.kernel_captures, differential=self.spec.differential is not None,
+                      cache=self.variant.cache)
 
     @property
     def source(self) -> str:
