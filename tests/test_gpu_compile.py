@@ -103,10 +103,9 @@ def test_whole_tiles_drop_their_bounds_checks(spec):
 
 def test_the_softmax_of_the_products_folds_the_scale_into_exp2():
     """softmax(q k^T * scale) takes its row max from the unscaled products (scale > 0) and its weights as
-    exp2(dot * scale log2 e - m log2 e), one multiply-add per score, and its dK/dV kernel skips the
-    lse = -inf fix (a row without keys keeps none). A score_mod (here s * 1.5) needs the scaled score
-    first. Per 64 x 64 tile of 4 warps (32 scores a thread) that is 56 / 120 / 96 instructions more in
-    the forward / dK/dV / dQ kernels; before the fold 32 / 64 / 64."""
+    exp2(dot * scale log2 e - m log2 e), one multiply-add per score. A score_mod (here s * 1.5) needs the
+    scaled score first. Per 64 x 64 tile of 4 warps (32 scores a thread) that is 56 / 96 / 96
+    instructions more in the forward / dK/dV / dQ kernels; before the fold 32 / 64 / 64."""
     tensors = [torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(3)]
     plain, modded = ({k.name: k.instructions for k in compile_for_gpu(ag.compile(spec), *tensors)} for spec in (
         ag.AttentionSpec(), ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * 1.5)))
