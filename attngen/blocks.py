@@ -126,9 +126,9 @@ def _from_flex(flex) -> BlockMask:
     if flex.full_kv_num_blocks is not None:
         lists.append((flex.full_kv_num_blocks, flex.full_kv_indices))
     tensors = tuple(t for pair in lists for t in pair)
-    try:
-        versions = tuple(t._version for t in tensors)
-    except RuntimeError:  # inference tensors have no version counter: nothing is kept
+    try:  # nothing is kept for inference tensors (no version counter) nor inside torch.compile's trace
+        versions = None if torch.compiler.is_compiling() else tuple(t._version for t in tensors)
+    except RuntimeError:
         versions = None
     kept = _FROM_FLEX.get(flex)
     if versions is not None and kept is not None and kept[1] == versions \

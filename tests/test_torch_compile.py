@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.nn.attention import flex_attention
 
 import attngen as ag
 
@@ -54,6 +55,23 @@ def test_a_kind_of_call_first_seen_inside_torch_compile(call, tmp_path, monkeypa
                                        mask_mod=ag.masks.causal))
     compiled = torch.compile(lambda q, k, v: attn(q, k, v, **CALLS[call]()), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), attn(q, k, v, **CALLS[call]()), atol=0, rtol=0)
+
+
+def test_a_flex_attention_block_mask_read_inside_torch_compile(tmp_path, monkeypatch):
+    """A FlexAttention BlockMask made outside the compiled function, as flex_attention's users make it,
+    is read inside the trace (fullgraph): the output is eager's, on the first call and on later ones,
+    which take the mask's blocks as read before."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    block_mask = flex_attention.BlockMask.from_kv_blocks(
+        torch.tensor([[[1, 2]]], dtype=torch.int32), torch.tensor([[[[1, 0], [0, 1]]]], dtype=torch.int32),
+        BLOCK_SIZE=32, seq_lengths=(64, 64))
+    attn = ag.compile(ag.AttentionSpec())
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, block_mask=block_mask), fullgraph=True, backend="aot_eager")
+    want = attn(q, k, v, block_mask=ag.BlockMask(torch.tensor([[[[False, True], [True, True]]]]), 32))
+    for _ in range(2):
+        torch.testing.assert_close(compiled(q, k, v), want, atol=0, rtol=0)
 
 
 def test_packed_and_paged_calls_first_seen_inside_torch_compile(tmp_path, monkeypatch):
