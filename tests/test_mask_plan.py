@@ -184,7 +184,8 @@ PER_HEAD_BLOCKS = torch.rand(2, 3, 9, 9) > 0.6  # 16 x 16-token blocks, a patter
        block_n=st.sampled_from([16, 32, 64]))
 def test_tile_lists_hold_the_planned_tiles_in_order(name, seed, q_len, kv_len, block_m, block_n):
     """Where the kv loop has no closed form, a first kernel lists each program's live tiles: exactly
-    those the plan visits, ascending, flagged where mask_mod must be evaluated."""
+    those the plan visits, the tiles kept whole (ascending) before those where mask_mod must be evaluated
+    (ascending), after how many of each kind."""
     import random
     torch.manual_seed(seed)
     mask = ag.blocks.blocks_mask_mod(PER_HEAD_BLOCKS, (16, 16)) if name == "per_head_blocks" \
@@ -199,16 +200,16 @@ def test_tile_lists_hold_the_planned_tiles_in_order(name, seed, q_len, kv_len, b
     summaries = kernels.tile_summaries(captures, q_len, kv_len, config)
     lists = kernels.plan_arguments("kv", captures, summaries, batch, heads, q_len, kv_len, config,
                                    torch.device("cpu"))[-1]
-    lists = lists.view(batch, -1, visited.shape[2], visited.shape[3] + 1)
+    lists = lists.view(batch, -1, visited.shape[2], visited.shape[3] + 2)
     assert lists.shape[1] == (heads if name == "per_head_blocks" else 1)
     for b in range(batch):
         for h in range(heads):
             for i in range(visited.shape[2]):
-                row = lists[b, h % lists.shape[1], i]
-                entries = row[1:1 + row[0]].long()
-                expected = visited[b, h, i].nonzero().flatten()
-                assert torch.equal(entries // 2, expected), (b, h, i, entries, expected)
-                assert torch.equal(entries % 2 == 1, ~full[b, h, i, expected]), (b, h, i)
+                row = lists[b, h % lists.shape[1], i].long()
+                whole, live = int(row[0]), int(row[1])
+                expected = [(visited[b, h, i] & kind).nonzero().flatten() for kind in (full[b, h, i], ~full[b, h, i])]
+                assert torch.equal(row[2:2 + whole], expected[0]), (b, h, i, row, expected)
+                assert torch.equal(row[2 + whole:2 + live], expected[1]), (b, h, i, row, expected)
 
 
 @settings(max_examples=15, deadline=None)
@@ -218,7 +219,7 @@ def test_gqa_packed_tile_lists_plan_over_the_queries_of_their_rows(seed, q_len, 
     """Split-KV decoding under GQA packing: a program's rows are (query head, query) pairs of `group`
     heads, so its list covers the lowest to the highest of their queries. Here (a window over a
     cache, and 32-key blocks chosen per batch entry for every head) the plan is exact: a tile is
-    listed where some key of it is kept for some query of that range, flagged unless all are."""
+    listed where some key of it is kept for some query of that range, with those whole if all are."""
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.rand(2, 5, generator=gen) > 0.4
     window = masks.sliding_window(20)
@@ -234,21 +235,19 @@ def test_gqa_packed_tile_lists_plan_over_the_queries_of_their_rows(seed, q_len, 
     lists = kernels.plan_arguments("kv", captures, summaries, 2, 8, q_len, kv_len, config, torch.device("cpu"),
                                    group=group)[-1]
     n_q, n_kv = -(-group * q_len // block_m), -(-kv_len // block_n)
-    lists = lists.view(2, n_q, n_kv + 1)
+    lists = lists.view(2, n_q, n_kv + 2)
     for b in range(2):
         for tile in range(n_q):
             queries = [r % q_len for r in range(tile * block_m, min((tile + 1) * block_m, group * q_len))]
             q_idx = torch.arange(min(queries), max(queries) + 1)[:, None] + q_offset[b]
-            expected, partial = [], []
+            whole, partial = [], []
             for j in range(n_kv):
                 kv_idx = torch.arange(j * block_n, min((j + 1) * block_n, kv_len))[None, :]
                 kept = spec.mask_mod(b, 0, q_idx, kv_idx) & (kv_idx < kv_lens[b])
                 if kept.any():
-                    expected.append(j)
-                    partial.append(not bool(kept.all()))
-            entries = lists[b, tile, 1:1 + lists[b, tile, 0]].long()
-            assert (entries // 2).tolist() == expected, (b, tile, entries, expected)
-            assert (entries % 2 == 1).tolist() == partial, (b, tile)
+                    (whole if bool(kept.all()) else partial).append(j)
+            row = lists[b, tile].tolist()
+            assert row[2:2 + row[1]] == whole + partial and row[0] == len(whole), (b, tile, row, whole, partial)
 
 
 def test_a_mask_no_tile_can_be_skipped_for_loops_over_its_range_without_a_list():

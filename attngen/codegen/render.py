@@ -92,7 +92,8 @@ def segment_names(axis: str, layout: str) -> list[str]:
 
 
 def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], str], indent: int,
-              window: bool = False, descending: bool = False, plan_row: str | None = None) -> str:
+              window: bool = False, descending: bool = False, plan_row: str | None = None,
+              grouped: bool = True) -> str:
     """The loop of one program over the ``axis`` tiles ("kv" or "q") its mask plan visits.
 
     ``body(masked)`` is the code for one tile given the name of its masked
@@ -106,6 +107,9 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
     ``window``: only the tiles in ``[window_lo, window_hi)``, or the ``split``-th
     of ``SPLITS`` even shares of a list (split-KV decoding).
     ``descending``: the tiles from the last to the first (stick-breaking).
+    ``grouped``: the lists hold the tiles kept whole, then those with masked positions, and each kind
+    has a loop of its own (the whole tiles' without the mask); else one ascending list, each entry
+    flagged, walked last tile first (``descending``: stick-breaking).
     """
     a = _AXES[axis]
     lo, hi, block = a["lo"], a["hi"], a["block"]
@@ -133,30 +137,41 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
 
     def listed_loop() -> None:
         add(f"live_tiles = TILES + ({plan_row} * tl.num_programs(0) + {a['other_tile']}).to(tl.int64) "
-            f"* (({a['length']} + {block} - 1) // {block} + 1)", 0)
-        add("n_live = tl.load(live_tiles)", 0)
+            f"* (({a['length']} + {block} - 1) // {block} + 2)", 0)
+        add("n_live = tl.load(live_tiles + 1)" if grouped else "n_live = tl.load(live_tiles)", 0)
         first, last = "0", "n_live"
         if window:  # this program's share of the list: an even one, so sparse rows keep every split busy
             first, last = "first", "last"
             add("share = (n_live + SPLITS - 1) // SPLITS", 0)
             add("first = tl.minimum(split * share, n_live)", 0)
             add("last = tl.minimum(first + share, n_live)", 0)
-        comment = f"the live tiles _{axis}_tile_list found"
-        # each tile's entry is loaded one tile ahead, so that its K/V (Q/dO) addresses are known
-        # when the software pipeline issues their copies
-        if descending:
-            count = last if first == "0" else f"{last} - {first}"
-            add(f"entry = tl.load(live_tiles + {last}, mask={count} > 0, other=0)", 0)
-            add(f"for i in range(0, {count}):  # {comment}, last first", 0)
-            add(f"next_entry = tl.load(live_tiles + {last} - 1 - i, mask=i + 1 < {count}, other=0)", 1)
-        else:
-            offset, any_live = ("1", f"{last} > 0") if first == "0" else (f"1 + {first}", f"{first} < {last}")
-            add(f"entry = tl.load(live_tiles + {offset}, mask={any_live}, other=0)", 0)
-            add(f"for i in range({first}, {last}):  # {comment}", 0)
-            add(f"next_entry = tl.load(live_tiles + 2 + i, mask=i + 1 < {last}, other=0)", 1)
+        if grouped:
+            assert not descending, "grouped lists are walked in order"
+            add("n_whole = tl.load(live_tiles)", 0)
+            listed_group("first" if window else "0", "tl.minimum(last, n_whole)" if window else "n_whole",
+                         "False", "kept whole")
+            listed_group("tl.maximum(first, n_whole)" if window else "n_whole", last, "True", "with masked positions")
+            return
+        assert descending, "a list of flagged entries is walked last tile first (stick-breaking)"
+        # each tile's entry is loaded one tile ahead, as in listed_group
+        count = last if first == "0" else f"{last} - {first}"
+        add(f"entry = tl.load(live_tiles + {last}, mask={count} > 0, other=0)", 0)
+        add(f"for i in range(0, {count}):  # the live tiles _{axis}_tile_list found, last first", 0)
+        add(f"next_entry = tl.load(live_tiles + {last} - 1 - i, mask=i + 1 < {count}, other=0)", 1)
         add(f"{lo} = entry // 2 * {block}", 1)
         add("masked = entry % 2 != 0", 1)
         add(body("masked"), 1)
+        add("entry = next_entry", 1)
+
+    def listed_group(start: str, end: str, masked: str, kind: str) -> None:
+        """The listed tiles ``[start, end)`` of one kind, each entry loaded one tile ahead so that its K/V
+        (Q/dO) addresses are known when the software pipeline issues their copies."""
+        at, any_listed = ("2", f"{end} > 0") if start == "0" else (f"2 + {start}", f"{start} < {end}")
+        add(f"entry = tl.load(live_tiles + {at}, mask={any_listed}, other=0)", 0)
+        add(f"for i in range({start}, {end}):  # the live tiles _{axis}_tile_list found {kind}", 0)
+        add(f"next_entry = tl.load(live_tiles + 3 + i, mask=i + 1 < {end}, other=0)", 1)
+        add(f"{lo} = entry * {block}", 1)
+        add(body(masked), 1)
         add("entry = next_entry", 1)
 
     def full_loop(start: str, end: str, comment: str) -> None:
@@ -441,7 +456,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         # a GQA-packed program reads its batch entry's list (its plan is the same for every head)
         "tile_loop": lambda axis, body, indent, window=False, descending=False, packed=False: tile_loop(
             axis, layouts[axis], mask_params, body, indent, window, descending,
-            ("b" if packed else plan_row) if axis in tile_lists else None),
+            ("b" if packed else plan_row) if axis in tile_lists else None, grouped=not stick),
         "backward_lines": backward_lines,
         "grads": grads,
     }
