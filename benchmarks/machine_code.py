@@ -7,7 +7,8 @@ registers per thread, bytes spilled to local memory, shared memory, and how
 many tensor-core instructions are Hopper's warpgroup MMA (wgmma) or the older
 synchronous MMA, which runs at a fraction of the rate, and how many instructions
 go to the special-function unit (MUFU: exp2, log2, reciprocal), which has 1/8 of
-the multiply-adds' throughput, among all its machine-code instructions. A spill
+the multiply-adds' throughput, among all its machine-code instructions, and how
+many of those each loop body holds (what runs per tile). A spill
 or an ``mma.sync`` in an attention kernel is a speed hazard to fix before timing.
 
     python benchmarks/machine_code.py [--only causal sigmoid] [--dims 64 128] [--out FOLDER]
@@ -41,12 +42,13 @@ def report(names: list[str] | None, dims: list[int], tiles: dict, length: int = 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| variant | D | kernel | warps x stages | registers | spilled bytes | shared KB | wgmma | mma.sync "
-             "| MUFU | instructions |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| MUFU | instructions | loop bodies |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hazard = "**" if r["spill_bytes"] or r["mma_sync"] else ""
         lines.append(f"| {r['variant']} | {r['dim']} | {hazard}{r['name']}{hazard} | {r['num_warps']} x "
                      f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
-                     f"{r['wgmma']} | {r['mma_sync']} | {r['mufu']} | {r['instructions']} |")
+                     f"{r['wgmma']} | {r['mma_sync']} | {r['mufu']} | {r['instructions']} | "
+                     f"{', '.join(map(str, r['loops']))} |")
     return "\n".join(lines) + "\n"
 
 

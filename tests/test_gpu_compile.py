@@ -113,6 +113,19 @@ def test_the_softmax_of_the_products_folds_the_scale_into_exp2():
         assert modded[kernel] - plain[kernel] >= fewer, (kernel, plain, modded)
 
 
+def test_data_dependent_masks_run_their_whole_tiles_without_the_mask():
+    """A document mask's kernels loop over listed tiles: those kept whole by one loop, those with masked
+    positions by another, so a whole tile runs the unmasked code of plain attention. With one loop that
+    checked each tile's flag, the loop bodies were 2.4-2.6 times plain attention's (sm_90, D=64: forward
+    841 against 351 instructions, dK/dV 920 against 379, dQ 778 against 299)."""
+    tensors = [torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(3)]
+    doc = (torch.arange(256) * 4 // 256)[None]
+    plain, document = ({k.name: min(k.loops) for k in compile_for_gpu(ag.compile(spec), *tensors) if k.loops}
+                       for spec in (ag.AttentionSpec(), ag.AttentionSpec(mask_mod=ag.masks.document(doc))))
+    for kernel in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        assert document[kernel] < 1.1 * plain[kernel], (kernel, plain, document)
+
+
 def test_affine_softmax_takes_the_launchers_value_sums_for_tiles_kept_whole():
     """Affine softmax adds beta times the sum of the kept values. A tile kept whole adds the column sums of
     its values that the launcher computes per tile (one vector load), where reducing v across the tile's

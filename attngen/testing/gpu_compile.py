@@ -39,7 +39,9 @@ class CompiledKernel:
     ``mufu``: its special-function-unit instructions (exp2, log2, reciprocal,
     ...) in the machine code, a unit with 1/8 of the multiply-adds' throughput;
     ``instructions``: all its machine-code (SASS) instructions (static counts,
-    loops counted once).
+    loops counted once); ``loops``: the instructions of each loop body (from a
+    backward branch's target to the branch; an outer loop counts its inner
+    ones), in the order they end: what runs per tile.
     """
 
     name: str
@@ -51,13 +53,15 @@ class CompiledKernel:
     mma_sync: int
     mufu: int
     instructions: int
+    loops: tuple[int, ...]
     num_warps: int
     num_stages: int
 
     def describe(self) -> str:
         """One line: its speed-relevant numbers."""
         return (f"{self.registers} registers, {self.spill_bytes} B spilled, {self.shared_bytes / 1024:.1f} KB shared, "
-                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.mufu} MUFU of {self.instructions} instructions, "
+                f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.mufu} MUFU of {self.instructions} instructions "
+                f"(loop bodies {', '.join(map(str, self.loops)) or 'none'}), "
                 f"{self.num_warps} warps x {self.num_stages} stages")
 
 
@@ -110,13 +114,24 @@ def _machine_code(cubin: bytes) -> str:
                               capture_output=True, text=True, check=True).stdout
 
 
+def _loop_bodies(addresses: list[int], instructions: list[str]) -> tuple[int, ...]:
+    """For each branch back to an earlier address, how many instructions lie from there to the branch."""
+    bodies = []
+    for address, instruction in zip(addresses, instructions):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instruction)
+        if target and int(target.group(1), 16) < address:
+            bodies.append(sum(int(target.group(1), 16) <= a <= address for a in addresses))
+    return tuple(bodies)
+
+
 def _describe(kernel, phase: str) -> CompiledKernel:
     ptx, machine_code = kernel.asm["ptx"], _machine_code(kernel.asm["cubin"])
     usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", machine_code))
+    sass = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*)$", machine_code, re.MULTILINE)
     return CompiledKernel(kernel.name, phase, kernel.metadata.shared, int(usage["REG"]), int(usage["LOCAL"]),
                           len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
-                          len(re.findall(r"\bMUFU\.", machine_code)),
-                          len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", machine_code, re.MULTILINE)),
+                          len(re.findall(r"\bMUFU\.", machine_code)), len(sass),
+                          _loop_bodies([int(a, 16) for a, _ in sass], [text for _, text in sass]),
                           kernel.metadata.num_warps, kernel.metadata.num_stages)
 
 
