@@ -32,9 +32,9 @@ import tempfile
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attngen as ag
+from attngen.testing.dispatches import dispatched
 
 COMPILE_SCRIPT = """
 import time, torch, attngen as ag
@@ -147,19 +147,6 @@ def _per_call(run, calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
-class _Dispatches(TorchDispatchMode):
-    """Counts the torch operations dispatched inside it (each a few microseconds of host time, and most
-    a kernel, on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _decoding_calls() -> tuple[str, dict]:
     """A decoding step's shape and its calls: name -> (spec, q, k, v, call keywords, backward?)."""
     batch, q_heads, kv_heads, length, dim = 8, 32, 8, 4096, 128
@@ -220,10 +207,8 @@ def host_time(repeats: int = 300) -> list[dict]:
 
                 step()  # builds and imports the module
                 best = min(_per_call(step, max(1, repeats // (10 if backward else 1))) for _ in range(7))
-                with _Dispatches() as dispatches:
-                    step()
                 rows.append({"call": name, "shape": shape, "microseconds": best * 1e6,
-                             "torch_ops": dispatches.count})
+                             "torch_ops": sum(dispatched(step).values())})
         return rows
     finally:
         KernelInterface.__getitem__ = launch

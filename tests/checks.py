@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import collections
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attngen as ag
 from attngen.testing import Case, assert_matches_reference
-
-
-class _Dispatched(TorchDispatchMode):
-    """Counts the torch operations run inside it, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def dispatched(run) -> collections.Counter:
-    """How many times ``run()`` dispatches each torch operation, by name (each a kernel launch or at
-    least a few microseconds of host time on a GPU)."""
-    with _Dispatched() as counted:
-        run()
-    return counted.ops
+from attngen.testing.dispatches import dispatched
 
 
 def fills(run) -> dict[str, int]:

@@ -22,8 +22,9 @@ from attngen.ir.passes import loop_segments
 from attngen.reference import scores
 from attngen.runtime.loader import load_kernels
 from attngen.testing import assert_matches_reference
+from attngen.testing.dispatches import dispatched
 from attngen.trace import trace
-from checks import check_variant, dispatched
+from checks import check_variant
 from variants import Case, Variant
 
 masks = ag.masks

@@ -11,7 +11,8 @@
   (:mod:`~attngen.testing.linear_properties` for linear attention);
 * :mod:`~attngen.testing.fuzz`: random specs from a grammar;
 * :func:`check_spec`: everything above for one spec (``attngen check``);
-* :mod:`~attngen.testing.gpu_compile`: build the kernels for a GPU without one.
+* :mod:`~attngen.testing.gpu_compile`: build the kernels for a GPU without one;
+* :func:`~attngen.testing.dispatches.dispatched`: the torch operations a call dispatches.
 """
 
 from .cases import Case, packed_call, paged_call
