@@ -34,7 +34,9 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     causal = next(r for r in proxies["tiles"] if r["mask"] == "causal")
     assert causal["visited"] < 0.6 and "## CPU proxies" in table
     assert proxies["plan"]["summaries_ms"] < proxies["plan"]["dense_torch_ms"]
-    assert len(proxies["host"]) == 4 and all(0 < r["microseconds"] < 1e5 for r in proxies["host"])
+    host = {r["call"]: r for r in proxies["host"]}
+    assert len(host) == 8 and all(0 < r["microseconds"] < 1e5 and r["torch_ops"] >= 2 for r in host.values())
+    assert host["document mask, forward + backward"]["torch_ops"] > host["document mask, forward"]["torch_ops"]
 
 
 def test_budget_stops_new_measurements_and_still_writes(tmp_path):
