@@ -201,6 +201,27 @@ def test_entmax_weights_have_exact_zeros_and_sum_to_one(alpha):
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 24), atol=1e-5, rtol=0)
 
 
+def test_sparsemax_with_its_support_among_the_largest_logits_needs_one_pass():
+    """The first tau solves each row's 16 largest logits (two per kv tile) alone; where they hold the
+    row's support it is exact, and one pass over the keys confirms it (Newton from the bracket's end,
+    the largest logit - 1, needs two here). Four keys stand out in every row, two in one tile."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.cat([torch.full((1, 2, 64, 1), 4.0), 0.3 * torch.randn(1, 2, 64, 15, generator=gen)], -1)
+    k = torch.cat([0.1 * torch.randn(1, 2, 256, 1, generator=gen), 0.3 * torch.randn(1, 2, 256, 15, generator=gen)], -1)
+    standing_out = [5, 6, 133, 134]
+    k[..., standing_out, 0] = torch.tensor([1.9, 1.6, 1.7, 1.3])
+    v = torch.randn(1, 2, 256, 16, generator=gen)
+    logits = (q @ k.transpose(-1, -2)).double() / 4
+    ranked = logits.sort(-1, descending=True).values
+    support = (1 + torch.arange(1, 257) * ranked > ranked.cumsum(-1)).sum(-1, keepdim=True)
+    tau = (ranked.cumsum(-1).gather(-1, support - 1) - 1) / support
+    others = torch.ones(256, dtype=torch.bool)
+    others[standing_out] = False
+    assert (support >= 2).all() and not (logits[..., others] > tau).any()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert_matches_reference(ag.AttentionSpec(normalization=norms.Sparsemax(iterations=1)), q, k, v)
+
+
 def test_entmax_arguments():
     for bad in (1.0, 2.5, "x"):
         with pytest.raises(ValueError, match=r"alpha=...\) must be a number in \(1, 2\]"):

@@ -221,7 +221,8 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
 
 
 def threshold_context(normalization: Normalization) -> dict:
-    """alpha, the Newton passes and the body of ``_entmax(u)`` for the threshold family."""
+    """alpha, the Newton passes, the body of ``_entmax(u)`` and ``kept``, how many of each row's largest
+    logits the first pass keeps to start the threshold, for the threshold family."""
     alpha = normalization.alpha
     if alpha == 2.0:  # sparsemax
         lines = ["return u, tl.where(u > 0.0, 1.0, 0.0)"]
@@ -232,7 +233,7 @@ def threshold_context(normalization: Normalization) -> dict:
         lines = ["log_u = tl.log(tl.where(u > 0.0, u, 1.0))",
                  f"return tl.where(u > 0.0, tl.exp({power} * log_u), 0.0), "
                  f"tl.where(u > 0.0, tl.exp({repr(1.0 / (alpha - 1) - 1.0)} * log_u), 0.0)"]
-    return {"alpha": alpha, "iterations": normalization.iterations, "entmax_lines": lines}
+    return {"alpha": alpha, "iterations": normalization.iterations, "entmax_lines": lines, "kept": 16}
 
 
 def kv_loads(paged: bool, table: str) -> dict[str, str]:
