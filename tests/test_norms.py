@@ -44,6 +44,7 @@ NORMS = {
     "sparsemax": (_none, lambda c: norms.Sparsemax()),
     "entmax15": (_none, lambda c: norms.Entmax(1.5)),
     "entmax_1_3": (_none, lambda c: norms.Entmax(1.3)),
+    "entmax_1_25": (_none, lambda c: norms.Entmax(1.25)),  # weights u ** 4 by squarings, not exp2 of log2
 }
 MASKS = {
     "no_mask": None,

@@ -224,16 +224,30 @@ def threshold_context(normalization: Normalization) -> dict:
     """alpha, the Newton passes, the body of ``_entmax(u)`` and ``kept``, how many of each row's largest
     logits the first pass keeps to start the threshold, for the threshold family."""
     alpha = normalization.alpha
-    if alpha == 2.0:  # sparsemax
-        lines = ["return u, tl.where(u > 0.0, 1.0, 0.0)"]
-    elif alpha == 1.5:
-        lines = ["return u * u, u"]
+    power = 1.0 / (alpha - 1)  # the weight is u ** power, its derivative's part w = u ** (power - 1)
+    if abs(power - round(power)) < 1e-9:  # sparsemax (1), 1.5-entmax (2), 4/3 (3), 1.25 (4), ...
+        lines = _power_lines("w", "u", round(power) - 1) + [f"return {'u' if round(power) == 1 else 'u * w'}, w"]
     else:
-        power = repr(1.0 / (alpha - 1))
-        lines = ["log_u = tl.log(tl.where(u > 0.0, u, 1.0))",
-                 f"return tl.where(u > 0.0, tl.exp({power} * log_u), 0.0), "
-                 f"tl.where(u > 0.0, tl.exp({repr(1.0 / (alpha - 1) - 1.0)} * log_u), 0.0)"]
+        lines = [f"w = tl.where(u > 0.0, tl.exp2({power - 1.0!r} * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)",
+                 "return u * w, w"]
     return {"alpha": alpha, "iterations": normalization.iterations, "entmax_lines": lines, "kept": 16}
+
+
+def _power_lines(name: str, base: str, exponent: int) -> list[str]:
+    """Lines setting ``name`` to ``base ** exponent`` (``base`` >= 0) by squarings and multiplications;
+    for exponent 0, 1 where ``base`` > 0 and 0 at 0 (the sparsemax support)."""
+    if exponent == 0:
+        return [f"{name} = tl.where({base} > 0.0, 1.0, 0.0)"]
+    lines, factors, square, bit = [], [], base, 0
+    while exponent:
+        if exponent & 1:
+            factors.append(square)
+        exponent >>= 1
+        if exponent:
+            bit += 1
+            lines.append(f"{base}{2 ** bit} = {square} * {square}")
+            square = f"{base}{2 ** bit}"
+    return lines + [f"{name} = {' * '.join(factors)}"]
 
 
 def kv_loads(paged: bool, table: str) -> dict[str, str]:
