@@ -225,8 +225,9 @@ def threshold_context(normalization: Normalization) -> dict:
     logits the first pass keeps to start the threshold, for the threshold family."""
     alpha = normalization.alpha
     power = 1.0 / (alpha - 1)  # the weight is u ** power, its derivative's part w = u ** (power - 1)
-    if abs(power - round(power)) < 1e-9:  # sparsemax (1), 1.5-entmax (2), 4/3 (3), 1.25 (4), ...
-        lines = _power_lines("w", "u", round(power) - 1) + [f"return {'u' if round(power) == 1 else 'u * w'}, w"]
+    whole = round(power)
+    if abs(power - whole) < 1e-9:  # sparsemax (1), 1.5-entmax (2), 4/3 (3), 1.25 (4), ...
+        lines = _power_lines("w", "u", whole - 1) + [f"return {'u' if whole == 1 else 'u * w'}, w"]
     else:
         lines = [f"w = tl.where(u > 0.0, tl.exp2({power - 1.0!r} * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)",
                  "return u * w, w"]
