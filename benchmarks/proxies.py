@@ -214,6 +214,24 @@ def host_time(repeats: int = 300) -> list[dict]:
         KernelInterface.__getitem__ = launch
 
 
+def threshold_passes(rows: int = 128, keys: int = 1024) -> list[dict]:
+    """The Newton passes over the keys that the threshold family's forward takes on random q and k
+    (scores of std 1 and 3), in its slowest program: the smallest ``iterations`` cap at which the
+    output equals the uncapped one."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=gen) for n in (rows, keys, keys))
+    found = []
+    for name, alpha in (("sparsemax", 2.0), ("1.5-entmax", 1.5)):
+        for std in (1.0, 3.0):
+            def output(cap):
+                return ag.compile(ag.AttentionSpec(normalization=ag.norms.Entmax(alpha, iterations=cap)))(q * std, k, v)
+
+            uncapped = output(64)
+            passes = next(cap for cap in range(1, 65) if torch.equal(output(cap), uncapped))
+            found.append({"normalization": name, "score_std": std, "rows": rows, "keys": keys, "passes": passes})
+    return found
+
+
 def markdown(results: dict) -> str:
     c = results["compile"]
     lines = ["## CPU proxies", "",
@@ -239,6 +257,11 @@ def markdown(results: dict) -> str:
     for r in results["interpreter"]:
         lines.append(f"| {r['variant']} | {r['length']} | {r['attngen_ms']:.1f} | {r['reference_ms']:.2f} | "
                      f"{r['ratio']:.0f} |")
+    lines += ["", "Newton passes over the keys in the threshold family's forward (its slowest program; random q, k; "
+              "besides the first pass, which finds each row's extent, and the last, which sums the output):", "",
+              "| normalization | score std | rows x keys | passes |", "|---|---|---|---|"]
+    for r in results["threshold"]:
+        lines.append(f"| {r['normalization']} | {r['score_std']:g} | {r['rows']} x {r['keys']} | {r['passes']} |")
     lines += ["", "Host time per call, kernel launches skipped (best of 7 runs of back-to-back calls), and the torch "
               "operations a call dispatches:", "",
               "| call | shape | us per call | torch ops per call |", "|---|---|---|---|"]
@@ -253,6 +276,7 @@ def run(quick: bool = False) -> dict:
             "tiles": tiles_visited((1024,) if quick else (1024, 4096, 16384)),
             "plan": plan_building(2048 if quick else 32768),
             "interpreter": interpreter_ratio(32 if quick else 128),
+            "threshold": threshold_passes(*((64, 256) if quick else (128, 1024))),
             "host": host_time(20 if quick else 300)}
 
 

@@ -37,6 +37,8 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     host = {r["call"]: r for r in proxies["host"]}
     assert len(host) == 8 and all(0 < r["microseconds"] < 1e5 and r["torch_ops"] >= 2 for r in host.values())
     assert host["document mask, forward + backward"]["torch_ops"] > host["document mask, forward"]["torch_ops"]
+    passes = {(r["normalization"], r["score_std"]): r["passes"] for r in proxies["threshold"]}
+    assert len(passes) == 4 and all(1 <= n <= 8 for n in passes.values()) and "Newton passes" in table
 
 
 def test_budget_stops_new_measurements_and_still_writes(tmp_path):
