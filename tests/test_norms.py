@@ -251,6 +251,17 @@ def test_kernel_helpers_on_the_unit_interval_are_float32_exact(helper, normaliza
     assert error.max() < 2e-7 and (error[1:] / expected[1:].abs()).max() < rel_bound
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5])
+def test_entmax_rows_a_score_mod_sends_to_minus_inf_are_as_fully_masked_ones(alpha):
+    """Rows whose kept keys all score -inf have no threshold to find: output 0, and gradients as the
+    reference's (the kernel starts such rows at tau 0 and leaves them out of its stopping test)."""
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: torch.where(q_idx < 3, float("-inf"), s),
+                            mask_mod=ag.masks.causal, normalization=norms.Entmax(alpha))
+    case = Case(1, 2, 2, 40, 40, 16, 16, seed=1)
+    assert torch.all(ag.compile(spec)(*case.tensors())[:, :, :3] == 0)
+    assert_matches_reference(spec, *case.tensors())
+
+
 def test_entmax_arguments():
     for bad in (1.0, 2.5, "x"):
         with pytest.raises(ValueError, match=r"alpha=...\) must be a number in \(1, 2\]"):
