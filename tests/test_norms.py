@@ -252,6 +252,31 @@ def test_kernel_helpers_on_the_unit_interval_are_float32_exact(helper, normaliza
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.5])
+def test_threshold_with_tied_largest_logits(alpha):
+    """Each row's threshold starts from its 16 largest logits, two per kv tile, which keep one copy of a
+    tied value: three equal keys in one tile (every row's top three, all in the support), and pairs of
+    equal keys alone in their tiles. The passes over the keys must find the true threshold; a check that
+    skipped them where the logits left out looked below it failed both cases when it missed the ties."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.cat([torch.full((1, 2, 40, 1), 4.0), 0.2 * torch.randn(1, 2, 40, 15, generator=gen)], -1)
+    k = torch.cat([0.3 * torch.randn(1, 2, 256, 1, generator=gen), 0.2 * torch.randn(1, 2, 256, 15, generator=gen)], -1)
+    k[..., 5, 0] = 1.5
+    k[..., 6:8, :] = k[..., 5:6, :]
+    v = torch.randn(1, 2, 256, 16, generator=gen)
+    spec = ag.AttentionSpec(normalization=norms.Entmax(alpha))
+    weights = ag.reference.attention(q.double(), k.double(), torch.eye(256).double().expand(1, 2, 256, 256), spec)
+    assert (weights[..., 5:8] > 0.2).all()  # the premise: the tied keys are in every row's support
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert_matches_reference(spec, q, k, v)
+    # two equal keys alone in their tile (a score_mod leaves 2 of every 64): the second largest is -inf there
+    k = k.detach().clone()
+    k[..., 1::64, :] = k[..., 0::64, :]
+    pairs = ag.AttentionSpec(normalization=norms.Entmax(alpha),
+                             score_mod=lambda s, b, h, q_idx, kv_idx: torch.where(kv_idx % 64 < 2, s, float("-inf")))
+    assert_matches_reference(pairs, q, k.requires_grad_(), v)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5])
 def test_entmax_rows_a_score_mod_sends_to_minus_inf_are_as_fully_masked_ones(alpha):
     """Rows whose kept keys all score -inf have no threshold to find: output 0, and gradients as the
     reference's (the kernel starts such rows at tau 0 and leaves them out of its stopping test)."""
