@@ -489,11 +489,13 @@ def test_block_mask_construction_errors():
 
 
 @pytest.mark.parametrize("tiles", [(32, 32), (32, 16)], ids=["square", "oblong"])
-def test_each_tiling_is_summarized_once_per_pass(tiles, monkeypatch):
+def test_each_tiling_is_summarized_and_listed_once_per_call(tiles, monkeypatch):
     """A document mask reads the same ids along both axes, and the dQ and dK/dV kernels swap the two
-    tile sizes: each pass gathers and reduces (one torch.aminmax for min and max) once per tiling,
-    square tiles having one, oblong two (a torch op or two per summary saved per call). Either way a
-    document mask's gradients match the reference."""
+    tile sizes: a call gathers and reduces (one torch.aminmax for min and max) once per tiling, square
+    tiles having one, oblong two (here the dK/dV kernel's are the forward's other axis'), and the
+    backward takes the forward's summaries and its list of kv tiles (the dQ kernel's tiles are the
+    forward's), building only the dK/dV kernel's list of q tiles. Either way a document mask's
+    gradients match the reference."""
     doc = torch.tensor([[0] * 20 + [1] * 30 + [2] * 27])
     spec = ag.AttentionSpec(mask_mod=ag.masks.document(doc) & ag.masks.causal)
     q, k, v = Case(1, 2, 2, 77, 77, 16, 16, seed=4).tensors()
@@ -501,10 +503,24 @@ def test_each_tiling_is_summarized_once_per_pass(tiles, monkeypatch):
     kernels = load_kernels(attn.path, interpret=True)
     config = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     monkeypatch.setitem(kernels.TUNED_CONFIGS, kernels.shape_bucket(q, k, v), {"forward": config, "backward": config})
+    lists = []
+
+    class Recorded:  # a tile-list kernel, noting each launch's axis
+        def __init__(self, axis):
+            self.axis, self.kernel = axis, kernels.TILE_LISTS[axis]
+
+        def __getitem__(self, grid):
+            lists.append(self.axis)
+            return self.kernel[grid]
+
+    for axis in list(kernels.TILE_LISTS):
+        monkeypatch.setitem(kernels.TILE_LISTS, axis, Recorded(axis))
     outputs = []
     forward = dispatched(lambda: outputs.append(attn(q, k, v)))
+    assert lists == ["kv"]
     backward = dispatched(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
+    assert lists == ["kv", "q"]
     tilings = 1 if tiles[0] == tiles[1] else 2
-    for ops in (forward, backward):
-        assert (ops["index_select"], ops["aminmax"], ops["amin"], ops["amax"]) == (tilings, tilings, 0, 0), ops
+    assert (forward["index_select"], forward["aminmax"], forward["amin"], forward["amax"]) == (tilings, tilings, 0, 0)
+    assert (backward["index_select"], backward["aminmax"]) == (0, 0), backward
     assert_matches_reference(spec, q, k, v)
