@@ -15,6 +15,7 @@ import attngen as ag
 from attngen import norms
 from attngen.runtime.loader import load_kernels
 from attngen.testing import assert_matches_reference
+from attngen.testing.dispatches import dispatched
 from checks import check_variant, check_wide_scores, variant_inputs
 from variants import VARIANTS, Case, Variant, case_id
 
@@ -90,6 +91,18 @@ def test_dropout_in_bfloat16_over_a_single_key():
     q, k, v = Case(2, 4, 1, 128, 1, 8, 8, dtype=torch.bfloat16, seed=37957).tensors()
     check = {r.name: r for r in assert_matches_reference(spec, q, k, v, seed=37957, dropout_p=0.1)}
     assert check["dk"].error < 1e-4 and check["dq"].error < 1e-4
+
+
+@pytest.mark.parametrize("kv_len", [64, 77, 20], ids=["whole_tiles", "ragged", "one_short_tile"])
+def test_affine_softmax_value_sums_read_v_in_place(kv_len):
+    """Tiles affine softmax keeps whole add their values' column sums, which the launcher takes per
+    tile: a last, shorter tile is summed on its own rather than v padded (a copy of v per call)."""
+    spec = ag.AttentionSpec(normalization=norms.AffineSoftmax(alpha=0.9, beta=0.02))
+    q, k, v = Case(1, 2, 2, 40, kv_len, 16, 16, seed=3).tensors(requires_grad=False)
+    attn = ag.compile(spec)
+    ops = dispatched(lambda: attn(q, k, v))
+    assert "constant_pad_nd" not in ops and ops["sum"] >= 1, ops
+    assert_matches_reference(spec, q, k, v)
 
 
 def test_float32_softmax_output_is_kept_only_where_a_tensor_learns():
