@@ -1,11 +1,13 @@
 """The normalization family: how a row of modded scores becomes weights.
 
-Four families share the kernel templates:
+Five families share the kernel templates:
 
 * ``"softmax"`` -- online row normalizers: ``p_j = exp(l_j) / (exp(sink) + sum_k exp(l_k))``
   over the kept keys, where the logits ``l = logits(score, h, n)`` are a traced
   function of the score (identity for plain softmax). Optional affine output
   ``alpha * softmax + beta``. Row statistics (``lse``) are defined.
+* ``"rectified"`` -- softpick: ``p_j = relu(exp(l_j) - 1) / (sum_k |exp(l_k) - 1| + eps)``,
+  run as the online softmax with its running max starting at 0 (no statistics).
 * ``"elementwise"`` -- no row state: ``p_j = weight(score_j, h, n)``; masked
   keys get weight 0. The backward uses the IR derivative of ``weight``.
 * ``"stick_breaking"`` -- each kept key takes ``sigmoid(l_j)`` of the stick left by
@@ -217,3 +219,17 @@ class StickBreaking(Normalization):
     to the query; computed in log space, the kv tiles visited right to left."""
 
     family = "stick_breaking"
+
+
+class Softpick(Normalization):
+    """Softpick (Zuhri et al. 2025), a rectified softmax: ``p_j = relu(exp(l_j) - 1) / (sum_k |exp(l_k) - 1| + eps)``
+    over the kept keys. Keys with ``l_j <= 0`` weigh exactly 0 yet count in the denominator, and a row's
+    weights sum to less than 1 (no attention sink is needed to attend to nothing). Runs as the online
+    softmax with its running max starting at 0; it has no log-sum-exp, so no statistics."""
+
+    family = "rectified"
+
+    def __init__(self, eps: float = 1e-8):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"Softpick(eps=...) must be a positive float, got {eps!r}")
+        self.eps = float(eps)

@@ -51,7 +51,7 @@ def _per_head(value, like: torch.Tensor):
 
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits
-    (both None for elementwise normalizations; lse None for the threshold family)."""
+    (both None for elementwise normalizations; lse None for the others but softmax)."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
@@ -64,6 +64,8 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         return entmax(raw_logits, keep, normalization.alpha), None, raw_logits
     if normalization.family == "stick_breaking":
         return stick_breaking(raw_logits, keep), None, raw_logits
+    if normalization.family == "rectified":
+        return softpick(raw_logits, keep, normalization.eps), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
     if normalization.sink is None:
         lse = torch.logsumexp(logits, dim=-1)
@@ -84,6 +86,16 @@ def stick_breaking(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     leave = torch.where(keep, torch.nn.functional.logsigmoid(-z), torch.zeros_like(z))
     later = leave.flip(-1).cumsum(-1).flip(-1) - leave  # sum over k > j
     return torch.where(keep, torch.exp(torch.nn.functional.logsigmoid(z) + later), torch.zeros_like(z))
+
+
+def softpick(z: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.Tensor:
+    """``relu(exp(z_j) - 1) / (sum_k |exp(z_k) - 1| + eps)`` over the kept, finite entries of the last axis,
+    every term scaled by ``exp(-m)``, ``m`` the row's largest such entry or 0 if larger."""
+    live = keep & (z > float("-inf"))
+    top = _row_max(z, live).unsqueeze(-1).clamp(min=0)
+    floor = torch.exp(-top)
+    e = torch.where(live, torch.exp(torch.where(live, z, top) - top) - floor, torch.zeros_like(z))
+    return torch.clamp(e, min=0) / (e.abs().sum(-1, keepdim=True) + eps * floor)
 
 
 def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:

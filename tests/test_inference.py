@@ -81,6 +81,7 @@ EMPTY_CACHE_SPECS = {
     "sparsemax": lambda h: ag.AttentionSpec(normalization=ag.norms.Sparsemax()),
     "entmax": lambda h: ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=masks.causal),
     "stick_breaking": lambda h: ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=masks.causal),
+    "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=masks.causal),
     "differential": lambda h: ag.AttentionSpec(differential=0.5),
 }
 
@@ -112,6 +113,8 @@ DECODE_SPECS = {
     "affine": lambda h: ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(
         alpha=torch.full((h,), 0.9, requires_grad=True), beta=0.01)),
     "maps": lambda h: ag.AttentionSpec(stats=("lse", "col_sum")),
+    # softpick: split rows merge as an online softmax's, the normalizer's eps added once after the merge
+    "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(eps=1e-3), mask_mod=masks.causal),
 }
 
 

@@ -49,6 +49,7 @@ NORMS = {
     "entmax15": (_none, lambda c: norms.Entmax(1.5)),
     "entmax_1_3": (_none, lambda c: norms.Entmax(1.3)),
     "entmax_1_25": (_none, lambda c: norms.Entmax(1.25)),  # weights u ** 4 by squarings, not exp2 of log2
+    "softpick": (_none, lambda c: norms.Softpick()),
 }
 MASKS = {
     "no_mask": None,
@@ -159,6 +160,23 @@ def test_elementwise_normalizations_reject_lse():
     assert ag.AttentionSpec(normalization=norms.Sigmoid()).stats == ()
 
 
+def test_softpick_weighs_keys_scoring_at_most_zero_exactly_zero_yet_counts_them():
+    """Even keys score |s| + 0.1 > 0, odd keys -|s| - 0.1 < 0: the odd keys' values get no weight (their
+    dV is exactly 0) but their |exp(s) - 1| is in every row's normalizer (the reference's). A row
+    whose keys all score below 0 gives exactly 0, forward and backward."""
+    def signed(s, b, h, q_idx, kv_idx):
+        return torch.where((kv_idx % 2 == 0) & (q_idx > 0), s.abs() + 0.1, -s.abs() - 0.1)
+    spec = ag.AttentionSpec(score_mod=signed, normalization=norms.Softpick())
+    q, k, v = Case(1, 2, 2, 30, 41, 16, 16, seed=4).tensors()
+    assert_matches_reference(spec, q, k, v)
+    out = ag.compile(spec)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert torch.all(v.grad[:, :, 1::2] == 0) and torch.all(v.grad[:, :, 0::2] != 0)
+    assert torch.all(out[:, :, 0] == 0) and torch.all(q.grad[:, :, 0] == 0)
+    with pytest.raises(ag.SpecError, match=r"stats \['lse'\] are not defined for Softpick"):
+        ag.AttentionSpec(normalization=norms.Softpick(), stats=("lse",))
+
+
 def test_custom_normalization_subclass():
     class Squared(norms.Normalization):
         family = "elementwise"
@@ -177,6 +195,7 @@ def test_custom_normalization_subclass():
     (lambda: norms.ReLU(normalize="rows"), "count must be one of"),
     (lambda: norms.ScalableSoftmax(s=torch.ones(2, 2)), "shape \\[heads\\]"),
     (lambda: norms.Elementwise("sigmoid"), "needs a function"),
+    (lambda: norms.Softpick(eps=0.0), "must be a positive float"),
 ])
 def test_bad_normalization_arguments(make, message):
     with pytest.raises((TypeError, ValueError), match=message):

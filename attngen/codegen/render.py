@@ -22,6 +22,9 @@ from .printer import TritonPrinter
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
+# the families an online softmax computes: softmax itself and softpick ("rectified"), whose terms
+# exp(l - m) - exp(-m) rescale with the running max m as exp(l - m) does
+ONLINE_FAMILIES = ("softmax", "rectified")
 
 
 @lru_cache(maxsize=1)
@@ -212,7 +215,7 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
     suffixed 2, for differential attention's second stream); stick-breaking's, the log of the stick
     its keys leave."""
     state = [("acc", True)] + ([("remaining", False)] if family == "stick_breaking" else [])
-    if family == "softmax":
+    if family in ONLINE_FAMILIES:
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
         state += [(f"acc_exp{e}", False) for e in expectations]
@@ -321,7 +324,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
     outputs = graph.outputs
-    softmax = normalization.family == "softmax" and not differential  # the single-stream softmax kernels
+    online = normalization.family in ONLINE_FAMILIES
+    softmax = online and not differential  # the single-stream online kernels (lse and delta)
+    rectified = normalization.family == "rectified"
     stick = normalization.family == "stick_breaking"
 
     score_lines, backward_lines, grads = score_functions(printer, "")
@@ -372,7 +377,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
-    online = normalization.family == "softmax"
     state = forward_state(normalization.family, differential, affine, expectations, row_max)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
         + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
@@ -417,6 +421,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "spec_lines": docstring_lines(spec_lines),
         "softmax": softmax,
         "online": online,
+        "rectified": rectified,
+        "eps": repr(normalization.eps) if rectified else None,
         "sink": normalization.sink is not None,
         "affine": affine,
         # affine softmax: the tiles a row keeps whole add their values' column sums, which the launcher

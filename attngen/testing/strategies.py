@@ -159,6 +159,7 @@ def normalizations(draw, heads: int = 4) -> Snippet:
         "sparsemax": "ag.norms.Sparsemax()",
         "entmax": f"ag.norms.Entmax({draw(st.sampled_from([1.5, 1.25, 1.7]))})",
         "stick_breaking": "ag.norms.StickBreaking()",
+        "softpick": "ag.norms.Softpick()",
     }
     return Snippet("normalization", f"normalization = {choices[draw(st.sampled_from(sorted(choices)))]}")
 
