@@ -186,6 +186,25 @@ def test_capture_that_starts_requiring_grad_gets_a_gradient():
     assert slopes.grad is not None and slopes.grad.abs().sum() > 0
 
 
+def test_a_spec_per_call_over_new_tensors_reuses_the_compiled_module():
+    """Data-dependent captures (the Forgetting Transformer's gates, computed by the model each step) are
+    captured by a new spec per call: same IR, so the same module, and the gradient reaches the tensors
+    the captured one was computed from."""
+    q, k, v = Case(1, 2, 2, 24, 24, 16, 16, seed=7).tensors()
+    paths, grads = set(), []
+    for step in range(2):
+        log_f = torch.nn.functional.logsigmoid(torch.randn(1, 2, 24) + 2).requires_grad_()
+        decay = log_f.cumsum(-1)
+        attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + decay[b, h, q_idx]
+                                           - decay[b, h, kv_idx], mask_mod=ag.masks.causal))
+        paths.add(attn.path)
+        out = attn(q, k, v)
+        torch.testing.assert_close(out, ag.reference.attention(q, k, v, attn.spec), atol=1e-5, rtol=1e-5)
+        out.sum().backward()
+        grads.append(log_f.grad)
+    assert len(paths) == 1 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("family", ["softmax", "differential", "stick_breaking"])
 def test_learnable_captures_by_what_their_index_depends_on(family):
     """A captured tensor's gradient entry that is the same along a query row (indexed by the head, by

@@ -49,6 +49,20 @@ def _documents(case, gen):
     return {"doc": ids}
 
 
+def _forget_gates(case, gen):
+    length = max(case.q_len, case.kv_len)
+    gates = torch.randn(case.batch, case.q_heads, length, generator=gen) + 2.0
+    return {"log_f": torch.nn.functional.logsigmoid(gates).requires_grad_()}
+
+
+def _forgetting_spec(c):
+    """Forgetting Transformer (Lin et al. 2025): the score of key j for query i gains the sum of the log
+    forget gates in (j, i], a difference of their running sums; the gates learn through the sums."""
+    decay = c["log_f"].cumsum(-1)
+    return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + decay[b, h, q_idx] - decay[b, h, kv_idx],
+                            mask_mod=ag.masks.causal)
+
+
 def _alibi_spec(c):
     slopes = c["slopes"]
     return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -73,6 +87,7 @@ VARIANTS = [
     Variant("alibi", _slopes, _alibi_spec),
     Variant("softcap", _none, lambda c: ag.AttentionSpec(
         score_mod=lambda s, b, h, q_idx, kv_idx: 2.0 * torch.tanh(s / 2.0))),
+    Variant("forgetting", _forget_gates, _forgetting_spec),
     Variant("relative_bias", lambda case, gen: {**_bias(case, gen), "kv_len": case.kv_len}, _bias_spec),
     Variant("document", _documents, lambda c: ag.AttentionSpec(mask_mod=ag.masks.document(c["doc"]))),
     Variant("sliding_window", _none, lambda c: ag.AttentionSpec(mask_mod=ag.masks.sliding_window(7))),
