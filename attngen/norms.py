@@ -1,6 +1,6 @@
 """The normalization family: how a row of modded scores becomes weights.
 
-Five families share the kernel templates:
+Six families share the kernel templates:
 
 * ``"softmax"`` -- online row normalizers: ``p_j = exp(l_j) / (exp(sink) + sum_k exp(l_k))``
   over the kept keys, where the logits ``l = logits(score, h, n)`` are a traced
@@ -10,6 +10,8 @@ Five families share the kernel templates:
   run as the online softmax with its running max starting at 0 (no statistics).
 * ``"elementwise"`` -- no row state: ``p_j = weight(score_j, h, n)``; masked
   keys get weight 0. The backward uses the IR derivative of ``weight``.
+* ``"normalized"`` -- elementwise weights divided by their row sum:
+  ``p_j = weight(score_j, h, n) / (sum_k weight(score_k, h, n) + eps)``.
 * ``"stick_breaking"`` -- each kept key takes ``sigmoid(l_j)`` of the stick left by
   the keys after it: ``p_j = sigmoid(l_j) * prod_{k > j} (1 - sigmoid(l_k))``.
 * ``"threshold"`` -- sparse row normalizers (sparsemax, alpha-entmax):
@@ -83,7 +85,7 @@ class Normalization:
         return score
 
     def weight(self, score, h, n):
-        """Elementwise family: the weight of one kept key."""
+        """Elementwise and normalized families: the weight of one kept key."""
         raise NotImplementedError(f"{type(self).__name__} does not define weight()")
 
     def __repr__(self) -> str:
@@ -176,6 +178,25 @@ class Elementwise(Normalization):
         if not callable(fn):
             raise TypeError(f"Elementwise(fn) needs a function of the score, got {type(fn).__name__}")
         self.fn = fn
+
+    def weight(self, score, h, n):
+        return self.fn(score)
+
+
+class Normalized(Normalization):
+    """``p_j = fn(s_j) / (sum_k fn(s_k) + eps)`` over the kept keys, for a traceable ``fn`` that is >= 0:
+    attention with a kernel of the scores in place of exp, e.g. ``lambda s: torch.clamp(s, min=0) ** 2``,
+    the even powers ``s ** 2`` / ``s ** 4`` of polynomial attention, ``torch.sigmoid``. A row whose weights sum
+    to 0 (or that keeps no key) gives 0. The backward uses the IR derivative of ``fn``."""
+
+    family = "normalized"
+
+    def __init__(self, fn: Callable, eps: float = 1e-6):
+        if not callable(fn):
+            raise TypeError(f"Normalized(fn) needs a function of the score, got {type(fn).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"Normalized(eps=...) must be a positive float, got {eps!r}")
+        self.fn, self.eps = fn, float(eps)
 
     def weight(self, score, h, n):
         return self.fn(score)

@@ -51,14 +51,17 @@ def _per_head(value, like: torch.Tensor):
 
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits
-    (both None for elementwise normalizations; lse None for the others but softmax)."""
+    (both None for the elementwise and normalized families; lse None for the others but softmax)."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
     else:
         n = torch.tensor(float(s.shape[-1]), dtype=s.dtype, device=s.device)
-    if normalization.family == "elementwise":
-        return torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s)), None, None
+    if normalization.family in ("elementwise", "normalized"):
+        w = torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s))
+        if normalization.family == "normalized":
+            w = w / (w.sum(-1, keepdim=True) + normalization.eps)
+        return w, None, None
     raw_logits = normalization.logits(s, h, n)
     if normalization.family == "threshold":
         return entmax(raw_logits, keep, normalization.alpha), None, raw_logits

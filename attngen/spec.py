@@ -87,8 +87,9 @@ class AttentionSpec:
         """Human-readable lines: the source of each function and the settings."""
         second = [*_source("second_score_mod", self.second_score_mod),
                   f"differential = {_show(self.differential)}"] if self.differential is not None else []
+        weight_fn = getattr(self.normalization, "fn", None)  # Elementwise's and Normalized's function
         return [*_source("score_mod", self.score_mod), *second, *_source("mask_mod", self.mask_mod),
-                f"normalization = {self.normalization!r}",
+                f"normalization = {self.normalization!r}", *(_source("fn", weight_fn) if weight_fn else []),
                 f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
                 f"stats = {self.stats!r}"] + ([f"dropout_p = {self.dropout_p!r}"] if self.dropout_p else [])
 

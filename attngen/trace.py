@@ -228,7 +228,7 @@ def _score(tracer: Tracer, score_mod: Callable | None, normalization, key_count,
     if normalization is None:
         return score
     modded = score
-    elementwise = normalization.family == "elementwise"
+    elementwise = normalization.family in ("elementwise", "normalized")
     method = normalization.weight if elementwise else normalization.logits
     count = "n_kept" if normalization.count == "unmasked" else "n_keys"
     label = f"{type(normalization).__name__}.{method.__name__}"

@@ -82,6 +82,7 @@ EMPTY_CACHE_SPECS = {
     "entmax": lambda h: ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=masks.causal),
     "stick_breaking": lambda h: ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=masks.causal),
     "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=masks.causal),
+    "normalized": lambda h: ag.AttentionSpec(normalization=ag.norms.Normalized(torch.sigmoid), mask_mod=masks.causal),
     "differential": lambda h: ag.AttentionSpec(differential=0.5),
 }
 
@@ -115,6 +116,8 @@ DECODE_SPECS = {
     "maps": lambda h: ag.AttentionSpec(stats=("lse", "col_sum")),
     # softpick: split rows merge as an online softmax's, the normalizer's eps added once after the merge
     "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(eps=1e-3), mask_mod=masks.causal),
+    # normalized weights: the splits' sums of weights add up, eps once after
+    "normalized": lambda h: ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s, eps=1e-3)),
 }
 
 

@@ -50,6 +50,8 @@ NORMS = {
     "entmax_1_3": (_none, lambda c: norms.Entmax(1.3)),
     "entmax_1_25": (_none, lambda c: norms.Entmax(1.25)),  # weights u ** 4 by squarings, not exp2 of log2
     "softpick": (_none, lambda c: norms.Softpick()),
+    "normalized_relu2": (_none, lambda c: norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2)),
+    "normalized_square": (_none, lambda c: norms.Normalized(lambda s: s * s, eps=1e-3)),
 }
 MASKS = {
     "no_mask": None,
@@ -177,6 +179,14 @@ def test_softpick_weighs_keys_scoring_at_most_zero_exactly_zero_yet_counts_them(
         ag.AttentionSpec(normalization=norms.Softpick(), stats=("lse",))
 
 
+def test_spec_text_shows_the_weight_function():
+    """The generated module's docstring (and `attngen show`) carries the source of an elementwise or
+    normalized weight function, not only its name: it changes the cache key with the function."""
+    spec = ag.AttentionSpec(normalization=norms.Normalized(lambda s: s ** 4))
+    assert "norms.Normalized(lambda s: s ** 4)" in "\n".join(spec.describe())
+    assert "lambda s: s ** 4" in ag.compile(spec).source
+
+
 def test_custom_normalization_subclass():
     class Squared(norms.Normalization):
         family = "elementwise"
@@ -196,6 +206,8 @@ def test_custom_normalization_subclass():
     (lambda: norms.ScalableSoftmax(s=torch.ones(2, 2)), "shape \\[heads\\]"),
     (lambda: norms.Elementwise("sigmoid"), "needs a function"),
     (lambda: norms.Softpick(eps=0.0), "must be a positive float"),
+    (lambda: norms.Normalized(lambda s: s, eps=-1.0), "must be a positive float"),
+    (lambda: norms.Normalized("relu"), "needs a function"),
 ])
 def test_bad_normalization_arguments(make, message):
     with pytest.raises((TypeError, ValueError), match=message):

@@ -213,8 +213,9 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
     """The running state of the forward loop, ``(name, is a [rows, DV] tile)``: what a split-KV
     program hands to the combine kernel. The softmax family's is an online softmax (a second one,
     suffixed 2, for differential attention's second stream); stick-breaking's, the log of the stick
-    its keys leave."""
+    its keys leave; the normalized family's, the sum of the weights."""
     state = [("acc", True)] + ([("remaining", False)] if family == "stick_breaking" else [])
+    state += [("l_i", False)] if family == "normalized" else []
     if family in ONLINE_FAMILIES:
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
@@ -327,6 +328,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     online = normalization.family in ONLINE_FAMILIES
     softmax = online and not differential  # the single-stream online kernels (lse and delta)
     rectified = normalization.family == "rectified"
+    normalized = normalization.family == "normalized"
     stick = normalization.family == "stick_breaking"
 
     score_lines, backward_lines, grads = score_functions(printer, "")
@@ -370,6 +372,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     o_soft = softmax and (affine or normalization.learnable_sink or any(c["differentiable"] for c in captures))
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))]
@@ -380,11 +383,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     state = forward_state(normalization.family, differential, affine, expectations, row_max)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
         + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
-        + (["OSOFT"] if o_soft else []) \
+        + (["OSOFT"] if o_soft else []) + (["NORM"] if normalized else []) \
         + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else [])
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
         + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta"] if affine else []) \
-        + (["o_soft"] if o_soft else []) \
+        + (["o_soft"] if o_soft else []) + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2", "lam"] if differential else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
@@ -398,7 +401,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "differential": differential,
         **score2,
         "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
-        "elementwise": normalization.family == "elementwise",
+        "elementwise": normalization.family in ("elementwise", "normalized"),  # masked keys weigh 0
+        "normalized": normalized,
         "threshold": threshold,
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
@@ -422,7 +426,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "softmax": softmax,
         "online": online,
         "rectified": rectified,
-        "eps": repr(normalization.eps) if rectified else None,
+        "eps": repr(normalization.eps) if rectified or normalized else None,
         "sink": normalization.sink is not None,
         "affine": affine,
         # affine softmax: the tiles a row keeps whole add their values' column sums, which the launcher
