@@ -99,6 +99,8 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
                            None, None, 1.0),
         "elementwise_sigmoid2": (ag.AttentionSpec(normalization=ag.norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)),
                                  None, None, 1.0),
+        "softpick": (ag.AttentionSpec(normalization=ag.norms.Softpick()), None, None, 1.0),
+        "polynomial": (ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s ** 4)), None, None, 1.0),
         "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
         "sparsemax": (ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=causal), None, None, half),
         "entmax15": (ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=causal), None, None, half),
@@ -326,7 +328,7 @@ def measure(args) -> list[dict]:
 
 # each non-softmax normalization against attngen's softmax with the same mask (target: >= 0.9)
 SOFTMAX_BASELINE = {**dict.fromkeys(["sigmoid", "softmax_sink", "off_by_one", "relu2", "scalable_softmax",
-                                     "affine_softmax", "elementwise_sigmoid2"], "plain"),
+                                     "affine_softmax", "elementwise_sigmoid2", "softpick", "polynomial"], "plain"),
                     **dict.fromkeys(["sparsemax", "entmax15", "stick_breaking"], "causal")}
 METRICS = ("forward_ms", "forward_backward_ms")
 
