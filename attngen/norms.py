@@ -1,6 +1,6 @@
 """The normalization family: how a row of modded scores becomes weights.
 
-Six families share the kernel templates:
+Seven families share the kernel templates:
 
 * ``"softmax"`` -- online row normalizers: ``p_j = exp(l_j) / (exp(sink) + sum_k exp(l_k))``
   over the kept keys, where the logits ``l = logits(score, h, n)`` are a traced
@@ -8,6 +8,8 @@ Six families share the kernel templates:
   ``alpha * softmax + beta``. Row statistics (``lse``) are defined.
 * ``"rectified"`` -- softpick: ``p_j = relu(exp(l_j) - 1) / (sum_k |exp(l_k) - 1| + eps)``,
   run as the online softmax with its running max starting at 0 (no statistics).
+* ``"signed"`` -- Cog attention's signed softmax: ``p_j = sign(l_j) exp(|l_j|) / sum_k exp(|l_k|)``,
+  the online softmax of ``|l|`` with the sign put back on the weights (no statistics).
 * ``"elementwise"`` -- no row state: ``p_j = weight(score_j, h, n)``; masked
   keys get weight 0. The backward uses the IR derivative of ``weight``.
 * ``"normalized"`` -- elementwise weights divided by their row sum:
@@ -181,6 +183,15 @@ class Elementwise(Normalization):
 
     def weight(self, score, h, n):
         return self.fn(score)
+
+
+class SignedSoftmax(Normalization):
+    """The signed softmax of Cog attention (Lv et al. 2024): ``p_j = sign(l_j) exp(|l_j|) / sum_k exp(|l_k|)``
+    over the kept keys whose logit is not -inf (a score_mod's -inf drops a key, as a mask does). Weights
+    are negative where the logit is: a key can be subtracted from the output, and how much it weighs
+    grows with the logit's magnitude either way. No statistics."""
+
+    family = "signed"
 
 
 class Normalized(Normalization):

@@ -69,6 +69,8 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         return stick_breaking(raw_logits, keep), None, raw_logits
     if normalization.family == "rectified":
         return softpick(raw_logits, keep, normalization.eps), None, raw_logits
+    if normalization.family == "signed":
+        return signed_softmax(raw_logits, keep), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
     if normalization.sink is None:
         lse = torch.logsumexp(logits, dim=-1)
@@ -99,6 +101,17 @@ def softpick(z: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.Tensor:
     floor = torch.exp(-top)
     e = torch.where(live, torch.exp(torch.where(live, z, top) - top) - floor, torch.zeros_like(z))
     return torch.clamp(e, min=0) / (e.abs().sum(-1, keepdim=True) + eps * floor)
+
+
+def signed_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``sign(z_j) exp(|z_j|) / sum_k exp(|z_k|)`` over the kept entries of the last axis that are not -inf."""
+    live = keep & (z > float("-inf"))
+    magnitude = torch.where(live, z.abs(), float("-inf"))
+    top = _row_max(magnitude, live).unsqueeze(-1)
+    e = torch.exp(magnitude - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    total = e.sum(-1, keepdim=True)
+    return torch.where(live, torch.sign(z) * e / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(z))
 
 
 def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:

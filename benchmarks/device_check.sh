@@ -61,7 +61,7 @@ else
   warm masks --only plain causal sliding_window $SIZES &
   warm mods --only alibi softcap document prefix_lm block_sparse $SIZES &
   warm norms --only sigmoid softmax_sink off_by_one relu2 scalable_softmax affine_softmax elementwise_sigmoid2 \
-    softpick polynomial $SIZES &
+    softpick signed_softmax polynomial $SIZES &
   warm others --only entropy_stat sparsemax entmax15 stick_breaking differential linear_elu retention decode \
     $SIZES &
 fi

@@ -100,6 +100,7 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
         "elementwise_sigmoid2": (ag.AttentionSpec(normalization=ag.norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)),
                                  None, None, 1.0),
         "softpick": (ag.AttentionSpec(normalization=ag.norms.Softpick()), None, None, 1.0),
+        "signed_softmax": (ag.AttentionSpec(normalization=ag.norms.SignedSoftmax()), None, None, 1.0),
         "polynomial": (ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s ** 4)), None, None, 1.0),
         "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
         "sparsemax": (ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=causal), None, None, half),
@@ -328,7 +329,8 @@ def measure(args) -> list[dict]:
 
 # each non-softmax normalization against attngen's softmax with the same mask (target: >= 0.9)
 SOFTMAX_BASELINE = {**dict.fromkeys(["sigmoid", "softmax_sink", "off_by_one", "relu2", "scalable_softmax",
-                                     "affine_softmax", "elementwise_sigmoid2", "softpick", "polynomial"], "plain"),
+                                     "affine_softmax", "elementwise_sigmoid2", "softpick", "signed_softmax",
+                                     "polynomial"], "plain"),
                     **dict.fromkeys(["sparsemax", "entmax15", "stick_breaking"], "causal")}
 METRICS = ("forward_ms", "forward_backward_ms")
 

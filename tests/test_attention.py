@@ -94,6 +94,7 @@ WRITTEN_WHOLE = {
     "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.sliding_window(9)),
     "stick_breaking": ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal),
     "softpick": ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3),
+    "signed_softmax": ag.AttentionSpec(normalization=ag.norms.SignedSoftmax(), mask_mod=ag.masks.causal),
     "normalized": ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s),
                                    mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3),
     "differential": ag.AttentionSpec(differential=0.5),

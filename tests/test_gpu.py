@@ -35,8 +35,8 @@ def test_cuda_kernels_match_reference(variant, case, dtype):
     lambda: ag.norms.Sigmoid(bias="-log n"), lambda: ag.norms.ReLU(power=2, normalize="unmasked"),
     lambda: ag.norms.AffineSoftmax(alpha=torch.ones(8, device="cuda", requires_grad=True), beta=0.01),
     lambda: ag.norms.StickBreaking(), lambda: ag.norms.Softpick(),
-    lambda: ag.norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2)],
-    ids=["sink", "sigmoid", "relu2", "affine", "stick", "softpick", "normalized"])
+    lambda: ag.norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2), lambda: ag.norms.SignedSoftmax()],
+    ids=["sink", "sigmoid", "relu2", "affine", "stick", "softpick", "normalized", "signed"])
 def test_cuda_normalizations(normalization):
     spec = ag.AttentionSpec(mask_mod=ag.masks.causal, normalization=normalization())
     assert_matches_reference(spec, *Case(2, 8, 2, 257, 257, 64, 64, dtype=torch.bfloat16).tensors(device="cuda"))

@@ -51,6 +51,7 @@ def _extra_specs():
         "entmax_1_3": ag.AttentionSpec(normalization=ag.norms.Entmax(1.3)),
         "softpick": ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=ag.masks.causal),
         "normalized": ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s), mask_mod=ag.masks.causal),
+        "signed_softmax": ag.AttentionSpec(normalization=ag.norms.SignedSoftmax(), mask_mod=ag.masks.causal),
         "learnable_captures": ag.AttentionSpec(score_mod=_learnable, mask_mod=ag.masks.causal),
         "differential_learnable_captures": ag.AttentionSpec(score_mod=_learnable, differential=0.5),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(

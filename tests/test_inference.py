@@ -83,6 +83,7 @@ EMPTY_CACHE_SPECS = {
     "stick_breaking": lambda h: ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=masks.causal),
     "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=masks.causal),
     "normalized": lambda h: ag.AttentionSpec(normalization=ag.norms.Normalized(torch.sigmoid), mask_mod=masks.causal),
+    "signed_softmax": lambda h: ag.AttentionSpec(normalization=ag.norms.SignedSoftmax()),
     "differential": lambda h: ag.AttentionSpec(differential=0.5),
 }
 
@@ -116,6 +117,7 @@ DECODE_SPECS = {
     "maps": lambda h: ag.AttentionSpec(stats=("lse", "col_sum")),
     # softpick: split rows merge as an online softmax's, the normalizer's eps added once after the merge
     "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(eps=1e-3), mask_mod=masks.causal),
+    "signed_softmax": lambda h: ag.AttentionSpec(normalization=ag.norms.SignedSoftmax(), mask_mod=masks.causal),
     # normalized weights: the splits' sums of weights add up, eps once after
     "normalized": lambda h: ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s, eps=1e-3)),
 }

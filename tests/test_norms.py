@@ -50,6 +50,7 @@ NORMS = {
     "entmax_1_3": (_none, lambda c: norms.Entmax(1.3)),
     "entmax_1_25": (_none, lambda c: norms.Entmax(1.25)),  # weights u ** 4 by squarings, not exp2 of log2
     "softpick": (_none, lambda c: norms.Softpick()),
+    "signed_softmax": (_none, lambda c: norms.SignedSoftmax()),
     "normalized_relu2": (_none, lambda c: norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2)),
     "normalized_square": (_none, lambda c: norms.Normalized(lambda s: s * s, eps=1e-3)),
 }
@@ -177,6 +178,25 @@ def test_softpick_weighs_keys_scoring_at_most_zero_exactly_zero_yet_counts_them(
     assert torch.all(out[:, :, 0] == 0) and torch.all(q.grad[:, :, 0] == 0)
     with pytest.raises(ag.SpecError, match=r"stats \['lse'\] are not defined for Softpick"):
         ag.AttentionSpec(normalization=norms.Softpick(), stats=("lse",))
+
+
+def test_signed_softmax_subtracts_keys_with_negative_logits():
+    """Cog's weights take the logits' signs: keys scoring -|s| - 0.1 subtract their values, weighed by
+    exp(|l|) like the others; a key whose score_mod gives -inf is dropped, as a masked one."""
+    def signed(s, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx % 3 == 0, -s.abs() - 0.1, torch.where(kv_idx == 4, float("-inf"), s.abs() + 0.1))
+    spec = ag.AttentionSpec(score_mod=signed, normalization=norms.SignedSoftmax())
+    q, k, v = Case(1, 2, 2, 20, 30, 16, 16, seed=8).tensors(requires_grad=False)
+    v = torch.ones_like(v)  # each row's output is the sum of its weights
+    assert_matches_reference(spec, q, k, v)
+    out = ag.compile(spec)(q, k, v)
+    scores = (q @ k.transpose(-1, -2)) / 4
+    magnitude = torch.exp(scores.abs() + 0.1)
+    magnitude[..., 4] = 0.0
+    sign = torch.ones_like(scores)
+    sign[..., ::3] = -1.0
+    expected = (sign * magnitude).sum(-1) / magnitude.sum(-1)
+    torch.testing.assert_close(out[..., 0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_spec_text_shows_the_weight_function():

@@ -22,9 +22,9 @@ from .printer import TritonPrinter
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
-# the families an online softmax computes: softmax itself and softpick ("rectified"), whose terms
-# exp(l - m) - exp(-m) rescale with the running max m as exp(l - m) does
-ONLINE_FAMILIES = ("softmax", "rectified")
+# the families an online softmax computes: softmax itself, softpick ("rectified"), whose terms
+# exp(l - m) - exp(-m) rescale with the running max m as exp(l - m) does, and the signed softmax of |l|
+ONLINE_FAMILIES = ("softmax", "rectified", "signed")
 
 
 @lru_cache(maxsize=1)
@@ -329,6 +329,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     softmax = online and not differential  # the single-stream online kernels (lse and delta)
     rectified = normalization.family == "rectified"
     normalized = normalization.family == "normalized"
+    signed = normalization.family == "signed"
     stick = normalization.family == "stick_breaking"
 
     score_lines, backward_lines, grads = score_functions(printer, "")
@@ -403,6 +404,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
         "elementwise": normalization.family in ("elementwise", "normalized"),  # masked keys weigh 0
         "normalized": normalized,
+        "signed": signed,
         "threshold": threshold,
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
@@ -451,7 +453,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "scale": repr(None if scale is None else float(scale)),
         # the softmax of q . k^T * scale itself (scale > 0, checked by the spec): its weights fold the scale into
         # exp2's multiply-add, exp2(dot * scale log2 e - max log2 e), and the row max is the products' max, scaled
-        "scaled_dot": online and not differential and graph.input_name(outputs["score"]) == "score",
+        "scaled_dot": online and not (differential or signed) and graph.input_name(outputs["score"]) == "score",
         "maps": map_context,
         "summed_maps": repr([f"the {m['name']} map" for m in grad_maps]),
         "grad_maps": grad_maps,

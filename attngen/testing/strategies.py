@@ -160,6 +160,7 @@ def normalizations(draw, heads: int = 4) -> Snippet:
         "entmax": f"ag.norms.Entmax({draw(st.sampled_from([1.5, 1.25, 1.7]))})",
         "stick_breaking": "ag.norms.StickBreaking()",
         "softpick": "ag.norms.Softpick()",
+        "signed_softmax": "ag.norms.SignedSoftmax()",
         "normalized": "ag.norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2 + 0.1)",
     }
     return Snippet("normalization", f"normalization = {choices[draw(st.sampled_from(sorted(choices)))]}")
