@@ -194,6 +194,19 @@ class SignedSoftmax(Normalization):
     family = "signed"
 
 
+def _check_nonnegative(fn: Callable) -> None:
+    """Raise if ``fn`` is negative at a score from -1e4 to 1e4 (tried on a grid): a row sum of such weights
+    can vanish or change sign, and dividing by it is not a normalization."""
+    scores = torch.cat([torch.linspace(-30.0, 30.0, 2401, dtype=torch.float64),
+                        torch.tensor([-1e4, -1e3, -100.0, 100.0, 1e3, 1e4], dtype=torch.float64)])
+    weights = torch.as_tensor(fn(scores), dtype=torch.float64)
+    negative = torch.nonzero(weights < 0).flatten()
+    if len(negative):
+        at = scores[negative[0]].item()
+        raise ValueError(f"Normalized(fn) needs fn(s) >= 0 for every score s (its weights are divided by their "
+                         f"row sum), but fn({at:g}) = {weights[negative[0]].item():g}")
+
+
 class Normalized(Normalization):
     """``p_j = fn(s_j) / (sum_k fn(s_k) + eps)`` over the kept keys, for a traceable ``fn`` that is >= 0:
     attention with a kernel of the scores in place of exp, e.g. ``lambda s: torch.clamp(s, min=0) ** 2``,
@@ -207,6 +220,7 @@ class Normalized(Normalization):
             raise TypeError(f"Normalized(fn) needs a function of the score, got {type(fn).__name__}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
             raise ValueError(f"Normalized(eps=...) must be a positive float, got {eps!r}")
+        _check_nonnegative(fn)
         self.fn, self.eps = fn, float(eps)
 
     def weight(self, score, h, n):

@@ -228,6 +228,7 @@ def test_custom_normalization_subclass():
     (lambda: norms.Softpick(eps=0.0), "must be a positive float"),
     (lambda: norms.Normalized(lambda s: s, eps=-1.0), "must be a positive float"),
     (lambda: norms.Normalized("relu"), "needs a function"),
+    (lambda: norms.Normalized(lambda s: s * torch.sigmoid(s)), r"needs fn\(s\) >= 0 .* but fn\(-30\) = -2.8"),
 ])
 def test_bad_normalization_arguments(make, message):
     with pytest.raises((TypeError, ValueError), match=message):
