@@ -25,7 +25,12 @@ def _indices(shape, device) -> list[torch.Tensor]:
 
 
 def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Modded scores [B, Hq, Lq, Lk] and the boolean mask of kept entries."""
+    """Modded scores [B, Hq, Lq, Lk] and the boolean mask of kept entries.
+
+    score_mod runs on the kept entries alone (the others are 0), as the kernels use it: a mod that is
+    undefined where the mask drops the entry (``log(q_idx - kv_idx + 1)`` above a causal diagonal) would
+    give NaN there, and autograd would carry ``0 * NaN`` from those entries into its captured tensors'
+    gradients."""
     shape = check_inputs(q, k, k)
     scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(shape.qk_dim)
     k = k.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
@@ -33,12 +38,14 @@ def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     full = s.shape
     device = q.device
     b, h, q_idx, kv_idx = _indices(full, device)
-    if spec.score_mod is not None:
-        modded = torch.as_tensor(spec.score_mod(s, b, h, q_idx, kv_idx), device=device)
-        s = torch.broadcast_to(modded, full).to(q.dtype)
     keep = torch.ones(full, dtype=torch.bool, device=device)
     if spec.mask_mod is not None:
         keep = keep & torch.as_tensor(spec.mask_mod(b, h, q_idx, kv_idx), device=device)
+    if spec.score_mod is not None:
+        kept = keep.nonzero(as_tuple=True)
+        modded = torch.as_tensor(spec.score_mod(*(t.expand(full)[kept] for t in (s, b, h, q_idx, kv_idx))),
+                                 device=device)
+        s = s.new_zeros(full).index_put(kept, torch.broadcast_to(modded, kept[0].shape).to(q.dtype))
     return s, keep
 
 

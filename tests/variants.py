@@ -63,6 +63,22 @@ def _forgetting_spec(c):
                             mask_mod=ag.masks.causal)
 
 
+def _fire_weights(case, gen):
+    return {name: (scale * torch.randn(case.q_heads, 8, generator=gen)).requires_grad_()
+            for name, scale in (("w1", 1.0), ("b1", 1.0), ("w2", 0.3))}
+
+
+def _fire_spec(c):
+    """FIRE (Li et al. 2023): a learnable per-head MLP of the log distance, normalized by the log of the
+    query's position. log(q_idx - kv_idx + 1) is NaN above the diagonal, which the mask drops."""
+    w1, b1, w2 = c["w1"], c["b1"], c["w2"]
+
+    def fire(s, b, h, q_idx, kv_idx):
+        x = torch.log((q_idx - kv_idx) * 1.0 + 1.0) / torch.log(q_idx * 1.0 + 2.0)
+        return s + sum(w2[h, u] * torch.clamp(w1[h, u] * x + b1[h, u], min=0.0) for u in range(8))
+    return ag.AttentionSpec(score_mod=fire, mask_mod=ag.masks.causal)
+
+
 def _alibi_spec(c):
     slopes = c["slopes"]
     return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -88,6 +104,7 @@ VARIANTS = [
     Variant("softcap", _none, lambda c: ag.AttentionSpec(
         score_mod=lambda s, b, h, q_idx, kv_idx: 2.0 * torch.tanh(s / 2.0))),
     Variant("forgetting", _forget_gates, _forgetting_spec),
+    Variant("fire", _fire_weights, _fire_spec),
     Variant("relative_bias", lambda case, gen: {**_bias(case, gen), "kv_len": case.kv_len}, _bias_spec),
     Variant("document", _documents, lambda c: ag.AttentionSpec(mask_mod=ag.masks.document(c["doc"]))),
     Variant("sliding_window", _none, lambda c: ag.AttentionSpec(mask_mod=ag.masks.sliding_window(7))),
