@@ -106,6 +106,16 @@ def test_invariants_that_do_not_apply_are_skipped():
     assert invariants.rows_sum_to_one(ag.AttentionSpec(normalization=ag.norms.Sigmoid()), Case(1, 1, 1, 4, 4, 8, 8)) == []
 
 
+def test_cases_whose_masked_positions_index_out_of_a_captured_tensor_are_skipped():
+    """The kernels evaluate score_mod on masked positions too (the reference only on kept ones): a bias
+    table that covers only a sliding window's offsets is out of range for a longer case."""
+    from attngen.testing.check import _fits
+    table = torch.zeros(2, 9)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + 4],
+                            mask_mod=ag.masks.sliding_window(4, 4))
+    assert _fits(spec, Case(1, 2, 2, 5, 5, 8, 8)) and not _fits(spec, Case(1, 2, 2, 6, 6, 8, 8))
+
+
 def test_fuzzer_default_profile_finds_no_mismatch():
     """The CI profile of the spec fuzzer; `attngen fuzz --deep` runs 10,000 specs."""
     report = fuzz(examples=3 * settings().max_examples, seed=7)
