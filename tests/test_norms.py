@@ -199,6 +199,15 @@ def test_signed_softmax_subtracts_keys_with_negative_logits():
     torch.testing.assert_close(out[..., 0], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm", [norms.Softpick(), norms.SignedSoftmax()], ids=str)
+def test_rectified_and_signed_softmax_from_the_products_in_bfloat16(norm):
+    """Without a score_mod both take the scale into exp2 from the unscaled products (the signed softmax
+    their magnitudes): in bfloat16 the kernels use exp2, unlike the float32 tests."""
+    spec = ag.AttentionSpec(normalization=norm, mask_mod=ag.masks.causal)
+    assert "_exp_shifted(logits, m_use[:, None], PRECISION, scale)" in ag.compile(spec).source
+    assert_matches_reference(spec, *Case(1, 4, 2, 40, 40, 32, 16, dtype=torch.bfloat16).tensors())
+
+
 def test_spec_text_shows_the_weight_function():
     """The generated module's docstring (and `attngen show`) carries the source of an elementwise or
     normalized weight function, not only its name: it changes the cache key with the function."""

@@ -453,7 +453,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "scale": repr(None if scale is None else float(scale)),
         # the softmax of q . k^T * scale itself (scale > 0, checked by the spec): its weights fold the scale into
         # exp2's multiply-add, exp2(dot * scale log2 e - max log2 e), and the row max is the products' max, scaled
-        "scaled_dot": online and not (differential or signed) and graph.input_name(outputs["score"]) == "score",
+        "scaled_dot": online and not differential and graph.input_name(outputs["score"]) == "score",
         "maps": map_context,
         "summed_maps": repr([f"the {m['name']} map" for m in grad_maps]),
         "grad_maps": grad_maps,
