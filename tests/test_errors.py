@@ -48,12 +48,21 @@ def test_device_mismatch_of_captured_tensor():
         attn(q, k, v)
 
 
+_TABLE = torch.zeros(2, 17)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda docs: ag.AttentionSpec(mask_mod=ag.masks.document(docs[None, :])), "indexed with b in dim 0"),
     (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - torch.ones(1)[h]),
      "indexed with h in dim 0"),
     (lambda docs: ag.AttentionSpec(mask_mod=ag.masks.document(docs[None, :40].expand(2, 40))), "in dim 1"),
-], ids=["batch", "head", "query"])
+    # a relative-position table that covers a sliding window's offsets alone: the kernels read the masked ones too
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, q_idx - kv_idx + 8],
+                                   mask_mod=ag.masks.sliding_window(8, 8)),
+     r"indexed in dim 1 with an expression of q_idx and kv_idx that runs from -39 to 55 in this call, but that dim "
+     r"has 17 entries"),
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, 17]), "with the constant 17"),
+], ids=["batch", "head", "query", "relative_offset", "constant"])
 def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
     """A [1, L] tensor indexed with b does not broadcast (eager torch raises IndexError); the kernel
     would read out of bounds and return wrong values without a word."""
@@ -61,6 +70,19 @@ def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
     spec = make(torch.arange(48) // 12)
     with pytest.raises(ValueError, match=message):
         ag.compile(spec)(q, q, q)
+
+
+def test_index_ranges_are_checked_once_per_shape(monkeypatch):
+    """The check evaluates index expressions at the corners of the call's index box: once per shape of
+    the call and of the captured tensors, not on every call."""
+    from attngen.runtime import compiled
+    checked = []
+    monkeypatch.setattr(compiled, "check_index_ranges", lambda graph, reads, extents, skip: checked.append(extents))
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, q_idx - kv_idx + 8]))
+    for length in (4, 4, 6):
+        q = torch.randn(1, 2, length, 16)
+        attn(q, q, q)
+    assert [e["q_idx"] for e in checked] == [4, 6]
 
 
 def test_python_if_on_traced_value_names_the_line():

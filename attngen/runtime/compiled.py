@@ -18,6 +18,7 @@ from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
 from .cache import cached_source
+from .index_ranges import check_index_ranges, index_reads
 from .linear import CompiledLinearAttention
 from .loader import load_kernels
 from .variants import KERNEL_CAPTURES, Variant
@@ -51,14 +52,6 @@ def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -
     return found
 
 
-def _direct_indices(graph) -> list[tuple[int, int, str]]:
-    """(capture, dim, index) for each dimension of a captured tensor that a mod indexes with ``b``,
-    ``h``, ``q_idx`` or ``kv_idx`` itself (the sizes a call can check)."""
-    return sorted({(attrs["capture"], dim, graph.input_name(arg))
-                   for _, attrs in graph.nx.nodes(data=True) if attrs["op"] == "load"
-                   for dim, arg in enumerate(attrs["args"]) if graph.input_name(arg) in ("b", "h", "q_idx", "kv_idx")})
-
-
 class CompiledAttention:
     """A spec compiled to Triton kernels; call it like ``attn(q, k, v)``."""
 
@@ -78,7 +71,8 @@ class CompiledAttention:
         self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count,
                            second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
                            two_streams=self.spec.differential is not None)
-        self.direct_indices = _direct_indices(self.graph)
+        self.index_reads = index_reads(self.graph)
+        self._ranges_checked: set[tuple] = set()  # (extents, capture shapes) of calls already checked
         self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
         for name in KERNEL_CAPTURES:
             if name in self.stand_ins:
@@ -235,22 +229,18 @@ class CompiledAttention:
         return load_kernels(self.path, interpret=device.type == "cpu")
 
     def _check_index_ranges(self, shape) -> None:
-        """Raise where a captured tensor is too small along a dimension that a mod indexes with ``b``,
-        ``h``, ``q_idx`` or ``kv_idx``: eager torch would raise IndexError, a kernel would read out of
-        bounds. (Positions under a KV cache or in packed sequences depend on values: not checked.)"""
+        """Raise where a captured tensor is too small for a read indexed with ``b``, ``h``, ``q_idx``,
+        ``kv_idx`` or an affine expression of them (see index_ranges), once per shape of the call and of
+        the captures. (Positions under a KV cache or in packed sequences depend on values: not checked.)"""
         extents = {"h": shape.q_heads}
         if not self.variant.packed:
             extents["b"] = shape.batch
         if not (self.variant.packed or self.variant.cache):
             extents.update(q_idx=shape.q_len, kv_idx=shape.kv_len)
-        own = {id(t) for t in self.stand_ins.values()}
-        for capture, dim, index in self.direct_indices:
-            tensor = self.graph.captures[capture].tensor
-            if id(tensor) not in own and index in extents and tensor.shape[dim] < extents[index]:
-                raise ValueError(
-                    f"captured tensor #{capture} of shape {tuple(tensor.shape)} is indexed with {index} in dim {dim}, "
-                    f"which runs to {extents[index] - 1} in this call, but that dim has {tensor.shape[dim]} "
-                    f"entries; give it {extents[index]} (a [1, ...] tensor does not broadcast when indexed)")
+        key = (tuple(extents.items()), tuple(tuple(c.tensor.shape) for c in self.graph.captures))
+        if key not in self._ranges_checked:
+            check_index_ranges(self.graph, self.index_reads, extents, {id(t) for t in self.stand_ins.values()})
+            self._ranges_checked.add(key)
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
