@@ -72,19 +72,6 @@ def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
         ag.compile(spec)(q, q, q)
 
 
-def test_index_ranges_are_checked_once_per_shape(monkeypatch):
-    """The check evaluates index expressions at the corners of the call's index box: once per shape of
-    the call and of the captured tensors, not on every call."""
-    from attngen.runtime import compiled
-    checked = []
-    monkeypatch.setattr(compiled, "check_index_ranges", lambda graph, reads, extents, skip: checked.append(extents))
-    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, q_idx - kv_idx + 8]))
-    for length in (4, 4, 6):
-        q = torch.randn(1, 2, length, 16)
-        attn(q, q, q)
-    assert [e["q_idx"] for e in checked] == [4, 6]
-
-
 def test_python_if_on_traced_value_names_the_line():
     def score_mod(score, b, h, q_idx, kv_idx):
         if q_idx > kv_idx:  # the offending line

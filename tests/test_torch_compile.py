@@ -33,6 +33,21 @@ def test_fullgraph_compile_matches_eager_including_gradients():
         torch.testing.assert_close(got, want)
 
 
+def test_fullgraph_compile_with_a_relative_position_table():
+    """A call checks the table's range (an affine index: a few integer operations, no graph break)
+    inside the compiled graph, and refuses a longer call that the table does not cover."""
+    table = torch.randn(2, 47, requires_grad=True)
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + 23],
+                                       mask_mod=ag.masks.causal))
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), attn(q, k, v))
+    longer = torch.randn(1, 2, 25, 16)
+    with pytest.raises(Exception) as raised:  # Dynamo reports the ValueError as an "observed exception"
+        compiled(longer, longer, longer)
+    assert "runs from -1 to 47" in str(raised.value) + str(raised.value.__cause__)
+
+
 CALLS = {  # name -> keyword arguments of a call on q [2, 2, 3, 16], k and v [2, 2, 40, 16]
     "kv_lens": lambda: dict(kv_lens=torch.tensor([30, 40])),
     "decode": lambda: dict(kv_lens=torch.tensor([30, 40]), mode="decode"),

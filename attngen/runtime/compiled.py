@@ -72,7 +72,6 @@ class CompiledAttention:
                            second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
                            two_streams=self.spec.differential is not None)
         self.index_reads = index_reads(self.graph)
-        self._ranges_checked: set[tuple] = set()  # (extents, capture shapes) of calls already checked
         self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
         for name in KERNEL_CAPTURES:
             if name in self.stand_ins:
@@ -230,17 +229,14 @@ class CompiledAttention:
 
     def _check_index_ranges(self, shape) -> None:
         """Raise where a captured tensor is too small for a read indexed with ``b``, ``h``, ``q_idx``,
-        ``kv_idx`` or an affine expression of them (see index_ranges), once per shape of the call and of
-        the captures. (Positions under a KV cache or in packed sequences depend on values: not checked.)"""
+        ``kv_idx`` or an affine expression of them (see index_ranges). (Positions under a KV cache or in
+        packed sequences depend on values: not checked.)"""
         extents = {"h": shape.q_heads}
         if not self.variant.packed:
             extents["b"] = shape.batch
         if not (self.variant.packed or self.variant.cache):
             extents.update(q_idx=shape.q_len, kv_idx=shape.kv_len)
-        key = (tuple(extents.items()), tuple(tuple(c.tensor.shape) for c in self.graph.captures))
-        if key not in self._ranges_checked:
-            check_index_ranges(self.graph, self.index_reads, extents, {id(t) for t in self.stand_ins.values()})
-            self._ranges_checked.add(key)
+        check_index_ranges(self.graph, self.index_reads, extents, {id(t) for t in self.stand_ins.values()})
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
