@@ -208,6 +208,21 @@ def test_rectified_and_signed_softmax_from_the_products_in_bfloat16(norm):
     assert_matches_reference(spec, *Case(1, 4, 2, 40, 40, 32, 16, dtype=torch.bfloat16).tensors())
 
 
+def test_normalized_rows_sum_the_weights_the_product_with_v_takes():
+    """Found by `attngen fuzz --half` (seed 822): in float16 the weights enter P V rounded; with the row
+    sum of the unrounded ones, one kept key's output was off v by their rounding (5e-4), which
+    delta = dO . O carried into dS = (dP - delta) / norm * fn' (dQ 4x its bound)."""
+    factor = 0.5 * torch.randn(97, generator=torch.Generator().manual_seed(4998))
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        x = s * factor[(q_idx - kv_idx) % 97] + s
+        return torch.sqrt(abs(x) * abs(x) + 1.0)
+    spec = ag.AttentionSpec(score_mod=score_mod, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx > q_idx, scale=0.3,
+                            normalization=norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2 + 0.1))
+    q, k, v = Case(2, 4, 1, 1, 2, 64, 64, dtype=torch.float16, seed=19573).tensors()
+    assert_matches_reference(spec, q, k, v, seed=19573)
+
+
 def test_spec_text_shows_the_weight_function():
     """The generated module's docstring (and `attngen show`) carries the source of an elementwise or
     normalized weight function, not only its name: it changes the cache key with the function."""

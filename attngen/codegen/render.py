@@ -369,8 +369,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     # the softmax output kept in float32 for the backward's delta = dO . O (affine: its softmax part):
     # from an output rounded to half precision, delta's rounding error (coherent over a row) adds up
     # in the gradient of every learnable tensor, weighted by d logit / d tensor. It costs a float32
-    # write of the whole output (and its memory), so only where a tensor learns
-    o_soft = softmax and (affine or normalization.learnable_sink or any(c["differentiable"] for c in captures))
+    # write of the whole output (and its memory), so only where a tensor learns (normalized weights too)
+    o_soft = (softmax or normalized) and (affine or normalization.learnable_sink
+                                          or any(c["differentiable"] for c in captures))
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["norm"] if normalized else []) \
