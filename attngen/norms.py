@@ -38,6 +38,11 @@ from typing import Callable
 import torch
 
 COUNTS = ("length", "unmasked")
+# the families whose kernels run an online softmax: softmax itself, softpick ("rectified"), whose terms
+# exp(l - m) - exp(-m) rescale with the running max m as exp(l - m) does, and the signed softmax of |l|
+ONLINE_FAMILIES = ("softmax", "rectified", "signed")
+# the families that weigh each key by ``weight`` (else by a row normalizer of ``logits``)
+WEIGHT_FAMILIES = ("elementwise", "normalized")
 
 
 def _check_parameter(name: str, value, allow=()) -> None:
@@ -55,6 +60,13 @@ def _check_parameter(name: str, value, allow=()) -> None:
                             f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
         return
     raise TypeError(f"{name} must be a float or a per-head tensor, got {type(value).__name__}")
+
+
+def _check_eps(name: str, eps) -> float:
+    """``eps`` as a float, which must be positive and finite."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{name} must be a positive float, got {eps!r}")
+    return float(eps)
 
 
 def per_head(value, h):
@@ -218,10 +230,9 @@ class Normalized(Normalization):
     def __init__(self, fn: Callable, eps: float = 1e-6):
         if not callable(fn):
             raise TypeError(f"Normalized(fn) needs a function of the score, got {type(fn).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-            raise ValueError(f"Normalized(eps=...) must be a positive float, got {eps!r}")
+        eps = _check_eps("Normalized(eps=...)", eps)
         _check_nonnegative(fn)
-        self.fn, self.eps = fn, float(eps)
+        self.fn, self.eps = fn, eps
 
     def weight(self, score, h, n):
         return self.fn(score)
@@ -276,6 +287,4 @@ class Softpick(Normalization):
     family = "rectified"
 
     def __init__(self, eps: float = 1e-8):
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-            raise ValueError(f"Softpick(eps=...) must be a positive float, got {eps!r}")
-        self.eps = float(eps)
+        self.eps = _check_eps("Softpick(eps=...)", eps)

@@ -13,7 +13,7 @@ import torch
 
 from .inputs import check_inputs
 from .linear import LinearAttentionSpec, LinearState
-from .norms import Normalization
+from .norms import WEIGHT_FAMILIES, Normalization
 from .spec import AttentionSpec
 from . import stats as stats_module
 
@@ -64,7 +64,7 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
     else:
         n = torch.tensor(float(s.shape[-1]), dtype=s.dtype, device=s.device)
-    if normalization.family in ("elementwise", "normalized"):
+    if normalization.family in WEIGHT_FAMILIES:
         w = torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s))
         if normalization.family == "normalized":
             w = w / (w.sum(-1, keepdim=True) + normalization.eps)
@@ -114,11 +114,9 @@ def signed_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``sign(z_j) exp(|z_j|) / sum_k exp(|z_k|)`` over the kept entries of the last axis that are not -inf."""
     live = keep & (z > float("-inf"))
     magnitude = torch.where(live, z.abs(), float("-inf"))
-    top = _row_max(magnitude, live).unsqueeze(-1)
-    e = torch.exp(magnitude - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-    total = e.sum(-1, keepdim=True)
-    return torch.where(live, torch.sign(z) * e / torch.where(total > 0, total, torch.ones_like(total)),
-                       torch.zeros_like(z))
+    lse = torch.logsumexp(magnitude, dim=-1, keepdim=True)
+    weights = torch.exp(magnitude - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse))
+    return torch.where(live, torch.sign(z) * weights, torch.zeros_like(z))
 
 
 def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .errors import SpecError
+from .norms import WEIGHT_FAMILIES
 from .ir.graph import Capture, Graph
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -228,8 +229,8 @@ def _score(tracer: Tracer, score_mod: Callable | None, normalization, key_count,
     if normalization is None:
         return score
     modded = score
-    elementwise = normalization.family in ("elementwise", "normalized")
-    method = normalization.weight if elementwise else normalization.logits
+    weighted = normalization.family in WEIGHT_FAMILIES
+    method = normalization.weight if weighted else normalization.logits
     count = "n_kept" if normalization.count == "unmasked" else "n_keys"
     label = f"{type(normalization).__name__}.{method.__name__}"
     if count == "n_keys" and key_count is not None:  # the row's keys are not simply LK
@@ -245,8 +246,7 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
     and ``exp0``, ``exp1``, ... (one per row expectation).
 
     ``score`` is what the kernel normalizes: ``score_mod``'s result, then the
-    normalization's ``logits`` (softmax family) or ``weight`` (elementwise
-    family) of it, which may use the input ``n_keys`` or ``n_kept`` (``key_count(b, q_idx)``, when
+    normalization's ``logits`` or, for WEIGHT_FAMILIES, its ``weight`` of it, which may use the input ``n_keys`` or ``n_kept`` (``key_count(b, q_idx)``, when
     given, stands for ``n_keys``: the number of keys of the row's sequence). With ``two_streams``
     (differential attention) the output ``score2`` is the second stream's score: ``second_score_mod``
     (default ``score_mod``) of the same input, then the same logits. Each

@@ -14,7 +14,7 @@ import jinja2
 from .. import __version__
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
-from ..norms import Normalization
+from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat
 from .printer import TritonPrinter
@@ -22,9 +22,6 @@ from .printer import TritonPrinter
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
-# the families an online softmax computes: softmax itself, softpick ("rectified"), whose terms
-# exp(l - m) - exp(-m) rescale with the running max m as exp(l - m) does, and the signed softmax of |l|
-ONLINE_FAMILIES = ("softmax", "rectified", "signed")
 
 
 @lru_cache(maxsize=1)
@@ -403,7 +400,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "differential": differential,
         **score2,
         "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
-        "elementwise": normalization.family in ("elementwise", "normalized"),  # masked keys weigh 0
+        "elementwise": normalization.family in WEIGHT_FAMILIES,  # masked keys weigh 0
         "normalized": normalized,
         "signed": signed,
         "threshold": threshold,
