@@ -62,7 +62,14 @@ _TABLE = torch.zeros(2, 17)
      r"indexed in dim 1 with an expression of q_idx and kv_idx that runs from -39 to 55 in this call, but that dim "
      r"has 17 entries"),
     (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, 17]), "with the constant 17"),
-], ids=["batch", "head", "query", "relative_offset", "constant"])
+    # T5-style clipped distances: 17 entries hold -8..8, but the clip is at 9
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                                   s + _TABLE[h, torch.clamp(q_idx - kv_idx, -9, 9) + 8]),
+     "expression of q_idx and kv_idx that runs from -1 to 17"),
+    # a bias per sum of 4-token block numbers: 48 queries and keys make 23 sums
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, q_idx // 4 + kv_idx // 4]),
+     "runs from 0 to 22 in this call"),
+], ids=["batch", "head", "query", "relative_offset", "constant", "clamped", "blocks"])
 def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
     """A [1, L] tensor indexed with b does not broadcast (eager torch raises IndexError); the kernel
     would read out of bounds and return wrong values without a word."""

@@ -33,16 +33,20 @@ def test_fullgraph_compile_matches_eager_including_gradients():
         torch.testing.assert_close(got, want)
 
 
-def test_fullgraph_compile_with_a_relative_position_table():
-    """A call checks the table's range (an affine index: a few integer operations, no graph break)
-    inside the compiled graph, and refuses a longer call that the table does not cover."""
+@pytest.mark.parametrize("index, too_long", [
+    (lambda q_idx, kv_idx: q_idx - kv_idx + 23, 25),
+    (lambda q_idx, kv_idx: (q_idx - kv_idx) // 2 + 23, 49),  # through `//`: interval bounds at call time
+], ids=["affine", "floordiv"])
+def test_fullgraph_compile_with_a_relative_position_table(index, too_long):
+    """A call checks the table's range (a few integer operations, no graph break) inside the compiled
+    graph, and refuses a longer call that the table does not cover."""
     table = torch.randn(2, 47, requires_grad=True)
-    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, q_idx - kv_idx + 23],
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, index(q_idx, kv_idx)],
                                        mask_mod=ag.masks.causal))
     q, k, v = (torch.randn(1, 2, 24, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     compiled = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), attn(q, k, v))
-    longer = torch.randn(1, 2, 25, 16)
+    longer = torch.randn(1, 2, too_long, 16)
     with pytest.raises(Exception) as raised:  # Dynamo reports the ValueError as an "observed exception"
         compiled(longer, longer, longer)
     assert "runs from -1 to 47" in str(raised.value) + str(raised.value.__cause__)
