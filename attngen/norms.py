@@ -242,24 +242,33 @@ class Entmax(Normalization):
     """alpha-entmax (Peters et al. 2019): ``p_j = [(alpha - 1) l_j - tau]_+ ** (1 / (alpha - 1))`` with
     ``tau`` per row such that ``sum_j p_j = 1``; keys below the threshold get exactly 0.
 
-    ``alpha`` in (1, 2]: 2 is sparsemax, 1.5 the usual entmax, toward 1 softmax. The kernels find
-    ``tau`` with at most ``iterations`` safeguarded Newton steps, each a pass over the row's keys
-    (default: 8 for sparsemax, whose support iteration is exact, else 14), stopping once no row's
-    ``tau`` moves by more than 1e-6 of its size, then normalize the weights. They start from the
-    threshold of the row's 16 largest logits alone (two per kv tile), a lower bound that is exact
-    when those hold the row's support.
+    ``alpha`` in (1, 2]: 2 is sparsemax, 1.5 the usual entmax, toward 1 softmax; a float, or a
+    tensor of shape ``[Hq]`` with one ``alpha`` per head, learnable with ``requires_grad`` (adaptively
+    sparse attention, Correia et al. 2019: each head learns how sparse it is; keep it in (1, 2], e.g.
+    ``1 + torch.sigmoid(a)``; a call checks its values). The kernels find ``tau`` with at most
+    ``iterations`` safeguarded Newton steps, each a pass over the row's keys (default: 8 for sparsemax,
+    whose support iteration is exact, else 14), stopping once no row's ``tau`` moves by more than 1e-6
+    of its size, then normalize the weights. They start from the threshold of the row's 16 largest
+    logits alone (two per kv tile), a lower bound that is exact when those hold the row's support.
     """
 
     family = "threshold"
 
-    def __init__(self, alpha: float = 1.5, iterations: int | None = None):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
-            raise ValueError(f"Entmax(alpha=...) must be a number in (1, 2], got {alpha!r}")
+    def __init__(self, alpha: float | torch.Tensor = 1.5, iterations: int | None = None):
+        if isinstance(alpha, torch.Tensor):
+            _check_parameter("Entmax(alpha=...)", alpha)
+        elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
+            raise ValueError(f"Entmax(alpha=...) must be a number in (1, 2] or a per-head tensor, got {alpha!r}")
         if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
                                        or not 1 <= iterations <= 64):
             raise ValueError(f"Entmax(iterations=...) must be an int between 1 and 64, got {iterations!r}")
-        self.alpha = float(alpha)
-        self.iterations = iterations or (8 if self.alpha == 2.0 else 14)
+        self.alpha = alpha if isinstance(alpha, torch.Tensor) else float(alpha)
+        self.iterations = iterations or (8 if not self.per_head and self.alpha == 2.0 else 14)
+
+    @property
+    def per_head(self) -> bool:
+        """Whether ``alpha`` is a tensor with a value per head (read by the kernels at each call)."""
+        return isinstance(self.alpha, torch.Tensor)
 
 
 def Sparsemax(iterations: int | None = None) -> Entmax:  # noqa: N802 - reads like the class it stands for

@@ -71,7 +71,7 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         return w, None, None
     raw_logits = normalization.logits(s, h, n)
     if normalization.family == "threshold":
-        return entmax(raw_logits, keep, normalization.alpha), None, raw_logits
+        return entmax(raw_logits, keep, _per_head(normalization.alpha, raw_logits)), None, raw_logits
     if normalization.family == "stick_breaking":
         return stick_breaking(raw_logits, keep), None, raw_logits
     if normalization.family == "rectified":
@@ -119,9 +119,9 @@ def signed_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(live, torch.sign(z) * weights, torch.zeros_like(z))
 
 
-def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
+def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """alpha-entmax of ``z`` over the kept entries of its last axis (0 elsewhere, and on rows keeping
-    none). The threshold comes from bisection to the dtype's precision; its gradient from one Newton
+    none); ``alpha`` a float or a tensor broadcastable against ``z``. The threshold comes from bisection to the dtype's precision; its gradient from one Newton
     step written with torch ops, which at the solution is the implicit function's derivative."""
     power = 1.0 / (alpha - 1)
     x = torch.where(keep, (alpha - 1) * z, float("-inf"))

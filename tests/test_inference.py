@@ -28,6 +28,8 @@ SPECS = {
     "learnable_sink": lambda h: ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(h, requires_grad=True)),
                                                  stats=("lse", "max")),
     "relu_length": lambda h: ag.AttentionSpec(normalization=ag.norms.ReLU(power=2)),
+    "entmax_learnable": lambda h: ag.AttentionSpec(normalization=ag.norms.Entmax(torch.linspace(1.3, 2.0, h).requires_grad_()),
+                                                   mask_mod=masks.causal),
 }
 
 
@@ -80,6 +82,7 @@ EMPTY_CACHE_SPECS = {
     "sink_and_stats": SPECS["learnable_sink"],
     "sparsemax": lambda h: ag.AttentionSpec(normalization=ag.norms.Sparsemax()),
     "entmax": lambda h: ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=masks.causal),
+    "entmax_learnable": SPECS["entmax_learnable"],
     "stick_breaking": lambda h: ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=masks.causal),
     "softpick": lambda h: ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=masks.causal),
     "normalized": lambda h: ag.AttentionSpec(normalization=ag.norms.Normalized(torch.sigmoid), mask_mod=masks.causal),
@@ -358,6 +361,7 @@ DROPOUT_SPECS = {
     "learnable_sink": SPECS["learnable_sink"],
     "sparsemax": lambda h: ag.AttentionSpec(normalization=ag.norms.Sparsemax()),  # fuzzer, seed 14
     "entmax": lambda h: ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=masks.causal),
+    "entmax_learnable": SPECS["entmax_learnable"],
 }
 
 

@@ -49,6 +49,9 @@ NORMS = {
     "entmax15": (_none, lambda c: norms.Entmax(1.5)),
     "entmax_1_3": (_none, lambda c: norms.Entmax(1.3)),
     "entmax_1_25": (_none, lambda c: norms.Entmax(1.25)),  # weights u ** 4 by squarings, not exp2 of log2
+    # adaptively sparse attention: alpha per head in (1.15, 2], learnable
+    "entmax_learnable": (lambda case, gen: {"alpha": (2.0 - 0.85 * torch.rand(case.q_heads, generator=gen)).requires_grad_()},
+                         lambda c: norms.Entmax(c["alpha"])),
     # eps 1e-2: with the default 1e-8 a row whose normalizer is small (one key scoring 0.01) amplifies
     # float32 rounding by 1 / normalizer in the backward (README, softpick); the default runs elsewhere
     "softpick": (_none, lambda c: norms.Softpick(eps=1e-2)),
@@ -396,5 +399,12 @@ def test_entmax_arguments():
             norms.Entmax(bad)
     with pytest.raises(ValueError, match="iterations"):
         norms.Entmax(1.5, iterations=0)
+    with pytest.raises(TypeError, match=r"Entmax\(alpha=...\) must be a float or a floating-point tensor of shape"):
+        norms.Entmax(torch.tensor([2, 2]))
+    q = torch.randn(1, 2, 8, 16)
+    for alpha, message in ((torch.tensor([1.5, 2.5]), r"must be in \(1, 2\] for every head, got \[1.5, 2.5\]"),
+                           (torch.tensor([1.5, 1.5, 1.5]), r"has 3 entries; expected one per query head \(2\)")):
+        with pytest.raises(ValueError, match=message):
+            ag.compile(ag.AttentionSpec(normalization=norms.Entmax(alpha)))(q, q, q)
     with pytest.raises(ag.SpecError, match="no log-sum-exp"):
         ag.AttentionSpec(normalization=norms.Sparsemax(), stats=("lse",))

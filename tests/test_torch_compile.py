@@ -114,6 +114,21 @@ def test_packed_and_paged_calls_first_seen_inside_torch_compile(tmp_path, monkey
                                atol=0, rtol=0)
 
 
+def test_fullgraph_compile_with_learnable_entmax_alpha():
+    """Adaptively sparse attention inside a compiled graph: alpha's range is checked by eager calls only
+    (a check would read it), and its gradient is eager's."""
+    alpha = torch.tensor([1.3, 1.8], requires_grad=True)
+    attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Entmax(alpha), mask_mod=ag.masks.causal))
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    grads = []
+    for run in (attn, torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")):
+        alpha.grad = None
+        run(q, k, v).square().sum().backward()
+        grads.append(alpha.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0].abs().min() > 0
+
+
 def test_traced_calls_skip_value_checks_and_kernels_clamp_kv_lens():
     """Inside a trace kv_lens are data, not checked (an eager call raises); the kernels then treat a
     length past the cache as the whole cache and a negative one as empty, reading nothing outside."""

@@ -224,15 +224,25 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
 def threshold_context(normalization: Normalization) -> dict:
     """alpha, the Newton passes, the body of ``_entmax(u)`` and ``kept``, how many of each row's largest
     logits the first pass keeps to start the threshold, for the threshold family."""
+    context = {"iterations": normalization.iterations, "kept": 16}
+    if normalization.per_head:  # alpha - 1 comes in as am1, loaded per head
+        exponent = "(1.0 / am1 - 1.0)"
+        return {**context, "alpha": "per head", "am1": "am1", "entmax_param": ", am1",
+                "entmax_lines": _general_power_lines(exponent)}
     alpha = normalization.alpha
     power = 1.0 / (alpha - 1)  # the weight is u ** power, its derivative's part w = u ** (power - 1)
     whole = round(power)
     if abs(power - whole) < 1e-9:  # sparsemax (1), 1.5-entmax (2), 4/3 (3), 1.25 (4), ...
         lines = _power_lines("w", "u", whole - 1) + [f"return {'u' if whole == 1 else 'u * w'}, w"]
     else:
-        lines = [f"w = tl.where(u > 0.0, tl.exp2({power - 1.0!r} * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)",
-                 "return u * w, w"]
-    return {"alpha": alpha, "iterations": normalization.iterations, "entmax_lines": lines, "kept": 16}
+        lines = _general_power_lines(repr(power - 1.0))
+    return {**context, "alpha": alpha, "am1": repr(alpha - 1), "entmax_param": "", "entmax_lines": lines}
+
+
+def _general_power_lines(exponent: str) -> list[str]:
+    """The body of ``_entmax(u)`` for w = u ** exponent (0 at u = 0) as exp2 of a multiple of log2(u)."""
+    return [f"w = tl.where(u > 0.0, tl.exp2({exponent} * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)",
+            "return u * w, w"]
 
 
 def _power_lines(name: str, base: str, exponent: int) -> list[str]:
@@ -359,9 +369,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     tile_names = [name for j, t in enumerate(graph.tiles) for name in [f"tile{j}"] + [f"tile{j}_s{d}" for d in range(len(t.dims))]]
     mask_params = "".join(f", {name}" for name in capture_names + tile_names)
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
-    params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
-    params += ["lam"] if differential else []
     threshold = normalization.family == "threshold"
+    params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
+    params += ["entmax_alpha"] if threshold and normalization.per_head else []
+    params += ["lam"] if differential else []
     affine = normalization.affine is not None
     # the softmax output kept in float32 for the backward's delta = dO . O (affine: its softmax part):
     # from an output rounded to half precision, delta's rounding error (coherent over a row) adds up
@@ -404,6 +415,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "normalized": normalized,
         "signed": signed,
         "threshold": threshold,
+        "entmax_per_head": threshold and normalization.per_head,  # alpha read per head, with a gradient
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
         "paged": "block_table" in kernel_captures,

@@ -12,6 +12,7 @@ import triton
 from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
+from ..inputs import values_checkable
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
@@ -36,8 +37,8 @@ def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torc
 
 
 def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -> list[torch.Tensor]:
-    """The per-head tensors the kernels take: a sink, an affine output's alpha and beta, or
-    differential attention's lambda (in the generated module's NORM_PARAMETERS order)."""
+    """The per-head tensors the kernels take: a sink, an affine output's alpha and beta, entmax's
+    alpha, or differential attention's lambda (in the generated module's NORM_PARAMETERS order)."""
     normalization = spec.normalization
     name = type(normalization).__name__
     found = []
@@ -47,6 +48,11 @@ def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -
         alpha, beta = normalization.affine
         found += [_per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
                   _per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
+    if normalization.family == "threshold" and normalization.per_head:
+        alpha = _per_head_tensor(f"{name}(alpha=...)", normalization.alpha, heads, device)
+        if values_checkable(alpha) and not bool(((alpha > 1) & (alpha <= 2)).all()):  # one read on a GPU
+            raise ValueError(f"{name}(alpha=...) must be in (1, 2] for every head, got {alpha.tolist()}")
+        found.append(alpha)
     if spec.differential is not None:
         found.append(_per_head_tensor("differential", spec.differential, heads, device))
     return found

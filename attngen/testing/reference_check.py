@@ -32,7 +32,7 @@ class Float64(TorchFunctionMode):
 
 def learnable(spec: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tensor]:
     """The tensors of ``spec`` that receive gradients: captured float tensors that require grad
-    (``capture<i>``, in capture order), the normalization's sink / alpha / beta tensors and
+    (``capture<i>``, in capture order), the normalization's sink / alpha / beta tensors (entmax's alpha) and
     differential attention's ``lam``; a linear spec's ``decay``."""
     if isinstance(spec, LinearAttentionSpec):
         decay = spec.decay
@@ -41,7 +41,7 @@ def learnable(spec: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tens
     found = {f"capture{i}": c.tensor for i, c in enumerate(attn.graph.captures) if c.differentiable}
     norm = spec.normalization
     named = [("sink", norm.sink)] + (list(zip(("alpha", "beta"), norm.affine)) if norm.affine else []) \
-        + [("lam", spec.differential)]
+        + [("alpha", norm.alpha)] * (norm.family == "threshold") + [("lam", spec.differential)]
     found.update({name: t for name, t in named if isinstance(t, torch.Tensor) and t.requires_grad})
     return found
 

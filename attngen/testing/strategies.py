@@ -158,6 +158,7 @@ def normalizations(draw, heads: int = 4) -> Snippet:
         "elementwise": "ag.norms.Elementwise(lambda s: torch.sigmoid(s) ** 2)",
         "sparsemax": "ag.norms.Sparsemax()",
         "entmax": f"ag.norms.Entmax({draw(st.sampled_from([1.5, 1.25, 1.7]))})",
+        "entmax_learnable": f"ag.norms.Entmax({per_head('0.85', '1.15')})",
         "stick_breaking": "ag.norms.StickBreaking()",
         "softpick": "ag.norms.Softpick()",
         "signed_softmax": "ag.norms.SignedSoftmax()",
