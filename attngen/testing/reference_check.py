@@ -41,7 +41,7 @@ def learnable(spec: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tens
     found = {f"capture{i}": c.tensor for i, c in enumerate(attn.graph.captures) if c.differentiable}
     norm = spec.normalization
     named = [("sink", norm.sink)] + (list(zip(("alpha", "beta"), norm.affine)) if norm.affine else []) \
-        + [("alpha", norm.alpha)] * (norm.family == "threshold") + [("lam", spec.differential)]
+        + ([("alpha", norm.alpha)] if norm.family == "threshold" else []) + [("lam", spec.differential)]
     found.update({name: t for name, t in named if isinstance(t, torch.Tensor) and t.requires_grad})
     return found
 
