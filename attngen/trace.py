@@ -44,7 +44,12 @@ _UNARY = {
     "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
     "logical_not": "not",
 }
-SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | {"where", "clamp", "clip", "relu", "__getitem__"})
+# torch dtypes a traced value converts to (``.to(dtype)``, ``.long()``, ...), by the IR type they become
+_CASTS = {torch.float32: "float", torch.float64: "float", torch.int32: "int", torch.int64: "int", torch.bool: "bool"}
+_CAST_METHODS = {"float": "float", "double": "float", "long": "int", "int": "int", "bool": "bool"}
+_LIKE = {"zeros_like": 0, "ones_like": 1}
+SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | {
+    "where", "clamp", "clip", "relu", "min", "max", "floor", "ceil", "full_like", "__getitem__"})
 
 
 def _user_frame(frames) -> str:
@@ -113,11 +118,49 @@ class Tracer:
             raise self.fail("a captured tensor is indexed with a floating-point value")
         return Proxy(self, self.graph.load(self.capture(tensor), nodes))
 
+    def dtype(self, value) -> str:
+        """The IR type of a traced value or constant."""
+        return self.graph.dtype(self.node(value))
+
+    def cast(self, x, kind: str):
+        """``x`` converted to the IR type ``kind`` as torch converts it: floats to ints round toward zero,
+        booleans become 0 / 1, anything non-zero becomes True."""
+        have = self.dtype(x)
+        if have == kind:
+            return x
+        if kind == "bool":
+            return self.apply("ne", x, 0)
+        if have == "bool":
+            return self.apply("where", x, 1.0 if kind == "float" else 1, 0.0 if kind == "float" else 0)
+        return self.apply("to_int", x) if kind == "int" else self.apply("mul", x, 1.0)
+
+    def cast_to(self, x, dtype) -> Proxy:
+        """``x.to(dtype)`` for a torch dtype of :data:`_CASTS`."""
+        if dtype not in _CASTS:
+            raise self.fail(f"traced values convert to {', '.join(map(str, _CASTS))}, not {dtype} (kernels compute "
+                            "in float32 and 32-bit integers)")
+        return self.cast(x, _CASTS[dtype])
+
     def torch_call(self, func, args, kwargs) -> Proxy:
         name = getattr(func, "__name__", str(func)).strip("_")
         kwargs = kwargs or {}
         if name == "getitem":
             return self.index(*args)
+        if name in _LIKE or name == "full_like":  # a constant of the value's type (or of dtype=)
+            fill = _LIKE[name] if name in _LIKE else (list(args) + [kwargs.pop("fill_value", None)])[1]
+            kind = _CASTS.get(kwargs.pop("dtype", None), self.dtype(args[0]))
+            if kwargs:
+                raise self.fail(f"torch.{name} with keyword arguments {sorted(kwargs)} is not supported")
+            return self.cast(self.apply("add", fill, 0) if kind == "int" else fill, kind) \
+                if isinstance(fill, Proxy) else Proxy(self, self.graph.const({"float": float, "int": int,
+                                                                             "bool": bool}[kind](fill)))
+        if name in ("min", "max") and len(args) == 2 and not kwargs and not isinstance(args[1], int):
+            return self.apply("minimum" if name == "min" else "maximum", *args)  # the elementwise form
+        if name in ("floor", "ceil") and len(args) == 1 and not kwargs:
+            x = args[0]
+            if self.dtype(x) != "float":
+                return x
+            return self.apply("floordiv", x, 1.0) if name == "floor" else -self.apply("floordiv", -x, 1.0)
         if name == "where":
             return self.apply("where", *args)
         if name == "relu" and len(args) == 1 and not kwargs:
@@ -167,9 +210,22 @@ class Proxy:
         raise self.tracer.fail("traced values are scalars and cannot be indexed")
 
     def __getattr__(self, name):
-        if name in _UNARY or name in ("clamp", "clip", "relu"):
+        if name in _UNARY or name in ("clamp", "clip", "relu", "floor", "ceil"):
             return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
-        raise self.tracer.fail(f"traced values have no method {name!r}")
+        if name in _CAST_METHODS:
+            return lambda: self.tracer.cast(self, _CAST_METHODS[name])
+        if name in ("to", "type"):
+            return self._to
+        raise self.tracer.fail(f"traced values have no method {name!r} (conversions: .to(dtype), "
+                               f"{', '.join(f'.{m}()' for m in _CAST_METHODS)}; functions: torch.<name>(x) for "
+                               f"the supported torch functions)")
+
+    def _to(self, dtype=None, **kwargs):
+        """``x.to(dtype)`` / ``x.type(dtype)``; a device or other tensor is not a conversion of a scalar."""
+        dtype = kwargs.pop("dtype", dtype)
+        if kwargs or not isinstance(dtype, torch.dtype):
+            raise self.tracer.fail("traced values convert with .to(dtype) only (a torch dtype, no device)")
+        return self.tracer.cast_to(self, dtype)
 
     def __repr__(self):
         return f"Proxy(%{self.node}: {self.tracer.graph.describe(self.node)})"

@@ -98,6 +98,17 @@ def test_unsupported_torch_function_is_named():
         ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: torch.erf(s)))
 
 
+@pytest.mark.parametrize("score_mod, message", [
+    (lambda s, b, h, q_idx, kv_idx: s.half(), r"no method 'half' \(conversions: .to\(dtype\), .float\(\)"),
+    (lambda s, b, h, q_idx, kv_idx: s.to(torch.float16), r"convert to torch.float32, .* not torch.float16"),
+    (lambda s, b, h, q_idx, kv_idx: s.to("cuda"), r"convert with .to\(dtype\) only"),
+    (lambda s, b, h, q_idx, kv_idx: s + torch.min(q_idx), r"torch.min cannot be traced"),
+], ids=["half", "float16", "device", "reduction"])
+def test_unsupported_conversions_are_named(score_mod, message):
+    with pytest.raises(ag.SpecError, match=message):
+        ag.compile(ag.AttentionSpec(score_mod=score_mod))
+
+
 def test_unindexed_captured_tensor_is_rejected():
     bias = torch.randn(16, 16)
     with pytest.raises(ag.SpecError, match=r"shape \(16, 16\) is used without indexing"):

@@ -7,6 +7,8 @@ kernel and float64 copies for the reference.
 
 from __future__ import annotations
 
+import pathlib
+import runpy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,6 +81,31 @@ def _fire_spec(c):
     return ag.AttentionSpec(score_mod=fire, mask_mod=ag.masks.causal)
 
 
+T5_BUCKET = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
+
+
+def _t5_table(case, gen):
+    return {"t5": (0.5 * torch.randn(case.q_heads, 32, generator=gen)).requires_grad_()}
+
+
+def _t5_spec(c):
+    """T5's decoder: a learnable bias per head and bucket of kv_idx - q_idx <= 0 (specs/t5_relative_bias.py
+    tests the encoder's buckets of both signs); the conversions (.to(torch.long), .float(), zeros_like /
+    full_like, two-tensor torch.min) trace as torch computes them."""
+    table = c["t5"]
+    return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                            s + table[h, T5_BUCKET(kv_idx - q_idx, bidirectional=False)], mask_mod=ag.masks.causal)
+
+
+def _conversions(s, b, h, q_idx, kv_idx):
+    """Each conversion and rounding against torch's: toward zero, floor and ceil of thirds of offsets
+    (exact in float32: no score rounds at an integer), a comparison as a float, a float fill for an int."""
+    third = (q_idx - kv_idx).float() / 3.0
+    return (s + 0.2 * third.to(torch.int32) - 0.1 * torch.floor(third) + 0.05 * third.ceil()
+            + 0.3 * (s > 0).to(torch.float32) + 0.01 * torch.full_like(q_idx, 2.7) * b.double()
+            + 0.02 * torch.max(q_idx % 3, torch.ones_like(kv_idx)).to(dtype=torch.float64) + (h == 1).float())
+
+
 def _alibi_spec(c):
     slopes = c["slopes"]
     return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -112,6 +139,8 @@ VARIANTS = [
     Variant("empty_rows", _none, lambda c: ag.AttentionSpec(
         mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3, scale=0.3)),
     Variant("checkerboard", _none, lambda c: ag.AttentionSpec(score_mod=_checkerboard)),
+    Variant("t5_buckets", _t5_table, _t5_spec),
+    Variant("conversions", _none, lambda c: ag.AttentionSpec(score_mod=_conversions)),
 ]
 
 

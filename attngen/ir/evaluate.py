@@ -22,6 +22,7 @@ _FUNCTIONS = {
     "sigmoid": torch.sigmoid, "sqrt": torch.sqrt,
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
     "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor, "not": torch.bitwise_not,
+    "to_int": lambda a: a,  # its argument, converted to int64 as every op's are (rounding toward zero)
 }
 
 

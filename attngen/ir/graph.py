@@ -40,7 +40,7 @@ class Op:
     """Static facts about an op: arity, result type rule, Python evaluator."""
 
     arity: int
-    result: str  # "arith" (float if any float arg else int), "float", "bool", "logic", "select"
+    result: str  # "arith" (float if any float arg else int), "float", "int", "bool", "logic", "select"
     evaluate: Callable | None = None
 
 
@@ -76,6 +76,7 @@ OPS: dict[str, Op] = {
     "xor": Op(2, "logic", operator.xor),
     "not": Op(1, "logic", lambda x: (not x) if isinstance(x, bool) else ~x),
     "where": Op(3, "select", lambda c, a, b: a if c else b),
+    "to_int": Op(1, "int", math.trunc),  # a float to an int, rounding toward zero (torch's .long())
 }
 
 @dataclass(eq=False)
@@ -125,10 +126,8 @@ def result_dtype(op: str, arg_dtypes: Iterable[str]) -> str:
     """The dtype of ``op`` applied to arguments of ``arg_dtypes``."""
     dtypes = list(arg_dtypes)
     rule = OPS[op].result
-    if rule == "float":
-        return "float"
-    if rule == "bool":
-        return "bool"
+    if rule in ("float", "int", "bool"):
+        return rule
     if rule == "logic":
         return "bool" if all(d == "bool" for d in dtypes) else "int"
     if rule == "select":
