@@ -9,6 +9,7 @@ raises :class:`SpecError` pointing at the user's line.
 
 from __future__ import annotations
 
+import math
 import os
 import traceback
 from typing import Callable
@@ -42,13 +43,48 @@ _REVERSED = {"radd": "add", "rsub": "sub", "rmul": "mul", "rtruediv": "truediv",
 _UNARY = {
     "neg": "neg", "negative": "neg", "abs": "abs", "absolute": "abs", "exp": "exp", "log": "log",
     "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
-    "logical_not": "not",
+    "logical_not": "not", "cos": "cos", "sin": "sin", "erf": "erf",
 }
+_LN2, _LN10 = math.log(2.0), math.log(10.0)
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+    """torch's softplus as max(bx, 0) + log(1 + exp(-|bx|)), over beta: no exp overflows, so neither
+    branch of the gradient is inf (torch returns x itself past ``threshold``; this is within 2e-9 of it)."""
+    bx = x * beta
+    return (torch.clamp(bx, min=0.0) + torch.log(1.0 + torch.exp(-torch.abs(bx)))) / beta
+
+
+def _gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+# torch functions traced as compositions of IR ops (on the tracer's proxies), by name; those with
+# torch's own precision near 0 (log1p, expm1) are computed as log(1 + x) and exp(x) - 1 in float32
+_COMPOSITE = {
+    "square": lambda x: x * x,
+    "reciprocal": lambda x: 1.0 / x,
+    "rsqrt": lambda x: 1.0 / torch.sqrt(x),
+    "exp2": lambda x: torch.exp(x * _LN2),
+    "log2": lambda x: torch.log(x) / _LN2,
+    "log10": lambda x: torch.log(x) / _LN10,
+    "log1p": lambda x: torch.log(1.0 + x),
+    "expm1": lambda x: torch.exp(x) - 1.0,
+    "sign": lambda x: torch.where(x > 0, 1.0, torch.where(x < 0, -1.0, 0.0)) if x.tracer.dtype(x) == "float"
+    else torch.where(x > 0, 1, torch.where(x < 0, -1, 0)),
+    "silu": lambda x: x * torch.sigmoid(x),
+    "log_sigmoid": lambda x: torch.clamp(x, max=0.0) - torch.log(1.0 + torch.exp(-torch.abs(x))),
+    "softplus": _softplus,
+    "gelu": _gelu,
+}
+_COMPOSITE["logsigmoid"] = _COMPOSITE["log_sigmoid"]
 # torch dtypes a traced value converts to (``.to(dtype)``, ``.long()``, ...), by the IR type they become
 _CASTS = {torch.float32: "float", torch.float64: "float", torch.int32: "int", torch.int64: "int", torch.bool: "bool"}
 _CAST_METHODS = {"float": "float", "double": "float", "long": "int", "int": "int", "bool": "bool"}
 _LIKE = {"zeros_like": 0, "ones_like": 1}
-SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | {
+SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | set(_COMPOSITE) | {
     "where", "clamp", "clip", "relu", "min", "max", "floor", "ceil", "full_like", "__getitem__"})
 
 
@@ -143,7 +179,14 @@ class Tracer:
 
     def torch_call(self, func, args, kwargs) -> Proxy:
         name = getattr(func, "__name__", str(func)).strip("_")
-        kwargs = kwargs or {}
+        kwargs = dict(kwargs or {})
+        if kwargs.get("inplace") is False:  # torch.nn.functional's activations pass it along
+            del kwargs["inplace"]
+        if name in _COMPOSITE and isinstance(args[0], Proxy):
+            try:
+                return _COMPOSITE[name](*args, **kwargs)
+            except TypeError as error:  # an argument the composition does not take
+                raise self.fail(f"torch.{name}: {error}") from None
         if name == "getitem":
             return self.index(*args)
         if name in _LIKE or name == "full_like":  # a constant of the value's type (or of dtype=)
@@ -210,7 +253,7 @@ class Proxy:
         raise self.tracer.fail("traced values are scalars and cannot be indexed")
 
     def __getattr__(self, name):
-        if name in _UNARY or name in ("clamp", "clip", "relu", "floor", "ceil"):
+        if name in _UNARY or name in _COMPOSITE or name in ("clamp", "clip", "relu", "floor", "ceil"):
             return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
         if name in _CAST_METHODS:
             return lambda: self.tracer.cast(self, _CAST_METHODS[name])

@@ -106,6 +106,19 @@ def _conversions(s, b, h, q_idx, kv_idx):
             + 0.02 * torch.max(q_idx % 3, torch.ones_like(kv_idx)).to(dtype=torch.float64) + (h == 1).float())
 
 
+def _math_functions(s, b, h, q_idx, kv_idx):
+    """torch's math functions and torch.nn.functional's activations, against torch's own (also their
+    gradients): cos / sin / erf are kernel functions, the others are composed of them."""
+    F = torch.nn.functional
+    near = 0.1 * (q_idx - kv_idx).float()
+    return (0.5 * s + 0.3 * torch.cos(near) - 0.2 * torch.sin(s) + 0.1 * torch.erf(s) + 0.1 * F.relu(s)
+            + 0.1 * F.softplus(s, beta=2.0) - 0.1 * F.silu(s) + 0.1 * F.logsigmoid(s) + 0.1 * F.gelu(s)
+            + 0.05 * F.gelu(s, approximate="tanh") + 0.02 * torch.square(s) + 0.05 * torch.sign(s)
+            + 0.1 * torch.rsqrt(1.0 + s * s) + 0.1 * torch.reciprocal(2.0 + torch.tanh(s)) + 0.1 * torch.exp2(0.3 * s)
+            + 0.05 * torch.log2(1.0 + s * s) + 0.05 * torch.log10(2.0 + near.sin()) + 0.1 * torch.log1p(s * s)
+            - 0.1 * torch.expm1(0.2 * s))
+
+
 def _alibi_spec(c):
     slopes = c["slopes"]
     return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -141,6 +154,7 @@ VARIANTS = [
     Variant("checkerboard", _none, lambda c: ag.AttentionSpec(score_mod=_checkerboard)),
     Variant("t5_buckets", _t5_table, _t5_spec),
     Variant("conversions", _none, lambda c: ag.AttentionSpec(score_mod=_conversions)),
+    Variant("math_functions", _none, lambda c: ag.AttentionSpec(score_mod=_math_functions, mask_mod=ag.masks.causal)),
 ]
 
 

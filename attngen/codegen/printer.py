@@ -24,8 +24,9 @@ _INFIX = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "truediv": ("
           "lt": ("<", COMPARE), "le": ("<=", COMPARE), "gt": (">", COMPARE), "ge": (">=", COMPARE),
           "eq": ("==", COMPARE), "ne": ("!=", COMPARE), "and": ("&", AND), "or": ("|", OR), "xor": ("^", XOR)}
 _CALL = {"minimum": "tl.minimum", "maximum": "tl.maximum", "abs": "tl.abs", "exp": "tl.exp",
-         "log": "tl.log", "sigmoid": "_sigmoid", "sqrt": "tl.sqrt", "tanh": "_tanh", "where": "tl.where"}
-_FLOAT_ARGS = {"truediv", "exp", "log", "tanh", "sigmoid", "sqrt"}
+         "log": "tl.log", "sigmoid": "_sigmoid", "sqrt": "tl.sqrt", "tanh": "_tanh", "where": "tl.where",
+         "cos": "tl.cos", "sin": "tl.sin", "erf": "tl.erf"}
+_FLOAT_ARGS = {"truediv", "exp", "log", "tanh", "sigmoid", "sqrt", "cos", "sin", "erf"}
 
 Expr = tuple[str, int]  # source text and the precedence of its outermost operator
 

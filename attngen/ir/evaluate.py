@@ -19,7 +19,7 @@ _FUNCTIONS = {
     "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"), "mod": torch.remainder,
     "pow": torch.pow, "minimum": torch.minimum, "maximum": torch.maximum,
     "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "sqrt": torch.sqrt,
+    "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "cos": torch.cos, "sin": torch.sin, "erf": torch.erf,
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
     "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor, "not": torch.bitwise_not,
     "to_int": lambda a: a,  # its argument, converted to int64 as every op's are (rounding toward zero)

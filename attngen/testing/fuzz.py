@@ -2,7 +2,8 @@
 
 Expressions are built as Python source over the FlexAttention arguments:
 integer index arithmetic (``+ - *``, ``//`` and ``%`` by constants,
-``minimum``/``maximum``, ``abs``, loads from captured integer tables),
+``minimum``/``maximum``, ``abs``, loads from captured integer tables, quotients
+converted back to ints by ``.long()``, ``floor``, ``ceil``),
 comparisons combined with ``& | ~``, float arithmetic on the score with
 ``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt`` and loads from
 captured (optionally learnable) float tables. Magnitudes stay bounded so that
@@ -59,7 +60,7 @@ class _Grammar:
         if depth == 0 or self.draw(st.integers(0, 3)) == 0:
             return self.choice(["q_idx", "kv_idx", "b", "h", "(q_idx - kv_idx)"])
         a = self.integer(depth - 1)
-        kind = self.choice(["add", "sub", "const", "mul", "floordiv", "mod", "min", "max", "abs", "load"])
+        kind = self.choice(["add", "sub", "const", "mul", "floordiv", "mod", "min", "max", "abs", "load", "convert"])
         if kind in ("add", "sub"):
             return f"({a} {'+' if kind == 'add' else '-'} {self.integer(depth - 1)})"
         if kind == "const":
@@ -72,6 +73,10 @@ class _Grammar:
             return f"torch.{kind}imum({a}, {self.integer(depth - 1)})"
         if kind == "abs":
             return f"abs({a})"
+        if kind == "convert":  # a quotient of ints is exact where it is whole: float32 and float64 agree
+            quotient = f"({a}).float() / {self.draw(st.integers(2, 5))}.0"
+            return self.choice([f"({quotient}).to(torch.long)", f"torch.floor({quotient}).long()",
+                                f"torch.ceil({quotient}).int()"])
         return f"{self.table('ids')}[{a} % {TABLE}]"
 
     def condition(self, depth: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..graph import Graph, rebuild
 
 
@@ -78,6 +80,12 @@ class _Adjoints:
             return [(x, add("mul", d, add("mul", n, add("sub", const(1.0), n))))]
         if op == "sqrt":
             return [(x, add("truediv", d, add("mul", const(2.0), n)))]
+        if op == "cos":
+            return [(x, add("neg", add("mul", d, add("sin", x))))]
+        if op == "sin":
+            return [(x, add("mul", d, add("cos", x)))]
+        if op == "erf":  # 2 / sqrt(pi) exp(-x^2)
+            return [(x, add("mul", d, add("mul", const(2.0 / math.sqrt(math.pi)), add("exp", add("neg", add("mul", x, x))))))]
         if op == "abs":
             sign = add("where", add("ge", x, const(0.0)), const(1.0), const(-1.0))
             return [(x, add("mul", d, sign))]
