@@ -1,5 +1,6 @@
 """Tests of the IR passes: folding, CSE, sympy simplification and autodiff."""
 
+import math
 import os
 import subprocess
 import sys
@@ -147,6 +148,21 @@ def test_optimize_handles_deeply_shared_subexpressions():
     graph = optimize(trace(deep, None))
     assert len(graph.order()) < 1000
     check_gradients(deep, [SLOPES], make_env(scale=1.0), graph)
+
+
+def test_simplify_keeps_the_written_order_where_floats_are_rounded_or_compared():
+    """T5's bucket log(d / 8) / log(16) * 8 is a whole number at d = 16, 32, ...: folded into one
+    multiply (2.885... * log(d / 8)) it rounds differently, and .long() or a comparison could land on
+    the other side of it than torch's. Elsewhere the same arithmetic is still simplified."""
+    def bucket(q, kv):
+        return torch.log((q - kv).float() / 8.0) / math.log(16.0) * 8
+
+    def ops(output):
+        return sorted(graph.op(n) for n in graph.order([graph.outputs[output]]) if graph.op(n) in ("mul", "truediv"))
+    graph = simplify(trace(lambda s, b, h, q, kv: s + bucket(q, kv).long(), lambda b, h, q, kv: bucket(q, kv) <= 3.0))
+    assert ops("score") == ops("mask") == ["mul", "mul", "truediv", "truediv"]  # .float(), / 8.0, / log 16, * 8
+    graph = simplify(trace(lambda s, b, h, q, kv: s + bucket(q, kv), None))
+    assert ops("score") == ["mul", "mul", "truediv"]  # .float(), / 8.0, and one constant factor
 
 
 def test_simplify_keeps_float_result_of_int_arithmetic():

@@ -3,7 +3,8 @@
 Each maximal float-arithmetic subexpression is translated to a sympy
 expression in which every other node (inputs, loads, ``where``,
 comparisons, integer ops, ``minimum``/``maximum``, ``abs``) is an opaque
-symbol, canonicalized by sympy and translated back. Opaque nodes' own
+symbol, canonicalized by sympy and translated back; the float arguments
+of conversions to int, of ``//``, ``%`` and of comparisons are kept as written. Opaque nodes' own
 arguments are simplified recursively. Symbols are named after new node ids
 and everything is emitted in sympy's ``default_sort_key`` order, so the
 result does not depend on hashing.
@@ -21,6 +22,7 @@ from sympy.core.sorting import default_sort_key
 from ..graph import Graph, copy_node, rebuild
 
 ARITHMETIC = frozenset({"add", "sub", "mul", "truediv", "neg", "pow", "exp", "log", "tanh", "sigmoid", "sqrt"})
+_DISCONTINUOUS = frozenset({"to_int", "floordiv", "mod", "lt", "le", "gt", "ge", "eq", "ne"})
 _SMALL_POWER = 4  # integer powers up to this are emitted as multiplications
 _INLINE_LIMIT = 64  # a shared subexpression larger than this (as a tree) becomes its own symbol
 _FACTOR_LIMIT = 200  # factor_terms is only tried on expressions with at most this many ops
@@ -78,14 +80,23 @@ class _Simplifier:
         return self.copied[n]
 
     def simplify(self, n: int) -> int:
-        """``n`` with its float arithmetic simplified."""
+        """``n`` with its float arithmetic simplified (not where it is rounded to a whole number or compared:
+        there a rewrite that rounds differently could move a value across an integer or a threshold, so
+        such arguments keep the order of operations the user wrote, which torch follows)."""
         if n not in self.simplified:
             if self._is_arithmetic(n):
                 self.simplified[n] = self._arithmetic(n)
             else:
-                args = tuple(self.simplify(a) for a in self.old.args(n))
+                keep = self._discontinuous(n)
+                args = tuple(self.copy(a) if keep else self.simplify(a) for a in self.old.args(n))
                 self.simplified[n] = copy_node(self.new, self.old, n, args)
         return self.simplified[n]
+
+    def _discontinuous(self, n: int) -> bool:
+        """Whether ``n`` jumps at some value of a float argument: a conversion to int, a float ``//`` or
+        ``%``, a comparison of floats."""
+        old = self.old
+        return old.op(n) in _DISCONTINUOUS and any(old.dtype(a) == "float" for a in old.args(n))
 
     def _is_arithmetic(self, n: int) -> bool:
         return self.old.op(n) in ARITHMETIC and self.old.dtype(n) == "float"
