@@ -190,13 +190,13 @@ class Tracer:
         if name == "getitem":
             return self.index(*args)
         if name in _LIKE or name == "full_like":  # a constant of the value's type (or of dtype=)
-            fill = _LIKE[name] if name in _LIKE else (list(args) + [kwargs.pop("fill_value", None)])[1]
-            kind = _CASTS.get(kwargs.pop("dtype", None), self.dtype(args[0]))
-            if kwargs:
-                raise self.fail(f"torch.{name} with keyword arguments {sorted(kwargs)} is not supported")
-            return self.cast(self.apply("add", fill, 0) if kind == "int" else fill, kind) \
-                if isinstance(fill, Proxy) else Proxy(self, self.graph.const({"float": float, "int": int,
-                                                                             "bool": bool}[kind](fill)))
+            fill = _LIKE.get(name, args[1] if len(args) > 1 else kwargs.pop("fill_value", None))
+            dtype = kwargs.pop("dtype", None)
+            if kwargs or not isinstance(fill, (bool, int, float)) or not (dtype is None or dtype in _CASTS):
+                raise self.fail(f"torch.{name} takes a traced value, a number to fill with and a dtype of "
+                                f"{', '.join(map(str, _CASTS))}")
+            kind = self.dtype(args[0]) if dtype is None else _CASTS[dtype]
+            return Proxy(self, self.graph.const({"float": float, "int": int, "bool": bool}[kind](fill)))
         if name in ("min", "max") and len(args) == 2 and not kwargs and not isinstance(args[1], int):
             return self.apply("minimum" if name == "min" else "maximum", *args)  # the elementwise form
         if name in ("floor", "ceil") and len(args) == 1 and not kwargs:
@@ -253,7 +253,8 @@ class Proxy:
         raise self.tracer.fail("traced values are scalars and cannot be indexed")
 
     def __getattr__(self, name):
-        if name in _UNARY or name in _COMPOSITE or name in ("clamp", "clip", "relu", "floor", "ceil"):
+        if name in _UNARY or name in ("clamp", "clip", "relu", "floor", "ceil") or (
+                name in _COMPOSITE and hasattr(torch.Tensor, name)):
             return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
         if name in _CAST_METHODS:
             return lambda: self.tracer.cast(self, _CAST_METHODS[name])
