@@ -226,9 +226,8 @@ def threshold_context(normalization: Normalization) -> dict:
     logits the first pass keeps to start the threshold, for the threshold family."""
     context = {"iterations": normalization.iterations, "kept": 16}
     if normalization.per_head:  # alpha - 1 comes in as am1, loaded per head
-        exponent = "(1.0 / am1 - 1.0)"
         return {**context, "alpha": "per head", "am1": "am1", "entmax_param": ", am1",
-                "entmax_lines": _general_power_lines(exponent)}
+                "entmax_lines": _general_power_lines("(1.0 / am1 - 1.0)")}
     alpha = normalization.alpha
     power = 1.0 / (alpha - 1)  # the weight is u ** power, its derivative's part w = u ** (power - 1)
     whole = round(power)
