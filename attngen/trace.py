@@ -204,6 +204,13 @@ class Tracer:
             if self.dtype(x) != "float":
                 return x
             return self.apply("floordiv", x, 1.0) if name == "floor" else -self.apply("floordiv", -x, 1.0)
+        if name in ("div", "divide") and len(args) == 2 and list(kwargs) == ["rounding_mode"] \
+                and kwargs["rounding_mode"] in ("floor", "trunc"):
+            a, b = args
+            if kwargs.pop("rounding_mode") == "floor":
+                return self.apply("floordiv", a, b)
+            quotient = self.apply("to_int", self.apply("truediv", a, b))  # toward zero
+            return quotient if "float" not in (self.dtype(a), self.dtype(b)) else self.cast(quotient, "float")
         if name == "where":
             return self.apply("where", *args)
         if name == "relu" and len(args) == 1 and not kwargs:

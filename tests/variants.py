@@ -99,11 +99,14 @@ def _t5_spec(c):
 
 def _conversions(s, b, h, q_idx, kv_idx):
     """Each conversion and rounding against torch's: toward zero, floor and ceil of thirds of offsets
-    (exact in float32: no score rounds at an integer), a comparison as a float, a float fill for an int."""
+    (exact in float32: no score rounds at an integer), a comparison as a float, a float fill for an int,
+    torch.div's two rounding modes."""
     third = (q_idx - kv_idx).float() / 3.0
     return (s + 0.2 * third.to(torch.int32) - 0.1 * torch.floor(third) + 0.05 * third.ceil()
             + 0.3 * (s > 0).to(torch.float32) + 0.01 * torch.full_like(q_idx, 2.7) * b.double()
-            + 0.02 * torch.max(q_idx % 3, torch.ones_like(kv_idx)).to(dtype=torch.float64) + (h == 1).float())
+            + 0.02 * torch.max(q_idx % 3, torch.ones_like(kv_idx)).to(dtype=torch.float64) + (h == 1).float()
+            + 0.03 * torch.div(q_idx - kv_idx, 4, rounding_mode="trunc")
+            + 0.04 * torch.div(kv_idx - q_idx, 3, rounding_mode="floor"))
 
 
 def _math_functions(s, b, h, q_idx, kv_idx):
