@@ -151,11 +151,20 @@ def abs_load(b, h, q, kv):  # abs of an unbounded int is only known to be >= 0
     return abs(DOC_IDS[q] - 2) >= 1
 
 
+def converted(b, h, q, kv):  # block-causal through conversions: floats to ints round toward zero
+    return ((q - 7).float() / 16.0).long() >= (kv.float() / 16.0).to(torch.int32)
+
+
+def periodic(b, h, q, kv):
+    return torch.cos(q * 0.1) + torch.sin(kv * 0.3) > 0.5
+
+
 NAMED = {
     "causal": causal, "sliding": sliding(40), "prefix_lm": prefix_lm(37), "chunked": chunked(32),
     "dilated": dilated(3, 100), "anti_causal": anti_causal, "document": document, "padded": padded,
     "head_gated": head_gated, "clamp": clamp_mask, "affine_float": affine_float, "where": where_mask,
     "half_bounded": half_bounded, "smooth": smooth, "float_mod": float_mod, "abs_load": abs_load,
+    "converted": converted, "periodic": periodic,
 }
 
 
@@ -193,6 +202,16 @@ def test_causal_blocks():
     assert block(graph, 0, 0, 0, 63, 64, 127) == (False, False)  # strictly above the diagonal
     assert block(graph, 0, 0, 64, 127, 0, 63) == (True, True)  # strictly below
     assert block(graph, 0, 0, 64, 127, 64, 127) == (True, False)  # on the diagonal
+
+
+def test_conversions_keep_their_blocks():
+    """A block-causal mask written with .long() skips the tiles above its diagonal and keeps those below
+    whole; cos / sin are within [-1, 1]."""
+    graph = analysed(converted)
+    assert block(graph, 0, 0, 7, 22, 23, 38) == (False, False)
+    assert block(graph, 0, 0, 39, 54, 0, 31) == (True, True)
+    assert block(analysed(periodic), 0, 0, 0, 15, 0, 15) == (True, False)
+    assert block(analysed(lambda b, h, q, kv: torch.cos(q * 0.1) > 1.5), 0, 0, 0, 15, 0, 15) == (False, False)
 
 
 def test_anti_causal_is_the_complement():

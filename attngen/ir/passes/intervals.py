@@ -239,6 +239,14 @@ class IntervalAnalysis:
         if op in ("tanh", "sigmoid"):
             (lo, hi), = ints  # monotone non-decreasing and never infinite
             return B.opt(op, lo), B.opt(op, hi)
+        if op == "to_int":  # monotone; bounds clamped to +-2^30 first (past that the value's own conversion
+            (lo, hi), = ints  # overflows 32 bits, undefined in the kernel as in torch)
+            limit = B.const(float(2**30))
+            return tuple(B.opt("to_int", B.opt("minimum", B.opt("maximum", x, B.opt("neg", limit)), limit))
+                         for x in (lo, hi))
+        if op in ("cos", "sin"):
+            (lo, hi), = ints  # NaN of an infinite argument: only bounded ones are
+            return (None, None) if lo is None else (B.const(-1.0), B.const(1.0))
         # exp (overflows to inf), log, sqrt (NaN): not modelled.
         return None, None
 
