@@ -59,11 +59,11 @@ if [ -n "$MAIN_ONLY" ]; then
   warm main --only $MAIN_ONLY $SIZES &
 else
   warm masks --only plain causal sliding_window $SIZES &
-  warm mods --only alibi softcap document prefix_lm block_sparse $SIZES &
+  warm mods --only alibi softcap t5_bias document prefix_lm block_sparse $SIZES &
   warm norms --only sigmoid softmax_sink off_by_one relu2 scalable_softmax affine_softmax elementwise_sigmoid2 \
     softpick signed_softmax polynomial $SIZES &
-  warm others --only entropy_stat sparsemax entmax15 stick_breaking differential linear_elu retention decode \
-    $SIZES &
+  warm others --only entropy_stat sparsemax entmax15 entmax_per_head stick_breaking differential linear_elu \
+    retention decode $SIZES &
 fi
 TUNED=${TUNED:-1}
 for variant in plain causal; do

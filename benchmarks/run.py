@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import platform
+import runpy
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import triton
 import attngen as ag
 from attngen.runtime import autotune
 import proxies as cpu_proxies  # benchmarks/proxies.py
+
+T5_BUCKET = runpy.run_path(str(Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
 
 try:
     from torch.nn.attention import flex_attention as flex
@@ -72,6 +75,11 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
     def softcap(score, b, h, q_idx, kv_idx):
         return 30.0 * torch.tanh(score / 30.0)
 
+    t5_table = torch.randn(heads, 32, device=device)
+
+    def t5_bias(score, b, h, q_idx, kv_idx):  # T5's decoder buckets, written with torch's conversions
+        return score + t5_table[h, T5_BUCKET(kv_idx - q_idx, bidirectional=False)]
+
     causal = ag.masks.causal
     sliding = ag.masks.causal & ag.masks.sliding_window(window)
     document = ag.masks.document(doc_ids)
@@ -86,6 +94,7 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
                            min(1.0, (window + 1) / length)),
         "alibi": (ag.AttentionSpec(score_mod=alibi, mask_mod=causal), (alibi, causal), None, half),
         "softcap": (ag.AttentionSpec(score_mod=softcap), (softcap, None), None, 1.0),
+        "t5_bias": (ag.AttentionSpec(score_mod=t5_bias, mask_mod=causal), (t5_bias, causal), None, half),
         "document": (ag.AttentionSpec(mask_mod=document), (None, document), None, 0.25),
         "prefix_lm": (ag.AttentionSpec(mask_mod=prefix_lm), (None, prefix_lm), None, half + prefix / length / 4),
         **({"block_sparse": (ag.AttentionSpec(), (None, blocks), None, blocks_kept)} if blocks is not None else {}),
@@ -105,6 +114,9 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
         "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
         "sparsemax": (ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=causal), None, None, half),
         "entmax15": (ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=causal), None, None, half),
+        "entmax_per_head": (ag.AttentionSpec(normalization=ag.norms.Entmax(torch.linspace(1.2, 2.0, heads, device=device)
+                                                                           .requires_grad_()), mask_mod=causal),
+                            None, None, half),
         "stick_breaking": (ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=causal), None, None,
                            half),
         "differential": (ag.AttentionSpec(differential=0.5, mask_mod=causal), None, None, half),
@@ -331,7 +343,7 @@ def measure(args) -> list[dict]:
 SOFTMAX_BASELINE = {**dict.fromkeys(["sigmoid", "softmax_sink", "off_by_one", "relu2", "scalable_softmax",
                                      "affine_softmax", "elementwise_sigmoid2", "softpick", "signed_softmax",
                                      "polynomial"], "plain"),
-                    **dict.fromkeys(["sparsemax", "entmax15", "stick_breaking"], "causal")}
+                    **dict.fromkeys(["sparsemax", "entmax15", "entmax_per_head", "stick_breaking"], "causal")}
 METRICS = ("forward_ms", "forward_backward_ms")
 
 
