@@ -245,11 +245,12 @@ class Entmax(Normalization):
     ``alpha`` in (1, 2]: 2 is sparsemax, 1.5 the usual entmax, toward 1 softmax; a float, or a
     tensor of shape ``[Hq]`` with one ``alpha`` per head, learnable with ``requires_grad`` (adaptively
     sparse attention, Correia et al. 2019: each head learns how sparse it is; keep it in (1, 2], e.g.
-    ``1 + torch.sigmoid(a)``; a call checks its values). The kernels find ``tau`` with at most
-    ``iterations`` safeguarded Newton steps, each a pass over the row's keys (default: 8 for sparsemax,
-    whose support iteration is exact, else 14), stopping once no row's ``tau`` moves by more than 1e-6
-    of its size, then normalize the weights. They start from the threshold of the row's 16 largest
-    logits alone (two per kv tile), a lower bound that is exact when those hold the row's support.
+    ``1 + torch.sigmoid(a)``: a CPU call checks it, on a GPU a head out of range gets NaN outputs).
+    The kernels find ``tau`` with at most ``iterations`` safeguarded Newton steps, each a pass over the
+    row's keys (default: 8 for sparsemax, whose support iteration is exact, else 14), stopping once no
+    row's ``tau`` moves by more than 1e-6 of its size, then normalize the weights. They start from the
+    threshold of the row's 16 largest logits alone (two per kv tile), a lower bound that is exact when
+    those hold the row's support.
     """
 
     family = "threshold"

@@ -5,9 +5,9 @@ Martins, 2019, "Adaptively Sparse Transformers", arXiv:1909.00015).
 
 Each head learns where it sits between softmax (alpha -> 1, dense) and sparsemax (alpha = 2):
 the backward kernels also return d loss / d alpha_h, through the threshold's dependence on alpha.
-``ALPHA`` must stay in (1, 2] (a call checks it): build the spec from ``1 + torch.sigmoid(a)`` at
-each step (a new spec over new tensors reuses the compiled kernels), or clamp ``ALPHA`` after each
-optimizer step.
+``ALPHA`` must stay in (1, 2] (a CPU call checks it; on a GPU an out-of-range head's outputs are
+NaN): build the spec from ``1 + torch.sigmoid(a)`` at each step (a new spec over new tensors reuses
+the compiled kernels), or clamp ``ALPHA`` after each optimizer step.
 """
 
 import torch

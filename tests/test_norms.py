@@ -406,5 +406,18 @@ def test_entmax_arguments():
                            (torch.tensor([1.5, 1.5, 1.5]), r"has 3 entries; expected one per query head \(2\)")):
         with pytest.raises(ValueError, match=message):
             ag.compile(ag.AttentionSpec(normalization=norms.Entmax(alpha)))(q, q, q)
+
+
+def test_entmax_alpha_out_of_range_gives_its_head_nan_where_unchecked(monkeypatch):
+    """A GPU call does not read alpha to check it (a device synchronization every step): the kernels turn
+    a head's alpha outside (1, 2] into NaN outputs and a NaN alpha gradient for that head alone (as if
+    unchecked here), never into quiet zeros."""
+    monkeypatch.setattr("attngen.runtime.compiled.values_checkable", lambda t: False)
+    alpha = torch.tensor([1.5, 2.5, 1.0], requires_grad=True)
+    q, k, v = Case(1, 3, 3, 20, 20, 16, 16, seed=4).tensors()
+    out = ag.compile(ag.AttentionSpec(normalization=norms.Entmax(alpha), mask_mod=ag.masks.causal))(q, k, v)
+    out.sum().backward()
+    assert torch.isfinite(out[:, 0]).all() and torch.isnan(out[:, 1:]).all()
+    assert torch.isfinite(alpha.grad[0]) and torch.isnan(alpha.grad[1:]).all()
     with pytest.raises(ag.SpecError, match="no log-sum-exp"):
         ag.AttentionSpec(normalization=norms.Sparsemax(), stats=("lse",))
