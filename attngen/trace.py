@@ -178,6 +178,7 @@ class Tracer:
         return self.cast(x, _CASTS[dtype])
 
     def torch_call(self, func, args, kwargs) -> Proxy:
+        """A torch function applied to traced values (through ``__torch_function__``)."""
         name = getattr(func, "__name__", str(func)).strip("_")
         kwargs = dict(kwargs or {})
         if kwargs.get("inplace") is False:  # torch.nn.functional's activations pass it along
@@ -187,42 +188,11 @@ class Tracer:
                 return _COMPOSITE[name](*args, **kwargs)
             except TypeError as error:  # an argument the composition does not take
                 raise self.fail(f"torch.{name}: {error}") from None
-        if name == "getitem":
-            return self.index(*args)
-        if name in _LIKE or name == "full_like":  # a constant of the value's type (or of dtype=)
-            fill = _LIKE.get(name, args[1] if len(args) > 1 else kwargs.pop("fill_value", None))
-            dtype = kwargs.pop("dtype", None)
-            if kwargs or not isinstance(fill, (bool, int, float)) or not (dtype is None or dtype in _CASTS):
-                raise self.fail(f"torch.{name} takes a traced value, a number to fill with and a dtype of "
-                                f"{', '.join(map(str, _CASTS))}")
-            kind = self.dtype(args[0]) if dtype is None else _CASTS[dtype]
-            return Proxy(self, self.graph.const({"float": float, "int": int, "bool": bool}[kind](fill)))
-        if name in ("min", "max") and len(args) == 2 and not kwargs and not isinstance(args[1], int):
-            return self.apply("minimum" if name == "min" else "maximum", *args)  # the elementwise form
-        if name in ("floor", "ceil") and len(args) == 1 and not kwargs:
-            x = args[0]
-            if self.dtype(x) != "float":
-                return x
-            return self.apply("floordiv", x, 1.0) if name == "floor" else -self.apply("floordiv", -x, 1.0)
-        if name in ("div", "divide") and len(args) == 2 and list(kwargs) == ["rounding_mode"] \
-                and kwargs["rounding_mode"] in ("floor", "trunc"):
-            a, b = args
-            if kwargs.pop("rounding_mode") == "floor":
-                return self.apply("floordiv", a, b)
-            quotient = self.apply("to_int", self.apply("truediv", a, b))  # toward zero
-            return quotient if "float" not in (self.dtype(a), self.dtype(b)) else self.cast(quotient, "float")
-        if name == "where":
-            return self.apply("where", *args)
-        if name == "relu" and len(args) == 1 and not kwargs:
-            return self.apply("maximum", args[0], 0.0)
-        if name in ("clamp", "clip"):
-            x, lo, hi = (list(args) + [None, None])[:3]
-            lo, hi = kwargs.get("min", lo), kwargs.get("max", hi)
-            if lo is not None:
-                x = self.apply("maximum", x, lo)
-            if hi is not None:
-                x = self.apply("minimum", x, hi)
-            return x
+        special = self._SPECIAL.get(name)
+        if special is not None:
+            result = special(self, name, args, kwargs)
+            if result is not None:
+                return result
         if kwargs:
             raise self.fail(f"torch.{name} with keyword arguments {sorted(kwargs)} is not supported")
         if name in _UNARY and len(args) == 1:
@@ -232,6 +202,63 @@ class Tracer:
         if name in _REVERSED and len(args) == 2:
             return self.apply(_REVERSED[name], args[1], args[0])
         raise self.fail(f"torch.{name} cannot be traced; supported: {', '.join(SUPPORTED_TORCH)}")
+
+    # -- torch functions with their own rules: each returns None where its form does not apply ---------
+    def _like(self, name, args, kwargs):
+        """``zeros_like`` / ``ones_like`` / ``full_like``: a constant of the value's type (or of ``dtype=``)."""
+        fill = _LIKE.get(name, args[1] if len(args) > 1 else kwargs.pop("fill_value", None))
+        dtype = kwargs.pop("dtype", None)
+        if kwargs or not isinstance(fill, (bool, int, float)) or not (dtype is None or dtype in _CASTS):
+            raise self.fail(f"torch.{name} takes a traced value, a number to fill with and a dtype of "
+                            f"{', '.join(map(str, _CASTS))}")
+        kind = self.dtype(args[0]) if dtype is None else _CASTS[dtype]
+        return Proxy(self, self.graph.const({"float": float, "int": int, "bool": bool}[kind](fill)))
+
+    def _min_max(self, name, args, kwargs):
+        """The elementwise form of two tensors (with an int, torch.min / max reduce along a dim)."""
+        if len(args) == 2 and not kwargs and not isinstance(args[1], int):
+            return self.apply("minimum" if name == "min" else "maximum", *args)
+        return None
+
+    def _round(self, name, args, kwargs):
+        """``torch.floor`` / ``torch.ceil`` (of an int: the int itself)."""
+        if len(args) != 1 or kwargs:
+            return None
+        x = args[0]
+        if self.dtype(x) != "float":
+            return x
+        return self.apply("floordiv", x, 1.0) if name == "floor" else -self.apply("floordiv", -x, 1.0)
+
+    def _divide(self, name, args, kwargs):
+        """``torch.div(a, b, rounding_mode="floor" / "trunc")``."""
+        mode = kwargs.get("rounding_mode")
+        if len(args) != 2 or list(kwargs) != ["rounding_mode"] or mode not in ("floor", "trunc"):
+            return None
+        a, b = args
+        if mode == "floor":
+            return self.apply("floordiv", a, b)
+        quotient = self.apply("to_int", self.apply("truediv", a, b))  # toward zero
+        return quotient if "float" not in (self.dtype(a), self.dtype(b)) else self.cast(quotient, "float")
+
+    def _clamp(self, name, args, kwargs):
+        x, lo, hi = (list(args) + [None, None])[:3]
+        lo, hi = kwargs.get("min", lo), kwargs.get("max", hi)
+        if lo is not None:
+            x = self.apply("maximum", x, lo)
+        if hi is not None:
+            x = self.apply("minimum", x, hi)
+        return x
+
+    def _relu(self, name, args, kwargs):
+        return self.apply("maximum", args[0], 0.0) if len(args) == 1 and not kwargs else None
+
+    _SPECIAL = {
+        "getitem": lambda self, name, args, kwargs: self.index(*args),
+        "where": lambda self, name, args, kwargs: self.apply("where", *args),
+        "zeros_like": _like, "ones_like": _like, "full_like": _like,
+        "min": _min_max, "max": _min_max, "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
+        "clamp": _clamp, "clip": _clamp, "relu": _relu,
+    }
 
 
 class Proxy:
