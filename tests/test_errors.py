@@ -1,5 +1,8 @@
 """User mistakes get clear errors naming the argument, never a Triton trace."""
 
+import pathlib
+import runpy
+
 import pytest
 import torch
 
@@ -49,6 +52,7 @@ def test_device_mismatch_of_captured_tensor():
 
 
 _TABLE = torch.zeros(2, 17)
+_T5 = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
 
 
 @pytest.mark.parametrize("make, message", [
@@ -69,7 +73,10 @@ _TABLE = torch.zeros(2, 17)
     # a bias per sum of 4-token block numbers: 48 queries and keys make 23 sums
     (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, q_idx // 4 + kv_idx // 4]),
      "runs from 0 to 22 in this call"),
-], ids=["batch", "head", "query", "relative_offset", "constant", "clamped", "blocks"])
+    # T5's buckets through where, log and conversions (tried at each offset): 48 positions reach bucket 29
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, _T5(kv_idx - q_idx)]),
+     "runs from 0 to 29 in this call, but that dim has 17 entries"),
+], ids=["batch", "head", "query", "relative_offset", "constant", "clamped", "blocks", "t5_buckets"])
 def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
     """A [1, L] tensor indexed with b does not broadcast (eager torch raises IndexError); the kernel
     would read out of bounds and return wrong values without a word."""

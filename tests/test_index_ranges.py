@@ -1,11 +1,15 @@
 """The index ranges a call checks captured-tensor reads against: exact, or not claimed at all."""
 
+import pathlib
+import runpy
+
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attngen as ag
-from attngen.runtime.index_ranges import INDICES, index_range, index_reads
+from attngen.runtime.index_ranges import INDICES, index_reads, read_range
 from attngen.trace import trace
 
 EXTENTS = {"b": 2, "h": 3, "q_idx": 13, "kv_idx": 21}
@@ -70,4 +74,33 @@ def test_a_checked_range_is_exact(tree):
     if len(used) == len(set(used)) and "%" not in repr(tree):
         assert len(reads) == 1
     for read in reads:
-        assert index_range(read.bounds, EXTENTS) == (values.min().item(), values.max().item())
+        assert read_range(read.bounds, EXTENTS) == (values.min().item(), values.max().item())
+
+
+T5_BUCKET = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(13, 21), (300, 40)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_a_function_of_one_offset_is_tried_at_each_value(q_len, kv_len, bidirectional):
+    """T5's buckets of kv_idx - q_idx go through where, log and conversions: the read is a function of one
+    offset, tried at each of its values (floats rounded to float32 as the kernels round them)."""
+    table = torch.zeros(1, 32)
+    graph = trace(lambda s, b, h, q_idx, kv_idx: s + table[h, T5_BUCKET(kv_idx - q_idx, bidirectional)],
+                  None, ag.norms.Softmax())
+    reads = {read.dim: read for read in index_reads(graph)}
+    assert reads[1].bounds[0] == "function"
+    buckets = T5_BUCKET(torch.arange(kv_len)[None, :] - torch.arange(q_len)[:, None], bidirectional)
+    extents = {"b": 1, "h": 1, "q_idx": q_len, "kv_idx": kv_len}
+    assert read_range(reads[1].bounds, extents) == (buckets.min().item(), buckets.max().item())
+
+
+def test_a_function_undefined_somewhere_is_not_checked():
+    """log(0) converted to an int has no value: where it is selected the call cannot bound the read."""
+    table = torch.zeros(64)
+    graph = trace(lambda s, b, h, q_idx, kv_idx: s + table[torch.log((q_idx - kv_idx).float() + 1.0).long()],
+                  None, ag.norms.Softmax())
+    read, = index_reads(graph)
+    assert read.bounds[0] == "function"
+    assert read_range(read.bounds, {"b": 1, "h": 1, "q_idx": 8, "kv_idx": 8}) is None  # log(-6) is NaN
+    assert read_range(read.bounds, {"b": 1, "h": 1, "q_idx": 8, "kv_idx": 1}) == (0, 2)  # log(1..8)

@@ -1,5 +1,8 @@
 """attngen attention inside torch.compile(fullgraph=True): a custom op, no graph break."""
 
+import pathlib
+import runpy
+
 import pytest
 import torch
 from torch.nn.attention import flex_attention
@@ -112,6 +115,22 @@ def test_packed_and_paged_calls_first_seen_inside_torch_compile(tmp_path, monkey
                           fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(paged(q4), attn(q4, pages, pages, block_table=table, kv_lens=torch.tensor([20, 9])),
                                atol=0, rtol=0)
+
+
+def test_fullgraph_compile_with_t5_buckets():
+    """A read tried at each value of its offset (T5's buckets) is checked by eager calls; inside a trace
+    it is not tried (no loop, no graph break), and the compiled call matches eager, gradients included."""
+    t5_bucket = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
+    table = torch.randn(2, 32, requires_grad=True)
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, t5_bucket(kv_idx - q_idx)],
+                                       mask_mod=ag.masks.causal))
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    grads = []
+    for run in (attn, torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")):
+        table.grad = None
+        run(q, k, v).square().sum().backward()
+        grads.append(table.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_fullgraph_compile_with_learnable_entmax_alpha():

@@ -14,19 +14,26 @@ operations find:
   and ``%`` takes an expression that runs through consecutive values: interval arithmetic is exact
   on them, so a call refuses only reads that do leave the tensor.
 
-The bounds are plain Python integer arithmetic on nested tuples (no graph at call time), which
-torch.compile traces without a break. Other indices (parts sharing an index, ``where``, loaded
-values) are not checked.
+* any expression of the indices that depends on them through one affine expression taking every
+  integer between its extremes (T5's buckets of ``kv_idx - q_idx``, through ``where``, ``log`` and
+  conversions): its value is tried at each of them (up to 65536, float ops rounded to float32 as the
+  kernels round them), once per call shape.
+
+The bounds are plain Python arithmetic on nested tuples (no graph at call time), which torch.compile
+traces without a break (the functions of one expression are not tried inside a trace). Other indices
+(parts of several expressions sharing an index, loaded values, the score) are not checked.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from ..ir.evaluate import evaluate_nodes
-from ..ir.graph import Graph
+from ..ir.graph import OPS, Graph
 
 INDICES = ("b", "h", "q_idx", "kv_idx")
 _AFFINE_OPS = {"input", "const", "add", "sub", "neg", "mul"}
@@ -51,7 +58,7 @@ def index_reads(graph: Graph) -> list[IndexRead]:
         if attrs["op"] != "load":
             continue
         for dim, arg in enumerate(attrs["args"]):
-            bounds = _bounds(graph, arg)
+            bounds = _bounds(graph, arg) or _function_of_one(graph, arg)
             if bounds is not None:
                 name = graph.input_name(arg)
                 reads.append(IndexRead(attrs["capture"], dim, bounds, name if name in INDICES else None))
@@ -64,11 +71,7 @@ def _bounds(graph: Graph, node: int) -> tuple | None:
     if graph.dtype(node) != "int":
         return None
     if _affine(graph, node):
-        # the origin, then each index at 1 with the others at 0: the expression's offset and slopes
-        points = {name: torch.tensor([0] + [int(i == j) for j in range(len(INDICES))])
-                  for i, name in enumerate(INDICES)}
-        values = [int(x) for x in evaluate_nodes(graph, points, [node])[node].expand(len(INDICES) + 1)]
-        return "affine", values[0], tuple(x - values[0] for x in values[1:])
+        return _affine_signature(graph, node)
     op, args = graph.op(node), graph.args(node)
     if op == "mul" and graph.is_const(args[0]):
         args = args[::-1]
@@ -85,6 +88,45 @@ def _bounds(graph: Graph, node: int) -> tuple | None:
             return None  # extremes of parts sharing an index need not be reached together
         return op, *parts
     return None
+
+
+def _affine_signature(graph: Graph, node: int) -> tuple:
+    """``("affine", offset, coefficients)`` of an affine integer expression of the indices."""
+    # the origin, then each index at 1 with the others at 0: the expression's offset and slopes
+    points = {name: torch.tensor([0] + [int(i == j) for j in range(len(INDICES))]) for i, name in enumerate(INDICES)}
+    values = [int(x) for x in evaluate_nodes(graph, points, [node])[node].expand(len(INDICES) + 1)]
+    return "affine", values[0], tuple(x - values[0] for x in values[1:])
+
+
+def _function_of_one(graph: Graph, node: int) -> tuple | None:
+    """``("function", inner, steps)`` where ``node`` depends on the indices only through one affine
+    expression ``inner`` that takes every integer between its extremes (coefficients -1, 0, 1; e.g. T5's
+    buckets of ``kv_idx - q_idx``, through ``where``, ``log`` and conversions): ``steps`` compute it
+    from ``inner``'s value, so a call can try every value. None for anything else (loads, the score)."""
+    order = graph.order([node])
+    within = set(order)
+    steps, position, inner = [], {}, None
+    for n in order:
+        op = graph.op(n)
+        if op == "const":
+            steps.append(("const", graph.node(n)["value"]))
+        elif _affine(graph, n):
+            if all(_affine(graph, c) for c in graph.nx.successors(n) if c in within):
+                continue  # inside a larger affine expression
+            signature = _affine_signature(graph, n)
+            if any(signature[2]):
+                if inner not in (None, signature) or not all(c in (-1, 0, 1) for c in signature[2]):
+                    return None
+                inner = signature
+                steps.append(("inner",))
+            else:
+                steps.append(("const", signature[1]))
+        elif OPS[op].evaluate is None:
+            return None  # the score, a load
+        else:
+            steps.append((op, graph.dtype(n), tuple(position[a] for a in graph.args(n))))
+        position[n] = len(steps) - 1
+    return None if inner is None else ("function", inner, tuple(steps))
 
 
 def _affine(graph: Graph, node: int) -> bool:
@@ -104,6 +146,8 @@ def _indices(bounds: tuple) -> set[str]:
     """The indices an expression depends on."""
     if bounds[0] == "affine":
         return {name for c, name in zip(bounds[2], INDICES) if c}
+    if bounds[0] == "function":
+        return _indices(bounds[1])
     if bounds[0] in _BY_CONSTANT:
         return _indices(bounds[1])
     return _indices(bounds[1]) | _indices(bounds[2])
@@ -148,6 +192,59 @@ def index_range(bounds: tuple, extents: dict[str, int]) -> tuple[int, int]:
     return max(lo, lo2), max(hi, hi2)
 
 
+def read_range(bounds: tuple, extents: dict[str, int]) -> tuple[int, int] | None:
+    """The least and the greatest index of a read over the call's positions, or None where a call cannot
+    tell (a function of one expression inside a torch.compile trace, undefined or too many values)."""
+    if bounds[0] != "function":
+        return index_range(bounds, extents)
+    if torch.compiler.is_compiling():  # tried at every value: no loop inside a trace
+        return None
+    return _function_range(bounds[2], index_range(bounds[1], extents))
+
+
+_MAX_VALUES = 1 << 16  # a function of one index expression is tried at up to this many values
+
+
+def _function_range(steps: tuple, inner: tuple[int, int]) -> tuple[int, int] | None:
+    """The least and the greatest value of ``steps`` over every value of the inner expression, None where
+    one is undefined (a float out of the int range converted, NaN) or the values are too many to try."""
+    lo, hi = inner
+    if hi - lo >= _MAX_VALUES:
+        return None
+    return _tried(steps, lo, hi)
+
+
+@functools.lru_cache(maxsize=256)
+def _tried(steps: tuple, lo: int, hi: int) -> tuple[int, int] | None:
+    results = [_value(steps, x) for x in range(lo, hi + 1)]
+    return None if None in results else (min(results), max(results))
+
+
+def _value(steps: tuple, x: int):
+    """``steps`` at inner value ``x``, floats rounded to float32 after each op as the kernels round them;
+    None where undefined (``where`` takes the branch it selects, so T5's unselected log(0) is harmless)."""
+    values = []
+    for step in steps:
+        if step[0] in ("inner", "const"):
+            values.append(x if step[0] == "inner" else step[1])
+            continue
+        op, dtype, args = step
+        a = [values[i] for i in args]
+        if op == "where":
+            value = None if a[0] is None else a[1] if a[0] else a[2]
+        elif None in a:
+            value = None
+        else:
+            try:
+                value = OPS[op].evaluate(*a)
+            except (ArithmeticError, ValueError):
+                value = None
+            if value is not None and dtype == "float":
+                value = float(numpy.float32(value))
+        values.append(value)
+    return values[-1]
+
+
 def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, int], skip: set[int]) -> None:
     """Raise ValueError for a read that leaves its captured tensor at some position of a call whose
     indices run over ``range(extents[name])``. Reads that use an index missing from ``extents`` (not
@@ -166,7 +263,10 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
                     f"dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but that dim has {size} "
                     f"entries; give it {extents[read.direct]} (a [1, ...] tensor does not broadcast when indexed)")
             continue
-        lo, hi = index_range(read.bounds, extents)
+        found = read_range(read.bounds, extents)
+        if found is None:
+            continue
+        lo, hi = found
         if lo < 0 or hi >= size:
             index = f"an expression of {' and '.join(used)} that runs from {lo} to {hi} in this call" if used \
                 else f"the constant {lo}"
