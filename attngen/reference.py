@@ -121,8 +121,9 @@ def signed_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """alpha-entmax of ``z`` over the kept entries of its last axis (0 elsewhere, and on rows keeping
-    none); ``alpha`` a float or a tensor broadcastable against ``z``. The threshold comes from bisection to the dtype's precision; its gradient from one Newton
-    step written with torch ops, which at the solution is the implicit function's derivative."""
+    none); ``alpha`` a float or a tensor broadcastable against ``z``. The threshold comes from bisection
+    to the dtype's precision; its gradient from one Newton step written with torch ops, which at the
+    solution is the implicit function's derivative."""
     power = 1.0 / (alpha - 1)
     x = torch.where(keep, (alpha - 1) * z, float("-inf"))
 

@@ -237,8 +237,11 @@ class Tracer:
         a, b = args
         if mode == "floor":
             return self.apply("floordiv", a, b)
-        quotient = self.apply("to_int", self.apply("truediv", a, b))  # toward zero
-        return quotient if "float" not in (self.dtype(a), self.dtype(b)) else self.cast(quotient, "float")
+        quotient = self.apply("truediv", a, b)
+        if "float" not in (self.dtype(a), self.dtype(b)):
+            return self.apply("to_int", quotient)  # toward zero, an int as torch's
+        # a float stays a float (no detour through 32-bit ints): the floor above 0, the ceiling below
+        return torch.where(quotient < 0, self._round("ceil", (quotient,), {}), self._round("floor", (quotient,), {}))
 
     def _clamp(self, name, args, kwargs):
         x, lo, hi = (list(args) + [None, None])[:3]

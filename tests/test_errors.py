@@ -1,12 +1,11 @@
 """User mistakes get clear errors naming the argument, never a Triton trace."""
 
-import pathlib
-import runpy
-
 import pytest
 import torch
 
 import attngen as ag
+
+from variants import T5_BUCKET
 
 q = torch.randn(1, 4, 16, 32)
 k = torch.randn(1, 2, 16, 32)
@@ -52,7 +51,6 @@ def test_device_mismatch_of_captured_tensor():
 
 
 _TABLE = torch.zeros(2, 17)
-_T5 = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
 
 
 @pytest.mark.parametrize("make, message", [
@@ -74,7 +72,7 @@ _T5 = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_re
     (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, q_idx // 4 + kv_idx // 4]),
      "runs from 0 to 22 in this call"),
     # T5's buckets through where, log and conversions (tried at each offset): 48 positions reach bucket 29
-    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, _T5(kv_idx - q_idx)]),
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, T5_BUCKET(kv_idx - q_idx)]),
      "runs from 0 to 29 in this call, but that dim has 17 entries"),
 ], ids=["batch", "head", "query", "relative_offset", "constant", "clamped", "blocks", "t5_buckets"])
 def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):

@@ -1,8 +1,5 @@
 """The index ranges a call checks captured-tensor reads against: exact, or not claimed at all."""
 
-import pathlib
-import runpy
-
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -11,6 +8,8 @@ from hypothesis import strategies as st
 import attngen as ag
 from attngen.runtime.index_ranges import INDICES, index_reads, read_range
 from attngen.trace import trace
+
+from variants import T5_BUCKET
 
 EXTENTS = {"b": 2, "h": 3, "q_idx": 13, "kv_idx": 21}
 _GRID = dict(zip(INDICES, torch.meshgrid(*(torch.arange(n) for n in EXTENTS.values()), indexing="ij")))
@@ -75,9 +74,6 @@ def test_a_checked_range_is_exact(tree):
         assert len(reads) == 1
     for read in reads:
         assert read_range(read.bounds, EXTENTS) == (values.min().item(), values.max().item())
-
-
-T5_BUCKET = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(13, 21), (300, 40)])

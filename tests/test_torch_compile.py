@@ -1,13 +1,12 @@
 """attngen attention inside torch.compile(fullgraph=True): a custom op, no graph break."""
 
-import pathlib
-import runpy
-
 import pytest
 import torch
 from torch.nn.attention import flex_attention
 
 import attngen as ag
+
+from variants import T5_BUCKET
 
 
 def test_fullgraph_compile_matches_eager_including_gradients():
@@ -131,9 +130,8 @@ def _eager_and_compiled_gradient(attn, tensor, length):
 def test_fullgraph_compile_with_t5_buckets():
     """A read tried at each value of its offset (T5's buckets) is checked by eager calls; inside a trace
     it is not tried (no loop, no graph break), and the compiled call matches eager, gradients included."""
-    t5_bucket = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "specs" / "t5_relative_bias.py"))["t5_bucket"]
     table = torch.randn(2, 32, requires_grad=True)
-    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, t5_bucket(kv_idx - q_idx)],
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, T5_BUCKET(kv_idx - q_idx)],
                                        mask_mod=ag.masks.causal))
     eager, compiled = _eager_and_compiled_gradient(attn, table, length=40)
     torch.testing.assert_close(compiled, eager)

@@ -106,7 +106,8 @@ def _conversions(s, b, h, q_idx, kv_idx):
             + 0.3 * (s > 0).to(torch.float32) + 0.01 * torch.full_like(q_idx, 2.7) * b.double()
             + 0.02 * torch.max(q_idx % 3, torch.ones_like(kv_idx)).to(dtype=torch.float64) + (h == 1).float()
             + 0.03 * torch.div(q_idx - kv_idx, 4, rounding_mode="trunc")
-            + 0.04 * torch.div(kv_idx - q_idx, 3, rounding_mode="floor"))
+            + 0.04 * torch.div(kv_idx - q_idx, 3, rounding_mode="floor")
+            + 0.05 * torch.div((kv_idx - q_idx).float(), 4.0, rounding_mode="trunc"))
 
 
 def _math_functions(s, b, h, q_idx, kv_idx):

@@ -369,8 +369,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_params = "".join(f", {name}" for name in capture_names + tile_names)
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     threshold = normalization.family == "threshold"
+    entmax_per_head = threshold and normalization.per_head  # alpha read per head, with a gradient
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
-    params += ["entmax_alpha"] if threshold and normalization.per_head else []
+    params += ["entmax_alpha"] if entmax_per_head else []
     params += ["lam"] if differential else []
     affine = normalization.affine is not None
     # the softmax output kept in float32 for the backward's delta = dO . O (affine: its softmax part):
@@ -414,7 +415,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "normalized": normalized,
         "signed": signed,
         "threshold": threshold,
-        "entmax_per_head": threshold and normalization.per_head,  # alpha read per head, with a gradient
+        "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
         "paged": "block_table" in kernel_captures,

@@ -12,8 +12,7 @@ operations find:
   constant multiples of such expressions, as long as the parts combined use different indices
   (``bias[h, torch.clamp(q_idx - kv_idx, -64, 63) + 64]``, ``table[q_idx // 16, kv_idx // 16]``)
   and ``%`` takes an expression that runs through consecutive values: interval arithmetic is exact
-  on them, so a call refuses only reads that do leave the tensor.
-
+  on them, so a call refuses only reads that do leave the tensor;
 * any expression of the indices that depends on them through one affine expression taking every
   integer between its extremes (T5's buckets of ``kv_idx - q_idx``, through ``where``, ``log`` and
   conversions): its value is tried at each of them (up to 65536, float ops rounded to float32 as the
@@ -104,14 +103,15 @@ def _function_of_one(graph: Graph, node: int) -> tuple | None:
     buckets of ``kv_idx - q_idx``, through ``where``, ``log`` and conversions): ``steps`` compute it
     from ``inner``'s value, so a call can try every value. None for anything else (loads, the score)."""
     order = graph.order([node])
+    affine = {n for n in order if _affine(graph, n)}
     within = set(order)
     steps, position, inner = [], {}, None
     for n in order:
         op = graph.op(n)
         if op == "const":
             steps.append(("const", graph.node(n)["value"]))
-        elif _affine(graph, n):
-            if all(_affine(graph, c) for c in graph.nx.successors(n) if c in within):
+        elif n in affine:
+            if all(c in affine for c in graph.nx.successors(n) if c in within):
                 continue  # inside a larger affine expression
             signature = _affine_signature(graph, n)
             if any(signature[2]):

@@ -85,7 +85,8 @@ class _Adjoints:
         if op == "sin":
             return [(x, add("mul", d, add("cos", x)))]
         if op == "erf":  # 2 / sqrt(pi) exp(-x^2)
-            return [(x, add("mul", d, add("mul", const(2.0 / math.sqrt(math.pi)), add("exp", add("neg", add("mul", x, x))))))]
+            gaussian = add("exp", add("neg", add("mul", x, x)))
+            return [(x, add("mul", d, add("mul", const(2.0 / math.sqrt(math.pi)), gaussian)))]
         if op == "abs":
             sign = add("where", add("ge", x, const(0.0)), const(1.0), const(-1.0))
             return [(x, add("mul", d, sign))]
