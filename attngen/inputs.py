@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 1024  # attention; above 256 (MLA's 576 / 512) the kernels take small tiles
+LINEAR_MAX_HEAD_DIM = 256  # linear attention keeps a [Dqk, Dv] state in each program
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,12 @@ def _transformed(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def check_inputs(q, k, v, dtypes=None) -> Shape:
+def check_inputs(q, k, v, dtypes=None, max_head_dim: int = MAX_HEAD_DIM) -> Shape:
     """Validate q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]; return their sizes.
 
     ``dtypes`` restricts the floating dtypes accepted (the kernels' set) and refuses torch.func's
-    wrapped tensors (the kernels' calls; the reference runs under torch.func).
+    wrapped tensors (the kernels' calls; the reference runs under torch.func); the kernels' calls
+    also take head dims up to ``max_head_dim``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -77,6 +79,6 @@ def check_inputs(q, k, v, dtypes=None) -> Shape:
     shape = Shape(B, Hq, Hkv, Lq, k.shape[2], Dqk, v.shape[3])
     if dtypes is not None:
         for name, d in (("q/k head dim", shape.qk_dim), ("v head dim", shape.v_dim)):
-            if not 1 <= d <= MAX_HEAD_DIM:
-                raise ValueError(f"{name} must be between 1 and {MAX_HEAD_DIM}, got {d}")
+            if not 1 <= d <= max_head_dim:
+                raise ValueError(f"{name} must be between 1 and {max_head_dim}, got {d}")
     return shape

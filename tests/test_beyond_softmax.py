@@ -30,7 +30,7 @@ DIFFERENTIAL = {
 
 
 @pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 45, 32, 16), Case(1, 4, 4, 1, 70, 16, 48),
-                                  Case(1, 2, 1, 64, 33, 64, 64)], ids=lambda c: c.id)
+                                  Case(1, 2, 1, 64, 33, 64, 64), Case(1, 4, 1, 19, 23, 576, 512)], ids=lambda c: c.id)
 @pytest.mark.parametrize("name", sorted(DIFFERENTIAL))
 def test_differential_attention_matches_reference(name, case):
     assert_matches_reference(DIFFERENTIAL[name](case.q_heads), *case.tensors())
@@ -123,7 +123,7 @@ STICK = {
 
 
 @pytest.mark.parametrize("case", [Case(2, 4, 2, 37, 45, 16, 8), Case(1, 2, 2, 70, 70, 32, 32),
-                                  Case(1, 2, 1, 1, 33, 16, 16)], ids=lambda c: c.id)
+                                  Case(1, 2, 1, 1, 33, 16, 16), Case(1, 4, 1, 19, 23, 576, 512)], ids=lambda c: c.id)
 @pytest.mark.parametrize("name", sorted(STICK))
 def test_stick_breaking_matches_reference(name, case):
     assert_matches_reference(STICK[name](case.q_heads), *case.tensors())

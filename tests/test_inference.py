@@ -167,6 +167,17 @@ def test_gqa_packed_decoding_matches_reference(name):
     assert_matches_reference(PACKING_SPECS[name](8), q, k, v, mode="decode", **call)
 
 
+@pytest.mark.parametrize("mode", ["decode", None])
+@pytest.mark.parametrize("name", ["causal", "entmax_learnable"])
+def test_mla_decoding_over_one_latent_kv_head(name, mode):
+    """MLA decodes in its absorbed form: 16 query heads over one kv head of head dims Dqk 576 (512 latent
+    + 64 rotary), Dv 512, the values a strided view of the keys' latent part; a cache with per-batch lengths
+    and two queries per step, split-KV or not."""
+    q, k, _ = Case(2, 16, 1, 2, 90, 576, 512, seed=7).tensors()
+    v = k.detach()[..., :512]
+    assert_matches_reference(SPECS[name](16), q, k, v, mode=mode, kv_lens=torch.tensor([90, 41]))
+
+
 @pytest.mark.parametrize("normalization", [ag.norms.Softmax(), ag.norms.StickBreaking()], ids=str)
 def test_gqa_packed_decoding_loops_over_the_listed_tiles_of_a_data_dependent_mask(normalization):
     """A document mask while decoding has one plan for every head: GQA-packed split-KV programs take

@@ -86,6 +86,14 @@ def test_normalization_matches_reference(norm_name, mask_name, case):
     check_variant(_variant(norm_name, mask_name), case)
 
 
+@pytest.mark.parametrize("norm_name", ["learnable_sink", "sigmoid_-log_n", "relu_unmasked", "affine_learnable",
+                                       "sparsemax", "entmax_learnable", "softpick", "signed_softmax",
+                                       "normalized_sigmoid"])
+def test_every_family_at_mla_head_dims(norm_name):
+    """Head dims above 256 (MLA's absorbed Dqk 576, Dv 512, one kv head) through each family's kernels."""
+    check_variant(_variant(norm_name, "causal"), Case(1, 4, 1, 21, 26, 576, 512))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm_name", NORMS)
 def test_normalization_in_half_precision(norm_name, dtype):

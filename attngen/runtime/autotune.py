@@ -28,6 +28,9 @@ from .cache import cache_dir, write_atomic
 
 GPU_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                   for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+# head dims above 256 (MLA's 576 / 512 pad to 1024 / 512): only small tiles fit in shared memory
+WIDE_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                   for m in (16, 32, 64) for n in (16, 32) for w in (4, 8) for s in (1, 2)]
 CPU_CANDIDATES = [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 32}]
 
 
@@ -43,14 +46,17 @@ def shared_memory_bytes(config: dict, qk_dim: int, v_dim: int, itemsize: int, ph
     """An estimate of the shared memory of the ``phase`` ("forward" or "backward") kernels
     under ``config``: the tiles a program keeps, plus ``num_stages`` copies of the tiles its
     loop streams. Calibrated on sm_90 builds (``attngen.testing.gpu_compile``): at most 1 KB
-    above the real size for the large configs that decide pruning."""
+    above the real size for the large configs that decide pruning, and not below it for the
+    small tiles of head dims above 256."""
     qk, dv = (max(16, triton.next_power_of_2(d)) for d in (qk_dim, v_dim))
     m, n, stages = config["BLOCK_M"], config["BLOCK_N"], config.get("num_stages", 1)
     if phase == "forward":  # q kept; k and v streamed
         return itemsize * (m * qk + stages * n * (qk + dv))
-    # backward: BLOCK_M rows kept (q and dO for dQ; k and v for dK/dV), BLOCK_N rows streamed, and
-    # for dK/dV also two float32 row statistics per streamed query
-    return itemsize * (m + stages * n) * (qk + dv) + stages * 8 * n
+    # backward: BLOCK_M rows kept (q and dO for dQ; k and v for dK/dV), BLOCK_N rows streamed, for
+    # dK/dV also two float32 row statistics per streamed query; tiles all under a warpgroup's 64 rows
+    # (products by mma.sync) stage one more [rows, Dv] tile
+    staged = itemsize * max(m, n) * dv if max(m, n) < 64 else 0
+    return itemsize * (m + stages * n) * (qk + dv) + stages * 8 * n + staged
 
 
 def candidates(q: torch.Tensor, v: torch.Tensor, phase: str) -> list[dict]:
@@ -59,7 +65,8 @@ def candidates(q: torch.Tensor, v: torch.Tensor, phase: str) -> list[dict]:
         return CPU_CANDIDATES
     props = torch.cuda.get_device_properties(q.device)
     limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-    return fitting(GPU_CANDIDATES, limit, q.shape[-1], v.shape[-1], q.element_size(), phase) or GPU_CANDIDATES[:1]
+    pool = WIDE_CANDIDATES if max(q.shape[-1], v.shape[-1]) > 256 else GPU_CANDIDATES
+    return fitting(pool, limit, q.shape[-1], v.shape[-1], q.element_size(), phase) or pool[:1]
 
 
 def fitting(configs: list[dict], limit: int, qk_dim: int, v_dim: int, itemsize: int, phase: str) -> list[dict]:

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ..codegen.render import compiler_digest, render_linear
-from ..inputs import KERNEL_DTYPES, check_inputs
+from ..inputs import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, check_inputs
 from ..linear import LinearAttentionSpec, LinearState
 from ..trace import trace_feature_map
 from . import tracing
@@ -89,7 +89,7 @@ class CompiledLinearAttention:
         With ``return_state=True`` returns ``(out, LinearState)``: the state after the last token, to
         continue with another call or :meth:`step`. Everything here is differentiable, the states too.
         """
-        shape = check_inputs(q, k, v, KERNEL_DTYPES)
+        shape = check_inputs(q, k, v, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM)
         if not self.spec.causal:
             if return_state or log_decay is not None or state is not None:
                 raise ValueError("a non-causal linear attention spec takes no log_decay or state and returns no "
@@ -123,7 +123,7 @@ class CompiledLinearAttention:
         """Continue from ``state`` over the tokens of q [B,Hq,T,Dqk], k, v [B,Hkv,T,D] one at a time
         (the recurrent form, for decoding): returns ``(out [B,Hq,T,Dv], the new LinearState)``.
         ``log_decay`` [B, Hq, T] for gated specs."""
-        shape = check_inputs(q, k, v, KERNEL_DTYPES)
+        shape = check_inputs(q, k, v, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM)
         if not self.spec.causal:
             raise ValueError("step() is the recurrent form of causal linear attention; this spec has causal=False")
         kv, n = _check_state(state, shape, q.device)

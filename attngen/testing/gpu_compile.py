@@ -33,7 +33,8 @@ class CompiledKernel:
     """One kernel built for a GPU and what its machine code says about speed.
 
     ``shared_bytes``: shared memory per program; ``registers``: per thread;
-    ``spill_bytes``: local memory per thread (registers spilled, 0 when none);
+    ``spill_bytes``: local memory per thread, its stack frame included (where ptxas spills
+    registers; 0 when none);
     ``wgmma`` / ``mma_sync``: how many of its PTX tensor-core instructions are
     Hopper's asynchronous warpgroup MMA or the older synchronous warp MMA;
     ``mufu``: its special-function-unit instructions (exp2, log2, reciprocal,
@@ -106,7 +107,7 @@ def _compile_only(arch: int, built: list):
 
 
 def _machine_code(cubin: bytes) -> str:
-    """One kernel's resource usage (e.g. ``REG:168 ... LOCAL:0``) and SASS, by one ``cuobjdump``."""
+    """One kernel's resource usage (e.g. ``REG:168 STACK:0 ... LOCAL:0``) and SASS, by one ``cuobjdump``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
@@ -126,9 +127,9 @@ def _loop_bodies(addresses: list[int], instructions: list[str]) -> tuple[int, ..
 
 def _describe(kernel, phase: str) -> CompiledKernel:
     ptx, machine_code = kernel.asm["ptx"], _machine_code(kernel.asm["cubin"])
-    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", machine_code))
+    usage = {name: int(value) for name, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", machine_code)}
     sass = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*)$", machine_code, re.MULTILINE)
-    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, int(usage["REG"]), int(usage["LOCAL"]),
+    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, usage["REG"], usage["STACK"] + usage["LOCAL"],
                           len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
                           len(re.findall(r"\bMUFU\.", machine_code)), len(sass),
                           _loop_bodies([int(a, 16) for a, _ in sass], [text for _, text in sass]),
@@ -161,7 +162,7 @@ def compile_for_gpu(attn: CompiledAttention | CompiledLinearAttention, q, k, v, 
     """Build, for ``sm_<arch>``, every kernel that ``attn(q, k, v)`` (and its backward) launches.
 
     ``q``, ``k``, ``v`` are CPU tensors giving dtype and shapes. The launch
-    configuration is the CUDA default, updated with ``tiles`` (e.g.
+    configuration is each phase's CUDA default, updated with ``tiles`` (e.g.
     ``{"BLOCK_M": 128, "num_stages": 3}``, or ``{"CHUNK": 32}`` for linear
     attention). The backward is that of a loss of the output alone, or with
     ``stat_grads`` of the statistics too. Raises Triton's compilation error if
@@ -172,17 +173,18 @@ def compile_for_gpu(attn: CompiledAttention | CompiledLinearAttention, q, k, v, 
     kernels = load_kernels(attn.path, interpret=False)
     captures = kernels.prepare_captures([c.tensor.detach() for c in attn.graph.captures])
     params = [p.detach() for p in per_head_parameters(attn.spec, q.shape[1], q.device)]
-    config = {**kernels.launch_config(q, k, v, "forward", device_type="cuda"), **(tiles or {})}
+    config = {phase: {**kernels.launch_config(q, k, v, phase, device_type="cuda"), **(tiles or {})}
+              for phase in ("forward", "backward")}
     scale = kernels.scale_for(q)
     built: list = []
     phases = []
     with _compile_only(arch, built):
-        out, stats, residuals = kernels.run_forward(q, k, v, captures, params, scale, config)
+        out, stats, residuals = kernels.run_forward(q, k, v, captures, params, scale, config["forward"])
         phases += ["forward"] * (len(built) - len(phases))
         if backward:
             dstats = [torch.ones_like(stat) if stat_grads and name not in kernels.FORWARD_ONLY_STATS else None
                       for name, stat in zip(kernels.STAT_OUTPUTS, stats)]
             kernels.run_backward(q, k, v, out, stats, residuals, torch.ones_like(out), dstats, captures, params,
-                                 scale, config)
+                                 scale, config["backward"])
             phases += ["backward"] * (len(built) - len(phases))
     return _built(built, phases)
