@@ -199,14 +199,22 @@ def _softcap(score, b, h, q_idx, kv_idx):
 def test_every_dot_is_a_warpgroup_mma_and_no_register_spills(spec, dim, tiles):
     """Speed hazards visible before any GPU run. On sm_90 a dot that Triton lowers to the synchronous
     warp MMA instead of wgmma (a transposed register tile, or fewer than 64 rows per warpgroup) runs
-    at a fraction of the tensor-core rate, and spilled registers go through local memory: the default
-    tiles spill at most 16 B (the document mask's dK/dV at D = 128; with 4 warps the dK/dV kernel spilled
-    104-208 B, 18-47 of its spill instructions inside its loops, so the backward defaults to 8), 128 x 32
-    tiles 16-80 B in dK/dV."""
+    at a fraction of the tensor-core rate (spills: the next test)."""
     for kernel in compile_for_gpu(ag.compile(spec), *_tensors(torch.bfloat16, dim, dim), tiles=tiles):
         if kernel.name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
             assert kernel.wgmma > 0 and kernel.mma_sync == 0, kernel
-            assert tiles or kernel.spill_bytes <= 16, kernel
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_the_default_tiles_spill_no_registers_over_whole_tiles(dim):
+    """Spilled registers go through local memory. Without GQA, over lengths that are multiples of the tiles,
+    no kernel spills. The dK/dV kernel does elsewhere: 104-208 B per thread over ragged lengths (200 queries,
+    180 keys), some of it inside its loop, and 136 B with GQA 2:1 at D = 128 (8 warps: 0-16 B, but longer
+    loop bodies at D = 128; left for a GPU to time, as the autotuner does)."""
+    spec = ag.AttentionSpec(score_mod=_softcap, mask_mod=ag.masks.causal)
+    q, k, v = (torch.randn(2, 4, 256, dim, dtype=torch.bfloat16) for _ in range(3))
+    for kernel in compile_for_gpu(ag.compile(spec), q, k, v):
+        assert kernel.spill_bytes == 0, kernel
 
 
 def test_user_block_masks_and_summaries_compile():
@@ -330,7 +338,7 @@ def test_mla_decoding_packs_its_query_heads_within_an_a100():
 
 def test_stick_breaking_default_tiles_use_warpgroup_mma_at_head_dim_128():
     """Its backward adds dK/dV products of BLOCK_N rows with atomics: 32 rows would lower to mma.sync. The
-    forward spills nothing; the backward spills 776 B with its default 8 warps (1592 B with 4)."""
+    forward spills nothing; the backward spills 1592 B with its default 4 warps (776 B with 8)."""
     spec = ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal)
     for kernel in compile_for_gpu(ag.compile(spec), *_tensors(torch.bfloat16, 128, 128)):
         assert kernel.wgmma > 0 and kernel.mma_sync == 0, kernel
