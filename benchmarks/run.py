@@ -233,13 +233,16 @@ def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
     return found
 
 
-def decode_shapes(smoke: bool, device: str) -> list[tuple[int, int, int, int, int]]:
-    """(batch, query heads, kv heads, cache length, head dim) of the decoding sweep: GQA 8:1, one new token,
-    B x Lk at most 1M cached tokens."""
+def decode_shapes(smoke: bool, device: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(batch, query heads, kv heads, cache length, qk head dim, v head dim) of the decoding sweep, one new
+    token, B x Lk at most 1M cached tokens: GQA 8:1 at head dim 128, then MLA's absorbed form (128 query
+    heads over one latent kv head, Dqk 576, Dv 512, the values the keys' first 512 dims)."""
     if smoke:
-        return [(2, 8, 1, 96, 32)] if device == "cpu" else [(4, 32, 4, 4096, 128)]
-    return [(batch, 32, 4, length, 128) for batch in (1, 8, 64) for length in (1024, 8192, 32768, 131072)
-            if batch * length <= 1 << 20]
+        return [(2, 8, 1, 96, 32, 32), (1, 8, 1, 40, 576, 512)] if device == "cpu" else \
+            [(4, 32, 4, 4096, 128, 128), (8, 128, 1, 4096, 576, 512)]
+    return [(batch, 32, 4, length, 128, 128) for batch in (1, 8, 64) for length in (1024, 8192, 32768, 131072)
+            if batch * length <= 1 << 20] + \
+        [(batch, 128, 1, length, 576, 512) for batch in (8, 64) for length in (4096, 16384)]
 
 
 DECODE_VARIANTS = {  # timed like attngen's softmax, with no other implementation to compare against
@@ -260,20 +263,22 @@ def key_block_selection(device: str) -> ag.AttentionSpec:
 
 def measure_decode(args) -> list[dict]:
     """One new token per sequence against a full cache: attngen (split-KV on CUDA), compiled
-    FlexAttention and SDPA, all with GQA, then attngen's other normalizations (DECODE_VARIANTS) and a
-    key-block selection; reports the cache read bandwidth as well (of the whole cache: for the
-    selection, which reads a quarter of it, an effective figure)."""
+    FlexAttention and SDPA, all with GQA, then (but for MLA's shapes) attngen's other normalizations
+    (DECODE_VARIANTS) and a key-block selection; reports the cache read bandwidth as well (of the whole
+    cache: for the selection, which reads a quarter of it, an effective figure)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
     others = {impl: ag.compile(spec) for impl, spec in DECODE_VARIANTS.items()}
     others["attngen 1/4 of the key blocks"] = ag.compile(key_block_selection(device))
-    for batch, heads, kv_heads, length, dim in decode_shapes(args.smoke, device):
+    for batch, heads, kv_heads, length, qk_dim, v_dim in decode_shapes(args.smoke, device):
         if out_of_time(args):
             break
         gen = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype, generator=gen)
-        k, v = (torch.randn(batch, kv_heads, length, dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        latent = v_dim != qk_dim  # MLA: the values are a view of the keys' latent part
+        q = torch.randn(batch, heads, 1, qk_dim, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(batch, kv_heads, length, qk_dim, device=device, dtype=dtype, generator=gen)
+        v = k[..., :v_dim] if latent else torch.randn(k.shape, device=device, dtype=dtype, generator=gen)
         lens = torch.full((batch,), length, device=device, dtype=torch.int32)
         attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
         runs = {"attngen": lambda: attn(q, k, v, kv_lens=lens),
@@ -283,11 +288,13 @@ def measure_decode(args) -> list[dict]:
             runs["flex (compiled)"] = lambda: compiled(q, k, v, enable_gqa=True)
         reference = runs["attngen"]().float()
         compared = set(runs)
-        runs.update({impl: functools.partial(other, q, k, v, kv_lens=lens) for impl, other in others.items()})
-        cache_bytes = 2 * batch * kv_heads * length * dim * q.element_size()
+        if not latent:
+            runs.update({impl: functools.partial(other, q, k, v, kv_lens=lens) for impl, other in others.items()})
+        cache_bytes = batch * kv_heads * length * (qk_dim + (0 if latent else v_dim)) * q.element_size()
         for impl, run in runs.items():
             row = {"variant": "decode", "impl": impl, "batch": batch, "heads": f"{heads}:{kv_heads}",
-                   "length": length, "head_dim": dim, "dtype": str(dtype).replace("torch.", "")}
+                   "length": length, "head_dim": qk_dim if qk_dim == v_dim else f"{qk_dim}/{v_dim}",
+                   "dtype": str(dtype).replace("torch.", "")}
             try:
                 if impl in compared:
                     row["max_diff_vs_attngen"] = float((run().float() - reference).abs().max())
@@ -441,7 +448,7 @@ def write(rows: list[dict], args, proxies: dict | None = None, decode_rows: list
                      f"{r['max_diff_vs_attngen']:.1e} |")
     lines += [""] + targets(rows)
     if decode_rows:
-        lines += ["", "## Decoding (one new token, full cache, GQA)", "",
+        lines += ["", "## Decoding (one new token, full cache, GQA; MLA's absorbed 576 / 512 over one kv head)", "",
                   "eager: a plain call per step; graph: replays of one CUDA graph capture (no host work per step). "
                   "Cache GB/s from the graph time where there is one.", "",
                   "| impl | B | Hq:Hkv | Lk | D | dtype | eager ms | graph ms | cache GB/s | max diff |",

@@ -29,6 +29,7 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
                                             "attngen 1/4 of the key blocks"}
     assert all(r.get("max_diff_vs_attngen", 1) < 1e-4 for r in decode if r["impl"] == "sdpa")
     assert all("forward_ms" in r for r in decode if r["impl"].startswith("attngen"))
+    assert {r["impl"] for r in decode if r["head_dim"] == "576/512"} >= {"attngen", "sdpa"}  # MLA, absorbed
     assert "## Decoding" in table
     proxies = json.loads((folder / "proxies.json").read_text())
     causal = next(r for r in proxies["tiles"] if r["mask"] == "causal")
