@@ -131,8 +131,12 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
     if len(set(names)) != len(names):
         raise SpecError(f"stats names must be unique, got {names}")
     norm = type(normalization).__name__
-    if stats and normalization.family != "softmax":
-        raise SpecError(f"stats {names} are not defined for {norm}: they are statistics of a softmax "
+    if "support" in names and normalization.family != "threshold":
+        raise SpecError(f"the support stat counts the keys of nonzero weight: defined for Sparsemax and Entmax, "
+                        f"whose weights have exact zeros, not for {norm}")
+    of_softmax = [n for n in names if n != "support"]
+    if of_softmax and normalization.family != "softmax":
+        raise SpecError(f"stats {of_softmax} are not defined for {norm}: they are statistics of a softmax "
                         f"(the {normalization.family} family has no log-sum-exp); use stats=()")
     needs_distribution = [n for n, s in zip(names, stats)
                           if n == "entropy" or isinstance(s, (stats_module.Expectation, stats_module.MapStat))]

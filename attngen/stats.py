@@ -10,11 +10,14 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 * ``"col_sum"`` / ``col_sum(reduce_heads=...)``: ``c_j = sum_i p_ij``, ``[B, Hq (or Hkv), Lk]``;
 * ``pooled(block_q, block_k, reduce)``: the weights pooled over blocks,
   ``[B, Hq, ceil(Lq/block_q), ceil(Lk/block_k)]`` ("mean" over the block's
-  positions, "sum", or forward-only "max").
+  positions, "sum", or forward-only "max");
+* ``"support"``: how many keys weigh more than 0 (float32 counts, no gradient),
+  for sparsemax and entmax, whose weights have exact zeros.
 
 ``l`` are the logits the softmax normalizes (the modded scores). Row
-statistics are shaped ``[B, Hq, Lq]``. All are defined for softmax-family
-normalizations without an affine output; the entropy also needs no sink.
+statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for
+softmax-family normalizations without an affine output; the entropy also needs
+no sink.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Callable
 
 import torch
 
-ROW_STATS = ("lse", "max", "entropy")
+ROW_STATS = ("lse", "max", "entropy", "support")
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 
 
@@ -110,13 +113,13 @@ def kernel_expectations(stats) -> list[tuple[str, Callable]]:
     return found
 
 
-def assemble(requested, lse, row_max, expectations: dict, maps: dict) -> Stats:
+def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=None) -> Stats:
     """The statistics a user asked for, from what the kernels (or the reference) computed.
 
     ``maps`` holds each MapStat's [B, H, rows, cols] map; col_sum-style maps
     (``block_q=None``) lose their row axis.
     """
-    values = {"lse": lse, "max": row_max, **expectations}
+    values = {"lse": lse, "max": row_max, "support": support, **expectations}
     for stat in map_stats(requested):
         values[stat.name] = maps[stat.name][:, :, 0] if stat.block_q is None else maps[stat.name]
     if "entropy" in requested:

@@ -43,7 +43,7 @@ def _extra_specs():
         "scalable": ag.AttentionSpec(normalization=ag.norms.ScalableSoftmax(s=0.4, count="unmasked")),
         "affine": ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=torch.ones(4, requires_grad=True),
                                                                         beta=0.01)),
-        "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal),
+        "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal, stats=("support",)),
         "stick_breaking": ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal,
                                            score_mod=lambda s, b, h, q_idx, kv_idx: s + SLOPES[h]),
         "differential": ag.AttentionSpec(differential=torch.full((4,), 0.5, requires_grad=True),

@@ -1,4 +1,4 @@
-"""Fused statistics (lse, max, entropy, expectations, column sums, pooled maps) vs float64."""
+"""Fused statistics (lse, max, entropy, expectations, column sums, pooled maps, support) vs float64."""
 
 from __future__ import annotations
 
@@ -146,6 +146,9 @@ def test_no_attention_matrix_is_materialized():
     (dict(normalization=norms.Sigmoid(), stats=("max",)), "not defined for Sigmoid"),
     (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
     (dict(normalization=norms.OffByOne(), stats=("entropy",)), "not supported with a sink"),
+    (dict(stats=("support",)), "defined for Sparsemax and Entmax, whose weights have exact zeros, not for Softmax"),
+    (dict(normalization=norms.Softpick(), stats=("support",)), "not for Softpick"),
+    (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
 ])
 def test_bad_stats(kwargs, message):
     with pytest.raises(ag.SpecError, match=message):
@@ -217,3 +220,27 @@ def test_map_offsets_are_int64(stat):
     2**31 (too large to allocate in a CPU test, so the generated offsets are checked for int64)."""
     offset = map_lines([stat])[0]
     assert offset.startswith("map_offset0 = ((") and ").to(tl.int64) * " in offset, offset
+
+
+SPARSE = {"sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
+          "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_())}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_support_counts_the_keys_of_nonzero_weight(name):
+    """Each row's count of keys weighing more than 0 (rows without keys: 0), exactly the reference's; the
+    outputs and gradients with it requested are unchanged, over a whole call, a KV cache and packed
+    sequences."""
+    def spec(heads):
+        return ag.AttentionSpec(normalization=SPARSE[name](heads), stats=("support",),
+                                mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
+    q, k, v = Case(2, 4, 2, 41, 41, 16, 16, seed=3).tensors()
+    out, stats = ag.compile(spec(4))(q, k, v, return_stats=True)
+    _, expected = ag.reference.attention(q.double(), k.double(), v.double(), spec(4), return_stats=True)
+    assert torch.equal(stats.support.double(), expected.support) and stats.support.dtype == torch.float32
+    assert torch.all(stats.support[:, :, :2] == 0) and stats.support.max() > 1 and (stats.support > 0).any()
+    assert_matches_reference(spec(4), q, k, v)
+    assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]))
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)

@@ -326,7 +326,7 @@ def capture_gradient_context(tagged_grads: list[tuple[str, dict]], stick: bool) 
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    kernel_captures: dict[str, int] | None = None, differential: bool = False,
-                   cache: bool = False) -> dict:
+                   cache: bool = False, support: bool = False) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
@@ -385,7 +385,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
-    stats += [f"map{m}" for m in range(len(maps))]
+    stats += [f"map{m}" for m in range(len(maps))] + (["support"] if support else [])
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
@@ -460,6 +460,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                       + [f"dmap{m['index']}" for m in grad_maps],
         "expectations": expectations,
         "row_max": row_max,
+        "support": support,
         "scale": repr(None if scale is None else float(scale)),
         # the softmax of q . k^T * scale itself (scale > 0, checked by the spec): its weights fold the scale into
         # exp2's multiply-add, exp2(dot * scale log2 e - max log2 e), and the row max is the products' max, scaled
@@ -507,16 +508,18 @@ def _tidy(source: str) -> str:
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
-           kernel_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False) -> str:
+           kernel_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
+           support: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
-    logit to the outputs, ``maps`` the block-pooled weight maps; ``scale`` None means 1/sqrt(Dqk);
+    logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
+    nonzero weights (threshold family); ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
     ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the
     halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``;
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             kernel_captures or {}, differential, cache)
+                             kernel_captures or {}, differential, cache, support)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 

@@ -110,7 +110,8 @@ class CompiledAttention:
 
     def _generate(self) -> str:
         return render(self.kernel_graph(), self.description, self.spec.normalization,
-                      row_max="max" in self.spec.stats, maps=stats_module.map_stats(self.spec.stats),
+                      row_max="max" in self.spec.stats, support="support" in self.spec.stats,
+                      maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
                       kernel_captures=self.kernel_captures, differential=self.spec.differential is not None,
                       cache=self.variant.cache)
@@ -258,7 +259,8 @@ class CompiledAttention:
         outputs = dict(zip(kernels.STAT_OUTPUTS, stats))
         expectations = {name: outputs["expectations"][e] for e, (name, _) in enumerate(self.expectations)}
         maps = {stat.name: outputs[f"map{m}"] for m, stat in enumerate(stats_module.map_stats(self.spec.stats))}
-        return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations, maps)
+        return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations, maps,
+                                          outputs.get("support"))
 
 
 def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public API name

@@ -171,6 +171,8 @@ def normalizations(draw, heads: int = 4) -> Snippet:
 def stats_for(draw, normalization: Snippet) -> str:
     """The source of a ``stats=`` tuple valid for ``normalization``."""
     norm = normalization.value
+    if norm.family == "threshold":
+        return "('support',)" if draw(st.booleans()) else "()"
     if norm.family != "softmax":
         return "()"
     chosen = ["'lse'"] if draw(st.booleans()) else []
