@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
+
+import torch
 
 from attngen.runtime import autotune
 
@@ -78,6 +81,30 @@ def test_configs_are_pruned_by_shared_memory():
         assert all(autotune.shared_memory_bytes(c, 128, 128, itemsize, phase) <= h100 for c in kept)
         assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} not in kept
         assert len(autotune.fitting(autotune.GPU_CANDIDATES, h100, 64, 64, itemsize, phase)) > len(kept)
+
+
+def test_wide_head_dims_tune_over_small_tiles():
+    """At MLA's 576 / 512 no usual candidate fits an H100's backward (all have 64 rows or more and 32 keys or
+    more); the wide ones do, the 16 x 16 default among them: the forward up to 64 x 32 (224 KB, one stage),
+    the backward not at 64 x 32 (288 KB)."""
+    h100 = 227 * 1024
+    assert autotune.fitting(autotune.GPU_CANDIDATES, h100, 576, 512, 2, "backward") == []
+    sizes = {phase: {(c["BLOCK_M"], c["BLOCK_N"]) for c in autotune.fitting(autotune.WIDE_CANDIDATES, h100, 576, 512,
+                                                                             2, phase)}
+             for phase in ("forward", "backward")}
+    assert (16, 16) in sizes["backward"] and (64, 32) in sizes["forward"] and (64, 32) not in sizes["backward"], sizes
+
+
+def test_a_wide_call_on_a_gpu_is_offered_the_small_tiles(monkeypatch):
+    """candidates() for CUDA tensors of MLA's head dims (device properties of an H100 stood in)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=227 * 1024))
+
+    def cuda_tensor(dim):
+        return types.SimpleNamespace(is_cuda=True, device="cuda:0", shape=(1, 128, 1, dim), element_size=lambda: 2)
+    offered = autotune.candidates(cuda_tensor(576), cuda_tensor(512), "backward")
+    assert offered and all(c in autotune.WIDE_CANDIDATES for c in offered), offered
+    assert all(c in autotune.GPU_CANDIDATES for c in autotune.candidates(cuda_tensor(128), cuda_tensor(128), "backward"))
 
 
 def test_export_builds_in_the_tuned_configs(tmp_path, monkeypatch):
