@@ -147,6 +147,27 @@ def test_fullgraph_compile_with_learnable_entmax_alpha():
     assert eager.abs().min() > 0
 
 
+def test_fullgraph_compile_returns_the_support_statistic():
+    """Sparsemax's support counts come out of a compiled graph as eager's, next to the output's gradient."""
+    attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal,
+                                       stats=("support",)))
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+
+    def run(q, k, v):
+        out, stats = attn(q, k, v, return_stats=True)
+        return out, stats.support
+    results = []
+    for call in (run, torch.compile(run, fullgraph=True, backend="aot_eager")):
+        q.grad = None
+        out, support = call(q, k, v)
+        out.square().sum().backward()
+        results.append((support, q.grad.clone()))
+    (eager_support, eager_grad), (compiled_support, compiled_grad) = results
+    assert torch.equal(compiled_support, eager_support) and eager_support.max() > 1
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
 def test_traced_calls_skip_value_checks_and_kernels_clamp_kv_lens():
     """Inside a trace kv_lens are data, not checked (an eager call raises); the kernels then treat a
     length past the cache as the whole cache and a negative one as empty, reading nothing outside."""
