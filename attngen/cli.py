@@ -103,12 +103,24 @@ def cmd_show(args) -> int:
     return 0
 
 
-def print_machine_code(attn, dim: int, heads: int = 8, length: int = 4096) -> None:
-    """What each kernel of ``attn`` compiles to on sm_90 (bf16, head dim ``dim``, untuned tiles), without a GPU."""
+def head_dims(text: str) -> tuple[int, int]:
+    """``"D"`` or ``"DQK/DV"`` (e.g. MLA's ``576/512``) as (q/k head dim, v head dim)."""
+    parts = text.split("/")
+    if len(parts) > 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected a head dim D or DQK/DV (positive integers), got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
+def print_machine_code(attn, dims: tuple[int, int], heads: int = 8, length: int = 4096) -> None:
+    """What each kernel of ``attn`` compiles to on sm_90 (bf16, head dims ``dims`` = (Dqk, Dv), untuned
+    tiles), without a GPU."""
     from .testing.gpu_compile import compile_for_gpu
 
-    q, k, v = (torch.empty(1, heads, length, dim, dtype=torch.bfloat16) for _ in range(3))
-    print(f"# machine code (sm_90, bf16, {heads} heads x {length} x {dim}, untuned tiles; built, not run)")
+    qk_dim, v_dim = dims
+    q, k = (torch.empty(1, heads, length, qk_dim, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.empty(1, heads, length, v_dim, dtype=torch.bfloat16)
+    shown = qk_dim if qk_dim == v_dim else f"{qk_dim}/{v_dim}"
+    print(f"# machine code (sm_90, bf16, {heads} heads x {length} x {shown}, untuned tiles; built, not run)")
     for kernel in compile_for_gpu(attn, q, k, v):
         hazard = "  <- spills or mma.sync" if kernel.spill_bytes or kernel.mma_sync else ""
         print(f"{kernel.phase:8}  {kernel.name:24}  {kernel.describe()}{hazard}")
@@ -251,8 +263,9 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--plan", action="store_true", help="print only the mask plan (which tiles are visited)")
     show.add_argument("--blocks", type=int, metavar="L", help="also count empty/full/partial tiles at length L")
     show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
-    show.add_argument("--machine-code", type=int, metavar="D", help="also build the kernels for Hopper (sm_90, bf16, "
-                      "head dim D; no GPU needed) and print registers, spills, shared memory and MMA instructions")
+    show.add_argument("--machine-code", type=head_dims, metavar="D", help="also build the kernels for Hopper (sm_90, "
+                      "bf16, head dim D, or DQK/DV such as 576/512; no GPU needed) and print registers, spills, "
+                      "shared memory and MMA instructions")
     export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
     export.add_argument("-o", "--output", required=True, help="the .py file to write")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "

@@ -54,6 +54,10 @@ def test_show_machine_code_builds_for_hopper_without_a_gpu(tmp_path):
     retention = attngen("show", str(ROOT / "specs" / "retention.py"), "--ir", "--machine-code", "256",
                         cache_dir=tmp_path).stdout
     assert "_linear_bwd_dkdv" in retention and "<- spills or mma.sync" in retention  # 32-row chunks at D=256
+    mla = attngen("show", str(ROOT / "specs" / "softcap.py"), "--machine-code", "576/512", cache_dir=tmp_path).stdout
+    assert "x 576/512, untuned tiles" in mla and "_attn_bwd_dkdv" in mla  # MLA's head dims: 16 x 16 tiles
+    bad = attngen("show", ALIBI, "--machine-code", "64x", cache_dir=tmp_path, check=False)
+    assert bad.returncode == 2 and "expected a head dim D or DQK/DV (positive integers), got '64x'" in bad.stderr
 
 
 def test_show_and_export_a_linear_attention_spec(tmp_path):
