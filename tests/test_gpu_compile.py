@@ -196,7 +196,7 @@ def _softcap(score, b, h, q_idx, kv_idx):
                                   ag.AttentionSpec(normalization=ag.norms.Sigmoid(bias="-log n")),
                                   ag.AttentionSpec(mask_mod=ag.masks.document(DOC_IDS))],
                          ids=["softcap_causal", "sigmoid", "document"])
-def test_every_dot_is_a_warpgroup_mma_and_no_register_spills(spec, dim, tiles):
+def test_every_dot_is_a_warpgroup_mma(spec, dim, tiles):
     """Speed hazards visible before any GPU run. On sm_90 a dot that Triton lowers to the synchronous
     warp MMA instead of wgmma (a transposed register tile, or fewer than 64 rows per warpgroup) runs
     at a fraction of the tensor-core rate (spills: the next test)."""
