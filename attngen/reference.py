@@ -159,9 +159,16 @@ def pool(p: torch.Tensor, stat: stats_module.MapStat, kv_heads: int) -> torch.Te
     total = blocks.sum(dim=(3, 5))
     if stat.reduce == "sum":
         return total
-    row_counts = (Lq - torch.arange(rows, device=p.device) * block_q).clamp(max=block_q)
-    col_counts = (Lk - torch.arange(cols, device=p.device) * stat.block_k).clamp(max=stat.block_k)
-    return total / (row_counts[:, None] * col_counts[None, :]).to(p.dtype)
+    return total / _positions(Lq, stat.block_q, Lk, stat.block_k, p)
+
+
+def _positions(Lq: int, block_q: int | None, Lk: int, block_k: int, like: torch.Tensor) -> torch.Tensor:
+    """How many (query, key) positions each block of an [Lq, Lk] grid holds (``block_q=None``: one block
+    of all rows): [rows, cols], ``like``'s dtype and device."""
+    rows = torch.arange(1 if block_q is None else -(-Lq // block_q), device=like.device)
+    row_counts = torch.full_like(rows, Lq) if block_q is None else (Lq - rows * block_q).clamp(max=block_q)
+    col_counts = (Lk - torch.arange(-(-Lk // block_k), device=like.device) * block_k).clamp(max=block_k)
+    return (row_counts[:, None] * col_counts[None, :]).to(like.dtype)
 
 
 def _row_max(logits, keep):
@@ -204,6 +211,30 @@ def _shifted(spec: AttentionSpec, batch, query) -> AttentionSpec:
         spec, score_mod=shift_score(spec.score_mod), second_score_mod=shift_score(spec.second_score_mod),
         mask_mod=None if mask is None else (lambda b, h, i, j: mask(b + batch, h, i + query, j)),
         stats=stats_module.expectations_moved(spec.stats, shift_score))
+
+
+def _maps_summed(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` with its "mean" maps summed instead (averaged by :func:`_maps_over_cache` over the cache)."""
+    def summed(stat):
+        if isinstance(stat, stats_module.MapStat) and stat.reduce == "mean":
+            return stats_module.MapStat(stat.name, stat.block_q, stat.block_k, "sum", stat.reduce_heads)
+        return stat
+    return dataclasses.replace(spec, stats=tuple(summed(s) for s in spec.stats))
+
+
+def _maps_over_cache(spec: AttentionSpec, piece: tuple, Lq: int, cache_len: int) -> tuple:
+    """One batch entry's ``(out, stats)`` with its maps over the whole cache: the weights past its keys
+    are 0 (the columns padded), and "mean" maps divide their sums by the positions of each block of the
+    [Lq, cache_len] grid."""
+    out, stats = piece
+    values = {name: getattr(stats, name) for name in stats.names()}
+    for stat in stats_module.map_stats(spec.stats):
+        cols = -(-cache_len // stat.block_k)
+        values[stat.name] = torch.nn.functional.pad(values[stat.name], (0, cols - values[stat.name].shape[-1]))
+        if stat.reduce == "mean":
+            values[stat.name] = values[stat.name] / _positions(Lq, stat.block_q, cache_len,
+                                                               stat.block_k, out)
+    return out, stats_module.Stats(**values)
 
 
 def _joined(pieces: list, out_dim: int, stat_dim: int, return_stats: bool):
@@ -249,18 +280,19 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     if block_table is not None:
         k, v = gather_pages(k, block_table), gather_pages(v, block_table)
     cache = kv_lens is not None or q_offset is not None
-    if (cache or cu_seqlens_q is not None) and any(
-            s.block_q is not None or cache for s in stats_module.map_stats(spec.stats)):
-        raise ValueError("pooled maps are not defined for packed sequences, nor maps for a KV cache")
-    if kv_lens is not None or q_offset is not None:
+    if cu_seqlens_q is not None and any(s.block_q is not None for s in stats_module.map_stats(spec.stats)):
+        raise ValueError("pooled maps are not defined for packed sequences")
+    if cache:
         kv_lens = torch.full((q.shape[0],), k.shape[2]) if kv_lens is None else kv_lens
         offsets = kv_lens - q.shape[2] if q_offset is None else torch.as_tensor(q_offset).expand(q.shape[0])
         keep = _dropout_slices(dropout_keep, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        summed = _maps_summed(spec)
         pieces = [attention(q[b:b + 1], k[b:b + 1, :, :int(kv_lens[b])], v[b:b + 1, :, :int(kv_lens[b])],
-                            _shifted(spec, b, offsets[b]), return_stats=True, dropout_p=dropout_p,
+                            _shifted(summed, b, offsets[b]), return_stats=True, dropout_p=dropout_p,
                             dropout_keep=keep(slice(b, b + 1), slice(None), slice(0, int(kv_lens[b]))))
                   for b in range(q.shape[0])]
-        return _joined(pieces, 0, 0, return_stats)
+        return _joined([_maps_over_cache(spec, piece, q.shape[2], k.shape[2]) for piece in pieces], 0, 0,
+                       return_stats)
     if cu_seqlens_q is not None:
         keep = _dropout_slices(dropout_keep, (1, q.shape[1], q.shape[0], k.shape[0]))
         pieces = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -356,10 +358,40 @@ def test_bad_cumulative_lengths(cu_q, message):
                                        cu_seqlens_k=cu_k if len(cu_q) == 3 else torch.tensor([0, 1, 5, 9]))
 
 
-def test_maps_are_refused_with_a_cache():
-    q, k, v = Case(1, 2, 2, 1, 8, 16, 16).tensors()
-    with pytest.raises(ValueError, match="maps .* are not supported with kv_lens"):
-        ag.compile(ag.AttentionSpec(stats=("col_sum",)))(q, k, v, kv_lens=torch.tensor([5]))
+CACHE_MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_head"),
+              ag.stats.pooled(4, 8, "mean", name="pooled"), ag.stats.pooled(3, 5, "sum", name="coarse"),
+              ag.stats.pooled(2, 16, "max", name="peak"))
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("q_len, q_offset", [(1, None), (5, None), (5, [20, 0])], ids=["1", "5", "5_offsets"])
+def test_maps_over_a_kv_cache(q_len, q_offset, mode):
+    """Column sums and pooled maps of a call on a KV cache (what H2O-style eviction accumulates): columns
+    are the cache's positions, 0 past each entry's keys, "mean" over each block's positions in the cache;
+    equal to the maps of a dense call masked to each entry's keys and positions (the reference of both),
+    their gradients too (but "max", forward-only)."""
+    lens, offsets = torch.tensor([41, 17]), torch.tensor(q_offset) if q_offset else None
+    spec = ag.AttentionSpec(mask_mod=masks.causal, stats=CACHE_MAPS)
+    q, k, v = Case(2, 4, 2, 41, 41, 16, 16, seed=3).tensors()
+    q = q[:, :, :q_len]
+    assert_matches_reference(spec, q, k, v, kv_lens=lens, q_offset=offsets, mode=mode)
+    shift = lens - q_len if offsets is None else offsets
+    dense = dataclasses.replace(spec, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx < lens[b])
+                                & (kv_idx <= q_idx + shift[b]))
+    _, stats = ag.compile(spec)(q, k, v, kv_lens=lens, q_offset=offsets, mode=mode, return_stats=True)
+    _, expected = ag.reference.attention(q.double(), k.double(), v.double(), dense, return_stats=True)
+    for stat in CACHE_MAPS:
+        torch.testing.assert_close(getattr(stats, stat.name), getattr(expected, stat.name).float())
+    assert torch.all(stats.col_sum[1, :, 17:] == 0) and torch.all(stats.col_sum[1, :, :17].sum(-1) > 0)
+
+
+def test_maps_over_a_paged_cache():
+    k_pages, v_pages, table = paged_cache()
+    q = torch.randn(3, 4, 2, 16, generator=torch.Generator().manual_seed(1))
+    spec = ag.AttentionSpec(mask_mod=masks.causal, stats=CACHE_MAPS)
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec, q, k_pages, v_pages, kv_lens=torch.tensor([56, 13, 1]), block_table=table,
+                                 mode=mode)
 
 
 # -- dropout ------------------------------------------------------------------------------

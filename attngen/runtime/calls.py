@@ -144,8 +144,6 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None
     if cache:
-        if map_stats(spec.stats):
-            raise ValueError("maps (col_sum, pooled) are not supported with kv_lens / q_offset")
         lens = tensors["kv_lens"] = _integers("kv_lens", shape.kv_len if kv_lens is None else kv_lens, shape.batch,
                                               q.device)
         if values_checkable(lens) and bool(((lens < 0) | (lens > shape.kv_len)).any()):  # one read on a GPU

@@ -149,8 +149,8 @@ def fuzz_calls(draw, case: Case, spec) -> Snippet:
     not), with a random block mask (also on a contiguous cache), or on packed sequences of random
     lengths; each with or without dropout."""
     maps = map_stats(spec.stats)
-    kinds = ["dense", "blocks"] + ([] if maps else ["cache", "paged"]) \
-        + ([] if any(m.block_q is not None for m in maps) else ["packed"])  # no maps of a cache, no pooled packed
+    kinds = ["dense", "blocks", "cache", "paged"] \
+        + ([] if any(m.block_q is not None for m in maps) else ["packed"])  # no pooled maps of packed sequences
     kind = draw(st.sampled_from(kinds))
     extra = [draw(st.sampled_from(["", "", f"dropout_p={draw(st.sampled_from([0.1, 0.5]))}"]))]
     batch = dict(min_size=case.batch, max_size=case.batch)
