@@ -20,7 +20,7 @@ CASES = [
     Case(1, 1, 1, 256, 256, 16, 16),    # longest
     Case(1, 8, 2, 33, 70, 64, 32),      # GQA 8:2, Lq < Lk
     Case(1, 2, 2, 70, 33, 16, 16),      # Lq > Lk
-    Case(1, 2, 1, 40, 50, 24, 40),      # head dims that are not powers of two
+    Case(1, 2, 1, 40, 50, 40, 24),      # head dims that are not powers of two (q, k: 32 + 16 columns)
     Case(1, 4, 1, 19, 23, 576, 512),    # MLA's (absorbed): MQA, Dqk 576 = 512 + 64 rotary, Dv 512
 ]
 

@@ -84,15 +84,19 @@ def test_configs_are_pruned_by_shared_memory():
 
 
 def test_wide_head_dims_tune_over_small_tiles():
-    """At MLA's 576 / 512 no usual candidate fits an H100's backward (all have 64 rows or more and 32 keys or
-    more); the wide ones do, the 16 x 16 default among them: the forward up to 64 x 32 (224 KB, one stage),
-    the backward not at 64 x 32 (288 KB)."""
+    """At MLA's 576 / 512 (q and k in parts of 512 + 64) one usual backward candidate fits an H100 (64 x 32,
+    one stage: 204 KB, built 204 KB; with 1024-wide q and k tiles none did); the wide ones fit, the 16 x 16
+    default among them, the forward up to 64 x 32 with two stages (208 KB) and the backward with one."""
     h100 = 227 * 1024
-    assert autotune.fitting(autotune.GPU_CANDIDATES, h100, 576, 512, 2, "backward") == []
-    sizes = {phase: {(c["BLOCK_M"], c["BLOCK_N"]) for c in autotune.fitting(autotune.WIDE_CANDIDATES, h100, 576, 512,
-                                                                             2, phase)}
+    fits = autotune.fitting(autotune.GPU_CANDIDATES, h100, 576, 512, 2, "backward")
+    assert {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in fits} == {(64, 32, 1)}
+    sizes = {phase: {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"])
+                     for c in autotune.fitting(autotune.WIDE_CANDIDATES, h100, 576, 512, 2, phase)}
              for phase in ("forward", "backward")}
-    assert (16, 16) in sizes["backward"] and (64, 32) in sizes["forward"] and (64, 32) not in sizes["backward"], sizes
+    assert (16, 16, 1) in sizes["backward"] and (64, 32, 2) in sizes["forward"], sizes
+    assert (64, 32, 1) in sizes["backward"] and (64, 32, 2) not in sizes["backward"], sizes
+    assert autotune.shared_memory_bytes({"BLOCK_M": 64, "BLOCK_N": 32}, 576, 512, 2, "forward") == \
+        2 * (64 * 576 + 32 * (576 + 512))  # 576 = 512 + 64 columns, not 1024
 
 
 def test_a_wide_call_on_a_gpu_is_offered_the_small_tiles(monkeypatch):

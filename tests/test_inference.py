@@ -233,6 +233,14 @@ def test_paged_cache_equals_contiguous_and_reference(name, mode):
     check_paged(spec, q, k_pages, v_pages, table, kv_lens, mode)
 
 
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_paged_cache_at_a_split_head_dim(mode):
+    """Keys in two column parts (Dqk 40 = 32 + 16) read through pages, GQA-packed when decoding."""
+    k_pages, v_pages, table = paged_cache(dim=40)
+    q = torch.randn(3, 4, 2, 40, generator=torch.Generator().manual_seed(1))
+    check_paged(SPECS["alibi_learnable"](4), q, k_pages, v_pages, table, torch.tensor([56, 13, 1]), mode)
+
+
 def test_paged_cache_has_no_backward():
     k_pages, v_pages, table = paged_cache()
     q = torch.randn(3, 4, 1, 16, requires_grad=True)

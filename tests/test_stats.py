@@ -213,6 +213,13 @@ def test_maps_with_a_mask_mixing_program_scalars_and_tiles():
     assert_matches_reference(spec, *Case(2, 4, 1, 1, 17, 8, 8).tensors())
 
 
+def test_statistics_at_a_split_head_dim():
+    """The maps' kernels (weights, row-dot pass) and the row statistics with q and k in two column parts
+    (Dqk 40 = 32 + 16)."""
+    spec = ag.AttentionSpec(mask_mod=ag.masks.causal, stats=STATS["all"] + STATS["pooled"][:2] + STATS["col_sum"])
+    assert_matches_reference(spec, *Case(2, 4, 2, 37, 45, 40, 24).tensors())
+
+
 @pytest.mark.parametrize("stat", [ag.stats.col_sum(), ag.stats.pooled(16, 16), ag.stats.pooled(16, 16, "max"),
                                   ag.stats.col_sum(reduce_heads=True)], ids=str)
 def test_map_offsets_are_int64(stat):

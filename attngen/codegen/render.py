@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from functools import lru_cache
 from importlib import resources
@@ -12,6 +13,7 @@ from typing import Callable
 import jinja2
 
 from .. import __version__
+from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
@@ -263,16 +265,18 @@ def _power_lines(name: str, base: str, exponent: int) -> list[str]:
 
 def kv_loads(paged: bool, table: str) -> dict[str, str]:
     """The forward kernels' key and value tile loads: dense, or through the paged cache's ``table``.
-    ``load_k2`` is the second half of the keys' columns (differential attention's K2)."""
+    ``load_kt`` is the keys' second column part where the head dim is split (``DQK_T > 0``), ``load_k2``
+    the second half of the keys' columns (differential attention's K2)."""
     loads = {}
-    for name, tensor, dim in (("load_k", "K", "dqk"), ("load_k2", "K + DQK * stride_kd", "dqk"),
-                              ("load_v", "V", "dv")):
+    for name, tensor, cols, width in (("load_k", "K", "offs_dqk", "DQK"), ("load_kt", "K", "offs_dqt", "DQK"),
+                                      ("load_k2", "K + DQK * stride_kd", "offs_dqk", "DQK"),
+                                      ("load_v", "V", "offs_dv", "DV")):
         strides = ", ".join(f"stride_{tensor[0].lower()}{axis}" for axis in ("b", "h", "n", "d"))
         if paged:
-            loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, offs_{dim}, "
-                           f"{strides}, LK, {dim.upper()})")
+            loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, {cols}, "
+                           f"{strides}, LK, {width})")
         else:
-            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, offs_{dim}, {strides}, LK, {dim.upper()}, EVEN_N)"
+            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, {cols}, {strides}, LK, {width}, EVEN_N)"
     return loads
 
 
@@ -469,6 +473,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "summed_maps": repr([f"the {m['name']} map" for m in grad_maps]),
         "grad_maps": grad_maps,
         "map_lines": map_lines(maps),
+        "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,

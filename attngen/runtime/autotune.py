@@ -24,11 +24,12 @@ from types import ModuleType
 import torch
 import triton
 
+from ..head_dims import qk_parts
 from .cache import cache_dir, write_atomic
 
 GPU_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                   for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
-# head dims above 256 (MLA's 576 / 512 pad to 1024 / 512): only small tiles fit in shared memory
+# head dims above 256 (MLA's 576 / 512, q and k in parts of 512 + 64): only small tiles fit in shared memory
 WIDE_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                    for m in (16, 32, 64) for n in (16, 32) for w in (4, 8) for s in (1, 2)]
 CPU_CANDIDATES = [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 32}]
@@ -48,7 +49,7 @@ def shared_memory_bytes(config: dict, qk_dim: int, v_dim: int, itemsize: int, ph
     loop streams. Calibrated on sm_90 builds (``attngen.testing.gpu_compile``): at most 1 KB
     above the real size for the large configs that decide pruning, and not below it for the
     small tiles of head dims above 256."""
-    qk, dv = (max(16, triton.next_power_of_2(d)) for d in (qk_dim, v_dim))
+    qk, dv = sum(qk_parts(qk_dim)), max(16, triton.next_power_of_2(v_dim))
     m, n, stages = config["BLOCK_M"], config["BLOCK_N"], config.get("num_stages", 1)
     if phase == "forward":  # q kept; k and v streamed
         return itemsize * (m * qk + stages * n * (qk + dv))

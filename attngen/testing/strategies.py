@@ -26,7 +26,7 @@ def seeded(expression: str, seed: int) -> str:
 
 
 @st.composite
-def shapes(draw, max_len: int = 80, batch=(1, 2), heads: int | None = None, dims=(8, 16, 24, 32, 64),
+def shapes(draw, max_len: int = 80, batch=(1, 2), heads: int | None = None, dims=(8, 16, 24, 32, 40, 64),
            dtypes=(torch.float32,)) -> Case:
     """Attention inputs: GQA ratios 1, 2, 4 (or the divisors of a fixed ``heads``), Lq != Lk, lengths
     of 1 and around the block sizes, Dqk != Dv, the given dtypes."""
