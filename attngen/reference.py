@@ -187,7 +187,7 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stat
         expectations[name] = (p * torch.where(keep, values, torch.zeros_like(values))).sum(-1)
     maps = {stat.name: pool(p, stat, kv_heads) for stat in stats_module.map_stats(spec.stats)}
     support = (p > 0).sum(-1).to(p.dtype) if "support" in spec.stats else None
-    return stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support)
+    return stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink)
 
 
 def _differential_weights(q, k, spec: AttentionSpec) -> torch.Tensor:

@@ -143,8 +143,6 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
     if needs_distribution and normalization.affine is not None:
         raise SpecError(f"stats {needs_distribution} need a probability distribution, which {norm}'s affine "
                         "output is not")
-    if "entropy" in names and normalization.sink is not None:
-        raise SpecError(f"the entropy stat is not supported with a sink ({norm}(sink=...)) yet")
 
 
 def _source(name: str, fn: Callable | None) -> list[str]:

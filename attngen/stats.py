@@ -5,7 +5,8 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 
 * ``"lse"``: ``log sum_j exp(l_j)`` (plus ``exp(sink)`` with a sink), ``-inf`` on empty rows;
 * ``"max"``: ``max_j l_j`` over the kept keys, ``-inf`` on empty rows;
-* ``"entropy"``: ``H = -sum_j p_j log p_j = lse - sum_j p_j l_j``, 0 on empty rows;
+* ``"entropy"``: ``H = -sum_j p_j log p_j = lse - sum_j p_j l_j``, 0 on empty rows; with a sink, of the
+  distribution over the keys and the sink (``- p_sink * sink`` more);
 * ``expectation(g, name)``: ``E = sum_j p_j g(l_j, b, h, q_idx, kv_idx)``, 0 on empty rows;
 * ``"col_sum"`` / ``col_sum(reduce_heads=...)``: ``c_j = sum_i p_ij``, ``[B, Hq (or Hkv), Lk]``;
 * ``pooled(block_q, block_k, reduce)``: the weights pooled over blocks,
@@ -16,8 +17,7 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 
 ``l`` are the logits the softmax normalizes (the modded scores). Row
 statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for
-softmax-family normalizations without an affine output; the entropy also needs
-no sink.
+softmax-family normalizations without an affine output.
 """
 
 from __future__ import annotations
@@ -113,17 +113,22 @@ def kernel_expectations(stats) -> list[tuple[str, Callable]]:
     return found
 
 
-def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=None) -> Stats:
+def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=None, sink=None) -> Stats:
     """The statistics a user asked for, from what the kernels (or the reference) computed.
 
     ``maps`` holds each MapStat's [B, H, rows, cols] map; col_sum-style maps
-    (``block_q=None``) lose their row axis.
+    (``block_q=None``) lose their row axis. ``sink``: the softmax's sink logit (a float or per-head
+    tensor), whose weight ``exp(sink - lse)`` the entropy counts.
     """
     values = {"lse": lse, "max": row_max, "support": support, **expectations}
     for stat in map_stats(requested):
         values[stat.name] = maps[stat.name][:, :, 0] if stat.block_q is None else maps[stat.name]
     if "entropy" in requested:
-        values["entropy"] = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse - expectations[ENTROPY_MEAN])
+        entropy = lse - expectations[ENTROPY_MEAN]
+        if sink is not None:  # the sink's share p_s = exp(sink - lse) adds -p_s log p_s = p_s (lse - sink)
+            sink = sink[:, None] if isinstance(sink, torch.Tensor) else sink
+            entropy = entropy - torch.exp(sink - lse) * sink
+        values["entropy"] = torch.where(torch.isneginf(lse), torch.zeros_like(lse), entropy)
     return Stats(**{stat_name(s): values[stat_name(s)] for s in requested})
 
 

@@ -91,6 +91,25 @@ def test_max_and_expectations_with_other_softmax_normalizations(normalization):
     check_variant(_with_stats(BASES["causal"], stats, normalization), Case(1, 2, 2, 45, 45, 16, 16))
 
 
+@pytest.mark.parametrize("sink", [0.0, torch.tensor([0.5, -1.0, 2.0, 0.3], requires_grad=True)], ids=["softmax1", "learnable"])
+def test_entropy_with_a_sink(sink):
+    """The entropy of the distribution over the keys and the sink, -sum_j p_j log p_j - p_s log p_s, as
+    computed from the materialized float64 weights (0 on rows without keys, all weight on the sink); with
+    its gradients, the learnable sink's among them."""
+    spec = ag.AttentionSpec(normalization=norms.Softmax(sink=sink), stats=("entropy", "lse"),
+                            mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
+    q, k, v = Case(2, 4, 2, 37, 37, 16, 16, seed=4).tensors()
+    assert_matches_reference(spec, q, k, v)
+    _, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    s, keep = ag.reference.scores(q.double(), k.double(), spec)
+    p, lse, _ = ag.reference.weights(s, keep, spec.normalization)
+    sink_logit = torch.as_tensor(sink, dtype=torch.float64).detach().expand(4)[:, None]
+    p_sink = torch.exp(sink_logit - lse)
+    expected = -torch.where(p > 0, p * torch.log(p), 0.0).sum(-1) - p_sink * torch.log(p_sink)
+    torch.testing.assert_close(stats.entropy.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(stats.entropy[:, :, :2] == 0) and torch.all(stats.entropy[:, :, 2:] > 0)
+
+
 def test_pooled_max_is_forward_only():
     stat = ag.stats.pooled(4, 4, "max", name="peak")
     spec = ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(stat,))
@@ -145,7 +164,6 @@ def test_no_attention_matrix_is_materialized():
     (dict(normalization=norms.AffineSoftmax(), stats=("col_sum",)), "need a probability distribution"),
     (dict(normalization=norms.Sigmoid(), stats=("max",)), "not defined for Sigmoid"),
     (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
-    (dict(normalization=norms.OffByOne(), stats=("entropy",)), "not supported with a sink"),
     (dict(stats=("support",)), "defined for Sparsemax and Entmax, whose weights have exact zeros, not for Softmax"),
     (dict(normalization=norms.Softpick(), stats=("support",)), "not for Softpick"),
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),

@@ -260,7 +260,7 @@ class CompiledAttention:
         expectations = {name: outputs["expectations"][e] for e, (name, _) in enumerate(self.expectations)}
         maps = {stat.name: outputs[f"map{m}"] for m, stat in enumerate(stats_module.map_stats(self.spec.stats))}
         return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations, maps,
-                                          outputs.get("support"))
+                                          outputs.get("support"), self.spec.normalization.sink)
 
 
 def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public API name

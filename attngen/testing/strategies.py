@@ -178,7 +178,7 @@ def stats_for(draw, normalization: Snippet) -> str:
     chosen = ["'lse'"] if draw(st.booleans()) else []
     chosen += ["'max'"] if draw(st.booleans()) else []
     if norm.affine is None:
-        if norm.sink is None and draw(st.booleans()):
+        if draw(st.booleans()):
             chosen.append("'entropy'")
         if draw(st.booleans()):
             chosen.append("ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: torch.tanh(s) * (q_idx - kv_idx), "
