@@ -16,7 +16,8 @@
 #      LENGTH_SWEEP=1 also plain and causal over L=512..16384. A run cut by its timeout writes no
 #      tables, but benchmarks.log holds every row measured (one JSON line each).
 # $OUT brings back at most 8 files: the logs, and results.tgz with the result folders (tables, JSON, PNGs).
-# TESTS_BUDGET (default 250) bounds step 1 in seconds; TUNED=0 skips the tuned timings of step 2.
+# TESTS_BUDGET (default 250) bounds step 1 in seconds; TUNED=0 skips the tuned timings of step 2; DIMS (default
+# "64 128") sets the main sweep's head dims, D or DQK/DV (e.g. DIMS=192/128, MLA's training form).
 # SMOKE=1 runs the same steps on tiny shapes, on any machine (a dry run of this script's plumbing).
 set -u
 OUT=${OUT:-/tmp/attngen-device}
@@ -24,7 +25,7 @@ WORK=/tmp/attngen-work
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD ATTNGEN_CACHE_DIR=$WORK/cache ATTNGEN_AUTOTUNE=0 ATTNGEN_QUIET=1 TRITON_DEFAULT_FP_FUSION=1 \
   PYTHONUNBUFFERED=1
-SIZES="--lengths 4096 --dims 64 128 --dtypes bfloat16 ${SMOKE:+--smoke}"
+SIZES="--lengths 4096 --dims ${DIMS:-64 128} --dtypes bfloat16 ${SMOKE:+--smoke}"
 MAIN_ONLY=${MAIN_ONLY:-}
 SWEEP="--only plain causal --lengths 16384 1024 8192 512 2048 --dims 64 128 --dtypes bfloat16 ${SMOKE:+--smoke}"
 TESTS_BUDGET=${TESTS_BUDGET:-250}

@@ -4,7 +4,8 @@ For each variant x shape x dtype, every implementation that can express the
 variant runs forward and forward+backward on the same inputs, one after the
 other in one process. Outputs are checked against each other before timing.
 Times are medians of CUDA-event (or wall-clock on CPU) measurements after
-warm-up; TFLOP/s use the standard convention (4 B H Lq Lk D forward, times the
+warm-up; TFLOP/s use the standard convention (4 B H Lq Lk D forward, 2 B H Lq Lk (Dqk + Dv) where
+the head dims differ, times the
 fraction of kept scores, x2.5 for backward; for linear attention, the recurrent
 form's work 4 B H L D^2). A decoding sweep (one new token
 against a KV cache, GQA 8:1, B 1..64, Lk 1k..128k) reports the cache read
@@ -32,6 +33,7 @@ import torch
 import triton
 
 import attngen as ag
+from attngen.cli import head_dims
 from attngen.runtime import autotune
 import proxies as cpu_proxies  # benchmarks/proxies.py
 
@@ -126,11 +128,13 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
     }
 
 
-def shapes(args, device: str) -> list[tuple[int, int, int, int]]:
-    """(batch, heads, length, head_dim): B * L = 16k tokens on GPUs, restricted to ``--lengths``/``--dims``."""
+def shapes(args, device: str) -> list[tuple[int, int, int, int, int]]:
+    """(batch, heads, length, qk head dim, v head dim): B * L = 16k tokens on GPUs, restricted to
+    ``--lengths`` / ``--dims``; the smoke run's dims are those of ``--dims`` when given."""
     if args.smoke:
-        return [(1, 2, 64, 32)] if device == "cpu" else [(2, 16, 512, 64)]
-    return [(16384 // length, 16, length, dim) for dim in args.dims or (64, 128)
+        (qk_dim, v_dim), *_ = args.dims or [(32, 32) if device == "cpu" else (64, 64)]
+        return [(1, 2, 64, qk_dim, v_dim)] if device == "cpu" else [(2, 16, 512, qk_dim, v_dim)]
+    return [(16384 // length, 16, length, qk_dim, v_dim) for qk_dim, v_dim in args.dims or ((64, 64), (128, 128))
             for length in args.lengths or (512, 1024, 2048, 4096, 8192, 16384)]
 
 
@@ -216,7 +220,7 @@ def graphed(run, device: str):
 
 def implementations(spec, flex_mods, sdpa_kwargs, shape, device):
     """name -> callable(q, k, v) for everything that can express the variant."""
-    batch, heads, length, _ = shape
+    batch, heads, length = shape[:3]
     found = {"attngen": ag.compile(spec)}
     if flex is not None and flex_mods is not None:
         score_mod, mask_mod = flex_mods
@@ -315,23 +319,24 @@ def measure(args) -> list[dict]:
     dtypes = [torch.float32] if device == "cpu" else [getattr(torch, name) for name in args.dtypes]
     rows = []
     for shape in shapes(args, device):
-        batch, heads, length, dim = shape
-        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(*shape, device).items():
+        batch, heads, length, qk_dim, v_dim = shape
+        for name, (spec, flex_mods, sdpa_kwargs, kept) in variants(batch, heads, length, qk_dim, device).items():
             if args.only and name not in args.only:
                 continue
             for dtype in dtypes:
                 if out_of_time(args):
                     return rows
                 gen = torch.Generator(device=device).manual_seed(0)
-                q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
-                           for _ in range(3))
-                grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+                q, k, v = (torch.randn(batch, heads, length, dim, device=device, dtype=dtype, generator=gen)
+                           .requires_grad_() for dim in (qk_dim, qk_dim, v_dim))
+                grad = torch.randn(batch, heads, length, v_dim, device=device, dtype=dtype, generator=gen)
                 runs = implementations(spec, flex_mods, sdpa_kwargs, shape, device)
                 reference = runs["attngen"](q, k, v).detach()
-                flops = 4 * batch * heads * length * length * dim * kept
+                flops = 2 * batch * heads * length * length * (qk_dim + v_dim) * kept  # QK^T and PV
                 for impl, fn in runs.items():
                     row = {"variant": name, "impl": impl, "batch": batch, "heads": heads, "length": length,
-                           "head_dim": dim, "dtype": str(dtype).replace("torch.", "")}
+                           "head_dim": qk_dim if qk_dim == v_dim else f"{qk_dim}/{v_dim}",
+                           "dtype": str(dtype).replace("torch.", "")}
                     try:
                         out = fn(q, k, v)
                         row["max_diff_vs_attngen"] = float((out.detach().float() - reference.float()).abs().max())
@@ -498,7 +503,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, measures nothing")
     parser.add_argument("--only", nargs="*", help="variant names to run")
     parser.add_argument("--lengths", type=int, nargs="*", help="sequence lengths (default 512 .. 16384)")
-    parser.add_argument("--dims", type=int, nargs="*", help="head dims (default 64 128)")
+    parser.add_argument("--dims", type=head_dims, nargs="*",
+                        help="head dims, D or DQK/DV (default 64 128; MLA's training form: 192/128)")
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16", "float16"], choices=["bfloat16", "float16"],
                         help="GPU dtypes (CPU runs float32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")

@@ -42,6 +42,20 @@ def test_smoke_run_writes_json_and_a_table(tmp_path):
     assert len(passes) == 4 and all(1 <= n <= 8 for n in passes.values()) and "Newton passes" in table
 
 
+def test_head_dims_that_differ(tmp_path):
+    """--dims DQK/DV (MLA's training form is 192/128): inputs of each, the implementations agree, FLOPs count
+    QK^T and PV at their own dims."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "causal", "--dims",
+                    "40/24", "--repeats", "1", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    [folder] = tmp_path.iterdir()
+    rows = json.loads((folder / "results.json").read_text())["rows"]
+    assert {r["head_dim"] for r in rows} == {"40/24"} and {"attngen", "sdpa"} <= {r["impl"] for r in rows}
+    assert all(r["max_diff_vs_attngen"] < 1e-4 for r in rows if r["impl"] == "sdpa")
+    ours = next(r for r in rows if r["impl"] == "attngen")
+    flops = 2 * 1 * 2 * 64 * 64 * (40 + 24) * (0.5 + 0.5 / 64)
+    assert abs(ours["forward_tflops"] - flops / ours["forward_ms"] / 1e9) < 1e-9 * ours["forward_tflops"]
+
+
 def test_budget_stops_new_measurements_and_still_writes(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--budget", "0",
                            "--out", str(tmp_path)], check=True, capture_output=True, text=True)
