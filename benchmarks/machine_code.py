@@ -11,7 +11,7 @@ the multiply-adds' throughput, among all its machine-code instructions, and how
 many of those each loop body holds (what runs per tile). A spill
 or an ``mma.sync`` in an attention kernel is a speed hazard to fix before timing.
 
-    python benchmarks/machine_code.py [--only causal sigmoid] [--dims 64 128] [--out FOLDER]
+    python benchmarks/machine_code.py [--only causal sigmoid] [--dims 64 128 192/128] [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -23,20 +23,23 @@ from pathlib import Path
 import torch
 
 import attngen as ag
+from attngen.cli import head_dims
 from attngen.testing.gpu_compile import compile_for_gpu
 from proxies import publish  # benchmarks/proxies.py
 from run import variants  # benchmarks/run.py
 
 
-def report(names: list[str] | None, dims: list[int], tiles: dict, length: int = 4096) -> list[dict]:
-    """One row per (variant, head dim, kernel)."""
+def report(names: list[str] | None, dims: list[tuple[int, int]], tiles: dict, length: int = 4096) -> list[dict]:
+    """One row per (variant, head dims (Dqk, Dv), kernel)."""
     rows = []
-    for dim in dims:
-        specs = {name: entry[0] for name, entry in variants(16384 // length, 16, length, dim, "cpu").items()}
+    for qk_dim, v_dim in dims:
+        specs = {name: entry[0] for name, entry in variants(16384 // length, 16, length, qk_dim, "cpu").items()}
         for name in names or specs:
-            q, k, v = (torch.empty(16384 // length, 16, length, dim, dtype=torch.bfloat16) for _ in range(3))
+            q, k, v = (torch.empty(16384 // length, 16, length, dim, dtype=torch.bfloat16)
+                       for dim in (qk_dim, qk_dim, v_dim))
             for kernel in compile_for_gpu(ag.compile(specs[name]), q, k, v, tiles=tiles):
-                rows.append({"variant": name, "dim": dim, **vars(kernel)})
+                rows.append({"variant": name, "dim": qk_dim if qk_dim == v_dim else f"{qk_dim}/{v_dim}",
+                             **vars(kernel)})
     return rows
 
 
@@ -59,7 +62,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", help="variants of benchmarks/run.py (default: all)")
-    parser.add_argument("--dims", nargs="+", type=int, default=[64, 128], help="head dims (default: 64 128)")
+    parser.add_argument("--dims", nargs="+", type=head_dims, default=[(64, 64), (128, 128)],
+                        help="head dims, D or DQK/DV (default: 64 128)")
     parser.add_argument("--tiles", type=json.loads, default={},
                         help='launch configuration over the default, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 32}\'')
     parser.add_argument("--out", type=Path, help="write machine_code.md and machine_code.json into this folder")
