@@ -168,6 +168,30 @@ def test_fullgraph_compile_returns_the_support_statistic():
     torch.testing.assert_close(compiled_grad, eager_grad)
 
 
+def test_fullgraph_compile_returns_column_sums_over_a_kv_cache():
+    """The per-kv-head column sums H2O-style eviction reads while decoding: a compiled graph's are eager's
+    (0 past each entry's keys), and so is the entropy with a learnable sink, with its gradient."""
+    sink = torch.tensor([0.5, -1.0, 0.2, 0.0], requires_grad=True)
+    attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Softmax(sink=sink),
+                                       stats=(ag.stats.col_sum(reduce_heads=True, name="received"), "entropy")))
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(0))
+    k, v = (torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    lens = torch.tensor([40, 17])
+
+    def run(q, k, v, lens):
+        _, stats = attn(q, k, v, kv_lens=lens, return_stats=True)
+        return stats.received, stats.entropy
+    results = []
+    for call in (run, torch.compile(run, fullgraph=True, backend="aot_eager")):
+        sink.grad = None
+        received, entropy = call(q, k, v, lens)
+        entropy.sum().backward()
+        results.append((received, entropy, sink.grad.clone()))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+    assert torch.all(results[0][0][1, :, 17:] == 0) and torch.all(results[0][0][:, :, :17] > 0)
+
+
 def test_traced_calls_skip_value_checks_and_kernels_clamp_kv_lens():
     """Inside a trace kv_lens are data, not checked (an eager call raises); the kernels then treat a
     length past the cache as the whole cache and a negative one as empty, reading nothing outside."""
