@@ -88,6 +88,7 @@ class Normalization:
     count = "length"
     sink = None
     affine = None  # (alpha, beta) for an affine softmax
+    exact_zeros = False  # whether kept keys can weigh exactly 0 (the "support" statistic counts the others)
 
     @property
     def learnable_sink(self) -> bool:
@@ -172,6 +173,7 @@ class ReLU(Normalization):
     """``p_j = relu(s_j) ** power / n``, ``n`` the key length or the kept count per row."""
 
     family = "elementwise"
+    exact_zeros = True
 
     def __init__(self, power: int = 1, normalize: str = "length"):
         if power not in (1, 2, 3):
@@ -254,6 +256,7 @@ class Entmax(Normalization):
     """
 
     family = "threshold"
+    exact_zeros = True
 
     def __init__(self, alpha: float | torch.Tensor = 1.5, iterations: int | None = None):
         if isinstance(alpha, torch.Tensor):
@@ -295,6 +298,7 @@ class Softpick(Normalization):
     softmax with its running max starting at 0; it has no log-sum-exp, so no statistics."""
 
     family = "rectified"
+    exact_zeros = True
 
     def __init__(self, eps: float = 1e-8):
         self.eps = _check_eps("Softpick(eps=...)", eps)

@@ -131,9 +131,9 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
     if len(set(names)) != len(names):
         raise SpecError(f"stats names must be unique, got {names}")
     norm = type(normalization).__name__
-    if "support" in names and normalization.family != "threshold":
-        raise SpecError(f"the support stat counts the keys of nonzero weight: defined for Sparsemax and Entmax, "
-                        f"whose weights have exact zeros, not for {norm}")
+    if "support" in names and not normalization.exact_zeros:
+        raise SpecError(f"the support stat counts the keys of nonzero weight: defined for Sparsemax, Entmax, "
+                        f"Softpick and ReLU, whose weights have exact zeros, not for {norm}")
     of_softmax = [n for n in names if n != "support"]
     if of_softmax and normalization.family != "softmax":
         raise SpecError(f"stats {of_softmax} are not defined for {norm}: they are statistics of a softmax "

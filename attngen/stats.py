@@ -13,7 +13,8 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
   ``[B, Hq, ceil(Lq/block_q), ceil(Lk/block_k)]`` ("mean" over the block's
   positions, "sum", or forward-only "max");
 * ``"support"``: how many keys weigh more than 0 (float32 counts, no gradient),
-  for sparsemax and entmax, whose weights have exact zeros.
+  for the normalizations whose weights have exact zeros (``exact_zeros``: sparsemax and entmax,
+  softpick, ReLU).
 
 ``l`` are the logits the softmax normalizes (the modded scores). Row
 statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for

@@ -164,8 +164,9 @@ def test_no_attention_matrix_is_materialized():
     (dict(normalization=norms.AffineSoftmax(), stats=("col_sum",)), "need a probability distribution"),
     (dict(normalization=norms.Sigmoid(), stats=("max",)), "not defined for Sigmoid"),
     (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
-    (dict(stats=("support",)), "defined for Sparsemax and Entmax, whose weights have exact zeros, not for Softmax"),
-    (dict(normalization=norms.Softpick(), stats=("support",)), "not for Softpick"),
+    (dict(stats=("support",)), "defined for Sparsemax, Entmax, Softpick and ReLU, whose weights have exact zeros, "
+                               "not for Softmax"),
+    (dict(normalization=norms.Sigmoid(), stats=("support",)), "not for Sigmoid"),
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
 ])
 def test_bad_stats(kwargs, message):
@@ -248,14 +249,15 @@ def test_map_offsets_are_int64(stat):
 
 
 SPARSE = {"sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
+          "softpick": lambda h: norms.Softpick(), "relu2": lambda h: norms.ReLU(power=2),
           "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_())}
 
 
 @pytest.mark.parametrize("name", sorted(SPARSE))
 def test_support_counts_the_keys_of_nonzero_weight(name):
     """Each row's count of keys weighing more than 0 (rows without keys: 0), exactly the reference's; the
-    outputs and gradients with it requested are unchanged, over a whole call, a KV cache and packed
-    sequences."""
+    outputs and gradients with it requested are unchanged, over a whole call, a KV cache (split-KV decoding
+    adds up each split's counts; the threshold family does not split) and packed sequences."""
     def spec(heads):
         return ag.AttentionSpec(normalization=SPARSE[name](heads), stats=("support",),
                                 mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
@@ -265,7 +267,8 @@ def test_support_counts_the_keys_of_nonzero_weight(name):
     assert torch.equal(stats.support.double(), expected.support) and stats.support.dtype == torch.float32
     assert torch.all(stats.support[:, :, :2] == 0) and stats.support.max() > 1 and (stats.support > 0).any()
     assert_matches_reference(spec(4), q, k, v)
-    assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]))
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
     cu = torch.tensor([0, 17, 40])
     packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)

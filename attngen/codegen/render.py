@@ -208,7 +208,7 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
 
 
 def forward_state(family: str, differential: bool, affine: bool, expectations: list[int],
-                  row_max: bool) -> list[tuple[str, bool]]:
+                  row_max: bool, support: bool = False) -> list[tuple[str, bool]]:
     """The running state of the forward loop, ``(name, is a [rows, DV] tile)``: what a split-KV
     program hands to the combine kernel. The softmax family's is an online softmax (a second one,
     suffixed 2, for differential attention's second stream); stick-breaking's, the log of the stick
@@ -220,7 +220,7 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
         state += [(f"acc_exp{e}", False) for e in expectations]
         state += [("row_max", False), ("max_count", False)] if row_max else []
-    return state
+    return state + ([("support", False)] if support else [])
 
 
 def threshold_context(normalization: Normalization) -> dict:
@@ -394,15 +394,16 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     grad_maps = [m for m in map_context if m["reduce"] != "max"]
-    state = forward_state(normalization.family, differential, affine, expectations, row_max)
+    counted = support and not threshold  # the support counted by _attn_fwd (the threshold family's: its own kernel)
+    state = forward_state(normalization.family, differential, affine, expectations, row_max, counted)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
         + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
         + (["OSOFT"] if o_soft else []) + (["NORM"] if normalized else []) \
-        + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else [])
+        + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else []) + (["SUPPORT"] if counted else [])
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
         + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta"] if affine else []) \
         + (["o_soft"] if o_soft else []) + (["norm"] if normalized else []) \
-        + (["lse", "lse2", "o1", "o2", "lam"] if differential else [])
+        + (["lse", "lse2", "o1", "o2", "lam"] if differential else []) + (["support"] if counted else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
     score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2"))) \
