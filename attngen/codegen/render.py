@@ -518,7 +518,7 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
            support: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
-    nonzero weights (threshold family); ``scale`` None means 1/sqrt(Dqk);
+    nonzero weights (normalizations with ``exact_zeros``); ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
     ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the

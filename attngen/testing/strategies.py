@@ -171,7 +171,7 @@ def normalizations(draw, heads: int = 4) -> Snippet:
 def stats_for(draw, normalization: Snippet) -> str:
     """The source of a ``stats=`` tuple valid for ``normalization``."""
     norm = normalization.value
-    if norm.family == "threshold" or (norm.exact_zeros and draw(st.booleans())):
+    if norm.exact_zeros:
         return "('support',)" if draw(st.booleans()) else "()"
     if norm.family != "softmax":
         return "()"
