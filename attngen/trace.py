@@ -43,16 +43,16 @@ _REVERSED = {"radd": "add", "rsub": "sub", "rmul": "mul", "rtruediv": "truediv",
 _UNARY = {
     "neg": "neg", "negative": "neg", "abs": "abs", "absolute": "abs", "exp": "exp", "log": "log",
     "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
-    "logical_not": "not", "cos": "cos", "sin": "sin", "erf": "erf",
+    "logical_not": "not", "cos": "cos", "sin": "sin", "erf": "erf", "log1p": "log1p", "expm1": "expm1",
 }
 _LN2, _LN10 = math.log(2.0), math.log(10.0)
 
 
 def _softplus(x, beta=1.0, threshold=20.0):
-    """torch's softplus as max(bx, 0) + log(1 + exp(-|bx|)), over beta: no exp overflows, so neither
+    """torch's softplus as max(bx, 0) + log1p(exp(-|bx|)), over beta: no exp overflows, so neither
     branch of the gradient is inf (torch returns x itself past ``threshold``; this is within 2e-9 of it)."""
     bx = x * beta
-    return (torch.clamp(bx, min=0.0) + torch.log(1.0 + torch.exp(-torch.abs(bx)))) / beta
+    return (torch.clamp(bx, min=0.0) + torch.log1p(torch.exp(-torch.abs(bx)))) / beta
 
 
 def _gelu(x, approximate="none"):
@@ -61,8 +61,7 @@ def _gelu(x, approximate="none"):
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-# torch functions traced as compositions of IR ops (on the tracer's proxies), by name; those with
-# torch's own precision near 0 (log1p, expm1) are computed as log(1 + x) and exp(x) - 1 in float32
+# torch functions traced as compositions of IR ops (on the tracer's proxies), by name
 _COMPOSITE = {
     "square": lambda x: x * x,
     "reciprocal": lambda x: 1.0 / x,
@@ -70,12 +69,10 @@ _COMPOSITE = {
     "exp2": lambda x: torch.exp(x * _LN2),
     "log2": lambda x: torch.log(x) / _LN2,
     "log10": lambda x: torch.log(x) / _LN10,
-    "log1p": lambda x: torch.log(1.0 + x),
-    "expm1": lambda x: torch.exp(x) - 1.0,
     "sign": lambda x: torch.where(x > 0, 1.0, torch.where(x < 0, -1.0, 0.0)) if x.tracer.dtype(x) == "float"
     else torch.where(x > 0, 1, torch.where(x < 0, -1, 0)),
     "silu": lambda x: x * torch.sigmoid(x),
-    "log_sigmoid": lambda x: torch.clamp(x, max=0.0) - torch.log(1.0 + torch.exp(-torch.abs(x))),
+    "log_sigmoid": lambda x: torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-torch.abs(x))),
     "softplus": _softplus,
     "gelu": _gelu,
 }

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 import attngen as ag
+from attngen.runtime.loader import load_kernels
 from attngen.testing import Case, assert_matches_reference
 from attngen.testing.dispatches import dispatched
 
@@ -25,6 +28,23 @@ def check_variant(variant, case: Case, **options):
     """Forward, statistics and every gradient of ``variant`` on ``case`` against float64."""
     q, k, v, spec = variant_inputs(variant, case)
     return assert_matches_reference(spec, q, k, v, seed=case.seed, **options)
+
+
+def apply_kernel_helper(spec, helper: str, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """The ``@triton.jit`` function ``helper`` of ``spec``'s generated module applied to each element of
+    the float32 vector ``x``, under Triton's interpreter."""
+    kernels = load_kernels(ag.compile(spec).path, interpret=True)
+    monkeypatch.setitem(globals(), "_helper", getattr(kernels, helper))  # what the kernel below calls
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+
+    @triton.jit
+    def apply(X, OUT, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(OUT + offs, _helper(tl.load(X + offs, mask=offs < N)), mask=offs < N)  # noqa: F821 - set above
+
+    out = torch.empty_like(x)
+    apply[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
 
 
 def paged_cache(batch=3, kv_heads=2, page=8, pages=20, max_pages=7, dim=16, seed=0):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import attngen as ag
 from attngen.testing import assert_matches_reference
-from checks import check_variant, fills, variant_inputs
+from checks import apply_kernel_helper, check_variant, fills, variant_inputs
 from variants import VARIANTS, Case, case_id
 
 CASES = [
@@ -36,6 +36,32 @@ def test_matches_reference(variant, case):
        qk_dim=st.sampled_from([16, 24, 32, 64]), v_dim=st.sampled_from([16, 40, 64]), seed=st.integers(0, 99))
 def test_random_shapes_match_reference(variant, batch, kv_heads, group, q_len, kv_len, qk_dim, v_dim, seed):
     check_variant(variant, Case(batch, kv_heads * group, kv_heads, q_len, kv_len, qk_dim, v_dim, seed=seed))
+
+
+@pytest.mark.parametrize("name, exact", [("_log1p", torch.log1p), ("_expm1", torch.expm1)], ids=["log1p", "expm1"])
+def test_log1p_and_expm1_keep_float32_relative_precision(name, exact, monkeypatch):
+    """The kernels' log1p and expm1 within 3 float32 ulps (relative) of float64's at magnitudes 1e-30 to
+    1e30 of both signs, where log(1 + x) and exp(x) - 1 lose every digit below 6e-8; exact at 0, -0,
+    -1, the infinities and NaN."""
+    magnitudes = torch.logspace(-30, 30, 6001, dtype=torch.float64).float()
+    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, -0.0, -1.0, float("inf"), float("-inf"), float("nan")])])
+    out = apply_kernel_helper(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s), name, x, monkeypatch)
+    torch.testing.assert_close(out.double(), exact(x.double()).float().double(), rtol=3 * 2**-23, atol=0.0,
+                               equal_nan=True)
+
+
+SMALL_VALUE_MODS = {  # each about s (- 30): log(1 + x) or exp(x) - 1 would be off by up to 6e-3 or -inf
+    "log1p": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.log1p(1e-5 * s),
+    "expm1": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.expm1(1e-5 * s),
+    "log_softplus": lambda s, b, h, q_idx, kv_idx: torch.log(torch.nn.functional.softplus(s - 30.0)),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_VALUE_MODS)
+def test_log1p_expm1_and_softplus_of_small_values_match_reference(name):
+    """Mods that need log1p's and expm1's relative precision near 0 (softplus(x) is log1p(e^x) for x < 0)."""
+    spec = ag.AttentionSpec(score_mod=SMALL_VALUE_MODS[name], mask_mod=ag.masks.causal)
+    assert_matches_reference(spec, *Case(1, 2, 2, 33, 33, 32, 32).tensors())
 
 
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():

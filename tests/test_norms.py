@@ -6,17 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
 import attngen as ag
 from attngen import norms
-from attngen.runtime.loader import load_kernels
 from attngen.testing import assert_matches_reference
 from attngen.testing.dispatches import dispatched
-from checks import check_variant, check_wide_scores, variant_inputs
+from checks import apply_kernel_helper, check_variant, check_wide_scores, variant_inputs
 from variants import VARIANTS, Case, Variant, case_id
 
 
@@ -348,20 +345,10 @@ def test_kernel_helpers_on_the_unit_interval_are_float32_exact(helper, normaliza
     """The polynomial and Newton-step helpers the kernels use instead of tl.log and a division, at
     100001 points of [0, 1]: within 2e-7 absolute and ``rel_bound`` relative (tl.log(1 + u) rounds
     1 + u first: 6e-8 absolute, but not relative)."""
-    kernels = load_kernels(ag.compile(ag.AttentionSpec(normalization=normalization)).path, interpret=True)
-    monkeypatch.setitem(globals(), "_helper", getattr(kernels, helper))  # what the kernel below calls
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
-
-    @triton.jit
-    def apply(U, OUT, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(OUT + offs, _helper(tl.load(U + offs)))  # noqa: F821 - set above
-
-    u = torch.cat([torch.linspace(0, 1, 100001), torch.zeros(1024 - 100001 % 1024)])
-    out = torch.empty_like(u)
-    apply[(u.numel() // 1024,)](u, out, BLOCK=1024)
-    expected = exact(u[:100001].double())
-    error = (out[:100001].double() - expected).abs()
+    u = torch.linspace(0, 1, 100001)
+    out = apply_kernel_helper(ag.AttentionSpec(normalization=normalization), helper, u, monkeypatch)
+    expected = exact(u.double())
+    error = (out.double() - expected).abs()
     assert error.max() < 2e-7 and (error[1:] / expected[1:].abs()).max() < rel_bound
 
 

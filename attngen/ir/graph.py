@@ -35,6 +35,13 @@ def _sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+def _expm1(x):
+    try:
+        return math.expm1(x)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass(frozen=True)
 class Op:
     """Static facts about an op: arity, result type rule, Python evaluator."""
@@ -68,6 +75,8 @@ OPS: dict[str, Op] = {
     "cos": Op(1, "float", math.cos),
     "sin": Op(1, "float", math.sin),
     "erf": Op(1, "float", math.erf),
+    "log1p": Op(1, "float", lambda x: math.log1p(x) if x > -1 else (-math.inf if x == -1 else math.nan)),
+    "expm1": Op(1, "float", _expm1),
     "lt": Op(2, "bool", operator.lt),
     "le": Op(2, "bool", operator.le),
     "gt": Op(2, "bool", operator.gt),

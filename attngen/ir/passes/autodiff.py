@@ -74,6 +74,10 @@ class _Adjoints:
             return [(x, add("mul", d, n))]
         if op == "log":
             return [(x, add("truediv", d, x))]
+        if op == "log1p":
+            return [(x, add("truediv", d, add("add", const(1.0), x)))]
+        if op == "expm1":
+            return [(x, add("mul", d, add("add", n, const(1.0))))]
         if op == "tanh":
             return [(x, add("mul", d, add("sub", const(1.0), add("pow", n, const(2)))))]
         if op == "sigmoid":
