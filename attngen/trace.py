@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .errors import SpecError
+from .functions import COMPOSITE
 from .norms import WEIGHT_FAMILIES
 from .ir.graph import Capture, Graph
 
@@ -45,44 +46,14 @@ _UNARY = {
     "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
     "logical_not": "not", "cos": "cos", "sin": "sin", "erf": "erf", "log1p": "log1p", "expm1": "expm1",
 }
-_LN2, _LN10 = math.log(2.0), math.log(10.0)
-
-
-def _softplus(x, beta=1.0, threshold=20.0):
-    """torch's softplus as max(bx, 0) + log1p(exp(-|bx|)), over beta: no exp overflows, so neither
-    branch of the gradient is inf (torch returns x itself past ``threshold``; this is within 2e-9 of it)."""
-    bx = x * beta
-    return (torch.clamp(bx, min=0.0) + torch.log1p(torch.exp(-torch.abs(bx)))) / beta
-
-
-def _gelu(x, approximate="none"):
-    if approximate == "tanh":
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-# torch functions traced as compositions of IR ops (on the tracer's proxies), by name
-_COMPOSITE = {
-    "square": lambda x: x * x,
-    "reciprocal": lambda x: 1.0 / x,
-    "rsqrt": lambda x: 1.0 / torch.sqrt(x),
-    "exp2": lambda x: torch.exp(x * _LN2),
-    "log2": lambda x: torch.log(x) / _LN2,
-    "log10": lambda x: torch.log(x) / _LN10,
-    "sign": lambda x: torch.where(x > 0, 1.0, torch.where(x < 0, -1.0, 0.0)) if x.tracer.dtype(x) == "float"
-    else torch.where(x > 0, 1, torch.where(x < 0, -1, 0)),
-    "silu": lambda x: x * torch.sigmoid(x),
-    "log_sigmoid": lambda x: torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-torch.abs(x))),
-    "softplus": _softplus,
-    "gelu": _gelu,
-}
-_COMPOSITE["logsigmoid"] = _COMPOSITE["log_sigmoid"]
 # torch dtypes a traced value converts to (``.to(dtype)``, ``.long()``, ...), by the IR type they become
 _CASTS = {torch.float32: "float", torch.float64: "float", torch.int32: "int", torch.int64: "int", torch.bool: "bool"}
 _CAST_METHODS = {"float": "float", "double": "float", "long": "int", "int": "int", "bool": "bool"}
 _LIKE = {"zeros_like": 0, "ones_like": 1}
-SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | set(_COMPOSITE) | {
+SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | set(COMPOSITE) | {
     "where", "clamp", "clip", "relu", "min", "max", "floor", "ceil", "full_like", "__getitem__"})
+# the supported functions that are also tensor methods taking the tensor first (x.where differs)
+_METHODS = {name for name in SUPPORTED_TORCH if name != "where" and hasattr(torch, name) and hasattr(torch.Tensor, name)}
 
 
 def _user_frame(frames) -> str:
@@ -180,9 +151,9 @@ class Tracer:
         kwargs = dict(kwargs or {})
         if kwargs.get("inplace") is False:  # torch.nn.functional's activations pass it along
             del kwargs["inplace"]
-        if name in _COMPOSITE and isinstance(args[0], Proxy):
+        if name in COMPOSITE and isinstance(args[0], Proxy):
             try:
-                return _COMPOSITE[name](*args, **kwargs)
+                return COMPOSITE[name](*args, **kwargs)
             except TypeError as error:  # an argument the composition does not take
                 raise self.fail(f"torch.{name}: {error}") from None
         special = self._SPECIAL.get(name)
@@ -287,8 +258,11 @@ class Proxy:
         raise self.tracer.fail("traced values are scalars and cannot be indexed")
 
     def __getattr__(self, name):
-        if name in _UNARY or name in ("clamp", "clip", "relu", "floor", "ceil") or (
-                name in _COMPOSITE and hasattr(torch.Tensor, name)):
+        if name == "where":  # x.where(condition, y) is torch.where(condition, x, y)
+            return lambda condition, other: self.tracer.apply("where", condition, self, other)
+        if name == "masked_fill":
+            return lambda mask, value: self.tracer.apply("where", mask, value, self)
+        if name in _METHODS:  # x.pow(2), x.clamp_min(0), x.div(y, rounding_mode="floor"): torch.<name>(x, ...)
             return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
         if name in _CAST_METHODS:
             return lambda: self.tracer.cast(self, _CAST_METHODS[name])

@@ -64,6 +64,40 @@ def test_log1p_expm1_and_softplus_of_small_values_match_reference(name):
     assert_matches_reference(spec, *Case(1, 2, 2, 33, 33, 32, 32).tensors())
 
 
+def _activations_and_rounding(s, b, h, q_idx, kv_idx):
+    """torch.nn.functional's other activations, rounding, remainders, blends and tensor methods."""
+    F = torch.nn.functional
+    quarters = 0.25 * (q_idx - kv_idx).float()  # round's ties at every other half, both signs
+    return (0.3 * F.elu(s) + 0.2 * F.celu(s, alpha=0.5) + 0.1 * F.selu(s) + 0.2 * F.leaky_relu(s, 0.1)
+            + 0.1 * F.hardtanh(s, -0.5, 0.5) + 0.1 * F.relu6(3.0 * s) + 0.2 * F.hardsigmoid(2.0 * s)
+            + 0.1 * F.hardswish(3.0 * s) + 0.2 * F.softsign(s) + 0.1 * F.mish(s) + 0.1 * torch.logaddexp(s, quarters)
+            + 0.3 * torch.round(quarters) + 0.2 * quarters.round(decimals=1) + 0.1 * quarters.trunc()
+            + 0.1 * torch.fmod(q_idx - kv_idx, 3) + 0.1 * torch.fmod(quarters, -1.5)
+            + 0.1 * s.clamp_min(-0.5) + 0.1 * s.clamp_max(0.5) + 0.1 * torch.lerp(s, quarters, 0.3)
+            + 0.05 * s.pow(2) + s.mul(0.2).add(0.1).sub(0.05).div(2.0) + 0.1 * s.where(q_idx >= kv_idx, -s)
+            + 0.1 * s.masked_fill(kv_idx % 3 == 0, 0.5))
+
+
+@pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
+def test_activations_rounding_and_methods_match_reference(case):
+    """elu / celu / selu / leaky_relu / hardtanh / relu6 / hardsigmoid / hardswish / softsign / mish,
+    logaddexp, round (half to even, also to decimals), trunc, fmod, clamp_min / clamp_max, lerp, and the
+    method forms x.pow / mul / add / sub / div / where / masked_fill, against torch's, gradients too."""
+    assert_matches_reference(ag.AttentionSpec(score_mod=_activations_and_rounding), *case.tensors())
+
+
+def test_logaddexp_of_two_minus_infinities_is_minus_infinity():
+    """Entries where both arguments are -inf are masked, as torch's -inf makes them, with finite gradients."""
+    def score_mod(s, b, h, q_idx, kv_idx):
+        dropped = kv_idx > q_idx + 2
+        return torch.logaddexp(torch.where(dropped, -float("inf"), s), torch.where(dropped, -float("inf"), 0.5 * s))
+
+    q, k, v = Case(1, 2, 2, 20, 20, 16, 16).tensors()
+    assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), q, k, v)
+    ag.compile(ag.AttentionSpec(score_mod=score_mod))(q, k, v).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
     variant = next(v for v in VARIANTS if v.name == "empty_rows")
     case = Case(1, 2, 2, 20, 20, 16, 16)

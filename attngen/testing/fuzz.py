@@ -5,7 +5,8 @@ integer index arithmetic (``+ - *``, ``//`` and ``%`` by constants,
 ``minimum``/``maximum``, ``abs``, loads from captured integer tables, quotients
 converted back to ints by ``.long()``, ``floor``, ``ceil``),
 comparisons combined with ``& | ~``, float arithmetic on the score with
-``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt`` and loads from
+``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt``, activations
+(``elu``, ``leaky_relu``, ``softsign``, ``logaddexp``, ``clamp_min``) and loads from
 captured (optionally learnable) float tables. Magnitudes stay bounded so that
 float32 kernels and the float64 reference can be compared under one rule, and
 branches only ever test integers (a float test could flip on a rounding error).
@@ -102,13 +103,14 @@ class _Grammar:
                                 f"{scale} * torch.tanh(s)", "torch.tanh(s)"])
         a = self.score(depth - 1)
         return self.choice([f"torch.tanh({a})", f"torch.sigmoid({a})", f"torch.exp(-abs({a}))",
-                            f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)"])
+                            f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)",
+                            f"torch.nn.functional.softsign({a})"])
 
     def score(self, depth: int) -> str:
         """A float expression of the score, growing at most linearly in it."""
         if depth == 0:
             return self.choice(["s", "s", f"(s * {self.bounded(0)})"])
-        kind = self.choice(["add", "sub", "scale", "where", "abs", "sqrt", "bounded", "square"])
+        kind = self.choice(["add", "sub", "scale", "where", "abs", "sqrt", "bounded", "square", "activation"])
         a = self.score(depth - 1)
         if kind in ("add", "sub"):
             other = self.bounded(depth - 1) if self.draw(st.booleans()) else self.score(depth - 1)
@@ -123,6 +125,9 @@ class _Grammar:
             return f"torch.sqrt({a} * {a} + 1.0)"
         if kind == "square":
             return f"(0.2 * {self.bounded(depth - 1)} ** 2)"
+        if kind == "activation":
+            return self.choice([f"torch.nn.functional.elu({a})", f"torch.nn.functional.leaky_relu({a}, 0.2)",
+                                f"torch.logaddexp({a}, {self.bounded(depth - 1)})", f"{a}.clamp_min(-1.0)"])
         return self.bounded(depth)
 
 

@@ -1,0 +1,112 @@
+"""torch functions that traced mods call, composed of the IR's own ops.
+
+Each function runs on the tracer's proxies: the torch calls inside it record IR nodes (through
+``Proxy.__torch_function__``), so the kernels and the autodiff pass see only the IR's ops. Where torch
+defines a value at a tie or a boundary (``round`` to even, ``leaky_relu`` at 0), the composition does
+too; gradients follow from the IR's rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LN2, _LN10 = math.log(2.0), math.log(10.0)
+_SELU_SCALE, _SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+
+
+def _sign(x):
+    if x.tracer.dtype(x) == "float":
+        return torch.where(x > 0, 1.0, torch.where(x < 0, -1.0, 0.0))
+    return torch.where(x > 0, 1, torch.where(x < 0, -1, 0))
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+    """torch's softplus as max(bx, 0) + log1p(exp(-|bx|)), over beta: no exp overflows, so neither
+    branch of the gradient is inf (torch returns x itself past ``threshold``; this is within 2e-9 of it)."""
+    bx = x * beta
+    return (torch.clamp(bx, min=0.0) + torch.log1p(torch.exp(-torch.abs(bx)))) / beta
+
+
+def _log_sigmoid(x):
+    return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-torch.abs(x)))
+
+
+def _gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _round(x, decimals=0):
+    """Half to even, as torch rounds: floor(x), one up where the rest is above one half or exactly one
+    half with an odd floor (x - floor(x) is exact in float32 but on (-0.5, 0), where it only rounds
+    up, to at most 1, which rounds the same way)."""
+    if x.tracer.dtype(x) != "float":
+        return x
+    if decimals:
+        return _round(x * 10.0 ** decimals) / 10.0 ** decimals
+    down = torch.floor(x)
+    rest = x - down
+    up = (rest > 0.5) | ((rest == 0.5) & (down % 2.0 != 0.0))
+    return down + torch.where(up, 1.0, 0.0)
+
+
+def _trunc(x):
+    return torch.where(x < 0, torch.ceil(x), torch.floor(x)) if x.tracer.dtype(x) == "float" else x
+
+
+def _fmod(a, b):
+    """C's remainder (the sign of ``a``) from the floor remainder (the sign of ``b``)."""
+    rest = torch.remainder(a, b)
+    return torch.where((rest != 0) & ((rest < 0) != (a < 0)), rest - b, rest)
+
+
+def _logaddexp(a, b):
+    """max + log1p(e^-|a - b|); where the larger is infinite, itself (a - b would be NaN at two equal)."""
+    larger = torch.maximum(a, b)
+    return torch.where(torch.abs(larger) == math.inf, larger, larger + torch.log1p(torch.exp(-torch.abs(a - b))))
+
+
+def _elu(x, alpha=1.0):
+    return torch.where(x > 0, x, alpha * torch.expm1(x))
+
+
+def _hardtanh(x, min_val=-1.0, max_val=1.0):
+    return torch.clamp(x, min_val, max_val)
+
+
+# torch function name -> its composition (aliases share one)
+COMPOSITE = {
+    "square": lambda x: x * x,
+    "reciprocal": lambda x: 1.0 / x,
+    "rsqrt": lambda x: 1.0 / torch.sqrt(x),
+    "exp2": lambda x: torch.exp(x * _LN2),
+    "log2": lambda x: torch.log(x) / _LN2,
+    "log10": lambda x: torch.log(x) / _LN10,
+    "sign": _sign,
+    "round": _round,
+    "trunc": _trunc,
+    "fix": _trunc,
+    "fmod": _fmod,
+    "clamp_min": lambda x, min: torch.clamp(x, min=min),
+    "clamp_max": lambda x, max: torch.clamp(x, max=max),
+    "lerp": lambda start, end, weight: start + weight * (end - start),
+    "logaddexp": _logaddexp,
+    "silu": lambda x: x * torch.sigmoid(x),
+    "log_sigmoid": _log_sigmoid,
+    "logsigmoid": _log_sigmoid,
+    "softplus": _softplus,
+    "gelu": _gelu,
+    "elu": _elu,
+    "celu": lambda x, alpha=1.0: torch.where(x > 0, x, alpha * torch.expm1(x / alpha)),
+    "selu": lambda x: _SELU_SCALE * _elu(x, _SELU_ALPHA),
+    "leaky_relu": lambda x, negative_slope=0.01: torch.where(x > 0, x, x * negative_slope),
+    "hardtanh": _hardtanh,
+    "relu6": lambda x: _hardtanh(x, 0.0, 6.0),
+    "hardsigmoid": lambda x: _hardtanh(x / 6.0 + 0.5, 0.0, 1.0),
+    "hardswish": lambda x: x * _hardtanh(x / 6.0 + 0.5, 0.0, 1.0),
+    "softsign": lambda x: x / (1.0 + torch.abs(x)),
+    "mish": lambda x: x * torch.tanh(_softplus(x)),
+}
