@@ -400,6 +400,12 @@ def test_flex_attention_block_masks_work_as_in_flex_attention():
         ag.attention(q, k, v, block_mask=block_mask, return_lse=True, return_aux=flex_attention.AuxRequest(lse=True))
     with pytest.raises(TypeError, match="fifth argument is mask_mod; pass a block mask as block_mask="):
         ag.attention(q, k, v, softcap, block_mask)  # flex_attention's positional order
+    with pytest.warns(UserWarning, match=r"kernel_options \['BLOCK_M', 'PRESCALE_QK'\] are FlexAttention's"):
+        out = ag.attention(q, k, v, score_mod=softcap, block_mask=block_mask,
+                           kernel_options={"BLOCK_M": 64, "PRESCALE_QK": True})
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="kernel_options must be a dict"):
+        ag.attention(q, k, v, block_mask=block_mask, kernel_options=[("BLOCK_M", 64)])
     assert_matches_reference(with_max, q, k, v, block_mask=block_mask)
     with pytest.raises(ValueError, match=r"block_mask is a FlexAttention BlockMask that applies its own mask_mod "
                                          r"\(same_document_nearby\), not the spec's \(None\)"):

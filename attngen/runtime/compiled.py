@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -274,14 +275,21 @@ def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public A
 
 
 def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stats: bool = False,
-              return_lse: bool = False, return_aux=None, enable_gqa: bool = True, **call):
+              return_lse: bool = False, return_aux=None, enable_gqa: bool = True, kernel_options=None, **call):
     """One-call form, like ``flex_attention(q, k, v, score_mod=..., block_mask=...)``; ``call`` takes the
     keyword arguments of :meth:`CompiledAttention.__call__` (block_mask, kv_lens, q_offset, block_table,
     cu_seqlens_q/k, mode, dropout_p, seed). As in FlexAttention, a FlexAttention ``BlockMask`` given as
     ``block_mask`` supplies its mask_mod (unless ``mask_mod`` is given); ``return_lse=True`` returns
     ``(out, lse)`` and ``return_aux=AuxRequest(lse=..., max_scores=...)`` returns ``(out, AuxOutput)``
     (max_scores: each row's largest score after score_mod, the "max" statistic); ``enable_gqa`` is
-    accepted for FlexAttention's callers (query heads may always be a multiple of the kv heads)."""
+    accepted for FlexAttention's callers (query heads may always be a multiple of the kv heads), and so
+    is ``kernel_options``, FlexAttention's tile sizes and kernel switches, which change no result: it
+    is ignored with a warning (attngen tunes its own tiles per shape bucket)."""
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise TypeError(f"kernel_options must be a dict (FlexAttention's), got {type(kernel_options).__name__}")
+    if kernel_options:
+        warnings.warn(f"kernel_options {sorted(kernel_options)} are FlexAttention's tile sizes and kernel switches; "
+                      "attngen tunes its own tiles for each shape bucket and ignores them", stacklevel=2)
     if isinstance(mask_mod, BlockMask) or flex_block_mask(mask_mod) is not None:
         raise TypeError("ag.attention's fifth argument is mask_mod; pass a block mask as block_mask=... "
                         "(flex_attention's fifth argument is its block mask)")
