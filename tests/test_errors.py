@@ -52,6 +52,7 @@ def test_device_mismatch_of_captured_tensor():
 
 
 _TABLE = torch.zeros(2, 17)
+_BUCKETS = (torch.arange(48)[:, None] + torch.arange(48)) % 21  # 0..20
 
 
 @pytest.mark.parametrize("make, message", [
@@ -75,7 +76,15 @@ _TABLE = torch.zeros(2, 17)
     # T5's buckets through where, log and conversions (tried at each offset): 48 positions reach bucket 29
     (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, T5_BUCKET(kv_idx - q_idx)]),
      "runs from 0 to 29 in this call, but that dim has 17 entries"),
-], ids=["batch", "head", "query", "relative_offset", "constant", "clamped", "blocks", "t5_buckets"])
+    # precomputed buckets [Lq, Lk] (as T5 ports build them) that reach 20 where the bias has 17 entries
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, _BUCKETS[q_idx, kv_idx]]),
+     "expression of q_idx and kv_idx through the values of captured tensor #0 that runs from 0 to 20 in this call"),
+    # a bias per document: 4 documents' ids read at b and q_idx, one past the table
+    (lambda docs: ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + _TABLE[h, docs.expand(2, 48)[b, q_idx]
+                                                                                          + 14]),
+     "expression of b and q_idx through the values of captured tensor #0 that runs from 14 to 17"),
+], ids=["batch", "head", "query", "relative_offset", "constant", "clamped", "blocks", "t5_buckets", "loaded_buckets",
+        "loaded_documents"])
 def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
     """A [1, L] tensor indexed with b does not broadcast (eager torch raises IndexError); the kernel
     would read out of bounds and return wrong values without a word."""

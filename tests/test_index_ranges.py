@@ -6,7 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attngen as ag
-from attngen.runtime.index_ranges import INDICES, index_reads, read_range
+from attngen.runtime.index_ranges import INDICES, _captured_values, index_reads, read_range
 from attngen.trace import trace
 
 from variants import T5_BUCKET
@@ -74,6 +74,34 @@ def test_a_checked_range_is_exact(tree):
         assert len(reads) == 1
     for read in reads:
         assert read_range(read.bounds, EXTENTS) == (values.min().item(), values.max().item())
+
+
+@settings(max_examples=80)
+@given(EXPRESSIONS, EXPRESSIONS, st.integers(0, 2**31 - 1), st.sampled_from(["alone", "plus_h", "min_kv"]))
+@example(("index", "q_idx"), ("-", ("index", "kv_idx"), ("index", "b")), 0, "plus_h")
+@example(("index", "q_idx"), ("index", "q_idx"), 0, "alone")  # the parts share q_idx: not checked
+def test_a_range_through_loaded_values_is_exact(first, second, seed, combine):
+    """A read at the values of an integer table (itself read at two expressions): where checked, its range
+    is the least and the greatest index over the whole call; a table read at parts that use each index
+    once, no index in both, and take every integer between their extremes is always checked."""
+    ranges = [(int(e.min()), int(e.max())) for e in (torch.as_tensor(_evaluate(t, _GRID)) for t in (first, second))]
+    values = torch.randint(-50, 50, tuple(hi - lo + 1 for lo, hi in ranges), generator=torch.Generator().manual_seed(seed))
+    outer = torch.zeros(1)
+
+    def index(env):
+        loaded = values[_evaluate(first, env) - ranges[0][0], _evaluate(second, env) - ranges[1][0]]
+        return {"alone": loaded, "plus_h": loaded + env["h"], "min_kv": torch.minimum(loaded, env["kv_idx"])}[combine]
+    graph = trace(lambda s, b, h, q_idx, kv_idx: s + outer[index(dict(zip(INDICES, (b, h, q_idx, kv_idx))))],
+                  None, ag.norms.Softmax())
+    reads = [read for read in index_reads(graph) if graph.captures[read.capture].tensor is outer]
+    expected = index(_GRID).expand(*EXTENTS.values())
+    used = _indices(first) + _indices(second) + {"alone": [], "plus_h": ["h"], "min_kv": ["kv_idx"]}[combine]
+    simple = all("%" not in repr(t) and "*" not in repr(t) for t in (first, second))
+    if len(used) == len(set(used)) and simple:
+        assert len(reads) == 1
+    for read in reads:
+        assert read_range(read.bounds, EXTENTS, _captured_values(graph, set())) == \
+            (expected.min().item(), expected.max().item())
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(13, 21), (300, 40)])

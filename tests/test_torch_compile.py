@@ -137,6 +137,17 @@ def test_fullgraph_compile_with_t5_buckets():
     torch.testing.assert_close(compiled, eager)
 
 
+def test_fullgraph_compile_with_precomputed_buckets():
+    """A read at values loaded from an integer table is checked by eager calls (which read the table's
+    extremes); inside a trace it is not (no sync, no graph break), and the compiled call matches eager."""
+    table = torch.randn(2, 8, requires_grad=True)
+    buckets = (torch.arange(40)[:, None] - torch.arange(40)).clamp(-3, 4) + 3
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, buckets[q_idx, kv_idx]],
+                                       mask_mod=ag.masks.causal))
+    eager, compiled = _eager_and_compiled_gradient(attn, table, length=40)
+    torch.testing.assert_close(compiled, eager)
+
+
 def test_fullgraph_compile_with_learnable_entmax_alpha():
     """Adaptively sparse attention inside a compiled graph: alpha's range is checked by eager calls only
     (a check would read it), and its gradient is eager's."""

@@ -16,20 +16,26 @@ operations find:
 * any expression of the indices that depends on them through one affine expression taking every
   integer between its extremes (T5's buckets of ``kv_idx - q_idx``, through ``where``, ``log`` and
   conversions): its value is tried at each of them (up to 65536, float ops rounded to float32 as the
-  kernels round them), once per call shape.
+  kernels round them), once per call shape;
+* values read from an integer captured tensor at indices of the kinds above that each take every
+  integer between their extremes and share no index (``bias[h, buckets[q_idx, kv_idx]]``,
+  ``doc_bias[doc_ids[b, q_idx]]``): the reads cover a box of that tensor, whose least and greatest
+  values a call reads (one device sync, then kept with the tensor while its version counter holds).
 
 The bounds are plain Python arithmetic on nested tuples (no graph at call time), which torch.compile
-traces without a break (the functions of one expression are not tried inside a trace). Other indices
-(parts of several expressions sharing an index, loaded values, the score) are not checked.
+traces without a break (functions of one expression and loaded values are not found inside a trace).
+Other indices (parts of several expressions sharing an index, the score) are not checked.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ir.evaluate import evaluate_nodes
 from ..ir.graph import OPS, Graph
@@ -72,6 +78,8 @@ def _bounds(graph: Graph, node: int) -> tuple | None:
     if _affine(graph, node):
         return _affine_signature(graph, node)
     op, args = graph.op(node), graph.args(node)
+    if op == "load":
+        return _load_bounds(graph, node)
     if op == "mul" and graph.is_const(args[0]):
         args = args[::-1]
     if op in _BY_CONSTANT and graph.is_const(args[1]):
@@ -87,6 +95,18 @@ def _bounds(graph: Graph, node: int) -> tuple | None:
             return None  # extremes of parts sharing an index need not be reached together
         return op, *parts
     return None
+
+
+def _load_bounds(graph: Graph, node: int) -> tuple | None:
+    """``("load", capture, parts)`` for an integer captured tensor read at indices that each take every
+    integer between their extremes and share no index: the values it reads are those of one box."""
+    parts = tuple(_bounds(graph, a) for a in graph.args(node))
+    if None in parts or not all(_dense(p) for p in parts):
+        return None
+    used = [_indices(p) for p in parts]
+    if sum(map(len, used)) != len(set().union(*used)):
+        return None
+    return "load", graph.node(node)["capture"], parts
 
 
 def _affine_signature(graph: Graph, node: int) -> tuple:
@@ -148,6 +168,8 @@ def _indices(bounds: tuple) -> set[str]:
         return {name for c, name in zip(bounds[2], INDICES) if c}
     if bounds[0] == "function":
         return _indices(bounds[1])
+    if bounds[0] == "load":
+        return set().union(*map(_indices, bounds[2]))
     if bounds[0] in _BY_CONSTANT:
         return _indices(bounds[1])
     return _indices(bounds[1]) | _indices(bounds[2])
@@ -158,21 +180,33 @@ def _dense(bounds: tuple) -> bool:
     op = bounds[0]
     if op == "affine":
         return all(c in (-1, 0, 1) for c in bounds[2])
-    if op == "mod":
+    if op in ("mod", "load"):
         return False
     if op in _BY_CONSTANT:
         return _dense(bounds[1]) and (op == "floordiv" or bounds[2] in (-1, 1))
     return _dense(bounds[1]) and _dense(bounds[2])  # parts on different indices: sums, minima, maxima
 
 
-def index_range(bounds: tuple, extents: dict[str, int]) -> tuple[int, int]:
-    """The least and the greatest value of the expression while each index runs over ``range(extents[name])``."""
+# (capture, box) -> the least and the greatest value of a captured tensor over a box of its indices
+# (inclusive (lo, hi) per dim), or None where a call cannot tell
+Values = Callable[[int, tuple], "tuple[int, int] | None"]
+
+
+def index_range(bounds: tuple, extents: dict[str, int], values: Values | None = None) -> tuple[int, int] | None:
+    """The least and the greatest value of the expression while each index runs over ``range(extents[name])``;
+    None where it reads a captured tensor whose ``values`` are unknown."""
     op = bounds[0]
     if op == "affine":
         _, offset, coefficients = bounds
         used = [(c, extents[name] - 1) for c, name in zip(coefficients, INDICES) if c]
         return offset + sum(min(0, c * last) for c, last in used), offset + sum(max(0, c * last) for c, last in used)
-    lo, hi = index_range(bounds[1], extents)
+    if op == "load":
+        box = tuple(index_range(part, extents, values) for part in bounds[2])
+        return None if values is None or None in box else values(bounds[1], box)
+    inner = index_range(bounds[1], extents, values)
+    if inner is None:
+        return None
+    lo, hi = inner
     if op in _BY_CONSTANT:
         c = bounds[2]
         if op == "mul":
@@ -182,7 +216,10 @@ def index_range(bounds: tuple, extents: dict[str, int]) -> tuple[int, int]:
         if lo // c != hi // c:  # the values pass a multiple of c: c - 1, then 0 are reached
             return 0, c - 1
         return lo % c, hi % c
-    lo2, hi2 = index_range(bounds[2], extents)
+    other = index_range(bounds[2], extents, values)
+    if other is None:
+        return None
+    lo2, hi2 = other
     if op == "add":
         return lo + lo2, hi + hi2
     if op == "sub":
@@ -192,11 +229,12 @@ def index_range(bounds: tuple, extents: dict[str, int]) -> tuple[int, int]:
     return max(lo, lo2), max(hi, hi2)
 
 
-def read_range(bounds: tuple, extents: dict[str, int]) -> tuple[int, int] | None:
+def read_range(bounds: tuple, extents: dict[str, int], values: Values | None = None) -> tuple[int, int] | None:
     """The least and the greatest index of a read over the call's positions, or None where a call cannot
-    tell (a function of one expression inside a torch.compile trace, undefined or too many values)."""
+    tell (a function of one expression inside a torch.compile trace, undefined or too many values, loaded
+    values ``values`` does not give)."""
     if bounds[0] != "function":
-        return index_range(bounds, extents)
+        return index_range(bounds, extents, values)
     if torch.compiler.is_compiling():  # tried at every value: no loop inside a trace
         return None
     return _function_range(bounds[2], index_range(bounds[1], extents))
@@ -245,11 +283,51 @@ def _value(steps: tuple, x: int):
     return values[-1]
 
 
+_EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest))
+
+
+def _extremes(tensor: torch.Tensor, box: tuple) -> tuple[int, int]:
+    """The least and the greatest value of ``tensor`` over ``box``, read once per version of the tensor."""
+    key = (tensor._version, box)
+    known = _EXTREMES.get(tensor)
+    if known is None or known[0] != key:
+        least, greatest = torch.aminmax(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)])
+        known = key, tuple(torch.stack([least, greatest]).tolist())
+        _EXTREMES[tensor] = known
+    return known[1]
+
+
+def _captured_values(graph: Graph, skip: set[int]) -> Values:
+    """The :data:`Values` of the graph's captured tensors but those in ``skip`` (stand-ins for a call's
+    own tensors), not found inside a torch.compile trace or for a box that leaves the tensor (whose
+    own read is refused)."""
+    def values(capture: int, box: tuple) -> tuple[int, int] | None:
+        tensor = graph.captures[capture].tensor
+        if id(tensor) in skip or torch.compiler.is_compiling() or tensor.dim() != len(box) or \
+                any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
+            return None
+        return _extremes(tensor, box)
+    return values
+
+
+def _loaded(bounds: tuple) -> set[int]:
+    """The captured tensors whose values an expression reads (parts of a load read none)."""
+    op = bounds[0]
+    if op in ("affine", "function"):
+        return set()
+    if op == "load":
+        return {bounds[1]}
+    if op in _BY_CONSTANT:
+        return _loaded(bounds[1])
+    return _loaded(bounds[1]) | _loaded(bounds[2])
+
+
 def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, int], skip: set[int]) -> None:
     """Raise ValueError for a read that leaves its captured tensor at some position of a call whose
     indices run over ``range(extents[name])``. Reads that use an index missing from ``extents`` (not
     bounded: positions in a KV cache or in packed sequences) are skipped, as are empty calls and the
     captures whose ``id`` is in ``skip``."""
+    values = _captured_values(graph, skip)
     for read in reads:
         used = [name for name in INDICES if name in _indices(read.bounds)]
         tensor = graph.captures[read.capture].tensor
@@ -263,13 +341,15 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
                     f"dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but that dim has {size} "
                     f"entries; give it {extents[read.direct]} (a [1, ...] tensor does not broadcast when indexed)")
             continue
-        found = read_range(read.bounds, extents)
+        found = read_range(read.bounds, extents, values)
         if found is None:
             continue
         lo, hi = found
         if lo < 0 or hi >= size:
-            index = f"an expression of {' and '.join(used)} that runs from {lo} to {hi} in this call" if used \
-                else f"the constant {lo}"
+            loaded = " and ".join(f"#{c}" for c in sorted(_loaded(read.bounds)))
+            of = " and ".join(used) + (f" through the values of captured tensor {loaded}" if loaded else "")
+            index = f"an expression of {of.removeprefix(' through ')} that runs from {lo} to {hi} in this call" \
+                if of else f"the constant {lo}"
             raise ValueError(
                 f"captured tensor #{read.capture} of shape {tuple(tensor.shape)} is indexed in dim {read.dim} with "
                 f"{index}, but that dim has {size} entries (the kernels evaluate the mods at every position, "
