@@ -45,8 +45,10 @@ def _round(x, decimals=0):
     up, to at most 1, which rounds the same way)."""
     if x.tracer.dtype(x) != "float":
         return x
-    if decimals:
+    if decimals > 0:  # as torch: the scaled value rounded, divided back (multiplied for negative decimals)
         return _round(x * 10.0 ** decimals) / 10.0 ** decimals
+    if decimals < 0:
+        return _round(x / 10.0 ** -decimals) * 10.0 ** -decimals
     down = torch.floor(x)
     rest = x - down
     up = (rest > 0.5) | ((rest == 0.5) & (down % 2.0 != 0.0))

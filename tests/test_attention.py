@@ -72,6 +72,7 @@ def _activations_and_rounding(s, b, h, q_idx, kv_idx):
             + 0.1 * F.hardtanh(s, -0.5, 0.5) + 0.1 * F.relu6(3.0 * s) + 0.2 * F.hardsigmoid(2.0 * s)
             + 0.1 * F.hardswish(3.0 * s) + 0.2 * F.softsign(s) + 0.1 * F.mish(s) + 0.1 * torch.logaddexp(s, quarters)
             + 0.3 * torch.round(quarters) + 0.2 * quarters.round(decimals=1) + 0.1 * quarters.trunc()
+            + 0.01 * torch.round(20.0 * quarters, decimals=-1)
             + 0.1 * torch.fmod(q_idx - kv_idx, 3) + 0.1 * torch.fmod(quarters, -1.5)
             + 0.1 * s.clamp_min(-0.5) + 0.1 * s.clamp_max(0.5) + 0.1 * torch.lerp(s, quarters, 0.3)
             + 0.05 * s.pow(2) + s.mul(0.2).add(0.1).sub(0.05).div(2.0) + 0.1 * s.where(q_idx >= kv_idx, -s)
