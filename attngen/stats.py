@@ -18,7 +18,8 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 
 ``l`` are the logits the softmax normalizes (the modded scores). Row
 statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for
-softmax-family normalizations without an affine output.
+softmax-family normalizations without an affine output; the maps also for the
+other normalizations but stick-breaking, forward-only there.
 """
 
 from __future__ import annotations
@@ -104,6 +105,19 @@ def stat_name(stat) -> str:
 def map_stats(stats) -> list[MapStat]:
     """The block-pooled maps (col_sum included) among ``stats``, in order."""
     return [s for s in stats if isinstance(s, MapStat)]
+
+
+def forward_only(stats, normalization) -> dict[str, str]:
+    """The maps among ``stats`` without a gradient, by name, each with a sentence that says so: pooled
+    maxima, and every map of a normalization outside the softmax family."""
+    found = {}
+    for stat in map_stats(stats):
+        if normalization.family != "softmax":
+            found[stat.name] = (f"the {stat.name} map of {normalization!r} is forward-only (only the softmax "
+                                "family's maps have gradients)")
+        elif stat.reduce == "max":
+            found[stat.name] = f"the pooled map {stat.name!r} (reduce='max') is forward-only"
+    return found
 
 
 def kernel_expectations(stats) -> list[tuple[str, Callable]]:

@@ -168,6 +168,8 @@ def test_no_attention_matrix_is_materialized():
                                "not for Softmax"),
     (dict(normalization=norms.Sigmoid(), stats=("support",)), "not for Sigmoid"),
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
+    (dict(normalization=norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("col_sum",)),
+     r"stats \['col_sum'\] are not defined for StickBreaking: its weights need a scan"),
 ])
 def test_bad_stats(kwargs, message):
     with pytest.raises(ag.SpecError, match=message):
@@ -272,3 +274,35 @@ def test_support_counts_the_keys_of_nonzero_weight(name):
     cu = torch.tensor([0, 17, 40])
     packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+OTHER_FAMILIES = {"sigmoid": lambda h: norms.Sigmoid(bias="-log n"), "relu2": lambda h: norms.ReLU(power=2),
+                  "sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
+                  "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_()),
+                  "softpick": lambda h: norms.Softpick(eps=1e-2), "signed": lambda h: norms.SignedSoftmax(),
+                  "polynomial": lambda h: norms.Normalized(lambda s: s ** 4)}
+MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_head"),
+        ag.stats.pooled(4, 8, "mean", name="mean"), ag.stats.pooled(5, 3, "sum", name="sums"),
+        ag.stats.pooled(8, 8, "max", name="peak"))
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_FAMILIES))
+def test_maps_of_the_other_normalizations_match_reference(name):
+    """Column sums and pooled maps of every family's weights but stick-breaking's (forward-only outside the
+    softmax family): over a call with GQA and an offset mask, a KV cache (split-KV decoding sums the
+    splits' maps; the threshold family does not split) and packed sequences; a loss on a map is refused."""
+    def spec(heads, maps=MAPS):
+        return ag.AttentionSpec(normalization=OTHER_FAMILIES[name](heads), stats=maps,
+                                mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 3)
+    q, k, v = Case(2, 4, 2, 33, 41, 16, 16, seed=5).tensors()
+    assert_matches_reference(spec(4), q, k, v)
+    _, stats = ag.compile(spec(4))(q, k, v, return_stats=True)
+    assert stats.col_sum.abs().sum() > 0 and (stats.col_sum[..., 37:] == 0).all()  # keys past every row's reach
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(spec(4, MAPS[:2]), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with pytest.raises(RuntimeError, match=r"the col_sum map of .* is forward-only \(only the softmax family's maps "
+                                           r"have gradients\): it has no gradient"):
+        ag.compile(spec(4))(q, k, v, return_stats=True)[1].col_sum.sum().backward()

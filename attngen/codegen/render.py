@@ -18,7 +18,7 @@ from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
-from ..stats import MapStat
+from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
 
 TEMPLATE = "attention.py.j2"
@@ -393,7 +393,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
-    grad_maps = [m for m in map_context if m["reduce"] != "max"]
+    summed_maps = [m for m in map_context if m["reduce"] != "max"]
+    no_gradient = forward_only(maps, normalization)
+    grad_maps = [m for m in summed_maps if m["name"] not in no_gradient]
+    no_gradient_outputs = {f"map{m['index']}": no_gradient[m["name"]] for m in map_context if m["name"] in no_gradient}
     counted = support and not threshold  # the support counted by _attn_fwd (the threshold family's: its own kernel)
     state = forward_state(normalization.family, differential, affine, expectations, row_max, counted)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
@@ -471,7 +474,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         # exp2's multiply-add, exp2(dot * scale log2 e - max log2 e), and the row max is the products' max, scaled
         "scaled_dot": online and not differential and graph.input_name(outputs["score"]) == "score",
         "maps": map_context,
-        "summed_maps": repr([f"the {m['name']} map" for m in grad_maps]),
+        "summed_maps": repr([f"the {m['name']} map" for m in summed_maps]),
+        "forward_only_stats": repr(no_gradient_outputs),
         "grad_maps": grad_maps,
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),

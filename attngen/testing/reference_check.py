@@ -13,7 +13,7 @@ from ..blocks import as_block_mask, blocks_mask_mod
 from ..runtime.compiled import compile as compile_spec
 from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
-from ..stats import MapStat, Stats
+from ..stats import Stats, forward_only
 from .compare import Comparison, compare
 
 
@@ -71,7 +71,7 @@ def _with_blocks(spec: AttentionSpec, block_mask, q, k, call: dict) -> Attention
 
 
 def _forward_only_stats(spec: AttentionSpec) -> set[str]:
-    return {s.name for s in spec.stats if isinstance(s, MapStat) and s.reduce == "max"}
+    return set(forward_only(spec.stats, spec.normalization))
 
 
 def _loss(out, stats, upstream: dict, names: list[str]) -> torch.Tensor:
