@@ -19,7 +19,7 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 ``l`` are the logits the softmax normalizes (the modded scores). Row
 statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for
 softmax-family normalizations without an affine output; the maps also for the
-other normalizations but stick-breaking, forward-only there.
+other normalizations but stick-breaking (forward-only for sparsemax / entmax).
 """
 
 from __future__ import annotations
@@ -109,12 +109,12 @@ def map_stats(stats) -> list[MapStat]:
 
 def forward_only(stats, normalization) -> dict[str, str]:
     """The maps among ``stats`` without a gradient, by name, each with a sentence that says so: pooled
-    maxima, and every map of a normalization outside the softmax family."""
+    maxima, and every map of sparsemax / entmax (whose threshold moves with every weight)."""
     found = {}
     for stat in map_stats(stats):
-        if normalization.family != "softmax":
-            found[stat.name] = (f"the {stat.name} map of {normalization!r} is forward-only (only the softmax "
-                                "family's maps have gradients)")
+        if normalization.family == "threshold":
+            found[stat.name] = (f"the {stat.name} map of {normalization!r} is forward-only (the threshold "
+                                "family's maps have no gradients)")
         elif stat.reduce == "max":
             found[stat.name] = f"the pooled map {stat.name!r} (reduce='max') is forward-only"
     return found
