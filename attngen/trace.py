@@ -9,7 +9,6 @@ raises :class:`SpecError` pointing at the user's line.
 
 from __future__ import annotations
 
-import math
 import os
 import traceback
 from typing import Callable
