@@ -79,6 +79,10 @@ def _hardtanh(x, min_val=-1.0, max_val=1.0):
     return torch.clamp(x, min_val, max_val)
 
 
+def _hardsigmoid(x):
+    return _hardtanh(x / 6.0 + 0.5, 0.0, 1.0)
+
+
 # torch function name -> its composition (aliases share one)
 COMPOSITE = {
     "square": lambda x: x * x,
@@ -107,8 +111,8 @@ COMPOSITE = {
     "leaky_relu": lambda x, negative_slope=0.01: torch.where(x > 0, x, x * negative_slope),
     "hardtanh": _hardtanh,
     "relu6": lambda x: _hardtanh(x, 0.0, 6.0),
-    "hardsigmoid": lambda x: _hardtanh(x / 6.0 + 0.5, 0.0, 1.0),
-    "hardswish": lambda x: x * _hardtanh(x / 6.0 + 0.5, 0.0, 1.0),
+    "hardsigmoid": _hardsigmoid,
+    "hardswish": lambda x: x * _hardsigmoid(x),
     "softsign": lambda x: x / (1.0 + torch.abs(x)),
     "mish": lambda x: x * torch.tanh(_softplus(x)),
 }
