@@ -24,6 +24,16 @@ def _indices(shape, device) -> list[torch.Tensor]:
             for i, size in enumerate(shape)]
 
 
+def _each(mod, *indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mod`` of each entry of the 1-d tensors ``indices`` (``dtype`` where there are none), as FlexAttention
+    applies mods (torch.vmap): the mod sees 0-d tensors, so ``table[i]`` of a 2-d captured tensor is a row,
+    as in the kernels."""
+    if indices[0].numel() == 0:
+        return indices[0].new_zeros(0, dtype=dtype)
+    device = indices[0].device
+    return torch.vmap(lambda *entry: torch.as_tensor(mod(*entry), device=device))(*indices)
+
+
 def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Modded scores [B, Hq, Lq, Lk] and the boolean mask of kept entries.
 
@@ -40,12 +50,12 @@ def scores(q, k, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, q_idx, kv_idx = _indices(full, device)
     keep = torch.ones(full, dtype=torch.bool, device=device)
     if spec.mask_mod is not None:
-        keep = keep & torch.as_tensor(spec.mask_mod(b, h, q_idx, kv_idx), device=device)
+        keep = _each(spec.mask_mod, *(t.expand(full).reshape(-1) for t in (b, h, q_idx, kv_idx)),
+                     dtype=torch.bool).view(full)
     if spec.score_mod is not None:
         kept = keep.nonzero(as_tuple=True)
-        modded = torch.as_tensor(spec.score_mod(*(t.expand(full)[kept] for t in (s, b, h, q_idx, kv_idx))),
-                                 device=device)
-        s = s.new_zeros(full).index_put(kept, torch.broadcast_to(modded, kept[0].shape).to(q.dtype))
+        modded = _each(spec.score_mod, *(t.expand(full)[kept] for t in (s, b, h, q_idx, kv_idx)), dtype=s.dtype)
+        s = s.new_zeros(full).index_put(kept, modded.to(q.dtype))
     return s, keep
 
 

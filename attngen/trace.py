@@ -2,13 +2,16 @@
 
 Each proxy stands for one IR node. Python operators and the supported torch
 functions (dispatched through ``__torch_function__``) append nodes to the
-graph; indexing a captured tensor with traced indices becomes a ``load``.
+graph; indexing a captured tensor with traced indices becomes a ``load`` (indexing only its
+leading dimensions gives a :class:`Row`, to index further or reduce with ``torch.dot``).
 Anything that needs a concrete value (``if proxy:``, ``int(proxy)``, ``and``)
 raises :class:`SpecError` pointing at the user's line.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import traceback
 from typing import Callable
@@ -49,8 +52,11 @@ _UNARY = {
 _CASTS = {torch.float32: "float", torch.float64: "float", torch.int32: "int", torch.int64: "int", torch.bool: "bool"}
 _CAST_METHODS = {"float": "float", "double": "float", "long": "int", "int": "int", "bool": "bool"}
 _LIKE = {"zeros_like": 0, "ones_like": 1}
+_SHIFTS = {"bitwise_left_shift": True, "lshift": True, "bitwise_right_shift": False, "rshift": False}
+_ROW_LIMIT = 256  # entries of a row that torch.dot / .sum() may reduce (each one a load in every tile)
 SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | set(COMPOSITE) | {
-    "where", "clamp", "clip", "relu", "min", "max", "floor", "ceil", "full_like", "__getitem__"})
+    "where", "clamp", "clip", "relu", "min", "max", "floor", "ceil", "full_like", "__getitem__",
+    "bitwise_left_shift", "bitwise_right_shift", "dot", "inner", "matmul", "sum"})
 # the supported functions that are also tensor methods taking the tensor first (x.where differs)
 _METHODS = {name for name in SUPPORTED_TORCH if name != "where" and hasattr(torch, name) and hasattr(torch.Tensor, name)}
 
@@ -98,6 +104,9 @@ class Tracer:
             return value.node
         if isinstance(value, (bool, int, float)):
             return self.graph.const(value)
+        if isinstance(value, Row):
+            raise self.fail(f"{value} is used as a value: index all {value.tensor.dim()} dimensions, or reduce "
+                            "its last one with torch.dot(a, b), a @ b or .sum()")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise self.fail(
@@ -110,16 +119,43 @@ class Tracer:
     def apply(self, op: str, *args) -> Proxy:
         return Proxy(self, self.graph.add(op, tuple(self.node(a) for a in args)))
 
-    def index(self, tensor: torch.Tensor, index) -> Proxy:
+    def index(self, tensor: torch.Tensor, index) -> Proxy | Row:
+        """``tensor[index]``: a load where every dimension is indexed, a :class:`Row` where only the
+        leading ones are (as FlexAttention's vmap allows: ``intervals[image][0]``)."""
         items = index if isinstance(index, tuple) else (index,)
-        if len(items) != tensor.dim() or not all(isinstance(i, (Proxy, int)) for i in items):
+        if len(items) > tensor.dim() or not all(isinstance(i, (Proxy, int)) for i in items):
             raise self.fail(
-                f"a captured tensor of shape {tuple(tensor.shape)} must be indexed with exactly "
+                f"a captured tensor of shape {tuple(tensor.shape)} must be indexed with at most "
                 f"{tensor.dim()} integer or traced indices (no slices), e.g. slopes[h] or bias[h, q_idx - kv_idx]")
         nodes = tuple(self.node(i) for i in items)
         if any(self.graph.dtype(n) == "float" for n in nodes):
             raise self.fail("a captured tensor is indexed with a floating-point value")
+        if len(items) < tensor.dim():
+            return Row(self, tensor, items)
         return Proxy(self, self.graph.load(self.capture(tensor), nodes))
+
+    def entries(self, row) -> list[Proxy]:
+        """The entries of a row with one dimension left (or of a one-dimensional captured tensor)."""
+        if isinstance(row, torch.Tensor) and row.dim() == 1:
+            row = Row(self, row, ())
+        if not isinstance(row, Row) or row.tensor.dim() - len(row.prefix) != 1:
+            raise self.fail(f"torch.dot / @ / .sum() reduce the last dimension of a captured tensor indexed at "
+                            f"all the others, e.g. torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx]); got {row}")
+        length = row.tensor.shape[-1]
+        if length > _ROW_LIMIT:
+            raise self.fail(f"{row} has {length} entries; the kernels reduce at most {_ROW_LIMIT} (each is a load "
+                            "per score): a longer product belongs in q and k, as extra head dimensions")
+        return [row[i] for i in range(length)]
+
+    def shift(self, x, amount, left: bool) -> Proxy:
+        """``x << amount`` / ``x >> amount`` for an int amount: the product with, or the floor of the
+        quotient by, 2 ** amount, which they are on two's-complement ints (so the analyses bound them)."""
+        if isinstance(amount, Proxy) or not isinstance(amount, int) or not 0 <= amount <= 30:
+            raise self.fail("bit shifts take a Python int amount from 0 to 30 (q_idx >> 4); for a traced "
+                            "amount multiply or floor-divide by 2 ** amount")
+        if self.dtype(x) != "int":
+            raise self.fail(f"bit shifts take an integer, not a {self.dtype(x)} value")
+        return self.apply("mul" if left else "floordiv", x, 2 ** amount)
 
     def dtype(self, value) -> str:
         """The IR type of a traced value or constant."""
@@ -219,6 +255,27 @@ class Tracer:
             x = self.apply("minimum", x, hi)
         return x
 
+    def _shift(self, name, args, kwargs):
+        return self.shift(*args, left=_SHIFTS[name]) if len(args) == 2 and not kwargs else None
+
+    def _dot(self, name, args, kwargs):
+        """``torch.dot`` / ``inner`` / ``matmul`` of two rows: the sum of their entries' products."""
+        if len(args) != 2 or kwargs:
+            return None
+        left, right = (self.entries(row) for row in args)
+        if len(left) != len(right):
+            raise self.fail(f"torch.{name} of rows of {len(left)} and {len(right)} entries")
+        return functools.reduce(operator.add, [a * b for a, b in zip(left, right)])
+
+    def _sum(self, name, args, kwargs):
+        """A row's ``.sum()`` (over its one dimension: ``dim`` 0 or -1 as well)."""
+        dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
+        if kwargs or len(args) > 2 or dim not in (None, 0, -1, (0,), (-1,)):
+            return None
+        if isinstance(args[0], Proxy):  # a scalar's sum is itself
+            return args[0]
+        return functools.reduce(operator.add, self.entries(args[0]))
+
     def _relu(self, name, args, kwargs):
         return self.apply("maximum", args[0], 0.0) if len(args) == 1 and not kwargs else None
 
@@ -228,6 +285,7 @@ class Tracer:
         "zeros_like": _like, "ones_like": _like, "full_like": _like,
         "min": _min_max, "max": _min_max, "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
         "clamp": _clamp, "clip": _clamp, "relu": _relu,
+        **dict.fromkeys(_SHIFTS, _shift), "dot": _dot, "inner": _dot, "matmul": _dot, "sum": _sum,
     }
 
 
@@ -242,8 +300,7 @@ class Proxy:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        tracer = next(a.tracer for a in _flatten(args) if isinstance(a, Proxy))
-        return tracer.torch_call(func, args, kwargs)
+        return _torch_function(func, args, kwargs)
 
     def _concrete(self, *_):
         raise self.tracer.fail(
@@ -265,11 +322,24 @@ class Proxy:
             return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
         if name in _CAST_METHODS:
             return lambda: self.tracer.cast(self, _CAST_METHODS[name])
+        if name in ("new_ones", "new_zeros", "new_full"):
+            return functools.partial(self._new, name)
+        if name == "device":  # for x.new_ones((), device=x.device): traced scalars live in the kernels
+            return None
         if name in ("to", "type"):
             return self._to
         raise self.tracer.fail(f"traced values have no method {name!r} (conversions: .to(dtype), "
                                f"{', '.join(f'.{m}()' for m in _CAST_METHODS)}; functions: torch.<name>(x) for "
                                f"the supported torch functions)")
+
+    def _new(self, name, size=(), *args, **kwargs):
+        """``x.new_ones(())`` / ``new_zeros`` / ``new_full((), fill)``: a constant of x's type or of ``dtype``, as
+        FlexAttention's and_masks / or_masks / noop_mask begin their results."""
+        if tuple(size) != ():
+            raise self.tracer.fail(f"traced values are scalars: .{name}(()) makes one, not .{name}({tuple(size)})")
+        for ignored in ("device", "requires_grad", "layout", "pin_memory"):
+            kwargs.pop(ignored, None)
+        return self.tracer.torch_call(getattr(torch, name[len("new_"):] + "_like"), (self, *args), kwargs)
 
     def _to(self, dtype=None, **kwargs):
         """``x.to(dtype)`` / ``x.type(dtype)``; a device or other tensor is not a conversion of a scalar."""
@@ -295,10 +365,62 @@ for _name, _op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "
     setattr(Proxy, f"__r{_name}__", _binary(_op, reverse=True))
 for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
     setattr(Proxy, f"__{_name}__", _binary(_name))
+for _name, _left in (("lshift", True), ("rshift", False)):
+    setattr(Proxy, f"__{_name}__", lambda self, amount, _left=_left: self.tracer.shift(self, amount, _left))
+    setattr(Proxy, f"__r{_name}__", lambda self, x, _left=_left: self.tracer.shift(x, self, _left))
 Proxy.__neg__ = lambda self: self.tracer.apply("neg", self)
 Proxy.__pos__ = lambda self: self
 Proxy.__abs__ = lambda self: self.tracer.apply("abs", self)
 Proxy.__invert__ = lambda self: self.tracer.apply("not", self)
+
+
+class Row:
+    """A captured tensor indexed at its leading dimensions only (``intervals[image]``,
+    ``q_rope[b, h, q_idx]``): index it further, or reduce its one last dimension with ``torch.dot``,
+    ``@`` or ``.sum()``; each entry is a load."""
+
+    __slots__ = ("tracer", "tensor", "prefix")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _torch_function(func, args, kwargs)
+
+    def __init__(self, tracer: Tracer, tensor: torch.Tensor, prefix: tuple):
+        self.tracer, self.tensor, self.prefix = tracer, tensor, prefix
+
+    def __getitem__(self, index):
+        return self.tracer.index(self.tensor, self.prefix + (index if isinstance(index, tuple) else (index,)))
+
+    def __matmul__(self, other):
+        return self.tracer.torch_call(torch.matmul, (self, other), {})
+
+    def __rmatmul__(self, other):
+        return self.tracer.torch_call(torch.matmul, (other, self), {})
+
+    def sum(self, *args, **kwargs):
+        return self.tracer.torch_call(torch.sum, (self, *args), kwargs)
+
+    def _value(self, *_):
+        self.tracer.node(self)  # raises, naming the row
+
+    __bool__ = __int__ = __float__ = __index__ = __len__ = __iter__ = _value
+
+    def __repr__(self):
+        return (f"a captured tensor of shape {tuple(self.tensor.shape)} indexed at {len(self.prefix)} of its "
+                f"{self.tensor.dim()} dimensions")
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lt", "le", "gt",
+              "ge", "eq", "ne"):
+    setattr(Row, f"__{_name}__", Row._value)
+    if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
+        setattr(Row, f"__r{_name}__", Row._value)
+Row.__neg__ = Row.__abs__ = Row.__invert__ = Row._value
+
+
+def _torch_function(func, args, kwargs):
+    tracer = next(a.tracer for a in _flatten(args) if isinstance(a, (Proxy, Row)))
+    return tracer.torch_call(func, args, kwargs)
 
 
 def _flatten(items):

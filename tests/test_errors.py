@@ -132,8 +132,11 @@ def test_unindexed_captured_tensor_is_rejected():
 
 def test_wrong_number_of_indices_is_rejected():
     bias = torch.randn(4, 16, 16)
-    with pytest.raises(ag.SpecError, match="must be indexed with exactly 3"):
+    with pytest.raises(ag.SpecError, match=r"shape \(4, 16, 16\) indexed at 2 of its 3 dimensions is used as a "
+                                           r"value: index all 3 dimensions, or reduce its last one with torch.dot"):
         ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx]))
+    with pytest.raises(ag.SpecError, match=r"indexed with at most 3 integer or traced indices"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx, kv_idx, 0]))
 
 
 def test_float_index_is_rejected():

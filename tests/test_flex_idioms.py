@@ -1,0 +1,196 @@
+"""Mods written the way FlexAttention's users write them (attention-gym's masks and mods): captured
+tensors indexed one dimension at a time, rows reduced with torch.dot, bit shifts. FlexAttention applies
+mods through torch.vmap, so each sees 0-d tensors; the float64 reference does the same, and these tests
+also check it against masks and scores built entry by entry in plain Python."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen import reference
+from attngen.testing import assert_matches_reference
+from variants import Case
+
+# Flamingo's cross-attention: text token i sees the images whose interval [start, end) holds it
+IMAGE_TOKENS = 6
+INTERVALS = torch.tensor([[0, 11], [4, 20], [20, 29]])
+IMAGE_OF_KEY = torch.arange(3).repeat_interleave(IMAGE_TOKENS)
+
+
+def _cross_attention_mask(b, h, q_idx, kv_idx):
+    interval = INTERVALS[IMAGE_OF_KEY[kv_idx]]  # a row: the image's [start, end)
+    return (q_idx >= interval[0]) & (q_idx < interval[1])
+
+
+def _dense_mask(mask_of, q_len: int, kv_len: int) -> torch.Tensor:
+    return torch.tensor([[mask_of(i, j) for j in range(kv_len)] for i in range(q_len)])
+
+
+def test_flex_attentions_own_mask_combinators():
+    """torch's and_masks / or_masks / noop_mask start from ``b.new_ones((), dtype=torch.bool)``; with them
+    the masks are those of attngen's own combinators, and the kernels match the reference."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def window(b, h, q_idx, kv_idx):
+        return q_idx - kv_idx <= 8
+
+    def prefix(b, h, q_idx, kv_idx):
+        return kv_idx < 5
+
+    q, k, v = Case(1, 2, 2, 40, 40, 16, 16, seed=4).tensors()
+    for mask_mod, ours in [(flex.and_masks(causal, window), lambda i, j: i >= j and i - j <= 8),
+                           (flex.or_masks(prefix, causal), lambda i, j: j < 5 or i >= j),
+                           (flex.noop_mask, lambda i, j: True)]:
+        spec = ag.AttentionSpec(mask_mod=mask_mod, score_mod=lambda s, b, h, q_idx, kv_idx: s + s.new_full((), 0.5))
+        _, keep = reference.scores(q.double(), k.double(), spec)
+        assert torch.equal(keep[0, 0], _dense_mask(ours, 40, 40))
+        assert_matches_reference(spec, q, k, v)
+    with pytest.raises(ag.SpecError, match=r"traced values are scalars: .new_ones\(\(\)\) makes one, not "
+                                           r".new_ones\(\(2,\)\)"):
+        ag.compile(ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: b.new_ones((2,), dtype=torch.bool)))
+
+
+def test_captured_tensor_indexed_a_dimension_at_a_time():
+    """``INTERVALS[image][0]`` and ``bias[h][q_idx - kv_idx + 20]`` (a learnable table): the kernels read
+    the entry the full index names, gradients included; rows 29 and past see no image (fully masked)."""
+    bias = (0.1 * torch.randn(4, 52, dtype=torch.float64)).float().requires_grad_()
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h][q_idx - kv_idx + 20],
+                            mask_mod=_cross_attention_mask)
+    q, k, v = Case(2, 4, 2, 32, 3 * IMAGE_TOKENS, 16, 16, seed=3).tensors()
+    expected = _dense_mask(lambda i, j: bool(INTERVALS[j // IMAGE_TOKENS, 0] <= i < INTERVALS[j // IMAGE_TOKENS, 1]),
+                           32, 3 * IMAGE_TOKENS)
+    scores, keep = reference.scores(q.double(), k.double(), spec)
+    assert torch.equal(keep, expected.expand_as(keep))
+    plain = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) / 4.0
+    offsets = torch.arange(32)[:, None] - torch.arange(18) + 20
+    assert torch.allclose(scores[keep], (plain + bias.double()[:, offsets][None])[keep])
+    assert_matches_reference(spec, q, k, v)
+
+
+def test_torch_dot_of_rows_is_attention_over_the_concatenated_dims():
+    """DeepSeek's decoupled rotary part as attention-gym's MLA score_mod writes it,
+    ``s + torch.dot(q_rope[b, h, q_idx], k_rope[b, h // 2, kv_idx])``: with scale 1 it is plain attention
+    over q and k with the rotary dims appended, and matches the reference with learnable rows."""
+    case = Case(1, 4, 2, 24, 40, 16, 16, seed=5)
+    q, k, v = case.tensors()
+    gen = torch.Generator().manual_seed(0)
+    q_rope = torch.randn(1, 4, 24, 8, generator=gen).requires_grad_()
+    k_rope = torch.randn(1, 2, 40, 8, generator=gen).requires_grad_()
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                            s + torch.dot(q_rope[b, h, q_idx], k_rope[b, h // 2, kv_idx]),
+                            mask_mod=ag.masks.causal, scale=1.0)
+    out = ag.compile(spec)(q, k, v)
+    appended = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal, scale=1.0))(
+        torch.cat([q, q_rope], -1), torch.cat([k, k_rope], -1), v)
+    torch.testing.assert_close(out, appended, rtol=0, atol=2e-5)
+    assert_matches_reference(spec, q, k, v)
+
+
+def test_row_products_as_matmul_inner_and_sum():
+    """``w[h] @ row``, ``torch.inner``, ``row.sum()`` and a dot with a plain 1-d tensor."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(2, 4, generator=gen)
+    feats = torch.randn(30, 4, generator=gen)
+    mix = torch.randn(4, generator=gen)
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return (s + 0.3 * (w[h] @ feats[kv_idx]) - 0.2 * torch.inner(feats[q_idx], feats[kv_idx])
+                + 0.1 * feats[q_idx].sum() + 0.1 * torch.dot(mix, feats[kv_idx]))
+
+    q, k, v = Case(1, 2, 2, 30, 30, 16, 16).tensors()
+    scores, _ = reference.scores(q.double(), k.double(), ag.AttentionSpec(score_mod=score_mod))
+    i, j = 7, 19
+    by_hand = (q[0, 1, i].double() @ k[0, 1, j].double() / 4.0 + 0.3 * (w[1] @ feats[j]) - 0.2 * feats[i] @ feats[j]
+               + 0.1 * feats[i].sum() + 0.1 * mix @ feats[j])
+    assert torch.isclose(scores[0, 1, i, j], by_hand.double(), atol=1e-6)
+    assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), q, k, v)
+
+
+def _deinterleave(code):
+    """Every other bit of ``code`` (from bit 0), packed: a Morton code's x."""
+    code = code & 0x55555555
+    code = (code | (code >> 1)) & 0x33333333
+    code = (code | (code >> 2)) & 0x0F0F0F0F
+    code = (code | (code >> 4)) & 0x00FF00FF
+    return (code | (code >> 8)) & 0x0000FFFF
+
+
+def _interleave(x):
+    x = (x | (x << 8)) & 0x00FF00FF
+    x = (x | (x << 4)) & 0x0F0F0F0F
+    x = (x | (x << 2)) & 0x33333333
+    return (x | (x << 1)) & 0x55555555
+
+
+def _morton_neighborhood(b, h, q_idx, kv_idx):
+    """A 3 x 3 neighborhood on an 8 x 8 canvas whose tokens are in Morton (Z) order, as attention-gym's
+    NATTEN variant lays them out; the key's code is rebuilt with << to use both shifts."""
+    q_x, q_y = _deinterleave(q_idx), _deinterleave(q_idx >> 1)
+    kv_x, kv_y = _deinterleave(kv_idx), _deinterleave(kv_idx >> 1)
+    kv_code = (_interleave(kv_y) << 1) | _interleave(kv_x)
+    near = ((q_x.clamp(1, 6) - kv_x).abs() <= 1) & ((q_y.clamp(1, 6) - kv_y).abs() <= 1)
+    return near & (kv_code == kv_idx)
+
+
+def test_bit_shifts_of_morton_codes():
+    """``>>`` and ``<<`` on indices (Morton-order neighborhoods): the mask is the neighborhood the
+    canvas coordinates give, and the kernels match the reference."""
+    spec = ag.AttentionSpec(mask_mod=_morton_neighborhood)
+    q, k, v = Case(1, 2, 2, 64, 64, 16, 16, seed=2).tensors()
+
+    def coordinates(code: int) -> tuple[int, int]:
+        return (sum(((code >> (2 * i)) & 1) << i for i in range(3)),
+                sum(((code >> (2 * i + 1)) & 1) << i for i in range(3)))
+
+    def near(i, j):
+        (qx, qy), (kx, ky) = coordinates(i), coordinates(j)
+        return abs(min(max(qx, 1), 6) - kx) <= 1 and abs(min(max(qy, 1), 6) - ky) <= 1
+
+    _, keep = reference.scores(q.double(), k.double(), spec)
+    assert torch.equal(keep[0, 0], _dense_mask(near, 64, 64))
+    assert_matches_reference(spec, q, k, v)
+    shifted = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.01 * ((kv_idx - 30) >> 2)
+                               + 0.001 * torch.bitwise_left_shift(q_idx, 3) + 0.1 * (h << 1))
+    assert_matches_reference(shifted, q, k, v)  # negative values shift as floor(x / 2**n)
+
+
+@pytest.mark.parametrize("score_mod, message", [
+    (lambda s, b, h, q_idx, kv_idx: s + (1 << kv_idx), r"bit shifts take a Python int amount from 0 to 30"),
+    (lambda s, b, h, q_idx, kv_idx: s + (q_idx >> 31), r"bit shifts take a Python int amount from 0 to 30"),
+    (lambda s, b, h, q_idx, kv_idx: s + (q_idx.float() << 2), r"bit shifts take an integer, not a float value"),
+    (lambda s, b, h, q_idx, kv_idx: s + torch.dot(_ROWS[q_idx], _ROWS[kv_idx, :3]), r"no slices"),
+    (lambda s, b, h, q_idx, kv_idx: s + torch.dot(_ROWS[q_idx], _SHORT[kv_idx]), r"torch.dot of rows of 4 and 3"),
+    (lambda s, b, h, q_idx, kv_idx: s + _ROWS[q_idx] * 2, r"shape \(64, 4\) indexed at 1 of its 2 dimensions is used"),
+    (lambda s, b, h, q_idx, kv_idx: s + _TABLE[h].sum(), r"reduce the last dimension .* got a captured tensor of "
+                                                         r"shape \(2, 64, 4\) indexed at 1"),
+    (lambda s, b, h, q_idx, kv_idx: s + torch.dot(_LONG[q_idx], _LONG[kv_idx]), r"has 300 entries; the kernels "
+                                                                                r"reduce at most 256"),
+], ids=["traced_amount", "amount_31", "float_shift", "slice", "lengths", "row_as_value", "row_of_rows", "long_row"])
+def test_unsupported_rows_and_shifts_are_named(score_mod, message):
+    with pytest.raises(ag.SpecError, match=message):
+        ag.compile(ag.AttentionSpec(score_mod=score_mod))
+
+
+_ROWS, _SHORT, _TABLE, _LONG = torch.randn(64, 4), torch.randn(64, 3), torch.randn(2, 64, 4), torch.randn(64, 300)
+
+
+def test_rows_read_at_loaded_indices_are_bounds_checked():
+    """An image id past INTERVALS' rows is refused before a kernel reads past the table."""
+    image_of_key = IMAGE_OF_KEY.clone()
+    image_of_key[5] = 3
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        interval = INTERVALS[image_of_key[kv_idx]]
+        return (q_idx >= interval[0]) & (q_idx < interval[1])
+
+    q = torch.randn(1, 2, 32, 16)
+    k = torch.randn(1, 2, 3 * IMAGE_TOKENS, 16)
+    with pytest.raises(ValueError, match=r"captured tensor #1 of shape \(3, 2\) is indexed in dim 0 with an "
+                                         r"expression of kv_idx through the values of captured tensor #0 that "
+                                         r"runs from 0 to 3"):
+        ag.compile(ag.AttentionSpec(mask_mod=mask_mod))(q, k, k)
