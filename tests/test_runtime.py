@@ -53,6 +53,18 @@ def test_generated_source_documents_its_spec_and_skips_causal_blocks():
     assert "live = kv_lo <= q_hi" in source.split("def block_state")[1].split("return live")[0]
 
 
+def test_generated_mods_keep_their_lines_short():
+    """A 32-entry torch.dot is 64 loads: each product gets its own line, none of a whole sum, and loads at
+    constant index 0 leave their stride out."""
+    q_rope, k_rope = torch.randn(1, 2, 8, 32), torch.randn(1, 1, 8, 32)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                            s + torch.dot(q_rope[b, h, q_idx], k_rope[b, 0, kv_idx]))
+    score_fn = ag.compile(spec).source.split("def score_fn(")[1].split("return score")[0]
+    lines = score_fn.splitlines()[3:]
+    assert len(lines) >= 32 and max(map(len, lines)) < 250
+    assert "0 * cap1_s1" not in score_fn and "kv_idx * cap1_s2 + 31 * cap1_s3" in score_fn
+
+
 def _scaled_by(table):
     return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * table[h])
 

@@ -28,6 +28,7 @@ _CALL = {"minimum": "tl.minimum", "maximum": "tl.maximum", "abs": "tl.abs", "exp
          "cos": "tl.cos", "sin": "tl.sin", "erf": "tl.erf", "log1p": "_log1p", "expm1": "_expm1"}
 _FLOAT_ARGS = {"truediv", "exp", "log", "tanh", "sigmoid", "sqrt", "cos", "sin", "erf", "log1p", "expm1"}
 
+_LINE = 100  # an expression longer than this is not inlined into the next
 Expr = tuple[str, int]  # source text and the precedence of its outermost operator
 
 
@@ -72,13 +73,15 @@ class TritonPrinter:
     def offset(self, load: int, names: dict[int, Expr]) -> str:
         """The element offset a load node reads, as a Triton expression."""
         cap = self.graph.node(load)["capture"]
-        terms = [f"{operand(names[a], MUL + 1)} * cap{cap}_s{d}" for d, a in enumerate(self.graph.args(load))]
+        terms = [f"{operand(names[a], MUL + 1)} * cap{cap}_s{d}" for d, a in enumerate(self.graph.args(load))
+                 if not self.graph.is_const(a, 0)]
         return " + ".join(terms) if terms else "0"
 
     def statements(self, targets: dict[str, str], also: tuple[int, ...] = ()) -> tuple[list[str], dict[int, Expr]]:
         """Lines assigning each ``variable: output-name`` pair of ``targets``.
 
-        Nodes used once are inlined; shared ones get a ``t<N>`` temporary.
+        Nodes used once are inlined; shared ones, and those whose expression is longer than a line
+        (a sum of many products), get a ``t<N>`` temporary.
         Also returns the expression of every node computed, ``also`` included.
         """
         variable_of: dict[int, str] = {}
@@ -91,7 +94,7 @@ class TritonPrinter:
             expr = self._expression(n, names)
             if self.graph.op(n) in ("input", "const"):
                 names[n] = expr
-            elif n in variable_of or n in keep or self.graph.uses(n) > 1:
+            elif n in variable_of or n in keep or self.graph.uses(n) > 1 or len(expr[0]) > _LINE:
                 variable = variable_of.get(n, f"t{n}")
                 lines.append(f"{variable} = {expr[0]}")
                 names[n] = (variable, ATOM)
