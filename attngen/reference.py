@@ -66,6 +66,19 @@ def _per_head(value, like: torch.Tensor):
     return value
 
 
+def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp and softmax, from exp(logits - the row's max): also exact where |lse| is so
+    large that it rounds log(sum) away (a row of scores -1e300 has weights 1 / n, which exp(logits - lse)
+    and torch.logsumexp's gradient would make 1); rows of -inf give lse -inf, weights 0 and no NaN."""
+    m = logits.amax(-1, keepdim=True).detach()
+    e = torch.exp(logits - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+    total = e.sum(-1, keepdim=True)
+    some = total > 0
+    safe = torch.where(some, total, torch.ones_like(total))
+    lse = torch.where(some, m + torch.log(safe), torch.full_like(total, float("-inf")))
+    return lse.squeeze(-1), e / safe
+
+
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits
     (both None for the elementwise and normalized families; lse None for the others but softmax)."""
@@ -90,13 +103,12 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         return signed_softmax(raw_logits, keep), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
     if normalization.sink is None:
-        lse = torch.logsumexp(logits, dim=-1)
+        lse, p = _softmax(logits)
     else:
         sink = torch.broadcast_to(torch.as_tensor(_per_head(normalization.sink, s), dtype=s.dtype, device=s.device),
                                   (*s.shape[:3], 1))
-        lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1)
-    lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(logits - lse_finite.unsqueeze(-1))
+        lse, p = _softmax(torch.cat([logits, sink], dim=-1))
+        p = p[..., :-1]
     if normalization.affine is not None:
         alpha, beta = (_per_head(x, s) for x in normalization.affine)
         p = alpha * p + beta * keep.to(s.dtype)

@@ -50,6 +50,7 @@ _UNARY = {
 }
 # torch dtypes a traced value converts to (``.to(dtype)``, ``.long()``, ...), by the IR type they become
 _CASTS = {torch.float32: "float", torch.float64: "float", torch.int32: "int", torch.int64: "int", torch.bool: "bool"}
+_KERNEL_DTYPES = {"float": torch.float32, "int": torch.int32, "bool": torch.bool}  # a traced value's .dtype
 _CAST_METHODS = {"float": "float", "double": "float", "long": "int", "int": "int", "bool": "bool"}
 _LIKE = {"zeros_like": 0, "ones_like": 1}
 _SHIFTS = {"bitwise_left_shift": True, "lshift": True, "bitwise_right_shift": False, "rshift": False}
@@ -326,7 +327,9 @@ class Proxy:
             return functools.partial(self._new, name)
         if name == "device":  # for x.new_ones((), device=x.device): traced scalars live in the kernels
             return None
-        if name in ("to", "type"):
+        if name == "dtype":  # as the kernels hold it: torch.finfo(score.dtype).min is float32's
+            return _KERNEL_DTYPES[self.tracer.dtype(self)]
+        if name in ("to", "type", "type_as"):
             return self._to
         raise self.tracer.fail(f"traced values have no method {name!r} (conversions: .to(dtype), "
                                f"{', '.join(f'.{m}()' for m in _CAST_METHODS)}; functions: torch.<name>(x) for "
@@ -342,8 +345,11 @@ class Proxy:
         return self.tracer.torch_call(getattr(torch, name[len("new_"):] + "_like"), (self, *args), kwargs)
 
     def _to(self, dtype=None, **kwargs):
-        """``x.to(dtype)`` / ``x.type(dtype)``; a device or other tensor is not a conversion of a scalar."""
+        """``x.to(dtype)`` / ``x.type(dtype)`` / ``x.to(other)`` / ``x.type_as(other)``; a device is not a
+        conversion of a scalar."""
         dtype = kwargs.pop("dtype", dtype)
+        if isinstance(dtype, (Proxy, torch.Tensor)):
+            dtype = dtype.dtype
         if kwargs or not isinstance(dtype, torch.dtype):
             raise self.tracer.fail("traced values convert with .to(dtype) only (a torch dtype, no device)")
         return self.tracer.cast_to(self, dtype)

@@ -5,6 +5,8 @@ also check it against masks and scores built entry by entry in plain Python."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -194,3 +196,57 @@ def test_rows_read_at_loaded_indices_are_bounds_checked():
                                          r"expression of kv_idx through the values of captured tensor #0 that "
                                          r"runs from 0 to 3"):
         ag.compile(ag.AttentionSpec(mask_mod=mask_mod))(q, k, k)
+
+
+def test_dtype_attributes_and_type_as():
+    """``x.type_as(score)``, ``x.to(score)``, ``x.to(score.dtype)``; a traced value's dtype is the kernels' (the
+    reference's differ: float64 there), so ``torch.finfo(score.dtype)`` is float32's."""
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                            s + (q_idx - kv_idx).type_as(s) * 0.01 + kv_idx.to(s) * 0.001 + h.to(s.dtype) * 0.1)
+    assert_matches_reference(spec, *Case(1, 2, 2, 20, 20, 16, 16).tensors())
+    seen = {}
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        seen.update(score=s.dtype, index=q_idx.dtype, mask=(q_idx > 0).dtype, min=torch.finfo(s.dtype).min)
+        return s
+
+    ag.compile(ag.AttentionSpec(score_mod=score_mod))
+    assert seen == dict(score=torch.float32, index=torch.int32, mask=torch.bool, min=torch.finfo(torch.float32).min)
+
+
+def test_scores_set_to_a_large_negative_number_warn_and_give_torchs_forward():
+    """A row whose every key ``torch.where`` sets to finfo.min has weights 1 / n in torch: so in the forward
+    kernels (float32), but its gradients come from an lse that rounded log(n) away; compiling says so.
+    -inf (or mask_mod) drops keys exactly and does not warn."""
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return torch.where((q_idx >= kv_idx) & (q_idx > 4), s, torch.finfo(s.dtype).min)
+
+    with pytest.warns(UserWarning, match=r"score_mod sets scores to -3.40282e\+38 with torch.where: where a row's "
+                                         r"every key gets it, float32's log-sum-exp rounds log\(n\) away"):
+        attn = ag.compile(ag.AttentionSpec(score_mod=score_mod))
+    q, k, v = Case(1, 2, 2, 40, 40, 16, 16).tensors(requires_grad=False)
+    expected = reference.attention(q.double(), k.double(), v.double(), ag.AttentionSpec(score_mod=score_mod))
+    torch.testing.assert_close(attn(q, k, v).double(), expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(expected[:, :, :5], v.double().mean(2, keepdim=True).expand(1, 2, 5, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                                    torch.where(q_idx >= kv_idx, s, float("-inf"))))
+
+
+def test_reference_softmax_keeps_its_precision_at_any_magnitude():
+    """Rows of scores near -1e300 (float64): the reference's weights and gradients are torch.softmax's,
+    where exp(s - lse) would give weights 1 (lse rounds log(n) away)."""
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: torch.where(q_idx > 3, s, s - 1e300))
+    q, k, v = (t.double() for t in Case(1, 2, 2, 12, 12, 8, 8).tensors(requires_grad=False))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = reference.attention(*leaves, spec)
+    scores = leaves[0] @ leaves[1].transpose(-1, -2) / 8 ** 0.5
+    scores = torch.where(torch.arange(12)[:, None] > 3, scores, scores - 1e300)
+    by_torch = torch.softmax(scores, -1) @ leaves[2]
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, leaves, grad)
+    torchs = torch.autograd.grad(by_torch, leaves, grad)
+    torch.testing.assert_close(out, by_torch)
+    for a, b in zip(ours, torchs):
+        torch.testing.assert_close(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..inputs import values_checkable
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
+from ..norms import WEIGHT_FAMILIES
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
@@ -61,6 +63,27 @@ def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -
     return found
 
 
+_SOFT_MASK = -1e4  # a score this low, set by torch.where, is a mask written as a number
+
+
+def _warn_of_soft_masks(graph, spec: AttentionSpec) -> None:
+    """Warn where score_mod drops keys with a large finite negative score (``torch.where(keep, s, -1e9)``,
+    ``torch.finfo(s.dtype).min``): a row whose every key gets it has weights 1 / n, as in torch, but at
+    that magnitude float32's lse rounds log(n) away, so its gradients are off (by up to n times), and
+    exp2's scaled exponent overflows below -2.4e38 (NaN with 16-bit inputs)."""
+    if spec.normalization.family in WEIGHT_FAMILIES or spec.normalization.family == "stick_breaking":
+        return
+    outputs = [graph.outputs[name] for name in ("score", "score2") if name in graph.outputs]
+    values = sorted({graph.node(a)["value"] for n in graph.order(outputs) if graph.op(n) == "where"
+                     for a in graph.args(n)[1:] if graph.is_const(a) and graph.dtype(a) == "float"
+                     and -math.inf < graph.node(a)["value"] <= _SOFT_MASK})
+    if values:
+        warnings.warn(f"score_mod sets scores to {values[0]:g} with torch.where: where a row's every key gets it, "
+                      "float32's log-sum-exp rounds log(n) away at that magnitude (its gradients are then wrong) "
+                      "and 16-bit inputs give NaN below -2.4e38; drop keys with float('-inf') or mask_mod instead, "
+                      "which the kernels skip exactly (a row with no key left gives 0)", stacklevel=5)
+
+
 class CompiledAttention:
     """A spec compiled to Triton kernels; call it like ``attn(q, k, v)``."""
 
@@ -81,6 +104,8 @@ class CompiledAttention:
                            second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
                            two_streams=self.spec.differential is not None)
         self.index_reads = index_reads(self.graph)
+        if self.variant == Variant():
+            _warn_of_soft_masks(self.graph, self.spec)
         self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
         for name in KERNEL_CAPTURES:
             if name in self.stand_ins:
