@@ -183,6 +183,11 @@ class Tracer:
 
     def torch_call(self, func, args, kwargs) -> Proxy:
         """A torch function applied to traced values (through ``__torch_function__``)."""
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and not str(func).startswith("aten."):
+            raise self.fail(f"the custom op {func} cannot be traced (attngen knows torch's own functions, not what "
+                            "a custom op computes): write its math in the mod, e.g. torch.tanh for an approximate tanh")
+        if isinstance(func, torch._ops.OpOverload):  # torch.ops.aten.mul.Tensor: the function mul
+            func = func.overloadpacket
         name = getattr(func, "__name__", str(func)).strip("_")
         kwargs = dict(kwargs or {})
         if kwargs.get("inplace") is False:  # torch.nn.functional's activations pass it along

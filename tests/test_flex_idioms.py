@@ -250,3 +250,19 @@ def test_reference_softmax_keeps_its_precision_at_any_magnitude():
     torch.testing.assert_close(out, by_torch)
     for a, b in zip(ours, torchs):
         torch.testing.assert_close(a, b)
+
+
+@torch.library.custom_op("attngen_test::sigmoid", mutates_args=())
+def _clamped(x: torch.Tensor) -> torch.Tensor:
+    """A custom op that only shares torch.sigmoid's name."""
+    return x.clamp(0.0, 1.0)
+
+
+def test_custom_ops_are_refused_and_aten_ops_traced():
+    """A custom op is not traced by its name (``attngen_test::sigmoid`` clamps); torch.ops.aten's are, by the
+    function they overload."""
+    with pytest.raises(ag.SpecError, match=r"the custom op attngen_test.sigmoid cannot be traced"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: torch.ops.attngen_test.sigmoid(s)))
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                            torch.ops.aten.mul.Tensor(torch.ops.aten.tanh(s / 4.0), 4.0))
+    assert_matches_reference(spec, *Case(1, 2, 2, 20, 20, 16, 16).tensors())
