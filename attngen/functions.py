@@ -76,7 +76,8 @@ def _elu(x, alpha=1.0):
 
 
 def _hardtanh(x, min_val=-1.0, max_val=1.0):
-    return torch.clamp(x, min_val, max_val)
+    """The bound itself at the bounds, so the gradient there is 0, as torch's (clamp's would be 1)."""
+    return torch.where(x <= min_val, min_val, torch.where(x >= max_val, max_val, x))
 
 
 def _hardsigmoid(x):

@@ -34,7 +34,7 @@ _BINARY = {
     "add": "add", "sub": "sub", "subtract": "sub", "mul": "mul", "multiply": "mul",
     "div": "truediv", "divide": "truediv", "truediv": "truediv", "true_divide": "truediv",
     "floordiv": "floordiv", "floor_divide": "floordiv", "mod": "mod", "remainder": "mod",
-    "pow": "pow", "minimum": "minimum", "maximum": "maximum",
+    "pow": "pow",
     "lt": "lt", "less": "lt", "le": "le", "less_equal": "le", "gt": "gt", "greater": "gt",
     "ge": "ge", "greater_equal": "ge", "eq": "eq", "ne": "ne", "not_equal": "ne",
     "and": "and", "bitwise_and": "and", "logical_and": "and",
@@ -56,8 +56,8 @@ _LIKE = {"zeros_like": 0, "ones_like": 1}
 _SHIFTS = {"bitwise_left_shift": True, "lshift": True, "bitwise_right_shift": False, "rshift": False}
 _ROW_LIMIT = 256  # entries of a row that torch.dot / .sum() may reduce (each one a load in every tile)
 SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | set(COMPOSITE) | {
-    "where", "clamp", "clip", "relu", "min", "max", "floor", "ceil", "full_like", "__getitem__",
-    "bitwise_left_shift", "bitwise_right_shift", "dot", "inner", "matmul", "sum"})
+    "where", "clamp", "clip", "relu", "min", "max", "minimum", "maximum", "floor", "ceil", "full_like", "__getitem__",
+    "bitwise_left_shift", "bitwise_right_shift", "dot", "inner", "matmul", "sum", "mean", "amax", "amin"})
 # the supported functions that are also tensor methods taking the tensor first (x.where differs)
 _METHODS = {name for name in SUPPORTED_TORCH if name != "where" and hasattr(torch, name) and hasattr(torch.Tensor, name)}
 
@@ -99,6 +99,10 @@ class Tracer:
 
     def node(self, value) -> int:
         """The IR node for a proxy, a Python number or a one-element tensor."""
+        if isinstance(value, Vector):
+            raise self.fail(f"{value} is used as a value (a captured tensor indexed at all but its last dimension, or "
+                            "a one-dimensional one, is a vector): index every dimension of the tensor, or reduce the "
+                            "vector with torch.dot(a, b), a @ b, .sum(), .mean(), .max() or .min()")
         if isinstance(value, Proxy):
             if value.tracer is not self:
                 raise self.fail("a traced value from another trace was used")
@@ -118,7 +122,26 @@ class Tracer:
         raise self.fail(f"cannot use a value of type {type(value).__name__} in a traced expression")
 
     def apply(self, op: str, *args) -> Proxy:
+        """``op`` of ``args``: one IR node, or one per entry where an argument is a vector (a :class:`Vector`,
+        a row with one dimension left, a one-dimensional captured tensor)."""
+        lengths = {self.vector_length(a) for a in args} - {0}
+        if len(lengths) > 1:
+            raise self.fail(f"vectors of {' and '.join(map(str, sorted(lengths)))} entries in one operation")
+        if lengths:
+            columns = [self.entries(a) if self.vector_length(a) else None for a in args]
+            return Vector(self, [self.apply(op, *(a if c is None else c[i] for a, c in zip(args, columns)))
+                                 for i in range(lengths.pop())])
         return Proxy(self, self.graph.add(op, tuple(self.node(a) for a in args)))
+
+    def vector_length(self, value) -> int:
+        """How many entries ``value`` has as a vector (0: it is not one)."""
+        if isinstance(value, Vector):
+            return len(value.entries)
+        if isinstance(value, Row):
+            if value.tensor.dim() - len(value.prefix) > 1:
+                self.node(value)  # raises, naming the row
+            return value.tensor.shape[-1]
+        return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1 else 0
 
     def index(self, tensor: torch.Tensor, index) -> Proxy | Row:
         """``tensor[index]``: a load where every dimension is indexed, a :class:`Row` where only the
@@ -136,12 +159,14 @@ class Tracer:
         return Proxy(self, self.graph.load(self.capture(tensor), nodes))
 
     def entries(self, row) -> list[Proxy]:
-        """The entries of a row with one dimension left (or of a one-dimensional captured tensor)."""
+        """The entries of a vector, of a row with one dimension left or of a one-dimensional captured tensor."""
+        if isinstance(row, Vector):
+            return row.entries
         if isinstance(row, torch.Tensor) and row.dim() == 1:
             row = Row(self, row, ())
         if not isinstance(row, Row) or row.tensor.dim() - len(row.prefix) != 1:
-            raise self.fail(f"torch.dot / @ / .sum() reduce the last dimension of a captured tensor indexed at "
-                            f"all the others, e.g. torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx]); got {row}")
+            raise self.fail(f"torch.dot / @ / .sum() reduce a vector: the last dimension of a captured tensor indexed "
+                            f"at all the others, e.g. torch.dot(q_rope[b, h, q_idx], k_rope[b, h, kv_idx]); got {row}")
         length = row.tensor.shape[-1]
         if length > _ROW_LIMIT:
             raise self.fail(f"{row} has {length} entries; the kernels reduce at most {_ROW_LIMIT} (each is a load "
@@ -159,7 +184,9 @@ class Tracer:
         return self.apply("mul" if left else "floordiv", x, 2 ** amount)
 
     def dtype(self, value) -> str:
-        """The IR type of a traced value or constant."""
+        """The IR type of a traced value or constant (of a vector: of its entries)."""
+        if isinstance(value, (Vector, Row)):
+            return self.dtype(self.entries(value)[0])
         return self.graph.dtype(self.node(value))
 
     def cast(self, x, kind: str):
@@ -192,7 +219,7 @@ class Tracer:
         kwargs = dict(kwargs or {})
         if kwargs.get("inplace") is False:  # torch.nn.functional's activations pass it along
             del kwargs["inplace"]
-        if name in COMPOSITE and isinstance(args[0], Proxy):
+        if name in COMPOSITE and isinstance(args[0], (Proxy, Row)):
             try:
                 return COMPOSITE[name](*args, **kwargs)
             except TypeError as error:  # an argument the composition does not take
@@ -224,10 +251,15 @@ class Tracer:
         return Proxy(self, self.graph.const({"float": float, "int": int, "bool": bool}[kind](fill)))
 
     def _min_max(self, name, args, kwargs):
-        """The elementwise form of two tensors (with an int, torch.min / max reduce along a dim)."""
-        if len(args) == 2 and not kwargs and not isinstance(args[1], int):
-            return self.apply("minimum" if name == "min" else "maximum", *args)
-        return None
+        """``torch.minimum`` / ``maximum`` and the two-tensor ``min`` / ``max`` (with an int, torch.min / max
+        reduce along a dim); where the two are equal floats, each gets half the gradient, as in torch."""
+        if len(args) != 2 or kwargs or (name in ("min", "max") and isinstance(args[1], int)):
+            return self._reduce(name, args, kwargs)
+        op = "minimum" if name in ("min", "minimum") else "maximum"
+        if "float" not in (self.dtype(args[0]), self.dtype(args[1])):
+            return self.apply(op, *args)
+        a, b = args
+        return self.apply("where", self.apply("eq", a, b), (a + b) * 0.5, self.apply(op, a, b))
 
     def _round(self, name, args, kwargs):
         """``torch.floor`` / ``torch.ceil`` (of an int: the int itself)."""
@@ -273,25 +305,32 @@ class Tracer:
             raise self.fail(f"torch.{name} of rows of {len(left)} and {len(right)} entries")
         return functools.reduce(operator.add, [a * b for a, b in zip(left, right)])
 
-    def _sum(self, name, args, kwargs):
-        """A row's ``.sum()`` (over its one dimension: ``dim`` 0 or -1 as well)."""
+    def _reduce(self, name, args, kwargs):
+        """A vector's ``sum`` / ``mean`` / ``max`` / ``min`` (``amax``, ``amin``; ``dim`` 0 or -1 as well)."""
         dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
-        if kwargs or len(args) > 2 or dim not in (None, 0, -1, (0,), (-1,)):
+        if kwargs or len(args) > 2 or dim not in (None, 0, -1, (0,), (-1,)) or isinstance(args[0], torch.Tensor):
             return None
-        if isinstance(args[0], Proxy):  # a scalar's sum is itself
-            return args[0]
-        return functools.reduce(operator.add, self.entries(args[0]))
+        if not isinstance(args[0], (Vector, Row)):  # a scalar's reduction is itself
+            return args[0] if name in ("sum", "mean", "amax", "amin") or len(args) == 1 else None
+        entries = self.entries(args[0])
+        if name in ("sum", "mean"):
+            total = functools.reduce(operator.add, entries)
+            return total / len(entries) if name == "mean" else total
+        return functools.reduce(lambda a, b: self.apply("maximum" if name in ("max", "amax") else "minimum", a, b),
+                                entries)
 
     def _relu(self, name, args, kwargs):
-        return self.apply("maximum", args[0], 0.0) if len(args) == 1 and not kwargs else None
+        # 0 first: at 0 the gradient goes to it, so relu's is 0 there, as torch's
+        return self.apply("maximum", 0.0, args[0]) if len(args) == 1 and not kwargs else None
 
     _SPECIAL = {
         "getitem": lambda self, name, args, kwargs: self.index(*args),
         "where": lambda self, name, args, kwargs: self.apply("where", *args),
         "zeros_like": _like, "ones_like": _like, "full_like": _like,
-        "min": _min_max, "max": _min_max, "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
+        **dict.fromkeys(("min", "max", "minimum", "maximum"), _min_max), "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
         "clamp": _clamp, "clip": _clamp, "relu": _relu,
-        **dict.fromkeys(_SHIFTS, _shift), "dot": _dot, "inner": _dot, "matmul": _dot, "sum": _sum,
+        **dict.fromkeys(_SHIFTS, _shift), "dot": _dot, "inner": _dot, "matmul": _dot,
+        **dict.fromkeys(("sum", "mean", "amax", "amin"), _reduce),
     }
 
 
@@ -408,29 +447,73 @@ class Row:
     def __rmatmul__(self, other):
         return self.tracer.torch_call(torch.matmul, (other, self), {})
 
-    def sum(self, *args, **kwargs):
-        return self.tracer.torch_call(torch.sum, (self, *args), kwargs)
+    def __getattr__(self, name):  # row.sum(), row.max(), row.mul(2): as torch.<name>(row, ...)
+        if name in _METHODS:
+            return lambda *a, **kw: self.tracer.torch_call(getattr(torch, name), (self, *a), kw)
+        raise AttributeError(name)
+
+    def __len__(self):
+        return self.tensor.shape[len(self.prefix)]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     def _value(self, *_):
         self.tracer.node(self)  # raises, naming the row
 
-    __bool__ = __int__ = __float__ = __index__ = __len__ = __iter__ = _value
+    __bool__ = __int__ = __float__ = __index__ = _value
 
     def __repr__(self):
         return (f"a captured tensor of shape {tuple(self.tensor.shape)} indexed at {len(self.prefix)} of its "
                 f"{self.tensor.dim()} dimensions")
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lt", "le", "gt",
-              "ge", "eq", "ne"):
-    setattr(Row, f"__{_name}__", Row._value)
-    if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
-        setattr(Row, f"__r{_name}__", Row._value)
-Row.__neg__ = Row.__abs__ = Row.__invert__ = Row._value
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor"):
+    setattr(Row, f"__{_name}__", _binary(_name))
+    setattr(Row, f"__r{_name}__", _binary(_name, reverse=True))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(Row, f"__{_name}__", _binary(_name))
+Row.__neg__ = lambda self: self.tracer.apply("neg", self)
+Row.__abs__ = lambda self: self.tracer.apply("abs", self)
+
+
+class Vector(Proxy):
+    """Values over a captured tensor's last dimension (``w * x`` for a one-dimensional ``w``,
+    ``torch.relu(w1 * x + b1)``): each op applies to every entry, one IR node each, and
+    ``torch.dot`` / ``@`` / ``.sum()`` / ``.mean()`` / ``.max()`` / ``.min()`` reduce them to one value (a
+    small MLP of a position, as FIRE's relative-position bias)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, tracer: Tracer, entries: list[Proxy]):
+        if len(entries) > _ROW_LIMIT:
+            raise tracer.fail(f"a vector of {len(entries)} entries; the kernels compute at most {_ROW_LIMIT} per score")
+        super().__init__(tracer, None)
+        self.entries = entries
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, index):
+        if isinstance(index, int):
+            return self.entries[index]
+        raise self.tracer.fail("a vector's entries are taken at Python ints (vector[0]), not at traced values")
+
+    def __matmul__(self, other):
+        return self.tracer.torch_call(torch.matmul, (self, other), {})
+
+    def __rmatmul__(self, other):
+        return self.tracer.torch_call(torch.matmul, (other, self), {})
+
+    def __repr__(self):
+        return f"a vector of {len(self.entries)} entries"
 
 
 def _torch_function(func, args, kwargs):
-    tracer = next(a.tracer for a in _flatten(args) if isinstance(a, (Proxy, Row)))
+    tracer = next(a.tracer for a in _flatten(args) if isinstance(a, (Proxy, Row)))  # a Vector is a Proxy
     return tracer.torch_call(func, args, kwargs)
 
 

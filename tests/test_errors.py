@@ -117,7 +117,7 @@ def test_unsupported_torch_function_is_named():
     (lambda s, b, h, q_idx, kv_idx: s.half(), r"no method 'half' \(conversions: .to\(dtype\), .float\(\)"),
     (lambda s, b, h, q_idx, kv_idx: s.to(torch.float16), r"convert to torch.float32, .* not torch.float16"),
     (lambda s, b, h, q_idx, kv_idx: s.to("cuda"), r"convert with .to\(dtype\) only"),
-    (lambda s, b, h, q_idx, kv_idx: s + torch.min(q_idx), r"torch.min cannot be traced"),
+    (lambda s, b, h, q_idx, kv_idx: s + torch.min(q_idx, 0), r"torch.min cannot be traced"),
 ], ids=["half", "float16", "device", "reduction"])
 def test_unsupported_conversions_are_named(score_mod, message):
     with pytest.raises(ag.SpecError, match=message):
@@ -132,9 +132,12 @@ def test_unindexed_captured_tensor_is_rejected():
 
 def test_wrong_number_of_indices_is_rejected():
     bias = torch.randn(4, 16, 16)
-    with pytest.raises(ag.SpecError, match=r"shape \(4, 16, 16\) indexed at 2 of its 3 dimensions is used as a "
-                                           r"value: index all 3 dimensions, or reduce its last one with torch.dot"):
+    with pytest.raises(ag.SpecError, match=r"a vector of 16 entries is used as a value \(a captured tensor indexed at "
+                                           r"all but its last dimension, .*\): index every dimension of the tensor"):
         ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx]))
+    with pytest.raises(ag.SpecError, match=r"shape \(4, 16, 16\) indexed at 1 of its 3 dimensions is used as a "
+                                           r"value: index all 3 dimensions"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h]))
     with pytest.raises(ag.SpecError, match=r"indexed with at most 3 integer or traced indices"):
         ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx, kv_idx, 0]))
 

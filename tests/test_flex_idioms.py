@@ -167,12 +167,15 @@ def test_bit_shifts_of_morton_codes():
     (lambda s, b, h, q_idx, kv_idx: s + (q_idx.float() << 2), r"bit shifts take an integer, not a float value"),
     (lambda s, b, h, q_idx, kv_idx: s + torch.dot(_ROWS[q_idx], _ROWS[kv_idx, :3]), r"no slices"),
     (lambda s, b, h, q_idx, kv_idx: s + torch.dot(_ROWS[q_idx], _SHORT[kv_idx]), r"torch.dot of rows of 4 and 3"),
-    (lambda s, b, h, q_idx, kv_idx: s + _ROWS[q_idx] * 2, r"shape \(64, 4\) indexed at 1 of its 2 dimensions is used"),
-    (lambda s, b, h, q_idx, kv_idx: s + _TABLE[h].sum(), r"reduce the last dimension .* got a captured tensor of "
+    (lambda s, b, h, q_idx, kv_idx: s + _ROWS[q_idx] * 2, r"a vector of 4 entries is used as a value"),
+    (lambda s, b, h, q_idx, kv_idx: s + _TABLE[h].sum(), r"reduce a vector: .* got a captured tensor of "
                                                          r"shape \(2, 64, 4\) indexed at 1"),
+    (lambda s, b, h, q_idx, kv_idx: s + (_ROWS[q_idx] * _SHORT[kv_idx]).sum(), r"vectors of 3 and 4 entries in one "
+                                                                                r"operation"),
     (lambda s, b, h, q_idx, kv_idx: s + torch.dot(_LONG[q_idx], _LONG[kv_idx]), r"has 300 entries; the kernels "
                                                                                 r"reduce at most 256"),
-], ids=["traced_amount", "amount_31", "float_shift", "slice", "lengths", "row_as_value", "row_of_rows", "long_row"])
+], ids=["traced_amount", "amount_31", "float_shift", "slice", "lengths", "vector_as_value", "row_of_rows",
+        "vector_lengths", "long_row"])
 def test_unsupported_rows_and_shifts_are_named(score_mod, message):
     with pytest.raises(ag.SpecError, match=message):
         ag.compile(ag.AttentionSpec(score_mod=score_mod))
@@ -266,3 +269,36 @@ def test_custom_ops_are_refused_and_aten_ops_traced():
     spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
                             torch.ops.aten.mul.Tensor(torch.ops.aten.tanh(s / 4.0), 4.0))
     assert_matches_reference(spec, *Case(1, 2, 2, 20, 20, 16, 16).tensors())
+
+
+def test_gradients_at_ties_and_kinks_are_torchs():
+    """Integer-valued floats meet exactly: torch.maximum / minimum / two-tensor max split a tie's gradient in
+    half, relu, abs, hardtanh, relu6 and hardsigmoid give 0 at their kinks, clamp 1 at its bounds, hardswish
+    1 at 3. Every kink is at an integer distance, where the learnable offset w[1] or bound w[3] feels it."""
+    F = torch.nn.functional
+    w = torch.tensor([0.25, 1.0, 0.5, 16.0], requires_grad=True)
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        x = (q_idx - kv_idx).float()
+        return (s + 0.1 * torch.maximum(q_idx.float(), w[3]) + 0.1 * torch.minimum(x * w[1], w[0] * 8.0)
+                + 0.1 * torch.max(x * w[0], w[1]) + 0.1 * F.relu(x * w[0] - w[1]) + 0.1 * torch.abs(x * w[2] - w[1])
+                + 0.1 * F.hardtanh(x * w[0] - w[1]) + 0.1 * F.relu6(x - w[1]) + 0.1 * F.hardsigmoid(x - w[1])
+                + 0.1 * F.hardswish(x - w[1]) + 0.1 * torch.clamp(x * w[2] - w[1], -1.0, 1.0))
+
+    assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), *Case(1, 2, 2, 24, 24, 16, 16).tensors())
+
+
+def test_vectors_over_a_captured_tensors_last_dimension():
+    """FIRE's hidden layer (spec file) is ``torch.relu(W1 * x + B1)`` over a one-dimensional tensor; here also
+    products of rows, elementwise functions, sum / mean / max / min, len() and iteration, with learnable
+    weights, against torch's (vmap) evaluation of the same mod."""
+    gen = torch.Generator().manual_seed(7)
+    feats = torch.randn(30, 4, generator=gen)
+    weight = torch.randn(4, generator=gen).requires_grad_()
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        d = feats[q_idx] - feats[kv_idx]
+        return (s - 0.1 * (d * d * weight).sum() + 0.05 * torch.tanh(d).max() + 0.05 * d.abs().mean()
+                - 0.05 * torch.min(d + weight) + 0.01 * sum(x for x in feats[kv_idx]) + 0.01 * len(d))
+
+    assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), *Case(1, 2, 2, 30, 30, 16, 16).tensors())

@@ -91,8 +91,9 @@ class _Adjoints:
         if op == "erf":  # 2 / sqrt(pi) exp(-x^2)
             gaussian = add("exp", add("neg", add("mul", x, x)))
             return [(x, add("mul", d, add("mul", const(2.0 / math.sqrt(math.pi)), gaussian)))]
-        if op == "abs":
-            sign = add("where", add("ge", x, const(0.0)), const(1.0), const(-1.0))
+        if op == "abs":  # torch's: 0 at 0
+            sign = add("where", add("gt", x, const(0.0)), const(1.0),
+                       add("where", add("lt", x, const(0.0)), const(-1.0), const(0.0)))
             return [(x, add("mul", d, sign))]
         if op in ("minimum", "maximum"):
             # Ties send the whole gradient to x, so clamp(x, lo, hi) matches torch.clamp.
