@@ -11,7 +11,7 @@ against each other, and attngen's backward against the float64 reference.
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, and_masks, create_block_mask, flex_attention
 
 import attngen as ag
 import attngen.testing
@@ -22,8 +22,15 @@ B, H, L, D = 2, 4, 256, 32
 documents = torch.randint(0, 2, (B, L), device=device).sort(-1).values  # two packed documents per row
 
 
-def same_document_within_128(b, h, q_idx, kv_idx):   # FlexAttention's mask_mod signature
-    return (documents[b, q_idx] == documents[b, kv_idx]) & (q_idx - kv_idx <= 128) & (kv_idx <= q_idx)
+def same_document(b, h, q_idx, kv_idx):               # FlexAttention's mask_mod signature
+    return documents[b, q_idx] == documents[b, kv_idx]
+
+
+def causal_within_128(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx <= 128) & (kv_idx <= q_idx)
+
+
+same_document_within_128 = and_masks(same_document, causal_within_128)  # torch's combinator, traced as it is
 
 
 def soft_cap(score, b, h, q_idx, kv_idx):              # FlexAttention's score_mod signature
