@@ -70,6 +70,8 @@ def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's log-sum-exp and softmax, from exp(logits - the row's max): also exact where |lse| is so
     large that it rounds log(sum) away (a row of scores -1e300 has weights 1 / n, which exp(logits - lse)
     and torch.logsumexp's gradient would make 1); rows of -inf give lse -inf, weights 0 and no NaN."""
+    if logits.shape[-1] == 0:  # no keys
+        return logits.new_full(logits.shape[:-1], -math.inf), logits
     m = logits.amax(-1, keepdim=True).detach()
     e = torch.exp(logits - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
     total = e.sum(-1, keepdim=True)
