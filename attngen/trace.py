@@ -316,8 +316,16 @@ class Tracer:
         if name in ("sum", "mean"):
             total = functools.reduce(operator.add, entries)
             return total / len(entries) if name == "mean" else total
-        return functools.reduce(lambda a, b: self.apply("maximum" if name in ("max", "amax") else "minimum", a, b),
-                                entries)
+        extreme = functools.reduce(lambda a, b: self.apply("maximum" if name in ("max", "amax") else "minimum", a, b),
+                                   entries)
+        if name in ("max", "min") or self.dtype(extreme) != "float":
+            return extreme  # a tie's gradient to the first entry, as max() / min() under vmap (FlexAttention's)
+        # amax / amin: + the tied entries' mean offset from it (0): the value stays exact and, as torch's, the
+        # gradient is spread evenly over the tied entries (the extreme's own path cancels: 1 - ties / ties)
+        ties = [self.apply("eq", x, extreme) for x in entries]
+        count = functools.reduce(operator.add, [self.apply("where", t, 1.0, 0.0) for t in ties])
+        offset = functools.reduce(operator.add, [self.apply("where", t, x - extreme, 0.0) for t, x in zip(ties, entries)])
+        return extreme + offset / count
 
     def _relu(self, name, args, kwargs):
         # 0 first: at 0 the gradient goes to it, so relu's is 0 there, as torch's

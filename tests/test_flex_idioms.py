@@ -271,10 +271,15 @@ def test_custom_ops_are_refused_and_aten_ops_traced():
     assert_matches_reference(spec, *Case(1, 2, 2, 20, 20, 16, 16).tensors())
 
 
+_TIED = torch.tensor([4.0, 1.0])
+
+
 def test_gradients_at_ties_and_kinks_are_torchs():
     """Integer-valued floats meet exactly: torch.maximum / minimum / two-tensor max split a tie's gradient in
     half, relu, abs, hardtanh, relu6 and hardsigmoid give 0 at their kinks, clamp 1 at its bounds, hardswish
-    1 at 3. Every kink is at an integer distance, where the learnable offset w[1] or bound w[3] feels it."""
+    1 at 3; a vector's amax / amin spread it over its tied entries, its max() / min() give it to the first
+    (as they do under vmap, FlexAttention's way of running mods). Every kink is at an integer distance,
+    where the learnable offset w[1] or bound w[3] feels it; the vector's entries 4 w[0] and w[1] tie."""
     F = torch.nn.functional
     w = torch.tensor([0.25, 1.0, 0.5, 16.0], requires_grad=True)
 
@@ -283,7 +288,9 @@ def test_gradients_at_ties_and_kinks_are_torchs():
         return (s + 0.1 * torch.maximum(q_idx.float(), w[3]) + 0.1 * torch.minimum(x * w[1], w[0] * 8.0)
                 + 0.1 * torch.max(x * w[0], w[1]) + 0.1 * F.relu(x * w[0] - w[1]) + 0.1 * torch.abs(x * w[2] - w[1])
                 + 0.1 * F.hardtanh(x * w[0] - w[1]) + 0.1 * F.relu6(x - w[1]) + 0.1 * F.hardsigmoid(x - w[1])
-                + 0.1 * F.hardswish(x - w[1]) + 0.1 * torch.clamp(x * w[2] - w[1], -1.0, 1.0))
+                + 0.1 * F.hardswish(x - w[1]) + 0.1 * torch.clamp(x * w[2] - w[1], -1.0, 1.0)
+                + 0.1 * (x * w[:2] * _TIED).max() + 0.1 * (x * w[:2] * _TIED).min()
+                + 0.1 * (x * w[:2] * _TIED).amax() + 0.1 * torch.amin(x * w[:2] * _TIED))
 
     assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), *Case(1, 2, 2, 24, 24, 16, 16).tensors())
 
