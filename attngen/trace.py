@@ -434,8 +434,8 @@ Proxy.__invert__ = lambda self: self.tracer.apply("not", self)
 
 class Row:
     """A captured tensor indexed at its leading dimensions only (``intervals[image]``,
-    ``q_rope[b, h, q_idx]``): index it further, or reduce its one last dimension with ``torch.dot``,
-    ``@`` or ``.sum()``; each entry is a load."""
+    ``q_rope[b, h, q_idx]``): index it further or, with one dimension left, use it as a :class:`Vector`
+    of loads (``torch.dot(q_rope[b, h, q_idx], k_rope[b, 0, kv_idx])``)."""
 
     __slots__ = ("tracer", "tensor", "prefix")
 
@@ -510,11 +510,7 @@ class Vector(Proxy):
             return self.entries[index]
         raise self.tracer.fail("a vector's entries are taken at Python ints (vector[0]), not at traced values")
 
-    def __matmul__(self, other):
-        return self.tracer.torch_call(torch.matmul, (self, other), {})
-
-    def __rmatmul__(self, other):
-        return self.tracer.torch_call(torch.matmul, (other, self), {})
+    __matmul__, __rmatmul__ = Row.__matmul__, Row.__rmatmul__
 
     def __repr__(self):
         return f"a vector of {len(self.entries)} entries"
