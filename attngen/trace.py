@@ -124,13 +124,14 @@ class Tracer:
     def apply(self, op: str, *args) -> Proxy:
         """``op`` of ``args``: one IR node, or one per entry where an argument is a vector (a :class:`Vector`,
         a row with one dimension left, a one-dimensional captured tensor)."""
-        lengths = {self.vector_length(a) for a in args} - {0}
-        if len(lengths) > 1:
-            raise self.fail(f"vectors of {' and '.join(map(str, sorted(lengths)))} entries in one operation")
-        if lengths:
-            columns = [self.entries(a) if self.vector_length(a) else None for a in args]
+        lengths = [self.vector_length(a) for a in args]
+        distinct = set(lengths) - {0}
+        if len(distinct) > 1:
+            raise self.fail(f"vectors of {' and '.join(map(str, sorted(distinct)))} entries in one operation")
+        if distinct:
+            columns = [self.entries(a) if n else None for a, n in zip(args, lengths)]
             return Vector(self, [self.apply(op, *(a if c is None else c[i] for a, c in zip(args, columns)))
-                                 for i in range(lengths.pop())])
+                                 for i in range(distinct.pop())])
         return Proxy(self, self.graph.add(op, tuple(self.node(a) for a in args)))
 
     def vector_length(self, value) -> int:
@@ -324,7 +325,8 @@ class Tracer:
         # gradient is spread evenly over the tied entries (the extreme's own path cancels: 1 - ties / ties)
         ties = [self.apply("eq", x, extreme) for x in entries]
         count = functools.reduce(operator.add, [self.apply("where", t, 1.0, 0.0) for t in ties])
-        offset = functools.reduce(operator.add, [self.apply("where", t, x - extreme, 0.0) for t, x in zip(ties, entries)])
+        offset = functools.reduce(operator.add, [self.apply("where", t, x - extreme, 0.0)
+                                                 for t, x in zip(ties, entries)])
         return extreme + offset / count
 
     def _relu(self, name, args, kwargs):
@@ -335,7 +337,8 @@ class Tracer:
         "getitem": lambda self, name, args, kwargs: self.index(*args),
         "where": lambda self, name, args, kwargs: self.apply("where", *args),
         "zeros_like": _like, "ones_like": _like, "full_like": _like,
-        **dict.fromkeys(("min", "max", "minimum", "maximum"), _min_max), "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
+        **dict.fromkeys(("min", "max", "minimum", "maximum"), _min_max),
+        "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
         "clamp": _clamp, "clip": _clamp, "relu": _relu,
         **dict.fromkeys(_SHIFTS, _shift), "dot": _dot, "inner": _dot, "matmul": _dot,
         **dict.fromkeys(("sum", "mean", "amax", "amin"), _reduce),
@@ -416,22 +419,6 @@ def _binary(op: str, reverse: bool = False):
     return lambda self, other: self.tracer.apply(op, self, other)
 
 
-for _name, _op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "truediv"),
-                   ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"),
-                   ("and", "and"), ("or", "or"), ("xor", "xor")]:
-    setattr(Proxy, f"__{_name}__", _binary(_op))
-    setattr(Proxy, f"__r{_name}__", _binary(_op, reverse=True))
-for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
-    setattr(Proxy, f"__{_name}__", _binary(_name))
-for _name, _left in (("lshift", True), ("rshift", False)):
-    setattr(Proxy, f"__{_name}__", lambda self, amount, _left=_left: self.tracer.shift(self, amount, _left))
-    setattr(Proxy, f"__r{_name}__", lambda self, x, _left=_left: self.tracer.shift(x, self, _left))
-Proxy.__neg__ = lambda self: self.tracer.apply("neg", self)
-Proxy.__pos__ = lambda self: self
-Proxy.__abs__ = lambda self: self.tracer.apply("abs", self)
-Proxy.__invert__ = lambda self: self.tracer.apply("not", self)
-
-
 class Row:
     """A captured tensor indexed at its leading dimensions only (``intervals[image]``,
     ``q_rope[b, h, q_idx]``): index it further or, with one dimension left, use it as a :class:`Vector`
@@ -476,13 +463,20 @@ class Row:
                 f"{self.tensor.dim()} dimensions")
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor"):
-    setattr(Row, f"__{_name}__", _binary(_name))
-    setattr(Row, f"__r{_name}__", _binary(_name, reverse=True))
-for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
-    setattr(Row, f"__{_name}__", _binary(_name))
-Row.__neg__ = lambda self: self.tracer.apply("neg", self)
-Row.__abs__ = lambda self: self.tracer.apply("abs", self)
+# Python's operators on traced values and rows (a row with one dimension left is a vector there)
+for _cls in (Proxy, Row):
+    for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor"):
+        setattr(_cls, f"__{_name}__", _binary(_name))
+        setattr(_cls, f"__r{_name}__", _binary(_name, reverse=True))
+    for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+        setattr(_cls, f"__{_name}__", _binary(_name))
+    for _name, _left in (("lshift", True), ("rshift", False)):
+        setattr(_cls, f"__{_name}__", lambda self, amount, _left=_left: self.tracer.shift(self, amount, _left))
+        setattr(_cls, f"__r{_name}__", lambda self, x, _left=_left: self.tracer.shift(x, self, _left))
+    _cls.__neg__ = lambda self: self.tracer.apply("neg", self)
+    _cls.__pos__ = lambda self: self
+    _cls.__abs__ = lambda self: self.tracer.apply("abs", self)
+    _cls.__invert__ = lambda self: self.tracer.apply("not", self)
 
 
 class Vector(Proxy):

@@ -32,16 +32,19 @@ class Float64(TorchFunctionMode):
 
 def learnable(spec: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tensor]:
     """The tensors of ``spec`` that receive gradients: captured float tensors that require grad
-    (``capture<i>``, in capture order; a captured view's base, once), the normalization's sink / alpha / beta tensors (entmax's alpha) and
-    differential attention's ``lam``; a linear spec's ``decay``."""
+    (``capture<i>``, in capture order; a captured view's base, once), the normalization's sink / alpha /
+    beta tensors (entmax's alpha) and differential attention's ``lam``; a linear spec's ``decay``."""
     if isinstance(spec, LinearAttentionSpec):
         decay = spec.decay
         return {"decay": decay} if isinstance(decay, torch.Tensor) and decay.requires_grad else {}
     attn = compile_spec(spec)
-    # a view (w[0] taken inside a mod, made anew each time the mod runs) is compared through its base
-    found = {f"capture{i}": c.tensor._base if c.tensor._is_view() else c.tensor
-             for i, c in enumerate(attn.graph.captures) if c.differentiable}
-    found = {name: t for name, t in found.items() if next(n for n, u in found.items() if u is t) == name}
+    found, seen = {}, set()
+    for i, capture in enumerate(attn.graph.captures):
+        # a view (w[0] taken inside a mod, made anew each time the mod runs) is compared through its base
+        tensor = capture.tensor._base if capture.tensor._is_view() else capture.tensor
+        if capture.differentiable and id(tensor) not in seen:
+            seen.add(id(tensor))
+            found[f"capture{i}"] = tensor
     norm = spec.normalization
     named = [("sink", norm.sink)] + (list(zip(("alpha", "beta"), norm.affine)) if norm.affine else []) \
         + ([("alpha", norm.alpha)] if norm.family == "threshold" else []) + [("lam", spec.differential)]
