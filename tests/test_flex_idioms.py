@@ -217,19 +217,26 @@ def test_dtype_attributes_and_type_as():
     assert seen == dict(score=torch.float32, index=torch.int32, mask=torch.bool, min=torch.finfo(torch.float32).min)
 
 
-def test_scores_set_to_a_large_negative_number_warn_and_give_torchs_forward():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scores_set_to_a_large_negative_number_warn_and_give_torchs_forward(dtype):
     """A row whose every key ``torch.where`` sets to finfo.min has weights 1 / n in torch: so in the forward
-    kernels (float32), but its gradients come from an lse that rounded log(n) away; compiling says so.
-    -inf (or mask_mod) drops keys exactly and does not warn."""
+    kernels, for 16-bit inputs too (whose exp2 form would overflow there: NaN), but its gradients come from
+    an lse that rounded log(n) away; compiling says so. -inf (or mask_mod) drops keys exactly and does not
+    warn."""
     def score_mod(s, b, h, q_idx, kv_idx):
         return torch.where((q_idx >= kv_idx) & (q_idx > 4), s, torch.finfo(s.dtype).min)
 
     with pytest.warns(UserWarning, match=r"score_mod sets scores to -3.40282e\+38 with torch.where: where a row's "
                                          r"every key gets it, float32's log-sum-exp rounds log\(n\) away"):
         attn = ag.compile(ag.AttentionSpec(score_mod=score_mod))
-    q, k, v = Case(1, 2, 2, 40, 40, 16, 16).tensors(requires_grad=False)
-    expected = reference.attention(q.double(), k.double(), v.double(), ag.AttentionSpec(score_mod=score_mod))
-    torch.testing.assert_close(attn(q, k, v).double(), expected, rtol=0, atol=2e-5)
+    q, k, v = (t.to(dtype) for t in Case(1, 2, 2, 40, 40, 16, 16).tensors(requires_grad=False))
+    expected, stats = reference.attention(q.double(), k.double(), v.double(), ag.AttentionSpec(score_mod=score_mod),
+                                          return_stats=True)
+    out, got = attn(q, k, v, return_stats=True)
+    atol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(got.lse[:, :, 5:].double(), stats.lse[:, :, 5:], rtol=0, atol=1e-5)
+    assert (got.lse[:, :, :5] == torch.finfo(torch.float32).min).all()  # the reference's is float64's min
     torch.testing.assert_close(expected[:, :, :5], v.double().mean(2, keepdim=True).expand(1, 2, 5, 16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

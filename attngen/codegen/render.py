@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 from functools import lru_cache
 from importlib import resources
@@ -327,6 +328,10 @@ def capture_gradient_context(tagged_grads: list[tuple[str, dict]], stick: bool) 
     return context
 
 
+# |x| beyond which x log2(e), the exponent of exp2's weights, overflows float32
+EXP2_LIMIT = 3.4028234663852886e38 / 1.4426950408889634
+
+
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    kernel_captures: dict[str, int] | None = None, differential: bool = False,
@@ -445,6 +450,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "spec_lines": docstring_lines(spec_lines),
         "softmax": softmax,
         "online": online,
+        # a finite score past EXP2_LIMIT (torch.finfo(torch.float32).min for a masked key) can only come from a
+        # constant of score_mod: exp2's weights would be inf - inf for a row of them, so such specs take exp
+        "natural_exp": online and any(EXP2_LIMIT < abs(c) < math.inf
+                                      for c in graph.float_constants(("score", "score2"))),
         "rectified": rectified,
         "eps": repr(normalization.eps) if rectified or normalized else None,
         "sink": normalization.sink is not None,

@@ -232,6 +232,11 @@ class Graph:
             needed |= nx.ancestors(self.nx, r)
         return [n for n in nx.topological_sort(self.nx) if n in needed]
 
+    def float_constants(self, names: Iterable[str]) -> set[float]:
+        """The float constants that the outputs ``names`` (those present) depend on."""
+        roots = [self.outputs[name] for name in names if name in self.outputs]
+        return {self.node(n)["value"] for n in self.order(roots) if self.is_const(n) and self.dtype(n) == "float"}
+
     def uses(self, n: int) -> int:
         """How many argument slots refer to ``n``."""
         return sum(self.args(u).count(n) for u in self.nx.successors(n))

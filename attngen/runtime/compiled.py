@@ -69,8 +69,7 @@ _SOFT_MASK = -1e4  # a score this low, set by torch.where, is a mask written as 
 def _warn_of_soft_masks(graph, spec: AttentionSpec) -> None:
     """Warn where score_mod drops keys with a large finite negative score (``torch.where(keep, s, -1e9)``,
     ``torch.finfo(s.dtype).min``): a row whose every key gets it has weights 1 / n, as in torch, but at
-    that magnitude float32's lse rounds log(n) away, so its gradients are off (by up to n times), and
-    exp2's scaled exponent overflows below -2.4e38 (NaN with 16-bit inputs)."""
+    that magnitude float32's lse rounds log(n) away, so its gradients are off (by up to n times)."""
     if spec.normalization.family in WEIGHT_FAMILIES or spec.normalization.family == "stick_breaking":
         return
     outputs = [graph.outputs[name] for name in ("score", "score2") if name in graph.outputs]
@@ -79,9 +78,8 @@ def _warn_of_soft_masks(graph, spec: AttentionSpec) -> None:
                      and -math.inf < graph.node(a)["value"] <= _SOFT_MASK})
     if values:
         warnings.warn(f"score_mod sets scores to {values[0]:g} with torch.where: where a row's every key gets it, "
-                      "float32's log-sum-exp rounds log(n) away at that magnitude (its gradients are then wrong) "
-                      "and 16-bit inputs give NaN below -2.4e38; drop keys with float('-inf') or mask_mod instead, "
-                      "which the kernels skip exactly (a row with no key left gives 0)", stacklevel=5)
+                      "float32's log-sum-exp rounds log(n) away at that magnitude (its gradients are then wrong); "
+                      "drop keys with float('-inf') or mask_mod instead, which the kernels skip exactly (a row with no key left gives 0)", stacklevel=5)
 
 
 class CompiledAttention:
