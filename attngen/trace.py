@@ -242,14 +242,17 @@ class Tracer:
 
     # -- torch functions with their own rules: each returns None where its form does not apply ---------
     def _like(self, name, args, kwargs):
-        """``zeros_like`` / ``ones_like`` / ``full_like``: a constant of the value's type (or of ``dtype=``)."""
+        """``zeros_like`` / ``ones_like`` / ``full_like``: a constant of the value's type (or of ``dtype=``), one
+        per entry of a vector."""
         fill = _LIKE.get(name, args[1] if len(args) > 1 else kwargs.pop("fill_value", None))
         dtype = kwargs.pop("dtype", None)
         if kwargs or not isinstance(fill, (bool, int, float)) or not (dtype is None or dtype in _CASTS):
             raise self.fail(f"torch.{name} takes a traced value, a number to fill with and a dtype of "
                             f"{', '.join(map(str, _CASTS))}")
         kind = self.dtype(args[0]) if dtype is None else _CASTS[dtype]
-        return Proxy(self, self.graph.const({"float": float, "int": int, "bool": bool}[kind](fill)))
+        constant = Proxy(self, self.graph.const({"float": float, "int": int, "bool": bool}[kind](fill)))
+        length = self.vector_length(args[0])
+        return Vector(self, [constant] * length) if length else constant
 
     def _min_max(self, name, args, kwargs):
         """``torch.minimum`` / ``maximum`` and the two-tensor ``min`` / ``max`` (with an int, torch.min / max

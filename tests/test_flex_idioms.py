@@ -304,8 +304,8 @@ def test_gradients_at_ties_and_kinks_are_torchs():
 
 def test_vectors_over_a_captured_tensors_last_dimension():
     """FIRE's hidden layer (spec file) is ``torch.relu(W1 * x + B1)`` over a one-dimensional tensor; here also
-    products of rows, elementwise functions, sum / mean / max / min, len() and iteration, with learnable
-    weights, against torch's (vmap) evaluation of the same mod."""
+    products of rows, elementwise functions, sum / mean / max / min, len() and iteration, zeros_like /
+    full_like of a vector (a vector of constants), with learnable weights, against torch's (vmap) evaluation of the same mod."""
     gen = torch.Generator().manual_seed(7)
     feats = torch.randn(30, 4, generator=gen)
     weight = torch.randn(4, generator=gen).requires_grad_()
@@ -313,6 +313,8 @@ def test_vectors_over_a_captured_tensors_last_dimension():
     def score_mod(s, b, h, q_idx, kv_idx):
         d = feats[q_idx] - feats[kv_idx]
         return (s - 0.1 * (d * d * weight).sum() + 0.05 * torch.tanh(d).max() + 0.05 * d.abs().mean()
-                - 0.05 * torch.min(d + weight) + 0.01 * sum(x for x in feats[kv_idx]) + 0.01 * len(d))
+                - 0.05 * torch.min(d + weight) + 0.01 * sum(x for x in feats[kv_idx]) + 0.01 * len(d)
+                + 0.1 * torch.dot(torch.maximum(d, torch.zeros_like(d)), torch.full_like(weight, 0.5) + weight)
+                + 0.1 * (torch.ones_like(d) @ d) + 0.01 * len(torch.zeros_like(weight)))
 
     assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), *Case(1, 2, 2, 30, 30, 16, 16).tensors())
