@@ -84,6 +84,41 @@ def _hardsigmoid(x):
     return _hardtanh(x / 6.0 + 0.5, 0.0, 1.0)
 
 
+def _asinh(x):
+    """sign(x) log1p(|x| + x^2 / (1 + sqrt(1 + x^2))), which keeps float32's precision near 0; log(2|x|)
+    past 1e18, where x^2 would overflow."""
+    a = torch.abs(x)
+    magnitude = torch.where(a > 1e18, torch.log(a) + _LN2, torch.log1p(a + a * a / (1.0 + torch.sqrt(1.0 + a * a))))
+    return torch.where(x < 0, -magnitude, magnitude)
+
+
+def _acosh(x):
+    """log1p((x - 1) + sqrt((x - 1)(x + 1))): precise near 1; NaN below 1 (the root's), as torch."""
+    return torch.where(x > 1e18, torch.log(x) + _LN2, torch.log1p((x - 1.0) + torch.sqrt((x - 1.0) * (x + 1.0))))
+
+
+def _atanh(x):
+    """log1p(2x / (1 - x)) / 2: precise near 0; inf at 1, NaN past it, as torch."""
+    return 0.5 * torch.log1p(2.0 * x / (1.0 - x))
+
+
+def _is_nan(x):
+    return x != x if x.tracer.dtype(x) == "float" else torch.zeros_like(x, dtype=torch.bool)
+
+
+def _nan_to_num(x, nan=0.0, posinf=None, neginf=None):
+    """NaN, inf and -inf replaced; the infinities by float32's largest finite values unless given (a traced
+    value is float32, as in the kernels)."""
+    big = torch.finfo(torch.float32).max
+    posinf, neginf = big if posinf is None else posinf, -big if neginf is None else neginf
+    return torch.where(x != x, nan, torch.where(x == math.inf, posinf, torch.where(x == -math.inf, neginf, x)))
+
+
+def _xlogy(x, y):
+    """x log(y), 0 where x is 0 (unless y is NaN), as torch."""
+    return torch.where((x == 0) & (y == y), 0.0, x * torch.log(y))
+
+
 # torch function name -> its composition (aliases share one)
 COMPOSITE = {
     "square": lambda x: x * x,
@@ -116,4 +151,30 @@ COMPOSITE = {
     "hardswish": lambda x: x * _hardsigmoid(x),
     "softsign": lambda x: x / (1.0 + torch.abs(x)),
     "mish": lambda x: x * torch.tanh(_softplus(x)),
+    "softshrink": lambda x, lambd=0.5: torch.where(x > lambd, x - lambd, torch.where(x < -lambd, x + lambd, 0.0)),
+    "hardshrink": lambda x, lambd=0.5: torch.where(torch.abs(x) > lambd, x, 0.0),
+    "tanhshrink": lambda x: x - torch.tanh(x),
+    "threshold": lambda x, threshold, value: torch.where(x > threshold, x, value),
+    "sinh": lambda x: 0.5 * (torch.expm1(x) - torch.expm1(-x)),  # precise near 0
+    "cosh": lambda x: 0.5 * (torch.exp(x) + torch.exp(-x)),
+    "asinh": _asinh,
+    "arcsinh": _asinh,
+    "acosh": _acosh,
+    "arccosh": _acosh,
+    "atanh": _atanh,
+    "arctanh": _atanh,
+    "sinc": lambda x: torch.where(x == 0, 1.0, torch.sin(math.pi * x) / (math.pi * x)),
+    "frac": lambda x: x - _trunc(x),
+    "rad2deg": lambda x: x * (180.0 / math.pi),
+    "deg2rad": lambda x: x * (math.pi / 180.0),
+    "isnan": _is_nan,
+    "isinf": lambda x: torch.abs(x) == math.inf,
+    "isposinf": lambda x: x == math.inf,
+    "isneginf": lambda x: x == -math.inf,
+    "isfinite": lambda x: torch.abs(x) < math.inf,  # NaN is not
+    "nan_to_num": _nan_to_num,
+    "xlogy": _xlogy,
+    "heaviside": lambda x, values: torch.where(x == 0, values, torch.where(x > 0, 1.0, 0.0)),
+    "addcmul": lambda x, a, b, value=1.0: x + value * a * b,
+    "addcdiv": lambda x, a, b, value=1.0: x + value * a / b,
 }

@@ -332,6 +332,12 @@ class Tracer:
                                                  for t, x in zip(ties, entries)])
         return extreme + offset / count
 
+    def _scaled_add(self, name, args, kwargs):
+        """``torch.add`` / ``torch.sub`` with ``alpha=``: the second argument scaled first."""
+        if len(args) != 2 or list(kwargs) != ["alpha"]:
+            return None
+        return self.apply(_BINARY[name], args[0], self.apply("mul", args[1], kwargs["alpha"]))
+
     def _relu(self, name, args, kwargs):
         # 0 first: at 0 the gradient goes to it, so relu's is 0 there, as torch's
         return self.apply("maximum", 0.0, args[0]) if len(args) == 1 and not kwargs else None
@@ -343,6 +349,7 @@ class Tracer:
         **dict.fromkeys(("min", "max", "minimum", "maximum"), _min_max),
         "floor": _round, "ceil": _round, "div": _divide, "divide": _divide,
         "clamp": _clamp, "clip": _clamp, "relu": _relu,
+        **dict.fromkeys(("add", "sub", "subtract"), _scaled_add),
         **dict.fromkeys(_SHIFTS, _shift), "dot": _dot, "inner": _dot, "matmul": _dot,
         **dict.fromkeys(("sum", "mean", "amax", "amin"), _reduce),
     }

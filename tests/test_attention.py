@@ -54,12 +54,17 @@ SMALL_VALUE_MODS = {  # each about s (- 30): log(1 + x) or exp(x) - 1 would be o
     "log1p": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.log1p(1e-5 * s),
     "expm1": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.expm1(1e-5 * s),
     "log_softplus": lambda s, b, h, q_idx, kv_idx: torch.log(torch.nn.functional.softplus(s - 30.0)),
+    "sinh": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.sinh(1e-5 * s),
+    "asinh": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.asinh(1e-5 * s),
+    "atanh": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.atanh(1e-5 * s),
+    "acosh": lambda s, b, h, q_idx, kv_idx: 1e3 * torch.acosh(1.0 + 1e-6 * s * s),
 }
 
 
 @pytest.mark.parametrize("name", SMALL_VALUE_MODS)
 def test_log1p_expm1_and_softplus_of_small_values_match_reference(name):
-    """Mods that need log1p's and expm1's relative precision near 0 (softplus(x) is log1p(e^x) for x < 0)."""
+    """Mods that need log1p's and expm1's relative precision near 0 (softplus(x) is log1p(e^x) for x < 0; sinh,
+    asinh, atanh near 0 and acosh near 1 are composed of them)."""
     spec = ag.AttentionSpec(score_mod=SMALL_VALUE_MODS[name], mask_mod=ag.masks.causal)
     assert_matches_reference(spec, *Case(1, 2, 2, 33, 33, 32, 32).tensors())
 
@@ -85,6 +90,41 @@ def test_activations_rounding_and_methods_match_reference(case):
     logaddexp, round (half to even, also to decimals), trunc, fmod, clamp_min / clamp_max, lerp, and the
     method forms x.pow / mul / add / sub / div / where / masked_fill, against torch's, gradients too."""
     assert_matches_reference(ag.AttentionSpec(score_mod=_activations_and_rounding), *case.tensors())
+
+
+def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
+    """Hyperbolic functions and their inverses (small arguments: SMALL_VALUE_MODS), shrinks, thresholds, xlogy, sinc, frac, angle units, heaviside, add / sub with alpha."""
+    F = torch.nn.functional
+    t = torch.tanh(s)  # in (-1, 1)
+    return (0.1 * torch.sinh(s) + 0.1 * torch.cosh(0.5 * s) + 0.2 * torch.asinh(3.0 * s) + 0.2 * torch.arcsinh(s)
+            + 0.1 * torch.acosh(1.0 + s * s) + 0.2 * torch.atanh(0.9 * t) + 0.2 * torch.arctanh(0.5 * t)
+            + 0.2 * F.softshrink(s) + 0.2 * F.hardshrink(s, 0.3) + 0.2 * F.tanhshrink(s) + 0.2 * F.threshold(s, 0.2, -0.1)
+            + 0.1 * torch.xlogy(torch.relu(s), 1.5 + t) + 0.1 * torch.xlogy(torch.relu(s), s)
+            + 0.3 * torch.sinc(0.25 * (q_idx - kv_idx).float()) + 0.2 * torch.sinc(s) + 0.1 * torch.frac(2.0 * s)
+            + 0.01 * torch.rad2deg(t) + torch.deg2rad(10.0 * s)
+            + 0.1 * torch.heaviside((q_idx - kv_idx).float(), torch.tensor(0.5))
+            + torch.add(0.5 * s, t, alpha=0.3) + s.sub(t, alpha=0.2) + torch.addcmul(s, t, t, value=0.1)
+            + torch.addcdiv(s, t, 2.0 + t, value=-0.2))
+
+
+@pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
+def test_hyperbolic_functions_shrinks_and_friends_match_reference(case):
+    """sinh / cosh / asinh / acosh / atanh (and arc- names), softshrink / hardshrink / tanhshrink /
+    threshold, xlogy, sinc, frac, rad2deg / deg2rad, heaviside (of offsets: torch has no gradient), add / sub
+    with alpha, addcmul / addcdiv, against torch's, gradients too."""
+    assert_matches_reference(ag.AttentionSpec(score_mod=_hyperbolic_and_shrinking), *case.tensors())
+
+
+def test_nan_and_infinity_tests_match_reference():
+    """isnan / isinf / isposinf / isneginf / isfinite and nan_to_num on scores with NaN and infinities."""
+    def score_mod(s, b, h, q_idx, kv_idx):
+        odd = torch.where(kv_idx % 4 == 1, float("nan"), torch.where(kv_idx % 4 == 2, float("inf"), s))
+        odd = torch.where(kv_idx % 8 == 3, float("-inf"), odd)
+        flags = (0.1 * torch.isnan(odd).float() + 0.2 * torch.isinf(odd).float() + 0.3 * torch.isposinf(odd).float()
+                 + 0.4 * torch.isneginf(odd).float() - 0.5 * torch.isfinite(odd).float() + 0.1 * torch.isnan(q_idx))
+        return s + flags + 0.3 * torch.nan_to_num(odd, nan=0.5, posinf=2.0, neginf=-2.0)
+
+    assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), *Case(1, 2, 2, 30, 30, 16, 16).tensors())
 
 
 def test_logaddexp_of_two_minus_infinities_is_minus_infinity():
