@@ -319,6 +319,55 @@ def test_packed_rows_expectations_equal_a_batch_of_the_sequences():
     _, dense = attn(*batch, return_stats=True)
     torch.testing.assert_close(packed.drift, dense.drift.transpose(0, 1).flatten(1), atol=1e-5, rtol=1e-5)
 
+def _nested(packed: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Packed (tokens, heads, dim) sequences as a jagged nested tensor [batch, j, heads, dim], a leaf (its
+    transpose(1, 2) is attention's layout)."""
+    pieces = [packed[int(cu[i]):int(cu[i + 1])].detach() for i in range(len(cu) - 1)]
+    return torch.nested.nested_tensor(pieces, layout=torch.jagged, requires_grad=True)
+
+
+@pytest.mark.parametrize("lengths_q, lengths_k", [([20, 33, 9], [20, 33, 9]), ([5, 1, 12], [20, 7, 3])])
+def test_jagged_nested_tensors_are_packed_sequences(lengths_q, lengths_k):
+    """q, k, v as jagged nested tensors [B, H, j, D] (SDPA's layout): out is one too, with the packed call's
+    values, and gradients reach the nested leaves, as the packed call's (itself checked against the
+    reference); statistics come back packed."""
+    table = torch.randn(3, 40)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[b, kv_idx] - 0.05 * q_idx,
+                            mask_mod=masks.causal)
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, heads=4, kv_heads=2, v_dim=16)
+    leaves = [_nested(t, cu) for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k))]
+    nested = [leaf.transpose(1, 2) for leaf in leaves]
+    attn = ag.compile(spec)
+    out, stats = attn(*nested, return_stats=True)
+    expected, expected_stats = attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_stats=True)
+    assert out.is_nested and out.shape[:2] == (3, 4) and out.shape[3] == 16
+    torch.testing.assert_close(out.transpose(1, 2).values(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(stats.lse, expected_stats.lse, rtol=0, atol=0)
+    grad = torch.randn_like(expected)
+    out.transpose(1, 2).values().backward(grad)
+    expected.backward(grad)
+    for leaf, dense in zip(leaves, (q, k, v)):
+        torch.testing.assert_close(leaf.grad.values(), dense.grad, rtol=0, atol=0)
+    assert_matches_reference(spec, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    torch.testing.assert_close(ag.attention(*nested, spec.score_mod, spec.mask_mod).transpose(1, 2).values(),
+                               expected, rtol=0, atol=0)
+
+
+def test_bad_nested_calls():
+    q, k, v, cu, _ = _packed([5, 4], [5, 4])
+    nested = [_nested(t, cu).transpose(1, 2) for t in (q, k, v)]
+    attn = ag.compile(ag.AttentionSpec())
+    with pytest.raises(ValueError, match=r"must each be a jagged nested tensor .* v is a dense tensor of shape"):
+        attn(nested[0], nested[1], v)
+    with pytest.raises(ValueError, match="nested tensors carry their sequence lengths"):
+        attn(*nested, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match=r"k and v must hold sequences of the same lengths, got offsets \[0, 5, 9\] "
+                                         r"and \[0, 4, 9\]"):
+        attn(nested[0], nested[1], _nested(v, torch.tensor([0, 4, 9])).transpose(1, 2))
+    with pytest.raises(ValueError, match="a jagged nested tensor of shape"):  # ragged in the heads, not the length
+        attn(nested[0].transpose(1, 2), *nested[1:])
+
+
 def test_packed_plan_skips_tiles_between_sequences():
     cu = torch.arange(0, 513, 64)  # eight sequences of 64 tokens
     stats = ag.compile(ag.AttentionSpec(mask_mod=masks.causal)).block_stats(

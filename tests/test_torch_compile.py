@@ -226,3 +226,22 @@ def test_linear_attention_first_seen_inside_torch_compile(tmp_path, monkeypatch)
     q, g = torch.randn(1, 2, 20, 16, generator=gen), -torch.rand(1, 2, 20, generator=gen)
     compiled = torch.compile(lambda q, g: attn(q, q, q, log_decay=g), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, g), attn(q, q, q, log_decay=g), atol=0, rtol=0)
+
+
+def test_jagged_nested_tensors_inside_torch_compile():
+    """Nested q, k, v are unpacked outside the graph (a graph break there, not fullgraph): the same outputs
+    and gradients as an eager packed call."""
+    packed = torch.randn(30, 2, 8)
+    cu = torch.tensor([0, 10, 30])
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+    leaves = [torch.nested.nested_tensor(list(packed.split([10, 20])), layout=torch.jagged, requires_grad=True)
+              for _ in range(3)]
+    out = torch.compile(lambda q, k, v: attn(q, k, v) * 2.0)(*(leaf.transpose(1, 2) for leaf in leaves))
+    dense = [packed.clone().requires_grad_() for _ in range(3)]
+    expected = attn(*dense, cu_seqlens_q=cu, cu_seqlens_k=cu) * 2.0
+    torch.testing.assert_close(out.transpose(1, 2).values(), expected)
+    grad = torch.randn_like(expected)
+    out.transpose(1, 2).values().backward(grad)
+    expected.backward(grad)
+    for leaf, tensor in zip(leaves, dense):
+        torch.testing.assert_close(leaf.grad.values(), tensor.grad)

@@ -28,12 +28,16 @@ class Call:
     k: torch.Tensor
     v: torch.Tensor
     shape: Shape
+    nested_offsets: torch.Tensor | None = None  # q's, where q, k and v came as jagged nested tensors
 
     def finish(self, out: torch.Tensor, stats: Stats | None):
-        """Outputs in the call's own layout: packed calls get ``(tokens, heads, dim)`` and ``[heads, tokens]``."""
+        """Outputs in the call's own layout: packed calls get ``(tokens, heads, dim)`` and ``[heads, tokens]``,
+        nested ones a jagged nested ``[batch, heads, j, dim]`` (and the packed statistics)."""
         if not self.variant.packed:
             return out if stats is None else (out, stats)
         out = out[0].transpose(0, 1)
+        if self.nested_offsets is not None:
+            out = torch.nested.nested_tensor_from_jagged(out, self.nested_offsets).transpose(1, 2)
         if stats is None:
             return out
         return out, Stats(**{name: getattr(stats, name)[0] for name in stats.names()})
@@ -63,6 +67,33 @@ def _packed(q, k, v, cu_seqlens_q, cu_seqlens_k):
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; move it to {q.device}")
     tensors = packed_tensors(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     return tensors, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+
+
+def _jagged_at_length(t) -> bool:
+    """Whether ``t`` is a jagged nested tensor [batch, heads, j, head_dim], ragged in its length only."""
+    return isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged and t.dim() == 4 \
+        and [d for d, size in enumerate(t.shape) if not isinstance(size, int)] == [2]
+
+
+@torch.compiler.disable  # torch.compile cannot trace the checks of a nested tensor's shape: a graph break
+def _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Jagged nested tensors ``[batch, heads, j, head_dim]`` (SDPA's layout for them) as the packed values
+    and offsets of a cu_seqlens call: ``(cu_seqlens_q, cu_seqlens_k, q, k, v)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not _jagged_at_length(t):
+            got = type(t).__name__ if not isinstance(t, torch.Tensor) else \
+                f"a dense tensor of shape {tuple(t.shape)}" if not t.is_nested else \
+                f"a jagged nested tensor of shape {tuple(t.shape)}" if t.layout == torch.jagged else \
+                f"a {t.layout} nested tensor"
+            raise ValueError(f"with nested tensors, q, k and v must each be a jagged nested tensor [batch, heads, "
+                             f"j, head_dim] (torch.nested.nested_tensor of [tokens, heads, head_dim] sequences, "
+                             f"layout=torch.jagged, then .transpose(1, 2)); {name} is {got}")
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        raise ValueError("nested tensors carry their sequence lengths: pass no cu_seqlens_q / cu_seqlens_k")
+    if k.offsets() is not v.offsets() and not torch.equal(k.offsets(), v.offsets()):
+        raise ValueError(f"k and v must hold sequences of the same lengths, got offsets {k.offsets().tolist()} "
+                         f"and {v.offsets().tolist()}")
+    return q.offsets(), k.offsets(), *(t.transpose(1, 2).values() for t in (q, k, v))
 
 
 MODES = (None, "auto", "decode", "prefill")
@@ -123,6 +154,9 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     tensors: dict[str, torch.Tensor] = {}
+    nested = any(isinstance(t, torch.Tensor) and t.is_nested for t in (q, k, v))
+    if nested:
+        cu_seqlens_q, cu_seqlens_k, q, k, v = _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k)
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -163,4 +197,4 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         mode == "decode" or (mode in (None, "auto") and decoding(shape, q)))
     tensors.update(_dropout(spec, dropout_p, seed, q.device))
     variant = Variant(block_size, cache, packed, split_kv, block_table is not None, "dropout_seed" in tensors)
-    return Call(variant, tensors, q, k, v, shape)
+    return Call(variant, tensors, q, k, v, shape, cu_seqlens_q if nested else None)

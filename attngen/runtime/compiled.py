@@ -230,7 +230,8 @@ class CompiledAttention:
         lengths): q ``(tokens, Hq, Dqk)``, k and v ``(tokens, Hkv, D)`` hold packed
         sequences that attend within themselves; the mods see the sequence as
         ``b`` and positions within it; out is ``(tokens, Hq, Dv)`` and row
-        statistics ``[Hq, tokens]``. ``mode="decode"`` splits each row's keys over
+        statistics ``[Hq, tokens]``; jagged nested q, k, v ``[B, H, j, D]`` (SDPA's layout) are packed
+        sequences with their offsets as cu_seqlens, and out is nested too. ``mode="decode"`` splits each row's keys over
         several programs and merges them (split-KV), ``"prefill"`` never does; by
         default CUDA calls with at most 16 queries and at least 1024 keys do.
         ``dropout_p`` (default: the spec's) drops normalized weights with that
