@@ -5,8 +5,9 @@ integer index arithmetic (``+ - *``, ``//`` and ``%`` by constants,
 ``minimum``/``maximum``, ``abs``, loads from captured integer tables, quotients
 converted back to ints by ``.long()``, ``floor``, ``ceil``),
 comparisons combined with ``& | ~``, float arithmetic on the score with
-``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt``, activations
-(``elu``, ``leaky_relu``, ``softsign``, ``logaddexp``, ``clamp_min``) and loads from
+``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt``/``asinh``, activations
+(``elu``, ``leaky_relu``, ``softsign``, ``logaddexp``, ``clamp_min``, ``softshrink``, ``tanhshrink``,
+``add`` with ``alpha``) and loads from
 captured (optionally learnable) float tables. Magnitudes stay bounded so that
 float32 kernels and the float64 reference can be compared under one rule, and
 branches only ever test integers (a float test could flip on a rounding error).
@@ -104,7 +105,7 @@ class _Grammar:
         a = self.score(depth - 1)
         return self.choice([f"torch.tanh({a})", f"torch.sigmoid({a})", f"torch.exp(-abs({a}))",
                             f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)",
-                            f"torch.nn.functional.softsign({a})"])
+                            f"torch.nn.functional.softsign({a})", f"torch.asinh(0.5 * {a}) / 2.0"])
 
     def score(self, depth: int) -> str:
         """A float expression of the score, growing at most linearly in it."""
@@ -127,7 +128,9 @@ class _Grammar:
             return f"(0.2 * {self.bounded(depth - 1)} ** 2)"
         if kind == "activation":
             return self.choice([f"torch.nn.functional.elu({a})", f"torch.nn.functional.leaky_relu({a}, 0.2)",
-                                f"torch.logaddexp({a}, {self.bounded(depth - 1)})", f"{a}.clamp_min(-1.0)"])
+                                f"torch.logaddexp({a}, {self.bounded(depth - 1)})", f"{a}.clamp_min(-1.0)",
+                                f"torch.nn.functional.softshrink({a}, 0.5)", f"torch.nn.functional.tanhshrink({a})",
+                                f"torch.add({a}, {self.bounded(depth - 1)}, alpha=0.5)"])
         return self.bounded(depth)
 
 
