@@ -59,7 +59,8 @@ SUPPORTED_TORCH = sorted(set(_BINARY) | set(_UNARY) | set(_LIKE) | set(COMPOSITE
     "where", "clamp", "clip", "relu", "min", "max", "minimum", "maximum", "floor", "ceil", "full_like", "__getitem__",
     "bitwise_left_shift", "bitwise_right_shift", "dot", "inner", "matmul", "sum", "mean", "amax", "amin"})
 # the supported functions that are also tensor methods taking the tensor first (x.where differs)
-_METHODS = {name for name in SUPPORTED_TORCH if name != "where" and hasattr(torch, name) and hasattr(torch.Tensor, name)}
+_METHODS = {name for name in SUPPORTED_TORCH
+            if name != "where" and hasattr(torch, name) and hasattr(torch.Tensor, name)}
 
 
 def _user_frame(frames) -> str:
@@ -368,12 +369,27 @@ class Proxy:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _torch_function(func, args, kwargs)
 
-    def _concrete(self, *_):
+    def __bool__(self):
         raise self.tracer.fail(
-            "Python control flow on a traced value (if / while / and / or / bool() / int() / float()) "
-            "cannot be compiled; use torch.where(cond, a, b) and the operators & | ~ instead")
+            "Python control flow on a traced value (if / while / and / or / not / bool()) cannot be compiled; "
+            "use torch.where(cond, a, b) and the operators & | ~ instead")
 
-    __bool__ = __int__ = __float__ = __index__ = __len__ = __iter__ = _concrete
+    def _number(self, *_):
+        raise self.tracer.fail(
+            "a traced value was converted to a Python number (float(), int(), .item(), math.<function>()): it has no "
+            "value until the kernels run; use torch's functions (torch.exp(s), not math.exp(s)) and .float() / .long()")
+
+    def _index(self, *_):
+        raise self.tracer.fail(
+            "a traced value was used as a Python index or count (a list or tuple index, range(), a slice): it has "
+            "no value until the kernels run; index a captured torch tensor instead (torch.tensor(values)[q_idx])")
+
+    def _scalar(self, *_):
+        raise self.tracer.fail("traced values are scalars: they have no len() and cannot be iterated")
+
+    __int__ = __float__ = _number
+    __index__ = _index
+    __len__ = __iter__ = _scalar
     __hash__ = object.__hash__
 
     def __getitem__(self, _):
@@ -396,6 +412,14 @@ class Proxy:
             return _KERNEL_DTYPES[self.tracer.dtype(self)]
         if name in ("to", "type", "type_as"):
             return self._to
+        if name in ("item", "tolist", "numpy"):
+            self._number()
+        if name.startswith("__array"):  # numpy asking for an array
+            raise self.tracer.fail("numpy cannot compute on traced values: use torch's functions (torch.exp(s), not "
+                                   "np.exp(s)) and capture torch tensors (torch.as_tensor(array)), not numpy arrays")
+        if name.endswith("_") and (name[:-1] in _METHODS or name[:-1] in ("masked_fill", "where")):
+            raise self.tracer.fail(f"in-place methods such as .{name}() are not traced: write s = s.{name[:-1]}(...) "
+                                   "(or the operator) instead")
         raise self.tracer.fail(f"traced values have no method {name!r} (conversions: .to(dtype), "
                                f"{', '.join(f'.{m}()' for m in _CAST_METHODS)}; functions: torch.<name>(x) for "
                                f"the supported torch functions)")
@@ -545,6 +569,8 @@ def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]
     except Exception as error:  # the user's function failed on proxies
         raise SpecError(f"{name} could not be traced: {type(error).__name__}: {error}\n"
                         f"  at {_user_frame(traceback.extract_tb(error.__traceback__))}") from error
+    if result is None:
+        raise SpecError(f"{name} returned None: is its return statement missing?")
     return tracer.node(result)
 
 
@@ -577,9 +603,10 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
     and ``exp0``, ``exp1``, ... (one per row expectation).
 
     ``score`` is what the kernel normalizes: ``score_mod``'s result, then the
-    normalization's ``logits`` or, for WEIGHT_FAMILIES, its ``weight`` of it, which may use the input ``n_keys`` or ``n_kept`` (``key_count(b, q_idx)``, when
-    given, stands for ``n_keys``: the number of keys of the row's sequence). With ``two_streams``
-    (differential attention) the output ``score2`` is the second stream's score: ``second_score_mod``
+    normalization's ``logits`` or, for WEIGHT_FAMILIES, its ``weight`` of it, which may use the input
+    ``n_keys`` or ``n_kept`` (``key_count(b, q_idx)``, when given, stands for ``n_keys``: the number of keys
+    of the row's sequence). With ``two_streams`` (differential attention) the output ``score2`` is the
+    second stream's score: ``second_score_mod``
     (default ``score_mod``) of the same input, then the same logits. Each
     expectation function is traced on the input ``logit`` (the kernel passes
     ``score`` there).

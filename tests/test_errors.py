@@ -1,5 +1,8 @@
 """User mistakes get clear errors naming the argument, never a Triton trace."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +109,29 @@ def test_python_if_on_traced_value_names_the_line():
 def test_and_between_traced_values_is_rejected():
     with pytest.raises(ag.SpecError, match="use torch.where"):
         ag.compile(ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx and kv_idx > 0))
+
+
+TABLE = torch.randn(8)
+
+
+@pytest.mark.parametrize("score_mod, message", [
+    (lambda s, b, h, q_idx, kv_idx: math.exp(s), r"converted to a Python number .* not math.exp\(s\)"),
+    (lambda s, b, h, q_idx, kv_idx: s + float(q_idx), r"converted to a Python number"),
+    (lambda s, b, h, q_idx, kv_idx: s + TABLE[q_idx].item(), r"converted to a Python number \(float\(\), int\(\), "
+                                                           r"\.item\(\)"),
+    (lambda s, b, h, q_idx, kv_idx: s + [0.0, 1.0][q_idx], r"used as a Python index .*\(torch.tensor\(values\)"),
+    (lambda s, b, h, q_idx, kv_idx: s + sum(range(q_idx)), r"used as a Python index or count"),
+    (lambda s, b, h, q_idx, kv_idx: np.exp(s), r"numpy cannot compute on traced values"),
+    (lambda s, b, h, q_idx, kv_idx: s + np.ones(8)[q_idx], r"capture torch tensors \(torch.as_tensor\(array\)\)"),
+    (lambda s, b, h, q_idx, kv_idx: s.add_(1.0), r"in-place methods such as .add_\(\) are not traced: write "
+                                                 r"s = s.add\(...\)"),
+    (lambda s, b, h, q_idx, kv_idx: None, r"score_mod returned None: is its return statement missing\?"),
+], ids=["math", "float", "item", "list", "range", "numpy", "numpy_capture", "in_place", "none"])
+def test_python_values_of_traced_values_are_named(score_mod, message):
+    """Where a mod asks a traced value for a Python number, index, numpy array or in-place update, the
+    error says which and what to write instead (before: "Python control flow" for all but in-place)."""
+    with pytest.raises(ag.SpecError, match=message):
+        ag.compile(ag.AttentionSpec(score_mod=score_mod))
 
 
 def test_unsupported_torch_function_is_named():
