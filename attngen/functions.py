@@ -102,6 +102,22 @@ def _atanh(x):
     return 0.5 * torch.log1p(2.0 * x / (1.0 - x))
 
 
+def _atan2(y, x):
+    """One atan, of the smaller over the larger of |y| and |x| (no inf or NaN; torch's gradient everywhere
+    but at (0, 0)): atan(y / x), a half turn added where x < 0, if |x| >= |y| (0 at (0, 0));
+    pi/2 sign(y) - atan(x / y) if |y| > |x|."""
+    steep = torch.abs(y) > torch.abs(x)
+    angle = torch.atan(torch.where(steep, x, y) / torch.where(steep, y, torch.where(x == 0, 1.0, x)))
+    turn = torch.where(steep, torch.where(y < 0, -0.5 * math.pi, 0.5 * math.pi),
+                       torch.where(x < 0, torch.where(y < 0, -math.pi, math.pi), 0.0))
+    return turn + torch.where(steep, -angle, angle)
+
+
+def _sinc(x):
+    """sin(pi x) / (pi x), 1 at 0 (gradient 0 there, as torch's: the quotient's divisor is 1 where not taken)."""
+    return torch.where(x == 0, 1.0, torch.sin(math.pi * x) / (math.pi * torch.where(x == 0, 1.0, x)))
+
+
 def _is_nan(x):
     return x != x if x.tracer.dtype(x) == "float" else torch.zeros_like(x, dtype=torch.bool)
 
@@ -163,7 +179,10 @@ COMPOSITE = {
     "arccosh": _acosh,
     "atanh": _atanh,
     "arctanh": _atanh,
-    "sinc": lambda x: torch.where(x == 0, 1.0, torch.sin(math.pi * x) / (math.pi * x)),
+    "sinc": _sinc,
+    "tan": lambda x: torch.sin(x) / torch.cos(x),
+    "atan2": _atan2,
+    "arctan2": _atan2,
     "frac": lambda x: x - _trunc(x),
     "rad2deg": lambda x: x * (180.0 / math.pi),
     "deg2rad": lambda x: x * (math.pi / 180.0),

@@ -47,6 +47,7 @@ _UNARY = {
     "neg": "neg", "negative": "neg", "abs": "abs", "absolute": "abs", "exp": "exp", "log": "log",
     "tanh": "tanh", "sigmoid": "sigmoid", "sqrt": "sqrt", "invert": "not", "bitwise_not": "not",
     "logical_not": "not", "cos": "cos", "sin": "sin", "erf": "erf", "log1p": "log1p", "expm1": "expm1",
+    "atan": "atan", "arctan": "atan",
 }
 # torch dtypes a traced value converts to (``.to(dtype)``, ``.long()``, ...), by the IR type they become
 _CASTS = {torch.float32: "float", torch.float64: "float", torch.int32: "int", torch.int64: "int", torch.bool: "bool"}

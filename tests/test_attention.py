@@ -38,11 +38,12 @@ def test_random_shapes_match_reference(variant, batch, kv_heads, group, q_len, k
     check_variant(variant, Case(batch, kv_heads * group, kv_heads, q_len, kv_len, qk_dim, v_dim, seed=seed))
 
 
-@pytest.mark.parametrize("name, exact", [("_log1p", torch.log1p), ("_expm1", torch.expm1)], ids=["log1p", "expm1"])
-def test_log1p_and_expm1_keep_float32_relative_precision(name, exact, monkeypatch):
-    """The kernels' log1p and expm1 within 3 float32 ulps (relative) of float64's at magnitudes 1e-30 to
-    1e30 of both signs, where log(1 + x) and exp(x) - 1 lose every digit below 6e-8; exact at 0, -0,
-    -1, the infinities and NaN."""
+@pytest.mark.parametrize("name, exact", [("_log1p", torch.log1p), ("_expm1", torch.expm1), ("_atan", torch.atan)],
+                         ids=["log1p", "expm1", "atan"])
+def test_log1p_expm1_and_atan_keep_float32_relative_precision(name, exact, monkeypatch):
+    """The kernels' log1p, expm1 and atan within 3 float32 ulps (relative) of float64's at magnitudes
+    1e-30 to 1e30 of both signs, where log(1 + x) and exp(x) - 1 lose every digit below 6e-8; exact at
+    0, -0, -1, the infinities and NaN."""
     magnitudes = torch.logspace(-30, 30, 6001, dtype=torch.float64).float()
     x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, -0.0, -1.0, float("inf"), float("-inf"), float("nan")])])
     out = apply_kernel_helper(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s), name, x, monkeypatch)
@@ -93,25 +94,29 @@ def test_activations_rounding_and_methods_match_reference(case):
 
 
 def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
-    """Hyperbolic functions and their inverses (small arguments: SMALL_VALUE_MODS), shrinks, thresholds, xlogy, sinc, frac, angle units, heaviside, add / sub with alpha."""
+    """Hyperbolic functions and their inverses (small arguments: SMALL_VALUE_MODS), atan, atan2, tan,
+    shrinks, thresholds, xlogy, sinc, frac, angle units, heaviside, add / sub with alpha."""
     F = torch.nn.functional
     t = torch.tanh(s)  # in (-1, 1)
     return (0.1 * torch.sinh(s) + 0.1 * torch.cosh(0.5 * s) + 0.2 * torch.asinh(3.0 * s) + 0.2 * torch.arcsinh(s)
             + 0.1 * torch.acosh(1.0 + s * s) + 0.2 * torch.atanh(0.9 * t) + 0.2 * torch.arctanh(0.5 * t)
-            + 0.2 * F.softshrink(s) + 0.2 * F.hardshrink(s, 0.3) + 0.2 * F.tanhshrink(s) + 0.2 * F.threshold(s, 0.2, -0.1)
+            + 0.2 * F.softshrink(s) + 0.2 * F.hardshrink(s, 0.3) + 0.2 * F.tanhshrink(s)
+            + 0.2 * F.threshold(s, 0.2, -0.1)
             + 0.1 * torch.xlogy(torch.relu(s), 1.5 + t) + 0.1 * torch.xlogy(torch.relu(s), s)
             + 0.3 * torch.sinc(0.25 * (q_idx - kv_idx).float()) + 0.2 * torch.sinc(s) + 0.1 * torch.frac(2.0 * s)
             + 0.01 * torch.rad2deg(t) + torch.deg2rad(10.0 * s)
             + 0.1 * torch.heaviside((q_idx - kv_idx).float(), torch.tensor(0.5))
             + torch.add(0.5 * s, t, alpha=0.3) + s.sub(t, alpha=0.2) + torch.addcmul(s, t, t, value=0.1)
-            + torch.addcdiv(s, t, 2.0 + t, value=-0.2))
+            + torch.addcdiv(s, t, 2.0 + t, value=-0.2) + 0.2 * torch.atan(2.0 * s) + 0.1 * torch.arctan(30.0 * t)
+            + 0.1 * torch.tan(t) + 0.2 * torch.atan2(0.5 * s, t - 0.2) + 0.1 * torch.arctan2(t, s)
+            + 0.3 * torch.atan2((q_idx % 5 - 2).float(), (kv_idx % 3 - 1).float()))  # (0, 0), x = 0, both signs
 
 
 @pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
 def test_hyperbolic_functions_shrinks_and_friends_match_reference(case):
-    """sinh / cosh / asinh / acosh / atanh (and arc- names), softshrink / hardshrink / tanhshrink /
-    threshold, xlogy, sinc, frac, rad2deg / deg2rad, heaviside (of offsets: torch has no gradient), add / sub
-    with alpha, addcmul / addcdiv, against torch's, gradients too."""
+    """sinh / cosh / asinh / acosh / atanh, atan / atan2 / tan (and the arc- names), softshrink / hardshrink /
+    tanhshrink / threshold, xlogy, sinc, frac, rad2deg / deg2rad, heaviside (of offsets: torch has no
+    gradient), add / sub with alpha, addcmul / addcdiv, against torch's, gradients too."""
     assert_matches_reference(ag.AttentionSpec(score_mod=_hyperbolic_and_shrinking), *case.tensors())
 
 

@@ -25,8 +25,9 @@ _INFIX = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "truediv": ("
           "eq": ("==", COMPARE), "ne": ("!=", COMPARE), "and": ("&", AND), "or": ("|", OR), "xor": ("^", XOR)}
 _CALL = {"minimum": "tl.minimum", "maximum": "tl.maximum", "abs": "tl.abs", "exp": "tl.exp",
          "log": "tl.log", "sigmoid": "_sigmoid", "sqrt": "tl.sqrt", "tanh": "_tanh", "where": "tl.where",
-         "cos": "tl.cos", "sin": "tl.sin", "erf": "tl.erf", "log1p": "_log1p", "expm1": "_expm1"}
-_FLOAT_ARGS = {"truediv", "exp", "log", "tanh", "sigmoid", "sqrt", "cos", "sin", "erf", "log1p", "expm1"}
+         "cos": "tl.cos", "sin": "tl.sin", "erf": "tl.erf", "log1p": "_log1p", "expm1": "_expm1",
+         "atan": "_atan"}
+_FLOAT_ARGS = {"truediv", "exp", "log", "tanh", "sigmoid", "sqrt", "cos", "sin", "erf", "log1p", "expm1", "atan"}
 
 _LINE = 100  # an expression longer than this is not inlined into the next
 Expr = tuple[str, int]  # source text and the precedence of its outermost operator

@@ -20,7 +20,7 @@ _FUNCTIONS = {
     "pow": torch.pow, "minimum": torch.minimum, "maximum": torch.maximum,
     "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
     "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "cos": torch.cos, "sin": torch.sin, "erf": torch.erf,
-    "log1p": torch.log1p, "expm1": torch.expm1,
+    "atan": torch.atan, "log1p": torch.log1p, "expm1": torch.expm1,
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
     "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor, "not": torch.bitwise_not,
     "to_int": lambda a: a,  # its argument, converted to int64 as every op's are (rounding toward zero)

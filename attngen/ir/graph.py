@@ -75,6 +75,7 @@ OPS: dict[str, Op] = {
     "cos": Op(1, "float", math.cos),
     "sin": Op(1, "float", math.sin),
     "erf": Op(1, "float", math.erf),
+    "atan": Op(1, "float", math.atan),
     "log1p": Op(1, "float", lambda x: math.log1p(x) if x > -1 else (-math.inf if x == -1 else math.nan)),
     "expm1": Op(1, "float", _expm1),
     "lt": Op(2, "bool", operator.lt),

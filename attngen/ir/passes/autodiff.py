@@ -91,6 +91,8 @@ class _Adjoints:
         if op == "erf":  # 2 / sqrt(pi) exp(-x^2)
             gaussian = add("exp", add("neg", add("mul", x, x)))
             return [(x, add("mul", d, add("mul", const(2.0 / math.sqrt(math.pi)), gaussian)))]
+        if op == "atan":
+            return [(x, add("truediv", d, add("add", const(1.0), add("mul", x, x))))]
         if op == "abs":  # torch's: 0 at 0
             sign = add("where", add("gt", x, const(0.0)), const(1.0),
                        add("where", add("lt", x, const(0.0)), const(-1.0), const(0.0)))

@@ -236,7 +236,7 @@ class IntervalAnalysis:
             return self.rule_mod(n, args, *ints)
         if op == "pow":
             return self.rule_pow(n, args, *ints)
-        if op in ("tanh", "sigmoid"):
+        if op in ("tanh", "sigmoid", "atan"):
             (lo, hi), = ints  # monotone non-decreasing and never infinite
             return B.opt(op, lo), B.opt(op, hi)
         if op == "to_int":  # monotone; bounds clamped to +-2^30 first (past that the value's own conversion
