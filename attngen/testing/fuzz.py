@@ -5,7 +5,7 @@ integer index arithmetic (``+ - *``, ``//`` and ``%`` by constants,
 ``minimum``/``maximum``, ``abs``, loads from captured integer tables, quotients
 converted back to ints by ``.long()``, ``floor``, ``ceil``),
 comparisons combined with ``& | ~``, float arithmetic on the score with
-``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt``/``asinh``, activations
+``tanh``/``sigmoid``/``exp``/``where``/``clamp``/``sqrt``/``asinh``/``atan``, activations
 (``elu``, ``leaky_relu``, ``softsign``, ``logaddexp``, ``clamp_min``, ``softshrink``, ``tanhshrink``,
 ``add`` with ``alpha``) and loads from
 captured (optionally learnable) float tables. Magnitudes stay bounded so that
@@ -105,7 +105,8 @@ class _Grammar:
         a = self.score(depth - 1)
         return self.choice([f"torch.tanh({a})", f"torch.sigmoid({a})", f"torch.exp(-abs({a}))",
                             f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)",
-                            f"torch.nn.functional.softsign({a})", f"torch.asinh(0.5 * {a}) / 2.0"])
+                            f"torch.nn.functional.softsign({a})", f"torch.asinh(0.5 * {a}) / 2.0",
+                            f"torch.atan({a})"])
 
     def score(self, depth: int) -> str:
         """A float expression of the score, growing at most linearly in it."""
