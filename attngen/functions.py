@@ -113,6 +113,14 @@ def _atan2(y, x):
     return turn + torch.where(steep, -angle, angle)
 
 
+def _hypot(a, b):
+    """sqrt(a^2 + b^2) as the larger magnitude times sqrt(1 + r^2), r the smaller over it: no square
+    overflows or underflows (as torch's); 0 at (0, 0)."""
+    larger, smaller = torch.maximum(torch.abs(a), torch.abs(b)), torch.minimum(torch.abs(a), torch.abs(b))
+    ratio = smaller / torch.where(larger == 0, 1.0, larger)
+    return larger * torch.sqrt(1.0 + ratio * ratio)
+
+
 def _sinc(x):
     """sin(pi x) / (pi x), 1 at 0 (gradient 0 there, as torch's: the quotient's divisor is 1 where not taken)."""
     return torch.where(x == 0, 1.0, torch.sin(math.pi * x) / (math.pi * torch.where(x == 0, 1.0, x)))
@@ -182,6 +190,8 @@ COMPOSITE = {
     "sinc": _sinc,
     "tan": lambda x: torch.sin(x) / torch.cos(x),
     "atan2": _atan2,
+    "hypot": _hypot,
+    "float_power": lambda x, exponent: torch.pow(x, exponent),  # in the kernels' float32, as every traced value
     "arctan2": _atan2,
     "frac": lambda x: x - _trunc(x),
     "rad2deg": lambda x: x * (180.0 / math.pi),

@@ -69,7 +69,9 @@ def check_inputs(q, k, v, dtypes=None, max_head_dim: int = MAX_HEAD_DIM) -> Shap
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
     Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0:
+        raise ValueError(f"k and v must have at least one head, got shape {tuple(k.shape)}")
+    if Hq % Hkv != 0:
         raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
                          f"key/value heads ({Hkv}) (grouped-query attention)")
     if k.shape[2] != v.shape[2]:

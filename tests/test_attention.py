@@ -95,7 +95,7 @@ def test_activations_rounding_and_methods_match_reference(case):
 
 def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
     """Hyperbolic functions and their inverses (small arguments: SMALL_VALUE_MODS), atan, atan2, tan,
-    shrinks, thresholds, xlogy, sinc, frac, angle units, heaviside, add / sub with alpha."""
+    shrinks, thresholds, xlogy, sinc, frac, angle units, heaviside, add / sub with alpha, hypot, float_power."""
     F = torch.nn.functional
     t = torch.tanh(s)  # in (-1, 1)
     return (0.1 * torch.sinh(s) + 0.1 * torch.cosh(0.5 * s) + 0.2 * torch.asinh(3.0 * s) + 0.2 * torch.arcsinh(s)
@@ -109,14 +109,17 @@ def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
             + torch.add(0.5 * s, t, alpha=0.3) + s.sub(t, alpha=0.2) + torch.addcmul(s, t, t, value=0.1)
             + torch.addcdiv(s, t, 2.0 + t, value=-0.2) + 0.2 * torch.atan(2.0 * s) + 0.1 * torch.arctan(30.0 * t)
             + 0.1 * torch.tan(t) + 0.2 * torch.atan2(0.5 * s, t - 0.2) + 0.1 * torch.arctan2(t, s)
-            + 0.3 * torch.atan2((q_idx % 5 - 2).float(), (kv_idx % 3 - 1).float()))  # (0, 0), x = 0, both signs
+            + 0.3 * torch.atan2((q_idx % 5 - 2).float(), (kv_idx % 3 - 1).float())  # (0, 0), x = 0, both signs
+            + 0.2 * torch.hypot(s, t + 0.5) + 0.1 * torch.hypot((q_idx % 3).float(), 1e30 * (kv_idx % 2).float()) * 1e-30
+            + 0.1 * torch.float_power(s, 2) + 0.1 * torch.float_power(s.abs() + 1.0, t))
 
 
 @pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
 def test_hyperbolic_functions_shrinks_and_friends_match_reference(case):
     """sinh / cosh / asinh / acosh / atanh, atan / atan2 / tan (and the arc- names), softshrink / hardshrink /
     tanhshrink / threshold, xlogy, sinc, frac, rad2deg / deg2rad, heaviside (of offsets: torch has no
-    gradient), add / sub with alpha, addcmul / addcdiv, against torch's, gradients too."""
+    gradient), add / sub with alpha, addcmul / addcdiv, hypot (also past float32's square root of its
+    largest value), float_power, against torch's, gradients too."""
     assert_matches_reference(ag.AttentionSpec(score_mod=_hyperbolic_and_shrinking), *case.tensors())
 
 

@@ -21,6 +21,7 @@ attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
     ((q, k, v[0]), ValueError, "v must have 4 dimensions"),
     ((q, k[:, :1].expand(1, 3, 16, 32), v), ValueError, "k and v must have the same number of heads"),
     ((torch.randn(1, 3, 16, 32), k, v), ValueError, "multiple of the number of key/value heads"),
+    ((q[:, :0], k[:, :0], v[:, :0]), ValueError, r"k and v must have at least one head, got shape \(1, 0, 16, 32\)"),
     ((torch.randn(2, 4, 16, 32), k, v), ValueError, "batch sizes differ"),
     ((q, k, v[:, :, :8]), ValueError, "same sequence length"),
     ((torch.randn(1, 4, 16, 16), k, v), ValueError, "same head dim"),

@@ -176,6 +176,19 @@ def test_simplify_keeps_float_result_of_int_arithmetic():
     assert all(squared.dtype(n) == "float" for n in squared.order() if squared.op(n) == "mul")  # no int32 overflow
 
 
+def test_simplify_keeps_every_constant_a_normal_float32():
+    """Factoring s + pi/18 s + 1e-30 |1e30 x| pulled out a common factor of 2^-149 (a float32 denormal),
+    leaving a coefficient of 4e44: the kernels' float32 scores were inf. The factored form is kept only if
+    each of its numbers is 0 or a normal float32; the scores stay finite and as torch computes them."""
+    graph = simplify(trace(lambda s, b, h, q, kv: s + math.pi / 18 * s + 1e-30 * torch.abs(1e30 * (kv % 2).float()),
+                           None))
+    numbers = [abs(graph.node(n)["value"]) for n in graph.order() if graph.is_const(n) and graph.dtype(n) == "float"]
+    assert all(x == 0 or 2.0 ** -126 <= x <= 3.4028234663852886e38 for x in numbers), numbers
+    env = {"score": torch.tensor([0.5, -2.0]), "kv_idx": torch.tensor([1, 2]), "q_idx": torch.tensor([0, 0])}
+    expected = torch.tensor([1.5 + 0.5 * math.pi / 18, -2.0 - math.pi / 9], dtype=torch.float64)
+    torch.testing.assert_close(evaluate(graph, "score", env), expected)
+
+
 def folds_to(build) -> object:
     """Fold ``build(graph, score, q_idx, q_idx > kv_idx)``: a constant value, or the text of the node it became."""
     graph = Graph()

@@ -26,6 +26,7 @@ _DISCONTINUOUS = frozenset({"to_int", "floordiv", "mod", "lt", "le", "gt", "ge",
 _SMALL_POWER = 4  # integer powers up to this are emitted as multiplications
 _INLINE_LIMIT = 64  # a shared subexpression larger than this (as a tree) becomes its own symbol
 _FACTOR_LIMIT = 200  # factor_terms is only tried on expressions with at most this many ops
+_FLOAT32_NORMAL = (2.0 ** -126, 3.4028234663852886e38)  # the magnitudes float32 holds to full precision
 
 
 class Sigmoid(sympy.Function):
@@ -59,6 +60,13 @@ def _number(value) -> sympy.Rational:
 
 def _count(expr: sympy.Expr) -> int:
     return int(sympy.count_ops(expr))
+
+
+def _float32_numbers(expr: sympy.Expr) -> bool:
+    """Whether every number in ``expr`` is 0 or a normal float32: factoring 1e-30 (1e30 x) + pi s pulls out
+    a common factor of 2^-149, leaving coefficients that overflow float32."""
+    low, high = _FLOAT32_NORMAL
+    return all(n == 0 or low <= abs(float(n)) <= high for n in expr.atoms(sympy.Number))
 
 
 class _Simplifier:
@@ -116,9 +124,9 @@ class _Simplifier:
         best = expr
         if _count(expr) <= _FACTOR_LIMIT:
             # Pulling out common factors never expands anything, so it cannot
-            # create cancellation; keep it only if it saves ops.
+            # create cancellation; keep it only if it saves ops and its numbers fit float32.
             factored = sympy.factor_terms(expr)
-            if self._convertible(factored) and _count(factored) < _count(expr):
+            if self._convertible(factored) and _count(factored) < _count(expr) and _float32_numbers(factored):
                 best = factored
         try:
             node = self.emit(best)
