@@ -190,9 +190,9 @@ COMPOSITE = {
     "sinc": _sinc,
     "tan": lambda x: torch.sin(x) / torch.cos(x),
     "atan2": _atan2,
+    "arctan2": _atan2,
     "hypot": _hypot,
     "float_power": lambda x, exponent: torch.pow(x, exponent),  # in the kernels' float32, as every traced value
-    "arctan2": _atan2,
     "frac": lambda x: x - _trunc(x),
     "rad2deg": lambda x: x * (180.0 / math.pi),
     "deg2rad": lambda x: x * (math.pi / 180.0),

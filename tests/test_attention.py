@@ -110,7 +110,8 @@ def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
             + torch.addcdiv(s, t, 2.0 + t, value=-0.2) + 0.2 * torch.atan(2.0 * s) + 0.1 * torch.arctan(30.0 * t)
             + 0.1 * torch.tan(t) + 0.2 * torch.atan2(0.5 * s, t - 0.2) + 0.1 * torch.arctan2(t, s)
             + 0.3 * torch.atan2((q_idx % 5 - 2).float(), (kv_idx % 3 - 1).float())  # (0, 0), x = 0, both signs
-            + 0.2 * torch.hypot(s, t + 0.5) + 0.1 * torch.hypot((q_idx % 3).float(), 1e30 * (kv_idx % 2).float()) * 1e-30
+            + 0.2 * torch.hypot(s, t + 0.5)
+            + 0.1 * torch.hypot((q_idx % 3).float(), 1e30 * (kv_idx % 2).float()) * 1e-30
             + 0.1 * torch.float_power(s, 2) + 0.1 * torch.float_power(s.abs() + 1.0, t))
 
 

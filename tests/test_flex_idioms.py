@@ -305,7 +305,8 @@ def test_gradients_at_ties_and_kinks_are_torchs():
 def test_vectors_over_a_captured_tensors_last_dimension():
     """FIRE's hidden layer (spec file) is ``torch.relu(W1 * x + B1)`` over a one-dimensional tensor; here also
     products of rows, elementwise functions, sum / mean / max / min, len() and iteration, zeros_like /
-    full_like of a vector (a vector of constants), with learnable weights, against torch's (vmap) evaluation of the same mod."""
+    full_like of a vector (a vector of constants), with learnable weights, against torch's (vmap)
+    evaluation of the same mod."""
     gen = torch.Generator().manual_seed(7)
     feats = torch.randn(30, 4, generator=gen)
     weight = torch.randn(4, generator=gen).requires_grad_()

@@ -75,19 +75,26 @@ def _jagged_at_length(t) -> bool:
         and [d for d, size in enumerate(t.shape) if not isinstance(size, int)] == [2]
 
 
+def _kind(t) -> str:
+    """What ``t`` is, for an error message."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    if not t.is_nested:
+        return f"a dense tensor of shape {tuple(t.shape)}"
+    if t.layout != torch.jagged:
+        return f"a {t.layout} nested tensor"
+    return f"a jagged nested tensor of shape {tuple(t.shape)}"
+
+
 @torch.compiler.disable  # torch.compile cannot trace the checks of a nested tensor's shape: a graph break
 def _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k):
     """Jagged nested tensors ``[batch, heads, j, head_dim]`` (SDPA's layout for them) as the packed values
     and offsets of a cu_seqlens call: ``(cu_seqlens_q, cu_seqlens_k, q, k, v)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not _jagged_at_length(t):
-            got = type(t).__name__ if not isinstance(t, torch.Tensor) else \
-                f"a dense tensor of shape {tuple(t.shape)}" if not t.is_nested else \
-                f"a jagged nested tensor of shape {tuple(t.shape)}" if t.layout == torch.jagged else \
-                f"a {t.layout} nested tensor"
             raise ValueError(f"with nested tensors, q, k and v must each be a jagged nested tensor [batch, heads, "
                              f"j, head_dim] (torch.nested.nested_tensor of [tokens, heads, head_dim] sequences, "
-                             f"layout=torch.jagged, then .transpose(1, 2)); {name} is {got}")
+                             f"layout=torch.jagged, then .transpose(1, 2)); {name} is {_kind(t)}")
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         raise ValueError("nested tensors carry their sequence lengths: pass no cu_seqlens_q / cu_seqlens_k")
     if k.offsets() is not v.offsets() and not torch.equal(k.offsets(), v.offsets()):

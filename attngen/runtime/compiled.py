@@ -79,7 +79,8 @@ def _warn_of_soft_masks(graph, spec: AttentionSpec) -> None:
     if values:
         warnings.warn(f"score_mod sets scores to {values[0]:g} with torch.where: where a row's every key gets it, "
                       "float32's log-sum-exp rounds log(n) away at that magnitude (its gradients are then wrong); "
-                      "drop keys with float('-inf') or mask_mod instead, which the kernels skip exactly (a row with no key left gives 0)", stacklevel=5)
+                      "drop keys with float('-inf') or mask_mod instead, which the kernels skip exactly (a row with "
+                      "no key left gives 0)", stacklevel=5)
 
 
 class CompiledAttention:
@@ -231,8 +232,8 @@ class CompiledAttention:
         sequences that attend within themselves; the mods see the sequence as
         ``b`` and positions within it; out is ``(tokens, Hq, Dv)`` and row
         statistics ``[Hq, tokens]``; jagged nested q, k, v ``[B, H, j, D]`` (SDPA's layout) are packed
-        sequences with their offsets as cu_seqlens, and out is nested too. ``mode="decode"`` splits each row's keys over
-        several programs and merges them (split-KV), ``"prefill"`` never does; by
+        sequences with their offsets as cu_seqlens, and out is nested too. ``mode="decode"`` splits each
+        row's keys over several programs and merges them (split-KV), ``"prefill"`` never does; by
         default CUDA calls with at most 16 queries and at least 1024 keys do.
         ``dropout_p`` (default: the spec's) drops normalized weights with that
         probability, from ``seed`` (default: drawn from torch's generator); the
