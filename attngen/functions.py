@@ -93,8 +93,10 @@ def _asinh(x):
 
 
 def _acosh(x):
-    """log1p((x - 1) + sqrt((x - 1)(x + 1))): precise near 1; NaN below 1 (the root's), as torch."""
-    return torch.where(x > 1e18, torch.log(x) + _LN2, torch.log1p((x - 1.0) + torch.sqrt((x - 1.0) * (x + 1.0))))
+    """log1p((x - 1) + sqrt((x - 1)(x + 1))): precise near 1; NaN below 1, as torch (below -1 the root is
+    real and the formula would give -inf)."""
+    value = torch.where(x > 1e18, torch.log(x) + _LN2, torch.log1p((x - 1.0) + torch.sqrt((x - 1.0) * (x + 1.0))))
+    return torch.where(x < 1.0, math.nan, value)
 
 
 def _atanh(x):

@@ -33,17 +33,32 @@ def check_variant(variant, case: Case, **options):
 def apply_kernel_helper(spec, helper: str, x: torch.Tensor, monkeypatch) -> torch.Tensor:
     """The ``@triton.jit`` function ``helper`` of ``spec``'s generated module applied to each element of
     the float32 vector ``x``, under Triton's interpreter."""
-    kernels = load_kernels(ag.compile(spec).path, interpret=True)
-    monkeypatch.setitem(globals(), "_helper", getattr(kernels, helper))  # what the kernel below calls
+    return _elementwise(getattr(load_kernels(ag.compile(spec).path, interpret=True), helper), x, monkeypatch, False)
+
+
+def apply_score_fn(spec, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """``spec``'s score_fn (score_mod as the kernels compute it) applied to each element of the float32 vector
+    ``x`` as the score, at b = h = q_idx = kv_idx = 0, under Triton's interpreter."""
+    return _elementwise(load_kernels(ag.compile(spec).path, interpret=True).score_fn, x, monkeypatch, True)
+
+
+def _elementwise(function, x: torch.Tensor, monkeypatch, as_score: bool) -> torch.Tensor:
+    monkeypatch.setitem(globals(), "_helper", function)  # what the kernel below calls
     monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
 
     @triton.jit
-    def apply(X, OUT, N, BLOCK: tl.constexpr):
+    def apply(X, OUT, N, BLOCK: tl.constexpr, AS_SCORE: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(OUT + offs, _helper(tl.load(X + offs, mask=offs < N)), mask=offs < N)  # noqa: F821 - set above
+        inside = offs < N
+        value = tl.load(X + offs, mask=inside)
+        if AS_SCORE:  # score_fn(qk, b, h, q_idx, kv_idx, q_valid, kv_valid)
+            value = _helper(value, offs * 0, offs * 0, offs * 0, offs * 0, inside, inside)  # noqa: F821 - set above
+        else:
+            value = _helper(value)  # noqa: F821 - set above
+        tl.store(OUT + offs, value, mask=inside)
 
     out = torch.empty_like(x)
-    apply[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK=1024)
+    apply[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK=1024, AS_SCORE=as_score)
     return out
 
 

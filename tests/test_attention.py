@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 
 import attngen as ag
 from attngen.testing import assert_matches_reference
-from checks import apply_kernel_helper, check_variant, fills, variant_inputs
+from checks import apply_kernel_helper, apply_score_fn, check_variant, fills, variant_inputs
 from variants import VARIANTS, Case, case_id
 
 CASES = [
@@ -49,6 +51,42 @@ def test_log1p_expm1_and_atan_keep_float32_relative_precision(name, exact, monke
     out = apply_kernel_helper(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s), name, x, monkeypatch)
     torch.testing.assert_close(out.double(), exact(x.double()).float().double(), rtol=3 * 2**-23, atol=0.0,
                                equal_nan=True)
+
+
+_F = torch.nn.functional
+COMPOSED = {  # name: (function, whether a NaN argument gives NaN, as torch's)
+    "sinh": (torch.sinh, True), "cosh": (torch.cosh, True), "asinh": (torch.asinh, True),
+    "acosh": (torch.acosh, True), "atanh": (torch.atanh, True), "atan": (torch.atan, True),
+    "atan2": (lambda t: torch.atan2(t, torch.full_like(t, 2.0)), True),
+    "atan2_negative_x": (lambda t: torch.atan2(t, torch.full_like(t, -2.0)), True),
+    "atan2_of_a_constant": (lambda t: torch.atan2(torch.full_like(t, 0.5), t), True),
+    "hypot": (lambda t: torch.hypot(t, torch.full_like(t, 3.0)), False),  # kernels' maximum drops NaN
+    "xlogy": (lambda t: torch.xlogy(t, torch.full_like(t, 2.0)), True), "frac": (torch.frac, True),
+    "expm1": (torch.expm1, True), "log1p": (torch.log1p, True), "softplus": (_F.softplus, True),
+    "logsigmoid": (_F.logsigmoid, True), "erf": (torch.erf, True), "elu": (_F.elu, True), "selu": (_F.selu, True),
+    "softshrink": (_F.softshrink, False),  # comparisons of NaN are False
+}
+
+
+@pytest.mark.parametrize("name", COMPOSED)
+def test_composed_functions_at_extreme_arguments(name, monkeypatch):
+    """Each function as the kernels compute it, on float32 scores of magnitudes 1e-30 to 1e30 of both signs,
+    0, +-1 and the infinities: within 3 float32 ulps (relative; 1e-37 absolute, for results below float32's
+    normal range) of the float64 value rounded to float32, and the same infinities and NaNs as torch. The
+    branches for huge arguments (asinh and acosh past 1e18, hypot's scaling) and acosh below -1 (NaN, not
+    -inf) are among them. (sigmoid and silu are not: exp2's argument x log2(e), rounded, puts |x| 2^-24 of
+    relative error into e^-|x|, 25 ulps at x = -79; and the kernels' tanh keeps float32's absolute, not
+    relative, precision below 1e-4.)"""
+    function, nan_in_nan_out = COMPOSED[name]
+    magnitudes = torch.logspace(-30, 30, 601, dtype=torch.float64).float()
+    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 1.0, -1.0, math.inf, -math.inf]
+                                                          + [math.nan] * nan_in_nan_out)])
+    got = apply_score_fn(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: function(s)), x, monkeypatch)
+    want = function(x.double()).float()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[~finite], want[~finite], rtol=0, atol=0, equal_nan=True)
+    error = (got[finite].double() - want[finite].double()).abs()
+    assert bool((error <= 3 * 2**-23 * want[finite].double().abs() + 1e-37).all()), x[finite][error.argmax()]
 
 
 SMALL_VALUE_MODS = {  # each about s (- 30): log(1 + x) or exp(x) - 1 would be off by up to 6e-3 or -inf
