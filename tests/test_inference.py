@@ -319,6 +319,7 @@ def test_packed_rows_expectations_equal_a_batch_of_the_sequences():
     _, dense = attn(*batch, return_stats=True)
     torch.testing.assert_close(packed.drift, dense.drift.transpose(0, 1).flatten(1), atol=1e-5, rtol=1e-5)
 
+
 def _nested(packed: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """Packed (tokens, heads, dim) sequences as a jagged nested tensor [batch, j, heads, dim], a leaf (its
     transpose(1, 2) is attention's layout)."""
