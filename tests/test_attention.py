@@ -97,13 +97,14 @@ SMALL_VALUE_MODS = {  # each about s (- 30): log(1 + x) or exp(x) - 1 would be o
     "asinh": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.asinh(1e-5 * s),
     "atanh": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.atanh(1e-5 * s),
     "acosh": lambda s, b, h, q_idx, kv_idx: 1e3 * torch.acosh(1.0 + 1e-6 * s * s),
+    "tanhshrink": lambda s, b, h, q_idx, kv_idx: 1e6 * torch.nn.functional.tanhshrink(1e-2 * s),
 }
 
 
 @pytest.mark.parametrize("name", SMALL_VALUE_MODS)
 def test_log1p_expm1_and_softplus_of_small_values_match_reference(name):
     """Mods that need log1p's and expm1's relative precision near 0 (softplus(x) is log1p(e^x) for x < 0; sinh,
-    asinh, atanh near 0 and acosh near 1 are composed of them)."""
+    asinh, atanh near 0 and acosh near 1 are composed of them), and tanhshrink's series near 0."""
     spec = ag.AttentionSpec(score_mod=SMALL_VALUE_MODS[name], mask_mod=ag.masks.causal)
     assert_matches_reference(spec, *Case(1, 2, 2, 33, 33, 32, 32).tensors())
 
