@@ -84,24 +84,32 @@ def _hardsigmoid(x):
     return _hardtanh(x / 6.0 + 0.5, 0.0, 1.0)
 
 
+def _log_of_twice(x):
+    """log(2x), which asinh(x) and acosh(x) are to float32's precision past 1e18 (where x^2 overflows)."""
+    return torch.log(x) + _LN2
+
+
 def _asinh(x):
     """sign(x) log1p(|x| + x^2 / (1 + sqrt(1 + x^2))), which keeps float32's precision near 0; log(2|x|)
     past 1e18, where x^2 would overflow."""
     a = torch.abs(x)
-    magnitude = torch.where(a > 1e18, torch.log(a) + _LN2, torch.log1p(a + a * a / (1.0 + torch.sqrt(1.0 + a * a))))
+    magnitude = torch.where(a > 1e18, _log_of_twice(a), torch.log1p(a + a * a / (1.0 + torch.sqrt(1.0 + a * a))))
     return torch.where(x < 0, -magnitude, magnitude)
 
 
 def _acosh(x):
     """log1p((x - 1) + sqrt((x - 1)(x + 1))): precise near 1; NaN below 1, as torch (below -1 the root is
     real and the formula would give -inf)."""
-    value = torch.where(x > 1e18, torch.log(x) + _LN2, torch.log1p((x - 1.0) + torch.sqrt((x - 1.0) * (x + 1.0))))
+    value = torch.where(x > 1e18, _log_of_twice(x), torch.log1p((x - 1.0) + torch.sqrt((x - 1.0) * (x + 1.0))))
     return torch.where(x < 1.0, math.nan, value)
 
 
 def _atanh(x):
-    """log1p(2x / (1 - x)) / 2: precise near 0; inf at 1, NaN past it, as torch."""
-    return 0.5 * torch.log1p(2.0 * x / (1.0 - x))
+    """sign(x) log1p(2|x| / (1 - |x|)) / 2: precise near 0 and (log1p of a positive number) near -1; inf at
+    1, NaN past it, as torch."""
+    a = torch.abs(x)
+    magnitude = 0.5 * torch.log1p(2.0 * a / (1.0 - a))
+    return torch.where(x < 0, -magnitude, magnitude)
 
 
 def _atan2(y, x):
@@ -117,15 +125,18 @@ def _atan2(y, x):
 
 def _hypot(a, b):
     """sqrt(a^2 + b^2) as the larger magnitude times sqrt(1 + r^2), r the smaller over it: no square
-    overflows or underflows (as torch's); 0 at (0, 0)."""
-    larger, smaller = torch.maximum(torch.abs(a), torch.abs(b)), torch.minimum(torch.abs(a), torch.abs(b))
+    overflows or underflows (as torch's); 0 at (0, 0); inf where either is infinite, even with a NaN (C's
+    hypot, torch's)."""
+    a, b = torch.abs(a), torch.abs(b)
+    larger, smaller = torch.maximum(a, b), torch.minimum(a, b)
     ratio = smaller / torch.where(larger == 0, 1.0, larger)
-    return larger * torch.sqrt(1.0 + ratio * ratio)
+    return torch.where((a == math.inf) | (b == math.inf), math.inf, larger * torch.sqrt(1.0 + ratio * ratio))
 
 
 def _sinc(x):
     """sin(pi x) / (pi x), 1 at 0 (gradient 0 there, as torch's: the quotient's divisor is 1 where not taken)."""
-    return torch.where(x == 0, 1.0, torch.sin(math.pi * x) / (math.pi * torch.where(x == 0, 1.0, x)))
+    zero = x == 0
+    return torch.where(zero, 1.0, torch.sin(math.pi * x) / (math.pi * torch.where(zero, 1.0, x)))
 
 
 def _tanhshrink(x):
@@ -145,7 +156,7 @@ def _nan_to_num(x, nan=0.0, posinf=None, neginf=None):
     value is float32, as in the kernels)."""
     big = torch.finfo(torch.float32).max
     posinf, neginf = big if posinf is None else posinf, -big if neginf is None else neginf
-    return torch.where(x != x, nan, torch.where(x == math.inf, posinf, torch.where(x == -math.inf, neginf, x)))
+    return torch.where(_is_nan(x), nan, torch.where(x == math.inf, posinf, torch.where(x == -math.inf, neginf, x)))
 
 
 def _xlogy(x, y):
@@ -185,10 +196,11 @@ COMPOSITE = {
     "hardswish": lambda x: x * _hardsigmoid(x),
     "softsign": lambda x: x / (1.0 + torch.abs(x)),
     "mish": lambda x: x * torch.tanh(_softplus(x)),
-    "softshrink": lambda x, lambd=0.5: torch.where(x > lambd, x - lambd, torch.where(x < -lambd, x + lambd, 0.0)),
-    "hardshrink": lambda x, lambd=0.5: torch.where(torch.abs(x) > lambd, x, 0.0),
+    # A NaN fails each comparison of the shrinks and threshold and falls through to an expression of x, as in torch.
+    "softshrink": lambda x, lambd=0.5: torch.where(x > lambd, x - lambd, torch.where(x >= -lambd, 0.0, x + lambd)),
+    "hardshrink": lambda x, lambd=0.5: torch.where(torch.abs(x) <= lambd, 0.0, x),
     "tanhshrink": _tanhshrink,
-    "threshold": lambda x, threshold, value: torch.where(x > threshold, x, value),
+    "threshold": lambda x, threshold, value: torch.where(x <= threshold, value, x),
     "sinh": lambda x: 0.5 * (torch.expm1(x) - torch.expm1(-x)),  # precise near 0
     "cosh": lambda x: 0.5 * (torch.exp(x) + torch.exp(-x)),
     "asinh": _asinh,

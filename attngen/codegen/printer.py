@@ -142,6 +142,8 @@ class TritonPrinter:
             return self._pow(args, names)
         if op == "to_int":  # rounds toward zero, as torch's .long()
             return f"{operand(operands[0], ATOM)}.to(tl.int32)", ATOM
+        if op in ("minimum", "maximum") and attrs["dtype"] == "float":  # the helpers that propagate NaN
+            return f"_{op}({operands[0][0]}, {operands[1][0]})", ATOM
         return f"{_CALL[op]}({', '.join(text for text, _ in operands)})", ATOM
 
     def _pow(self, args: tuple[int, int], names: dict[int, Expr]) -> Expr:
