@@ -227,8 +227,9 @@ def test_scores_set_to_a_large_negative_number_warn_and_give_torchs_forward(dtyp
         return torch.where((q_idx >= kv_idx) & (q_idx > 4), s, torch.finfo(s.dtype).min)
 
     with pytest.warns(UserWarning, match=r"score_mod sets scores to -3.40282e\+38 with torch.where: where a row's "
-                                         r"every key gets it, float32's log-sum-exp rounds log\(n\) away"):
+                                         r"every key gets it, float32's log-sum-exp rounds log\(n\) away") as seen:
         attn = ag.compile(ag.AttentionSpec(score_mod=score_mod))
+    assert {w.filename for w in seen} == {__file__}  # the line that compiled it
     q, k, v = (t.to(dtype) for t in Case(1, 2, 2, 40, 40, 16, 16).tensors(requires_grad=False))
     expected, stats = reference.attention(q.double(), k.double(), v.double(), ag.AttentionSpec(score_mod=score_mod),
                                           return_stats=True)
@@ -238,6 +239,9 @@ def test_scores_set_to_a_large_negative_number_warn_and_give_torchs_forward(dtyp
     torch.testing.assert_close(got.lse[:, :, 5:].double(), stats.lse[:, :, 5:], rtol=0, atol=1e-5)
     assert (got.lse[:, :, :5] == torch.finfo(torch.float32).min).all()  # the reference's is float64's min
     torch.testing.assert_close(expected[:, :, :5], v.double().mean(2, keepdim=True).expand(1, 2, 5, 16))
+    with pytest.warns(UserWarning, match="score_mod sets scores to") as seen:
+        ag.attention(q, k, v, score_mod)
+    assert {w.filename for w in seen} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:

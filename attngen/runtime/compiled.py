@@ -14,6 +14,7 @@ import triton
 from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
+from ..errors import user_stacklevel
 from ..inputs import values_checkable
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
@@ -80,7 +81,7 @@ def _warn_of_soft_masks(graph, spec: AttentionSpec) -> None:
         warnings.warn(f"score_mod sets scores to {values[0]:g} with torch.where: where a row's every key gets it, "
                       "float32's log-sum-exp rounds log(n) away at that magnitude (its gradients are then wrong); "
                       "drop keys with float('-inf') or mask_mod instead, which the kernels skip exactly (a row with "
-                      "no key left gives 0)", stacklevel=5)
+                      "no key left gives 0)", stacklevel=user_stacklevel())
 
 
 class CompiledAttention:
@@ -314,7 +315,7 @@ def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stat
         raise TypeError(f"kernel_options must be a dict (FlexAttention's), got {type(kernel_options).__name__}")
     if kernel_options:
         warnings.warn(f"kernel_options {sorted(kernel_options)} are FlexAttention's tile sizes and kernel switches; "
-                      "attngen tunes its own tiles for each shape bucket and ignores them", stacklevel=2)
+                      "attngen tunes its own tiles for each shape bucket and ignores them", stacklevel=user_stacklevel())
     if isinstance(mask_mod, BlockMask) or flex_block_mask(mask_mod) is not None:
         raise TypeError("ag.attention's fifth argument is mask_mod; pass a block mask as block_mask=... "
                         "(flex_attention's fifth argument is its block mask)")
