@@ -201,10 +201,19 @@ def _row_max(logits, keep):
     return torch.amax(kept, dim=-1)
 
 
+def _max_stat(logits, keep):
+    """The "max" statistic: each row's largest kept logit (-inf without one), its gradient all the first
+    key's of those holding it, as the kernels' (and torch.max(dim)'s); torch.amax would split it."""
+    top = _row_max(logits, keep).unsqueeze(-1)
+    holds = keep & (logits == top)
+    first = holds & (holds.cumsum(-1) == 1)
+    return torch.where(first.any(-1), torch.where(first, logits, 0.0).sum(-1), top[..., 0])
+
+
 def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stats_module.Stats:
     """The requested statistics of the materialized weights."""
     index = _indices(p.shape, p.device)
-    row_max = _row_max(logits, keep) if "max" in spec.stats else None
+    row_max = _max_stat(logits, keep) if "max" in spec.stats else None
     expectations = {}
     for name, g in stats_module.kernel_expectations(spec.stats):
         values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)

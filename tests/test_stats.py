@@ -199,12 +199,18 @@ def test_bad_expectations():
         ag.compile(shared)
 
 
-def test_max_gradient_is_shared_by_tied_keys():
-    """Like torch.amax: keys tied for the maximum split its gradient."""
-    k_row = torch.randn(1, 1, 1, 16)
-    k = torch.cat([k_row.expand(1, 1, 3, 16), torch.randn(1, 1, 5, 16)], dim=2)  # keys 0..2 are identical
-    q = k_row.expand(1, 1, 4, 16).clone() * 3.0  # so they are every row's maximum
-    assert_matches_reference(ag.AttentionSpec(stats=("max",)), q, k, torch.randn(1, 1, 8, 16))
+@pytest.mark.parametrize("mode", ["auto", "decode"])
+def test_max_gradient_goes_to_the_first_of_tied_keys(mode):
+    """Like torch.max(dim): of keys tied for the maximum, the first gets its gradient (the kernels find it by
+    its index: the backward's recomputed scores need not equal the forward's bit for bit); ties within a
+    tile, across tiles and across split-KV partials (mode="decode")."""
+    gen = torch.Generator().manual_seed(0)
+    k_row = torch.randn(1, 1, 1, 16, generator=gen)
+    k = torch.randn(1, 1, 200, 16, generator=gen)
+    k[:, :, [20, 21, 150, 199]] = k_row  # identical keys: each row's maximum
+    q = k_row.expand(1, 1, 4, 16).clone() * 3.0
+    assert_matches_reference(ag.AttentionSpec(stats=("max",)), q, k, torch.randn(1, 1, 200, 16, generator=gen),
+                             mode=mode)
 
 
 def test_no_keys_with_a_learnable_sink_still_trains_the_sink():

@@ -220,7 +220,7 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
         state += [(f"acc_exp{e}", False) for e in expectations]
-        state += [("row_max", False), ("max_count", False)] if row_max else []
+        state += [("row_max", False), ("max_at", False)] if row_max else []
     return state + ([("support", False)] if support else [])
 
 
@@ -390,7 +390,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     o_soft = (softmax or normalized) and (affine or normalization.learnable_sink
                                           or any(c["differentiable"] for c in captures))
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
-        + (["max_count"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["max_at"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
@@ -405,11 +405,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     counted = support and not threshold  # the support counted by _attn_fwd (the threshold family's: its own kernel)
     state = forward_state(normalization.family, differential, affine, expectations, row_max, counted)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
-        + (["MAXOUT", "MAXCOUNT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
+        + (["MAXOUT", "MAXAT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
         + (["OSOFT"] if o_soft else []) + (["NORM"] if normalized else []) \
         + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else []) + (["SUPPORT"] if counted else [])
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
-        + (["row_max", "max_count"] if row_max else []) + (["alpha", "beta"] if affine else []) \
+        + (["row_max", "max_at"] if row_max else []) + (["alpha", "beta"] if affine else []) \
         + (["o_soft"] if o_soft else []) + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2", "lam"] if differential else []) + (["support"] if counted else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
