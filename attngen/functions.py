@@ -123,6 +123,16 @@ def _atan2(y, x):
     return turn + torch.where(steep, -angle, angle)
 
 
+def _asin(x):
+    """atan2(x, sqrt((1 - x)(1 + x))): no cancellation near +-1 (1 - x is exact there); NaN past them."""
+    return _atan2(x, torch.sqrt((1.0 - x) * (1.0 + x)))
+
+
+def _acos(x):
+    """atan2(sqrt((1 - x)(1 + x)), x), as asin."""
+    return _atan2(torch.sqrt((1.0 - x) * (1.0 + x)), x)
+
+
 def _hypot(a, b):
     """sqrt(a^2 + b^2) as the larger magnitude times sqrt(1 + r^2), r the smaller over it: no square
     overflows or underflows (as torch's); 0 at (0, 0); inf where either is infinite, even with a NaN (C's
@@ -211,6 +221,10 @@ COMPOSITE = {
     "arctanh": _atanh,
     "sinc": _sinc,
     "tan": lambda x: torch.sin(x) / torch.cos(x),
+    "asin": _asin,
+    "arcsin": _asin,
+    "acos": _acos,
+    "arccos": _acos,
     "atan2": _atan2,
     "arctan2": _atan2,
     "hypot": _hypot,

@@ -56,7 +56,7 @@ def test_log1p_expm1_and_atan_keep_float32_relative_precision(name, exact, monke
 _F = torch.nn.functional
 COMPOSED = {
     "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh, "acosh": torch.acosh, "atanh": torch.atanh,
-    "atan": torch.atan, "atan2": lambda t: torch.atan2(t, torch.full_like(t, 2.0)),
+    "atan": torch.atan, "asin": torch.asin, "acos": torch.acos, "atan2": lambda t: torch.atan2(t, torch.full_like(t, 2.0)),
     "atan2_negative_x": lambda t: torch.atan2(t, torch.full_like(t, -2.0)),
     "atan2_of_a_constant": lambda t: torch.atan2(torch.full_like(t, 0.5), t),
     "hypot": lambda t: torch.hypot(t, torch.full_like(t, 3.0)),
@@ -76,17 +76,18 @@ COMPOSED = {
 @pytest.mark.parametrize("name", COMPOSED)
 def test_composed_functions_at_extreme_arguments(name, monkeypatch):
     """Each function as the kernels compute it, on float32 scores of magnitudes 1e-30 to 1e30 of both signs,
-    0, +-1, -3.5 to 3.5 in steps of 0.01, the infinities and NaN: within 3 float32 ulps (relative; 1e-37
-    absolute, for results below float32's normal range) of the float64 value rounded to float32, and the same
-    infinities and NaNs as torch (NaN from NaN but for sign, heaviside and nan_to_num; minimum and maximum
-    propagate it). The branches for huge arguments (asinh and acosh past 1e18, hypot's scaling) and acosh below
-    -1 (NaN, not -inf) are among them. (sigmoid and silu are not: exp2's argument x log2(e), rounded, puts |x| 2^-24 of
-    relative error into e^-|x|, 25 ulps at x = -79; and the kernels' tanh keeps float32's absolute, not
-    relative, precision below 1e-4.)"""
+    0, +-1, +-(1 - 2^-k), -3.5 to 3.5 in steps of 0.01, the infinities and NaN: within 3 float32 ulps
+    (relative; 1e-37 absolute, for results below float32's normal range) of the float64 value rounded to
+    float32, and the same infinities and NaNs as torch (NaN from NaN but for sign, heaviside and nan_to_num;
+    minimum and maximum propagate it). The branches for huge arguments (asinh and acosh past 1e18, hypot's
+    scaling) and acosh below -1 (NaN, not -inf) are among them. (sigmoid and silu are not: exp2's argument
+    x log2(e), rounded, puts |x| 2^-24 of relative error into e^-|x|, 25 ulps at x = -79; and the kernels'
+    tanh keeps float32's absolute, not relative, precision below 1e-4.)"""
     function = COMPOSED[name]
     magnitudes = torch.logspace(-30, 30, 601, dtype=torch.float64).float()
+    near_one = 1.0 - 2.0 ** -torch.arange(1.0, 25.0)
     x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 1.0, -1.0, -3.0, math.inf, -math.inf, math.nan]),
-                   torch.linspace(-3.5, 3.5, 701)])
+                   torch.linspace(-3.5, 3.5, 701), near_one, -near_one])
     got = apply_score_fn(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: function(s)), x, monkeypatch)
     want = function(x.double()).float()
     finite = torch.isfinite(want)
@@ -140,7 +141,7 @@ def test_activations_rounding_and_methods_match_reference(case):
 
 
 def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
-    """Hyperbolic functions and their inverses (small arguments: SMALL_VALUE_MODS), atan, atan2, tan,
+    """Hyperbolic functions and their inverses (small arguments: SMALL_VALUE_MODS), atan, atan2, tan, asin, acos,
     shrinks, thresholds, xlogy, sinc, frac, angle units, heaviside, add / sub with alpha, hypot, float_power."""
     F = torch.nn.functional
     t = torch.tanh(s)  # in (-1, 1)
@@ -158,14 +159,15 @@ def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
             + 0.3 * torch.atan2((q_idx % 5 - 2).float(), (kv_idx % 3 - 1).float())  # (0, 0), x = 0, both signs
             + 0.2 * torch.hypot(s, t + 0.5)
             + 0.1 * torch.hypot((q_idx % 3).float(), 1e30 * (kv_idx % 2).float()) * 1e-30
-            + 0.1 * torch.float_power(s, 2) + 0.1 * torch.float_power(s.abs() + 1.0, t))
+            + 0.1 * torch.float_power(s, 2) + 0.1 * torch.float_power(s.abs() + 1.0, t)
+            + 0.2 * torch.asin(0.9 * t) + 0.1 * torch.arcsin(t * t) + 0.2 * torch.acos(0.8 * t) + 0.1 * torch.arccos(-t))
 
 
 @pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
 def test_hyperbolic_functions_shrinks_and_friends_match_reference(case):
-    """sinh / cosh / asinh / acosh / atanh, atan / atan2 / tan (and the arc- names), softshrink / hardshrink /
-    tanhshrink / threshold, xlogy, sinc, frac, rad2deg / deg2rad, heaviside (of offsets: torch has no
-    gradient), add / sub with alpha, addcmul / addcdiv, hypot (also past float32's square root of its
+    """sinh / cosh / asinh / acosh / atanh, atan / atan2 / tan / asin / acos (and the arc- names), softshrink /
+    hardshrink / tanhshrink / threshold, xlogy, sinc, frac, rad2deg / deg2rad, heaviside (of offsets: torch has
+    no gradient), add / sub with alpha, addcmul / addcdiv, hypot (also past float32's square root of its
     largest value), float_power, against torch's, gradients too."""
     assert_matches_reference(ag.AttentionSpec(score_mod=_hyperbolic_and_shrinking), *case.tensors())
 
