@@ -12,7 +12,7 @@ from attngen.testing import Case, Float64, assert_matches_reference, check_spec,
 from attngen.testing import invariants, strategies
 from attngen.testing.check import reproduction
 from attngen.testing.compare import Comparison, compare
-from attngen.testing.fuzz import FuzzReport, fuzz, fuzz_calls, fuzz_specs
+from attngen.testing.fuzz import FuzzReport, fuzz, fuzz_calls, fuzz_score_mods, fuzz_specs
 from attngen.testing.snippets import Snippet, program
 
 
@@ -199,6 +199,16 @@ def test_a_fuzz_report_reproduces_its_call():
     source = report.reproduction()
     assert "attngen.testing.paged_call(q, k, v, [29]" in source and "**call)" in source
     exec(source, {})  # runs as printed (the kernels match: nothing raised)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mod=fuzz_score_mods(heads=2, batch=1))
+def test_fuzzed_scores_depend_on_the_score(mod):
+    """One that does not can cancel to within float32's rounding of 0 (fuzz seed 985: tanhshrink of a tiny
+    square of an offset), where ReLU's weights and the support count test the sign."""
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = mod.value(s, torch.tensor(0), torch.tensor(1), torch.tensor(5), torch.tensor(3))
+    assert torch.autograd.grad(out, s, allow_unused=True)[0] is not None, mod.source()
 
 
 @settings(max_examples=5, deadline=None)

@@ -9,8 +9,11 @@ comparisons combined with ``& | ~``, float arithmetic on the score with
 (``elu``, ``leaky_relu``, ``softsign``, ``logaddexp``, ``clamp_min``, ``softshrink``, ``tanhshrink``,
 ``add`` with ``alpha``) and loads from
 captured (optionally learnable) float tables. Magnitudes stay bounded so that
-float32 kernels and the float64 reference can be compared under one rule, and
-branches only ever test integers (a float test could flip on a rounding error).
+float32 kernels and the float64 reference can be compared under one rule,
+branches only ever test integers (a float test could flip on a rounding error),
+and every score depends on ``s``: one that does not can cancel to within
+float32's rounding of 0, where the sign that ReLU's weights and the support
+count test flips.
 :func:`fuzz_specs` plugs the grammar into :func:`~attngen.testing.strategies.specs`.
 """
 
@@ -95,13 +98,14 @@ class _Grammar:
             return f"torch.where({self.condition(depth - 1)}, {a}, {self.condition(depth - 1)})"
         return f"({a} {'&' if kind == 'and' else '|'} {self.condition(depth - 1)})"
 
-    def bounded(self, depth: int) -> str:
+    def bounded(self, depth: int, of_s: bool = False) -> str:
         """A float tensor expression of magnitude at most about 3 (never a bare Python number, which
-        torch functions refuse)."""
+        torch functions refuse); ``of_s``: one that depends on the score."""
         if depth == 0 or self.draw(st.integers(0, 3)) == 0:
             scale = self.draw(st.sampled_from([0.25, -0.5, 1.5]))
-            return self.choice([f"torch.tanh(0.1 * {self.integer(1)})", f"{self.table('values')}[{self.integer(1)} % {TABLE}]",
-                                f"{scale} * torch.tanh(s)", "torch.tanh(s)"])
+            free = [] if of_s else [f"torch.tanh(0.1 * {self.integer(1)})",
+                                    f"{self.table('values')}[{self.integer(1)} % {TABLE}]"]
+            return self.choice(free + [f"{scale} * torch.tanh(s)", "torch.tanh(s)"])
         a = self.score(depth - 1)
         return self.choice([f"torch.tanh({a})", f"torch.sigmoid({a})", f"torch.exp(-abs({a}))",
                             f"{a} / (1.0 + {a} * {a})", f"torch.clamp({a}, min=-2.0, max=3.0)",
@@ -126,13 +130,13 @@ class _Grammar:
         if kind == "sqrt":
             return f"torch.sqrt({a} * {a} + 1.0)"
         if kind == "square":
-            return f"(0.2 * {self.bounded(depth - 1)} ** 2)"
+            return f"(0.2 * {self.bounded(depth - 1, of_s=True)} ** 2)"
         if kind == "activation":
             return self.choice([f"torch.nn.functional.elu({a})", f"torch.nn.functional.leaky_relu({a}, 0.2)",
                                 f"torch.logaddexp({a}, {self.bounded(depth - 1)})", f"{a}.clamp_min(-1.0)",
                                 f"torch.nn.functional.softshrink({a}, 0.5)", f"torch.nn.functional.tanhshrink({a})",
                                 f"torch.add({a}, {self.bounded(depth - 1)}, alpha=0.5)"])
-        return self.bounded(depth)
+        return self.bounded(depth, of_s=True)
 
 
 @st.composite
