@@ -65,10 +65,40 @@ def _fmod(a, b):
     return torch.where((rest != 0) & ((rest < 0) != (a < 0)), rest - b, rest)
 
 
-def _logaddexp(a, b):
-    """max + log1p(e^-|a - b|); where the larger is infinite, itself (a - b would be NaN at two equal)."""
+def _log_add(a, b, ln_base=1.0):
+    """log(base^a + base^b) as max + log1p(base^-|a - b|); where the larger is infinite, itself (a - b would
+    be NaN at two equal). logaddexp, and logaddexp2 with ln_base = ln 2."""
     larger = torch.maximum(a, b)
-    return torch.where(torch.abs(larger) == math.inf, larger, larger + torch.log1p(torch.exp(-torch.abs(a - b))))
+    rest = torch.log1p(torch.exp(-torch.abs(a - b) * ln_base)) / ln_base
+    return torch.where(torch.abs(larger) == math.inf, larger, larger + rest)
+
+
+def _signbit(x):
+    """x < 0, and -0.0 (1 / -0.0 is -inf); a NaN counts as positive (its sign bit is not traced)."""
+    return (x < 0) | ((x == 0) & (1.0 / torch.where(x == 0, x, 1.0) < 0))
+
+
+def _fmax(a, b):
+    """The larger, the other where one is NaN; ties give a the gradient (torch.fmax's)."""
+    return torch.where((b != b) | (a >= b), a, b)
+
+
+def _fmin(a, b):
+    return torch.where((b != b) | (a <= b), a, b)
+
+
+def _logit(x, eps=None):
+    """log(x / (1 - x)), x clamped to [eps, 1 - eps] first when eps is given (torch.logit's); from 1/4 up
+    as log1p((2x - 1) / (1 - x)), whose numerator is exact: precise near 1/2, where the log of the
+    rounded quotient is not (nor torch's float32)."""
+    if eps is not None:
+        x = torch.clamp(x, eps, 1.0 - eps)
+    return torch.where(x < 0.25, torch.log(x / (1.0 - x)), torch.log1p((2.0 * x - 1.0) / (1.0 - x)))
+
+
+def _entr(x):
+    """-x log(x); 0 at 0, -inf below, as torch (gradient 0 at 0 and below, where torch's is inf and NaN)."""
+    return torch.where(x < 0, -math.inf, torch.where(x == 0, 0.0, -x * torch.log(torch.where(x > 0, x, 1.0))))
 
 
 def _elu(x, alpha=1.0):
@@ -114,12 +144,12 @@ def _atanh(x):
 
 def _atan2(y, x):
     """One atan, of the smaller over the larger of |y| and |x| (no inf or NaN; torch's gradient everywhere
-    but at (0, 0)): atan(y / x), a half turn added where x < 0, if |x| >= |y| (0 at (0, 0));
-    pi/2 sign(y) - atan(x / y) if |y| > |x|."""
+    but at (0, 0)): atan(y / x), a half turn of y's sign (-0.0's too) added where x < 0, if |x| >= |y|
+    (0 at (0, 0)); pi/2 sign(y) - atan(x / y) if |y| > |x|."""
     steep = torch.abs(y) > torch.abs(x)
     angle = torch.atan(torch.where(steep, x, y) / torch.where(steep, y, torch.where(x == 0, 1.0, x)))
     turn = torch.where(steep, torch.where(y < 0, -0.5 * math.pi, 0.5 * math.pi),
-                       torch.where(x < 0, torch.where(y < 0, -math.pi, math.pi), 0.0))
+                       torch.where(x < 0, torch.where(_signbit(y), -math.pi, math.pi), 0.0))
     return turn + torch.where(steep, -angle, angle)
 
 
@@ -174,6 +204,11 @@ def _xlogy(x, y):
     return torch.where((x == 0) & (y == y), 0.0, x * torch.log(y))
 
 
+def _xlog1py(x, y):
+    """x log1p(y), 0 where x is 0 (unless y is NaN), as torch."""
+    return torch.where((x == 0) & (y == y), 0.0, x * torch.log1p(y))
+
+
 # torch function name -> its composition (aliases share one)
 COMPOSITE = {
     "square": lambda x: x * x,
@@ -190,7 +225,18 @@ COMPOSITE = {
     "clamp_min": lambda x, min: torch.clamp(x, min=min),
     "clamp_max": lambda x, max: torch.clamp(x, max=max),
     "lerp": lambda start, end, weight: start + weight * (end - start),
-    "logaddexp": _logaddexp,
+    "logaddexp": _log_add,
+    "logaddexp2": lambda a, b: _log_add(a, b, _LN2),
+    "fmax": _fmax,
+    "fmin": _fmin,
+    "signbit": _signbit,
+    "copysign": lambda a, b: torch.where(_signbit(b), -torch.abs(a), torch.abs(a)),
+    "ldexp": lambda x, e: x * torch.exp2(e.float()),
+    "sgn": _sign,
+    "positive": lambda x: x,
+    "expit": torch.sigmoid,
+    "logit": _logit,
+    "entr": _entr,
     "silu": lambda x: x * torch.sigmoid(x),
     "log_sigmoid": _log_sigmoid,
     "logsigmoid": _log_sigmoid,
@@ -239,6 +285,7 @@ COMPOSITE = {
     "isfinite": lambda x: torch.abs(x) < math.inf,  # NaN is not
     "nan_to_num": _nan_to_num,
     "xlogy": _xlogy,
+    "xlog1py": _xlog1py,
     "heaviside": lambda x, values: torch.where(x == 0, values, torch.where(x > 0, 1.0, 0.0)),
     "addcmul": lambda x, a, b, value=1.0: x + value * a * b,
     "addcdiv": lambda x, a, b, value=1.0: x + value * a / b,

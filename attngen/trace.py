@@ -219,6 +219,8 @@ class Tracer:
         if isinstance(func, torch._ops.OpOverload):  # torch.ops.aten.mul.Tensor: the function mul
             func = func.overloadpacket
         name = getattr(func, "__name__", str(func)).strip("_")
+        if name.startswith("special_") and name[len("special_"):] in SUPPORTED_TORCH:
+            name = name[len("special_"):]  # torch.special.expit's name is special_expit
         kwargs = dict(kwargs or {})
         if kwargs.get("inplace") is False:  # torch.nn.functional's activations pass it along
             del kwargs["inplace"]

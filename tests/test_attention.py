@@ -69,7 +69,15 @@ COMPOSED = {
     "relu6": _F.relu6, "hardsigmoid": _F.hardsigmoid, "hardswish": _F.hardswish, "softshrink": _F.softshrink,
     "hardshrink": _F.hardshrink, "threshold": lambda t: _F.threshold(t, 0.5, -2.0),
     "logaddexp": lambda t: torch.logaddexp(t, torch.full_like(t, 1.0)), "sign": torch.sign,
-    "heaviside": lambda t: torch.heaviside(t, torch.full_like(t, 0.5)), "nan_to_num": lambda t: torch.nan_to_num(t.float()),  # float32's largest
+    "heaviside": lambda t: torch.heaviside(t, torch.full_like(t, 0.5)), "logit": torch.logit,
+    "logit_eps": lambda t: torch.logit(t, eps=2.0 ** -10),  # 1 - eps exact in float32 "special_logit": torch.special.logit,
+    "entr": torch.special.entr, "sgn": torch.sgn, "positive": torch.positive,
+    "fmax": lambda t: torch.fmax(torch.full_like(t, 0.5), t), "fmin": lambda t: torch.fmin(t, torch.full_like(t, -0.5)),
+    "logaddexp2": lambda t: torch.logaddexp2(t, torch.full_like(t, 1.0)),
+    "signbit": lambda t: torch.signbit(t).float(), "copysign": lambda t: torch.copysign(torch.full_like(t, 1.5), t),
+    "ldexp": lambda t: torch.ldexp(t, torch.ones_like(t).int() * 3), "xlog1py": lambda t: torch.special.xlog1py(t, 2.0 * t),
+    "xlog1py_of_minus_one": lambda t: torch.special.xlog1py(t, torch.full_like(t, -1.0)),  # 0 at 0, not NaN
+    "special_expm1": torch.special.expm1, "special_round": torch.special.round, "nan_to_num": lambda t: torch.nan_to_num(t.float()),  # float32's largest
 }
 
 
@@ -86,14 +94,14 @@ def test_composed_functions_at_extreme_arguments(name, monkeypatch):
     function = COMPOSED[name]
     magnitudes = torch.logspace(-30, 30, 601, dtype=torch.float64).float()
     near_one = 1.0 - 2.0 ** -torch.arange(1.0, 25.0)
-    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 1.0, -1.0, -3.0, math.inf, -math.inf, math.nan]),
+    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, -0.0, 1.0, -1.0, -3.0, math.inf, -math.inf, math.nan]),
                    torch.linspace(-3.5, 3.5, 701), near_one, -near_one])
     got = apply_score_fn(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: function(s)), x, monkeypatch)
     want = function(x.double()).float()
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[~finite], want[~finite], rtol=0, atol=0, equal_nan=True)
     error = (got[finite].double() - want[finite].double()).abs()
-    wrong = error > 3 * 2**-23 * want[finite].double().abs() + 1e-37
+    wrong = ~(error <= 3 * 2**-23 * want[finite].double().abs() + 1e-37)  # a NaN error too
     assert not wrong.any(), f"at {x[finite][wrong][:4].tolist()}: {got[finite][wrong][:4].tolist()}"
 
 
@@ -170,6 +178,23 @@ def test_hyperbolic_functions_shrinks_and_friends_match_reference(case):
     no gradient), add / sub with alpha, addcmul / addcdiv, hypot (also past float32's square root of its
     largest value), float_power, against torch's, gradients too."""
     assert_matches_reference(ag.AttentionSpec(score_mod=_hyperbolic_and_shrinking), *case.tensors())
+
+
+def _special_and_sign_functions(s, b, h, q_idx, kv_idx):
+    t, p = torch.tanh(s), torch.sigmoid(s)
+    offset = (kv_idx - q_idx).float()
+    return (s + 0.3 * torch.logit(0.5 + 0.4 * t) + 0.2 * torch.logit(p, eps=0.1) + 0.3 * torch.special.entr(p)
+            + 0.2 * torch.fmax(s, 0.5 * t) + 0.2 * torch.fmin(t, 0.1 * offset) + 0.2 * torch.logaddexp2(s, t)
+            + 0.3 * torch.copysign(t, offset) + 0.1 * torch.ldexp(t, kv_idx % 3) + 0.2 * torch.special.xlog1py(p, t)
+            + 0.2 * torch.special.expit(s) + 0.1 * torch.special.erf(s) + 0.1 * torch.signbit(s - 0.2).float()
+            + 0.1 * torch.sgn(s) + torch.positive(0.1 * s))
+
+
+@pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
+def test_special_and_sign_functions_match_reference(case):
+    """logit (with eps), torch.special's entr / xlog1py / expit / erf, fmax / fmin, logaddexp2, copysign,
+    signbit, sgn, ldexp, positive against torch's, gradients too."""
+    assert_matches_reference(ag.AttentionSpec(score_mod=_special_and_sign_functions), *case.tensors())
 
 
 def test_nan_and_infinity_tests_match_reference():
