@@ -55,29 +55,62 @@ def test_log1p_expm1_and_atan_keep_float32_relative_precision(name, exact, monke
 
 _F = torch.nn.functional
 COMPOSED = {
-    "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh, "acosh": torch.acosh, "atanh": torch.atanh,
-    "atan": torch.atan, "asin": torch.asin, "acos": torch.acos, "atan2": lambda t: torch.atan2(t, torch.full_like(t, 2.0)),
+    "sinh": torch.sinh,
+    "cosh": torch.cosh,
+    "asinh": torch.asinh,
+    "acosh": torch.acosh,
+    "atanh": torch.atanh,
+    "atan": torch.atan,
+    "asin": torch.asin,
+    "acos": torch.acos,
+    "atan2": lambda t: torch.atan2(t, torch.full_like(t, 2.0)),
     "atan2_negative_x": lambda t: torch.atan2(t, torch.full_like(t, -2.0)),
     "atan2_of_a_constant": lambda t: torch.atan2(torch.full_like(t, 0.5), t),
     "hypot": lambda t: torch.hypot(t, torch.full_like(t, 3.0)),
     "hypot_of_nan_and_inf": lambda t: torch.hypot(t, torch.where(torch.isnan(t), math.inf, 3.0)),
-    "xlogy": lambda t: torch.xlogy(t, torch.full_like(t, 2.0)), "frac": torch.frac, "expm1": torch.expm1,
-    "log1p": torch.log1p, "softplus": _F.softplus, "logsigmoid": _F.logsigmoid, "erf": torch.erf, "elu": _F.elu,
-    "selu": _F.selu, "celu": _F.celu, "leaky_relu": _F.leaky_relu, "softsign": _F.softsign,
-    "relu": torch.relu, "clamp": lambda t: torch.clamp(t, -1.0, 2.0), "maximum": lambda t: torch.maximum(t, torch.full_like(t, -0.5)),
-    "two_tensor_min": lambda t: torch.min(t, torch.full_like(t, 0.5)), "hardtanh": _F.hardtanh,
-    "relu6": _F.relu6, "hardsigmoid": _F.hardsigmoid, "hardswish": _F.hardswish, "softshrink": _F.softshrink,
-    "hardshrink": _F.hardshrink, "threshold": lambda t: _F.threshold(t, 0.5, -2.0),
-    "logaddexp": lambda t: torch.logaddexp(t, torch.full_like(t, 1.0)), "sign": torch.sign,
-    "heaviside": lambda t: torch.heaviside(t, torch.full_like(t, 0.5)), "logit": torch.logit,
-    "logit_eps": lambda t: torch.logit(t, eps=2.0 ** -10),  # 1 - eps exact in float32 "special_logit": torch.special.logit,
-    "entr": torch.special.entr, "sgn": torch.sgn, "positive": torch.positive,
-    "fmax": lambda t: torch.fmax(torch.full_like(t, 0.5), t), "fmin": lambda t: torch.fmin(t, torch.full_like(t, -0.5)),
-    "logaddexp2": lambda t: torch.logaddexp2(t, torch.full_like(t, 1.0)),
-    "signbit": lambda t: torch.signbit(t).float(), "copysign": lambda t: torch.copysign(torch.full_like(t, 1.5), t),
-    "ldexp": lambda t: torch.ldexp(t, torch.ones_like(t).int() * 3), "xlog1py": lambda t: torch.special.xlog1py(t, 2.0 * t),
+    "xlogy": lambda t: torch.xlogy(t, torch.full_like(t, 2.0)),
+    "xlog1py": lambda t: torch.special.xlog1py(t, 2.0 * t),
     "xlog1py_of_minus_one": lambda t: torch.special.xlog1py(t, torch.full_like(t, -1.0)),  # 0 at 0, not NaN
-    "special_expm1": torch.special.expm1, "special_round": torch.special.round, "nan_to_num": lambda t: torch.nan_to_num(t.float()),  # float32's largest
+    "frac": torch.frac,
+    "expm1": torch.expm1,
+    "special_expm1": torch.special.expm1,
+    "log1p": torch.log1p,
+    "softplus": _F.softplus,
+    "logsigmoid": _F.logsigmoid,
+    "erf": torch.erf,
+    "elu": _F.elu,
+    "selu": _F.selu,
+    "celu": _F.celu,
+    "leaky_relu": _F.leaky_relu,
+    "softsign": _F.softsign,
+    "relu": torch.relu,
+    "clamp": lambda t: torch.clamp(t, -1.0, 2.0),
+    "maximum": lambda t: torch.maximum(t, torch.full_like(t, -0.5)),
+    "two_tensor_min": lambda t: torch.min(t, torch.full_like(t, 0.5)),
+    "fmax": lambda t: torch.fmax(torch.full_like(t, 0.5), t),
+    "fmin": lambda t: torch.fmin(t, torch.full_like(t, -0.5)),
+    "hardtanh": _F.hardtanh,
+    "relu6": _F.relu6,
+    "hardsigmoid": _F.hardsigmoid,
+    "hardswish": _F.hardswish,
+    "softshrink": _F.softshrink,
+    "hardshrink": _F.hardshrink,
+    "threshold": lambda t: _F.threshold(t, 0.5, -2.0),
+    "logaddexp": lambda t: torch.logaddexp(t, torch.full_like(t, 1.0)),
+    "logaddexp2": lambda t: torch.logaddexp2(t, torch.full_like(t, 1.0)),
+    "logit": torch.logit,
+    "logit_eps": lambda t: torch.logit(t, eps=2.0 ** -10),  # 1 - eps exact in float32
+    "special_logit": torch.special.logit,
+    "entr": torch.special.entr,
+    "sign": torch.sign,
+    "sgn": torch.sgn,
+    "signbit": lambda t: torch.signbit(t).float(),
+    "copysign": lambda t: torch.copysign(torch.full_like(t, 1.5), t),
+    "heaviside": lambda t: torch.heaviside(t, torch.full_like(t, 0.5)),
+    "ldexp": lambda t: torch.ldexp(t, torch.ones_like(t).int() * 3),
+    "positive": torch.positive,
+    "special_round": torch.special.round,
+    "nan_to_num": lambda t: torch.nan_to_num(t.float()),  # float32's largest
 }
 
 
@@ -168,7 +201,8 @@ def _hyperbolic_and_shrinking(s, b, h, q_idx, kv_idx):
             + 0.2 * torch.hypot(s, t + 0.5)
             + 0.1 * torch.hypot((q_idx % 3).float(), 1e30 * (kv_idx % 2).float()) * 1e-30
             + 0.1 * torch.float_power(s, 2) + 0.1 * torch.float_power(s.abs() + 1.0, t)
-            + 0.2 * torch.asin(0.9 * t) + 0.1 * torch.arcsin(t * t) + 0.2 * torch.acos(0.8 * t) + 0.1 * torch.arccos(-t))
+            + 0.2 * torch.asin(0.9 * t) + 0.1 * torch.arcsin(t * t) + 0.2 * torch.acos(0.8 * t)
+            + 0.1 * torch.arccos(-t))
 
 
 @pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
