@@ -23,6 +23,15 @@ settings.register_profile("deep", max_examples=300, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from an empty torch.compile cache: the frames attngen shares between specs (the
+    call path of every CompiledAttention) would otherwise carry earlier tests' recompilations, and with them
+    automatic dynamic shapes and cache limits, into the next test (a nested-tensor compile test raised
+    std::bad_alloc inside FakeTensor after 1500 other tests, not alone nor after the other compile tests)."""
+    torch._dynamo.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
