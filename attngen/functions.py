@@ -80,11 +80,12 @@ def _signbit(x):
 
 def _fmax(a, b):
     """The larger, the other where one is NaN; ties give a the gradient (torch.fmax's)."""
-    return torch.where((b != b) | (a >= b), a, b)
+    return torch.where(_is_nan(b) | (a >= b), a, b)
 
 
 def _fmin(a, b):
-    return torch.where((b != b) | (a <= b), a, b)
+    """The smaller, as _fmax."""
+    return torch.where(_is_nan(b) | (a <= b), a, b)
 
 
 def _logit(x, eps=None):
@@ -153,14 +154,17 @@ def _atan2(y, x):
     return turn + torch.where(steep, -angle, angle)
 
 
+def _root_of_one_minus_square(x):
+    """sqrt((1 - x)(1 + x)): no cancellation near +-1 (1 - x is exact there); NaN past them."""
+    return torch.sqrt((1.0 - x) * (1.0 + x))
+
+
 def _asin(x):
-    """atan2(x, sqrt((1 - x)(1 + x))): no cancellation near +-1 (1 - x is exact there); NaN past them."""
-    return _atan2(x, torch.sqrt((1.0 - x) * (1.0 + x)))
+    return _atan2(x, _root_of_one_minus_square(x))
 
 
 def _acos(x):
-    """atan2(sqrt((1 - x)(1 + x)), x), as asin."""
-    return _atan2(torch.sqrt((1.0 - x) * (1.0 + x)), x)
+    return _atan2(_root_of_one_minus_square(x), x)
 
 
 def _hypot(a, b):
@@ -199,14 +203,9 @@ def _nan_to_num(x, nan=0.0, posinf=None, neginf=None):
     return torch.where(_is_nan(x), nan, torch.where(x == math.inf, posinf, torch.where(x == -math.inf, neginf, x)))
 
 
-def _xlogy(x, y):
-    """x log(y), 0 where x is 0 (unless y is NaN), as torch."""
-    return torch.where((x == 0) & (y == y), 0.0, x * torch.log(y))
-
-
-def _xlog1py(x, y):
-    """x log1p(y), 0 where x is 0 (unless y is NaN), as torch."""
-    return torch.where((x == 0) & (y == y), 0.0, x * torch.log1p(y))
+def _xlogy(x, y, log=torch.log):
+    """x log(y), 0 where x is 0 (unless y is NaN), as torch; xlog1py with log = log1p."""
+    return torch.where((x == 0) & ~_is_nan(y), 0.0, x * log(y))
 
 
 # torch function name -> its composition (aliases share one)
@@ -285,7 +284,7 @@ COMPOSITE = {
     "isfinite": lambda x: torch.abs(x) < math.inf,  # NaN is not
     "nan_to_num": _nan_to_num,
     "xlogy": _xlogy,
-    "xlog1py": _xlog1py,
+    "xlog1py": lambda x, y: _xlogy(x, y, torch.log1p),
     "heaviside": lambda x, values: torch.where(x == 0, values, torch.where(x > 0, 1.0, 0.0)),
     "addcmul": lambda x, a, b, value=1.0: x + value * a * b,
     "addcdiv": lambda x, a, b, value=1.0: x + value * a / b,
