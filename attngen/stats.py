@@ -16,10 +16,13 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
   for the normalizations whose weights have exact zeros (``exact_zeros``: sparsemax and entmax,
   softpick, ReLU).
 
-``l`` are the logits the softmax normalizes (the modded scores). Row
+``l`` are the logits the normalization takes (the modded scores). Row
 statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for
-softmax-family normalizations without an affine output; the maps also for the
-other normalizations but stick-breaking (forward-only for sparsemax / entmax).
+softmax-family normalizations (entropy, expectations and maps without an affine
+output); the max also for sparsemax / entmax, softpick, signed softmax and
+stick-breaking; the
+maps also for the other normalizations but stick-breaking (forward-only for
+sparsemax / entmax).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Callable
 import torch
 
 ROW_STATS = ("lse", "max", "entropy", "support")
+MAX_FAMILIES = ("softmax", "threshold", "rectified", "signed", "stick_breaking")  # kernels that hold each logit l
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 
 

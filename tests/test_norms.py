@@ -83,6 +83,23 @@ def test_normalization_matches_reference(norm_name, mask_name, case):
     check_variant(_variant(norm_name, mask_name), case)
 
 
+@pytest.mark.parametrize("case", CASES[1:], ids=case_id)
+@pytest.mark.parametrize("norm_name, mode", [("sparsemax", "auto"), ("entmax_1_3", "auto"), ("entmax_learnable", "auto"),
+                                             ("softpick", "auto"), ("softpick", "decode"),
+                                             ("signed_softmax", "auto"), ("signed_softmax", "decode"),
+                                             ("stick_breaking", "auto"), ("stick_breaking", "decode")])
+def test_max_statistic_beyond_softmax(norm_name, mode, case):
+    """The "max" statistic (each row's largest logit, its gradient to the first key holding it) of the
+    families whose kernels hold the logits: the threshold family's extent pass finds it, softpick's,
+    Cog's and stick-breaking's forward loop as the softmax's (decode: over split-KV partials); entmax's
+    d alpha takes no part of it. Rows with no key (empty_rows) give -inf and no gradient."""
+    variant = _variant(norm_name, "empty_rows") if norm_name in NORMS else \
+        Variant(norm_name, _none, lambda c: ag.AttentionSpec(normalization=norms.StickBreaking(),
+                                                             mask_mod=MASKS["empty_rows"]))
+    q, k, v, spec = variant_inputs(variant, case)
+    assert_matches_reference(dataclasses.replace(spec, stats=("max",)), q, k, v, seed=case.seed, mode=mode)
+
+
 @pytest.mark.parametrize("norm_name", ["learnable_sink", "sigmoid_-log_n", "relu_unmasked", "affine_learnable",
                                        "sparsemax", "entmax_learnable", "softpick", "signed_softmax",
                                        "normalized_sigmoid"])

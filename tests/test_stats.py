@@ -163,7 +163,11 @@ def test_no_attention_matrix_is_materialized():
     (dict(stats=("lse", "lse")), "must be unique"),
     (dict(stats=("col_sum", ag.stats.col_sum())), "must be unique"),
     (dict(normalization=norms.AffineSoftmax(), stats=("col_sum",)), "need a probability distribution"),
-    (dict(normalization=norms.Sigmoid(), stats=("max",)), "not defined for Sigmoid"),
+    (dict(normalization=norms.Sigmoid(), stats=("max",)),
+     r"the max stat \(each row's largest logit\) is defined for the softmax, threshold .* not for Sigmoid "
+     r"\(the elementwise family: its kernels take each key's weight, not its logit\)"),
+    (dict(normalization=norms.ReLU(), stats=("max",)), "not for ReLU"),
+    (dict(normalization=norms.Softpick(), stats=("max", "lse")), r"stats \['lse'\] are not defined for Softpick"),
     (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
     (dict(stats=("support",)), "defined for Sparsemax, Entmax, Softpick and ReLU, whose weights have exact zeros, "
                                "not for Softmax"),
