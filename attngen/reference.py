@@ -82,8 +82,8 @@ def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
-    """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits
-    (both None for the elementwise and normalized families; lse None for the others but softmax)."""
+    """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits (the modded scores themselves
+    for the elementwise and normalized families, which take a weight of each; lse None but for softmax)."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
@@ -93,7 +93,7 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
         w = torch.where(keep, normalization.weight(s, h, n), torch.zeros_like(s))
         if normalization.family == "normalized":
             w = w / (w.sum(-1, keepdim=True) + normalization.eps)
-        return w, None, None
+        return w, None, s
     raw_logits = normalization.logits(s, h, n)
     if normalization.family == "threshold":
         return entmax(raw_logits, keep, _per_head(normalization.alpha, raw_logits)), None, raw_logits

@@ -138,11 +138,6 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
     if maps and normalization.family == "stick_breaking":
         raise SpecError(f"stats {maps} are not defined for {norm}: its weights need a scan over each row's keys, "
                         "which the maps' kernel does not run")
-    if "max" in names and normalization.family not in stats_module.MAX_FAMILIES:
-        raise SpecError(f"the max stat (each row's largest logit) is defined for the softmax, threshold (Sparsemax, "
-                        f"Entmax), rectified (Softpick), signed (SignedSoftmax) and stick-breaking families, not for "
-                        f"{norm} (the {normalization.family} family: its kernels take each key's weight, not its "
-                        "logit)")
     of_softmax = [n for n in names if n not in ("support", "max") and n not in maps]
     if of_softmax and normalization.family != "softmax":
         raise SpecError(f"stats {of_softmax} are not defined for {norm}: they are statistics of a softmax "

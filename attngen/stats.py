@@ -16,11 +16,12 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
   for the normalizations whose weights have exact zeros (``exact_zeros``: sparsemax and entmax,
   softpick, ReLU).
 
-``l`` are the logits the normalization takes (the modded scores). Row
-statistics are shaped ``[B, Hq, Lq]``. All but the support are defined for
-softmax-family normalizations (entropy, expectations and maps without an affine
-output); the max also for sparsemax / entmax, softpick, signed softmax and
-stick-breaking; the
+``l`` are the logits the normalization takes (the modded scores; for the
+elementwise and normalized families, score_mod's result, of which they take a
+weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
+defined for softmax-family normalizations (entropy, expectations and maps
+without an affine output); the max for every normalization (forward-only for
+the elementwise and normalized families); the
 maps also for the other normalizations but stick-breaking (forward-only for
 sparsemax / entmax).
 """
@@ -32,8 +33,9 @@ from typing import Callable
 
 import torch
 
+from .norms import WEIGHT_FAMILIES
+
 ROW_STATS = ("lse", "max", "entropy", "support")
-MAX_FAMILIES = ("softmax", "threshold", "rectified", "signed", "stick_breaking")  # kernels that hold each logit l
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 
 
@@ -112,9 +114,13 @@ def map_stats(stats) -> list[MapStat]:
 
 
 def forward_only(stats, normalization) -> dict[str, str]:
-    """The maps among ``stats`` without a gradient, by name, each with a sentence that says so: pooled
-    maxima, and every map of sparsemax / entmax (whose threshold moves with every weight)."""
+    """The statistics among ``stats`` without a gradient, by name, each with a sentence that says so: pooled
+    maxima, every map of sparsemax / entmax (whose threshold moves with every weight), and the max of the
+    families whose kernels differentiate each key's weight, not its logit."""
     found = {}
+    if "max" in stats and normalization.family in WEIGHT_FAMILIES:
+        found["max"] = (f"the max statistic of {normalization!r} is forward-only (its kernels take the derivative "
+                        "of each key's weight, not of its logit)")
     for stat in map_stats(stats):
         if normalization.family == "threshold":
             found[stat.name] = (f"the {stat.name} map of {normalization!r} is forward-only (the threshold "

@@ -577,8 +577,8 @@ def _call(tracer: Tracer, function: Callable, name: str, inputs: tuple[str, ...]
     return tracer.node(result)
 
 
-def _score(tracer: Tracer, score_mod: Callable | None, normalization, key_count, name: str) -> int:
-    """``score_mod`` of the input score, then the normalization's logits (or weight)."""
+def _score(tracer: Tracer, score_mod: Callable | None, normalization, key_count, name: str) -> tuple[int, int]:
+    """``score_mod`` of the input score, and that then taken by the normalization's logits (or weight)."""
     graph = tracer.graph
     score = graph.input("score", "float")
     if score_mod is not None:
@@ -587,21 +587,21 @@ def _score(tracer: Tracer, score_mod: Callable | None, normalization, key_count,
             raise SpecError("score_mod must return a number, but it returned a boolean; "
                             "boolean conditions belong in mask_mod")
     if normalization is None:
-        return score
+        return score, score
     modded = score
     weighted = normalization.family in WEIGHT_FAMILIES
     method = normalization.weight if weighted else normalization.logits
     count = "n_kept" if normalization.count == "unmasked" else "n_keys"
     label = f"{type(normalization).__name__}.{method.__name__}"
     if count == "n_keys" and key_count is not None:  # the row's keys are not simply LK
-        return _call(tracer, lambda h, b, q_idx: method(Proxy(tracer, modded), h, key_count(b, q_idx)), label,
-                     ("h", "b", "q_idx"))
-    return _call(tracer, lambda h, n: method(Proxy(tracer, modded), h, n), label, ("h", count))
+        return modded, _call(tracer, lambda h, b, q_idx: method(Proxy(tracer, modded), h, key_count(b, q_idx)),
+                             label, ("h", "b", "q_idx"))
+    return modded, _call(tracer, lambda h, n: method(Proxy(tracer, modded), h, n), label, ("h", count))
 
 
 def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=None,
           expectations: list[tuple[str, Callable]] = (), key_count: Callable | None = None,
-          second_score_mod: Callable | None = None, two_streams: bool = False) -> Graph:
+          second_score_mod: Callable | None = None, two_streams: bool = False, logit: bool = False) -> Graph:
     """Trace the spec's functions into one graph with outputs ``score``, ``mask``
     and ``exp0``, ``exp1``, ... (one per row expectation).
 
@@ -610,16 +610,17 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
     ``n_keys`` or ``n_kept`` (``key_count(b, q_idx)``, when given, stands for ``n_keys``: the number of keys
     of the row's sequence). With ``two_streams`` (differential attention) the output ``score2`` is the
     second stream's score: ``second_score_mod``
-    (default ``score_mod``) of the same input, then the same logits. Each
+    (default ``score_mod``) of the same input, then the same logits. With ``logit`` the output ``logit``
+    is ``score_mod``'s result alone (the logit of WEIGHT_FAMILIES, whose ``score`` is a weight). Each
     expectation function is traced on the input ``logit`` (the kernel passes
     ``score`` there).
     """
     tracer = Tracer()
     graph = tracer.graph
     streams = [score_mod] + ([second_score_mod or score_mod] if two_streams else [])
-    scores = [_score(tracer, mod, normalization, key_count, f"score_mod{'' if i == 0 else ' (second stream)'}")
-              for i, mod in enumerate(streams)]
-    score = scores[0]
+    (modded, score), *others = [_score(tracer, mod, normalization, key_count,
+                                       f"score_mod{'' if i == 0 else ' (second stream)'}")
+                                for i, mod in enumerate(streams)]
     if mask_mod is None:
         mask = graph.const(True)
     else:
@@ -627,7 +628,8 @@ def trace(score_mod: Callable | None, mask_mod: Callable | None, normalization=N
         if graph.dtype(mask) != "bool":
             raise SpecError("mask_mod must return a boolean (a comparison, or & | ~ of comparisons), "
                             f"but it returned a value of type {graph.dtype(mask)}")
-    graph.outputs = {"score": score, "mask": mask, **({"score2": scores[1]} if two_streams else {})}
+    graph.outputs = {"score": score, "mask": mask, **({"score2": others[0][1]} if two_streams else {}),
+                     **({"logit": modded} if logit else {})}
     for e, (name, g) in enumerate(expectations):
         node = _call(tracer, g, f"expectation {name!r}", ("logit", "b", "h", "q_idx", "kv_idx"))
         learnable = [n for n in graph.order([node]) if graph.op(n) == "load"

@@ -87,12 +87,16 @@ def test_normalization_matches_reference(norm_name, mask_name, case):
 @pytest.mark.parametrize("norm_name, mode", [("sparsemax", "auto"), ("entmax_1_3", "auto"), ("entmax_learnable", "auto"),
                                              ("softpick", "auto"), ("softpick", "decode"),
                                              ("signed_softmax", "auto"), ("signed_softmax", "decode"),
-                                             ("stick_breaking", "auto"), ("stick_breaking", "decode")])
+                                             ("stick_breaking", "auto"), ("stick_breaking", "decode"),
+                                             ("sigmoid_learnable_bias", "auto"), ("sigmoid_learnable_bias", "decode"),
+                                             ("relu2_length", "auto"), ("elementwise_sigmoid_squared", "decode"),
+                                             ("normalized_sigmoid", "auto"), ("normalized_sigmoid", "decode")])
 def test_max_statistic_beyond_softmax(norm_name, mode, case):
-    """The "max" statistic (each row's largest logit, its gradient to the first key holding it) of the
-    families whose kernels hold the logits: the threshold family's extent pass finds it, softpick's,
-    Cog's and stick-breaking's forward loop as the softmax's (decode: over split-KV partials); entmax's
-    d alpha takes no part of it. Rows with no key (empty_rows) give -inf and no gradient."""
+    """The "max" statistic (each row's largest logit, its gradient to the first key holding it) of every
+    family: the threshold family's extent pass finds it, softpick's, Cog's and stick-breaking's forward
+    loop as the softmax's (decode: over split-KV partials); entmax's d alpha takes no part of it. The
+    elementwise and normalized families take score_mod's result (their score_fn is its weight), forward-only
+    (the comparison leaves it out of the loss). Rows with no key (empty_rows) give -inf and no gradient."""
     variant = _variant(norm_name, "empty_rows") if norm_name in NORMS else \
         Variant(norm_name, _none, lambda c: ag.AttentionSpec(normalization=norms.StickBreaking(),
                                                              mask_mod=MASKS["empty_rows"]))

@@ -163,10 +163,6 @@ def test_no_attention_matrix_is_materialized():
     (dict(stats=("lse", "lse")), "must be unique"),
     (dict(stats=("col_sum", ag.stats.col_sum())), "must be unique"),
     (dict(normalization=norms.AffineSoftmax(), stats=("col_sum",)), "need a probability distribution"),
-    (dict(normalization=norms.Sigmoid(), stats=("max",)),
-     r"the max stat \(each row's largest logit\) is defined for the softmax, threshold .* not for Sigmoid "
-     r"\(the elementwise family: its kernels take each key's weight, not its logit\)"),
-    (dict(normalization=norms.ReLU(), stats=("max",)), "not for ReLU"),
     (dict(normalization=norms.Softpick(), stats=("max", "lse")), r"stats \['lse'\] are not defined for Softpick"),
     (dict(normalization=norms.AffineSoftmax(), stats=("entropy",)), "need a probability distribution"),
     (dict(stats=("support",)), "defined for Sparsemax, Entmax, Softpick and ReLU, whose weights have exact zeros, "
@@ -215,6 +211,23 @@ def test_max_gradient_goes_to_the_first_of_tied_keys(mode):
     q = k_row.expand(1, 1, 4, 16).clone() * 3.0
     assert_matches_reference(ag.AttentionSpec(stats=("max",)), q, k, torch.randn(1, 1, 200, 16, generator=gen),
                              mode=mode)
+
+
+@pytest.mark.parametrize("normalization", [norms.Sigmoid(), norms.ReLU(power=2), norms.Normalized(torch.sigmoid)],
+                         ids=lambda n: type(n).__name__)
+def test_max_statistic_of_weights_is_forward_only(normalization):
+    """The elementwise and normalized families' kernels differentiate each key's weight, not its logit:
+    their max statistic (score_mod's largest result per row) is for monitoring, and a loss on it raises."""
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    attn = ag.compile(ag.AttentionSpec(normalization=normalization, stats=("max",),
+                                       score_mod=lambda s, b, h, q_idx, kv_idx: 2.0 * s - 0.1 * (q_idx - kv_idx)))
+    out, stats = attn(q, k, v, return_stats=True)
+    torch.testing.assert_close(stats.max, ((q @ k.transpose(-1, -2)) / 4.0 * 2.0
+                                           - 0.1 * (torch.arange(9)[:, None] - torch.arange(9))).amax(-1))
+    out.sum().backward()  # the output alone: fine
+    with pytest.raises(RuntimeError, match=r"the max statistic of .* is forward-only \(its kernels take the "
+                                           r"derivative of each key's weight, not of its logit\): it has no gradient"):
+        attn(q, k, v, return_stats=True)[1].max.sum().backward()
 
 
 def test_no_keys_with_a_learnable_sink_still_trains_the_sink():

@@ -281,14 +281,21 @@ def kv_loads(paged: bool, table: str) -> dict[str, str]:
     return loads
 
 
+def tile_function_lines(printer: TritonPrinter, output: str, name: str) -> list[str]:
+    """The body of a function of a tile's ``qk`` (and indices) that computes the graph's ``output`` as
+    ``name``: a float tile, even where it depends on one axis or none."""
+    node = printer.graph.outputs[output]
+    lines, _ = printer.statements({name: output})
+    if printer.axes(node) != {"q", "kv"} or printer.graph.dtype(node) != "float":
+        lines.append(f"{name} = {name} + tl.full(qk.shape, 0.0, tl.float32)")
+    return lines
+
+
 def score_functions(printer: TritonPrinter, stream: str) -> tuple[list[str], list[str], list[dict]]:
     """The bodies of ``score_fn<stream>`` and ``score_fn<stream>_backward`` (stream "" or "2", the second
     score of differential attention), and the captured-tensor gradients the backward one returns."""
     graph, prefix = printer.graph, f"score{stream}." if stream else ""
-    score = graph.outputs[f"score{stream}"]
-    score_lines, _ = printer.statements({"score": f"score{stream}"})
-    if printer.axes(score) != {"q", "kv"} or graph.dtype(score) != "float":
-        score_lines.append("score = score + tl.full(qk.shape, 0.0, tl.float32)")
+    score_lines = tile_function_lines(printer, f"score{stream}", "score")
     grads = []
     while f"{prefix}grad:{len(grads)}" in graph.outputs:
         load = graph.outputs[f"{prefix}load:{len(grads)}"]
@@ -389,8 +396,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     # write of the whole output (and its memory), so only where a tensor learns (normalized weights too)
     o_soft = (softmax or normalized) and (affine or normalization.learnable_sink
                                           or any(c["differentiable"] for c in captures))
+    max_grad = row_max and normalization.family not in WEIGHT_FAMILIES  # else the max is forward-only
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
-        + (["max_at"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["max_at"] if max_grad else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
@@ -399,9 +407,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     summed_maps = [m for m in map_context if m["reduce"] != "max"]
-    no_gradient = forward_only(maps, normalization)
+    no_gradient = forward_only(maps + (["max"] if row_max else []), normalization)
     grad_maps = [m for m in summed_maps if m["name"] not in no_gradient]
     no_gradient_outputs = {f"map{m['index']}": no_gradient[m["name"]] for m in map_context if m["name"] in no_gradient}
+    no_gradient_outputs.update({"max": no_gradient["max"]} if "max" in no_gradient else {})
     counted = support and not threshold  # the support counted by _attn_fwd (the threshold family's: its own kernel)
     state = forward_state(normalization.family, differential, affine, expectations, row_max, counted)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
@@ -424,6 +433,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "differential": differential,
         **score2,
         "tile_args2": ", ".join(["qk2"] + tile_args[1:]),
+        "logit_args": ", ".join(["dot * scale"] + tile_args[1:]),  # the forward tile's, for logit_fn
         "elementwise": normalization.family in WEIGHT_FAMILIES,  # masked keys weigh 0
         "normalized": normalized,
         "signed": signed,
@@ -473,10 +483,13 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stats_unpack": _unpack(stats) if stats else "",
         "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
         # the gradients of the statistics whose backward terms the dQ and dK/dV kernels add (HAS_DSTATS)
-        "stat_grads": [f"d{name}" for name in stats if name in ("expectations", "row_max")]
+        "stat_grads": [f"d{name}" for name in stats if name == "expectations" or (name == "row_max" and max_grad)]
                       + [f"dmap{m['index']}" for m in grad_maps],
         "expectations": expectations,
         "row_max": row_max,
+        "max_grad": max_grad,  # the max's gradient in the backward kernels (its key: the residual max_at)
+        # the elementwise and normalized families' score_fn is the weight: the max takes score_mod's logit
+        "logit_lines": tile_function_lines(printer, "logit", "logit") if "logit" in outputs else [],
         "support": support,
         "scale": repr(None if scale is None else float(scale)),
         # the softmax of q . k^T * scale itself (scale > 0, checked by the spec): its weights fold the scale into
