@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import pytest
 import torch
 from hypothesis import given
@@ -138,6 +139,50 @@ def test_composed_functions_at_extreme_arguments(name, monkeypatch):
     assert not wrong.any(), f"at {x[finite][wrong][:4].tolist()}: {got[finite][wrong][:4].tolist()}"
 
 
+GAUSSIAN_TAILS = {  # name: (the function, its exact value)
+    "erfc": (torch.erfc, mpmath.erfc),
+    "special_erfc": (torch.special.erfc, mpmath.erfc),
+    "erfcx": (torch.special.erfcx, lambda x: mpmath.exp(x * x) * mpmath.erfc(x)),
+    "ndtr": (torch.special.ndtr, mpmath.ncdf),
+    "log_ndtr": (torch.special.log_ndtr,  # log1p above 0: Phi(x) is 1 - tiny, which 30 digits would round
+                 lambda x: mpmath.log1p(-mpmath.ncdf(-x)) if x > 0 else mpmath.log(mpmath.ncdf(x))),
+}
+
+
+@pytest.mark.parametrize("name", GAUSSIAN_TAILS)
+def test_gaussian_tail_functions_at_extreme_arguments(name, monkeypatch):
+    """erfc, erfcx, ndtr and log_ndtr as the kernels compute them, on magnitudes 1e-30 to 1e30 of both signs,
+    -20 to 20 in steps of 0.01, the infinities and NaN, against mpmath at 30 digits (torch's float64 ndtr,
+    0.5 (1 + erf(x / sqrt 2)), has no digit left below -8): within 4 float32 ulps (1e-37 absolute below
+    float32's normal range; the tail's t and two exponentials round five times), the same infinities and NaN.
+    (log_ndtr's x^2 overflows past |x| = 1.8e19, to -inf; torch's float32 is finite to 2.6e19.)"""
+    function, exact = GAUSSIAN_TAILS[name]
+    magnitudes = torch.logspace(-30, 19 if name == "log_ndtr" else 30, 301, dtype=torch.float64).float()
+    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan]),
+                   torch.linspace(-20.0, 20.0, 4001)])
+    got = apply_score_fn(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: function(s)), x, monkeypatch)
+    mpmath.mp.dps = 30
+    want = torch.tensor([float(exact(mpmath.mpf(float(v)))) if math.isfinite(v) else float(function(torch.tensor(v)))
+                         for v in x.tolist()]).float()  # float() of a huge mpf is inf, as float32 rounds it
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[~finite], want[~finite], rtol=0, atol=0, equal_nan=True)
+    error = (got[finite].double() - want[finite].double()).abs()
+    wrong = ~(error <= 4 * 2**-23 * want[finite].double().abs() + 1e-37)
+    assert not wrong.any(), f"at {x[finite][wrong][:4].tolist()}: {got[finite][wrong][:4].tolist()}"
+
+
+def test_gaussian_soft_window_trains_its_width():
+    """A soft window whose log weight falls as the Gaussian tail, s + log Phi((w - |q - kv|) / sigma_h): past
+    the window log_ndtr is about -(d / sigma)^2 / 2 (here to -246), finite, where log(ndtr) would be -inf and
+    its gradient NaN; sigma is learnable per head."""
+    sigma = torch.tensor([1.5, 3.0], requires_grad=True)
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return s + torch.special.log_ndtr((6.0 - torch.abs(q_idx - kv_idx)) / sigma[h])
+
+    assert_matches_reference(ag.AttentionSpec(score_mod=score_mod), *Case(1, 2, 2, 33, 40, 16, 16).tensors())
+
+
 SMALL_VALUE_MODS = {  # each about s (- 30): log(1 + x) or exp(x) - 1 would be off by up to 6e-3 or -inf
     "log1p": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.log1p(1e-5 * s),
     "expm1": lambda s, b, h, q_idx, kv_idx: 1e5 * torch.expm1(1e-5 * s),
@@ -221,13 +266,15 @@ def _special_and_sign_functions(s, b, h, q_idx, kv_idx):
             + 0.2 * torch.fmax(s, 0.5 * t) + 0.2 * torch.fmin(t, 0.1 * offset) + 0.2 * torch.logaddexp2(s, t)
             + 0.3 * torch.copysign(t, offset) + 0.1 * torch.ldexp(t, kv_idx % 3) + 0.2 * torch.special.xlog1py(p, t)
             + 0.2 * torch.special.expit(s) + 0.1 * torch.special.erf(s) + 0.1 * torch.signbit(s - 0.2).float()
-            + 0.1 * torch.sgn(s) + torch.positive(0.1 * s))
+            + 0.1 * torch.sgn(s) + torch.positive(0.1 * s) + 0.3 * torch.special.erfc(s) + 0.2 * torch.erfc(0.5 * s)
+            + 0.2 * torch.special.erfcx(0.5 * s) + 0.3 * torch.special.ndtr(2.0 * s) + 0.1 * torch.special.log_ndtr(4.0 * s))
 
 
 @pytest.mark.parametrize("case", [Case(1, 2, 2, 33, 33, 32, 32), Case(2, 2, 1, 17, 40, 16, 16)], ids=case_id)
 def test_special_and_sign_functions_match_reference(case):
-    """logit (with eps), torch.special's entr / xlog1py / expit / erf, fmax / fmin, logaddexp2, copysign,
-    signbit, sgn, ldexp, positive against torch's, gradients too."""
+    """logit (with eps), torch.special's entr / xlog1py / expit / erf / erfc / erfcx / ndtr / log_ndtr (both sides
+    of their branches at 1/2 and +-1/sqrt(2)), fmax / fmin, logaddexp2, copysign, signbit, sgn, ldexp, positive
+    against torch's, gradients too."""
     assert_matches_reference(ag.AttentionSpec(score_mod=_special_and_sign_functions), *case.tensors())
 
 
