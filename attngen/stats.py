@@ -21,9 +21,8 @@ elementwise and normalized families, score_mod's result, of which they take a
 weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization (forward-only for
-the elementwise and normalized families); the
-maps also for the other normalizations but stick-breaking (forward-only for
-sparsemax / entmax).
+the elementwise and normalized families); the maps also for the other
+normalizations but stick-breaking (forward-only for sparsemax / entmax).
 """
 
 from __future__ import annotations
