@@ -223,18 +223,19 @@ def _split_square(x):
     return high * high, (x - high) * (x + high)
 
 
-def _erfc_tail_log(t):
-    """log(erfc(z)) + z^2 - log(t), t = 1 / (1 + z / 2), by _ERFC_TAIL."""
+def _erfc_tail_log(z):
+    """(t, log(erfc(z)) + z^2 - log(t)) for z >= 1/2, t = 1 / (1 + z / 2), by _ERFC_TAIL."""
+    t = 1.0 / (1.0 + 0.5 * z)
     p = 0.0
     for c in _ERFC_TAIL:
         p = p * t + c
-    return p
+    return t, p
 
 
 def _erfc_tail(z, hi, lo):
     """erfc(z) for z in [1/2, 16] given z^2 = hi + lo (hi exact): t exp(-hi) exp(tail - lo), no cancellation."""
-    t = 1.0 / (1.0 + 0.5 * z)
-    return t * torch.exp(-hi) * torch.exp(_erfc_tail_log(t) - lo)
+    t, tail = _erfc_tail_log(z)
+    return t * torch.exp(-hi) * torch.exp(tail - lo)
 
 
 def _erfc(x):
@@ -246,10 +247,10 @@ def _erfc(x):
 def _erfcx(x):
     """exp(x^2) erfc(x): the tail's t exp(tail) above 1/2; below, exp(x^2) of the split square (inf from -9.5 on,
     as float32's from -9.4) times 1 - erf(x)."""
-    t = 1.0 / (1.0 + 0.5 * torch.clamp(x, min=0.5))
+    t, tail = _erfc_tail_log(torch.clamp(x, min=0.5))
     below = torch.clamp(x, -9.5, 0.5)  # each branch finite where the other is taken (else its gradient is NaN)
     hi, lo = _split_square(torch.abs(below))
-    return torch.where(x < 0.5, torch.exp(hi) * torch.exp(lo) * (1.0 - torch.erf(x)), t * torch.exp(_erfc_tail_log(t)))
+    return torch.where(x < 0.5, torch.exp(hi) * torch.exp(lo) * (1.0 - torch.erf(x)), t * torch.exp(tail))
 
 
 def _normal_tail(a):
@@ -267,8 +268,8 @@ def _ndtr(x):
 def _log_ndtr(x):
     """log Phi(x): log1p of minus the upper tail above 1 / sqrt 2, log of Phi around 0, and below -1 / sqrt 2
     the tail's log itself, log(t / 2) - x^2 / 2 + tail(t), which no exponential underflows."""
-    t = 1.0 / (1.0 + 0.5 * _SQRT_HALF * torch.clamp(-x, min=_SQRT_HALF))
-    lower = torch.log(0.5 * t) - 0.5 * (x * x) + _erfc_tail_log(t)  # -inf past |x| = 1.8e19, where x^2 overflows
+    t, tail = _erfc_tail_log(_SQRT_HALF * torch.clamp(-x, min=_SQRT_HALF))
+    lower = torch.log(0.5 * t) - 0.5 * (x * x) + tail  # -inf past |x| = 1.8e19, where x^2 overflows
     middle = torch.log(0.5 + 0.5 * torch.erf(torch.clamp(x, -_SQRT_HALF, _SQRT_HALF) * _SQRT_HALF))  # finite
     return torch.where(x <= -_SQRT_HALF, lower,
                        torch.where(x < _SQRT_HALF, middle, torch.log1p(-_normal_tail(x))))

@@ -396,7 +396,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     # write of the whole output (and its memory), so only where a tensor learns (normalized weights too)
     o_soft = (softmax or normalized) and (affine or normalization.learnable_sink
                                           or any(c["differentiable"] for c in captures))
-    max_grad = row_max and normalization.family not in WEIGHT_FAMILIES  # else the max is forward-only
+    no_gradient = forward_only(maps + (["max"] if row_max else []), normalization)
+    max_grad = row_max and "max" not in no_gradient
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_at"] if max_grad else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["norm"] if normalized else []) \
@@ -407,7 +408,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
     summed_maps = [m for m in map_context if m["reduce"] != "max"]
-    no_gradient = forward_only(maps + (["max"] if row_max else []), normalization)
     grad_maps = [m for m in summed_maps if m["name"] not in no_gradient]
     no_gradient_outputs = {f"map{m['index']}": no_gradient[m["name"]] for m in map_context if m["name"] in no_gradient}
     no_gradient_outputs.update({"max": no_gradient["max"]} if "max" in no_gradient else {})
