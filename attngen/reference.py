@@ -81,9 +81,19 @@ def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lse.squeeze(-1), e / safe
 
 
-def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
+def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``logits`` below each row's ``k``-th largest set to -inf (those tied with it kept; a row of at most
+    ``k`` finite logits unchanged). The cut-off is piecewise constant: no gradient flows through it."""
+    if logits.shape[-1] <= k:
+        return logits
+    kth = logits.detach().topk(k, dim=-1).values[..., -1:]
+    return torch.where(logits < kth, float("-inf"), logits)
+
+
+def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization, top_k: int | None = None):
     """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits (the modded scores themselves
-    for the elementwise and normalized families, which take a weight of each; lse None but for softmax)."""
+    for the elementwise and normalized families, which take a weight of each; lse None but for softmax);
+    ``top_k``: the softmax of each row's ``top_k`` largest logits alone."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
@@ -104,6 +114,8 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization):
     if normalization.family == "signed":
         return signed_softmax(raw_logits, keep), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
+    if top_k is not None:
+        logits = top_k_logits(logits, top_k)
     if normalization.sink is None:
         lse, p = _softmax(logits)
     else:
@@ -342,7 +354,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
         p, lse, logits, keep = _differential_weights(q, k, spec), None, None, None
     else:
         s, keep = scores(q, k, spec)
-        p, lse, logits = weights(s, keep, spec.normalization)
+        p, lse, logits = weights(s, keep, spec.normalization, spec.top_k)
     v = v.repeat_interleave(shape.q_heads // shape.kv_heads, dim=1)
     dropped = p if dropout_keep is None else p * dropout_keep.to(p.dtype) / (1.0 - dropout_p)
     out = dropped.to(v.dtype) @ v

@@ -48,6 +48,10 @@ class AttentionSpec:
             and the weights are ``softmax(S1) - lam * softmax(S2)`` over the
             same keys, mask and values; ``scale`` defaults to ``1/sqrt(Dqk/2)``.
         second_score_mod: the second stream's score_mod (default: ``score_mod``).
+        top_k: keep only each row's ``top_k`` largest logits (top-k attention; the keys tied with the
+            ``top_k``-th largest too, and every key of a row with at most ``top_k`` finite logits): the
+            others weigh 0. Softmax-family normalizations without an affine output; the kernels find each
+            row's cut-off with up to 32 passes of bisection over its keys before the forward pass.
     """
 
     score_mod: Callable | None = None
@@ -58,6 +62,7 @@ class AttentionSpec:
     dropout_p: float = 0.0
     differential: float | torch.Tensor | None = None
     second_score_mod: Callable | None = None
+    top_k: int | None = None
 
     def __post_init__(self):
         if self.score_mod is not None:
@@ -74,6 +79,7 @@ class AttentionSpec:
                 raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
         check_dropout(self.dropout_p, "dropout_p")
         _check_differential(self)
+        _check_top_k(self)
         if self.stats is None:
             stats = ("lse",) if row_stats and self.differential is None else ()
         else:
@@ -91,7 +97,8 @@ class AttentionSpec:
         return [*_source("score_mod", self.score_mod), *second, *_source("mask_mod", self.mask_mod),
                 f"normalization = {self.normalization!r}", *(_source("fn", weight_fn) if weight_fn else []),
                 f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
-                f"stats = {self.stats!r}"] + ([f"dropout_p = {self.dropout_p!r}"] if self.dropout_p else [])
+                f"stats = {self.stats!r}"] + ([f"dropout_p = {self.dropout_p!r}"] if self.dropout_p else []) \
+            + ([f"top_k = {self.top_k!r}"] if self.top_k is not None else [])
 
 
 def _check_differential(spec: AttentionSpec) -> None:
@@ -112,6 +119,20 @@ def _check_differential(spec: AttentionSpec) -> None:
                         f"without sink or affine output, got {norm!r}")
     if spec.stats not in (None, ()):
         raise SpecError(f"differential attention has no statistics yet; got stats={spec.stats!r}")
+
+
+def _check_top_k(spec: AttentionSpec) -> None:
+    """Top-k attention's k and the normalizations it keeps a row's largest logits of."""
+    if spec.top_k is None:
+        return
+    if isinstance(spec.top_k, bool) or not isinstance(spec.top_k, int) or spec.top_k < 1:
+        raise SpecError(f"top_k must be a positive int (how many of each row's largest logits to keep), "
+                        f"got {spec.top_k!r}")
+    norm = spec.normalization
+    if norm.family != "softmax" or norm.affine is not None or spec.differential is not None:
+        raise SpecError(f"top_k keeps a softmax's largest logits: its normalization must be a softmax (a sink "
+                        f"may be learnable) without affine output or differential streams, got {norm!r}"
+                        + (" with differential" if spec.differential is not None else ""))
 
 
 def check_dropout(rate, name: str) -> None:

@@ -56,6 +56,8 @@ def _extra_specs():
         "normalized": ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s), mask_mod=ag.masks.causal),
         "signed_softmax": ag.AttentionSpec(normalization=ag.norms.SignedSoftmax(), mask_mod=ag.masks.causal),
         "learnable_captures": ag.AttentionSpec(score_mod=_learnable, mask_mod=ag.masks.causal),
+        "top_k": ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(4, requires_grad=True)), top_k=32,
+                                  mask_mod=ag.masks.causal, stats=("lse", "max", "entropy")),
         "differential_learnable_captures": ag.AttentionSpec(score_mod=_learnable, differential=0.5),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),

@@ -342,7 +342,7 @@ EXP2_LIMIT = 3.4028234663852886e38 / 1.4426950408889634
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    kernel_captures: dict[str, int] | None = None, differential: bool = False,
-                   cache: bool = False, support: bool = False) -> dict:
+                   cache: bool = False, support: bool = False, top_k: int | None = None) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
@@ -400,6 +400,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     max_grad = row_max and "max" not in no_gradient
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_at"] if max_grad else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["floor"] if top_k is not None else []) \
         + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
@@ -443,6 +444,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
         "paged": "block_table" in kernel_captures,
         "table_capture": kernel_captures.get("block_table"),
+        "top_k": top_k,
+        "floor_index": kernel_captures.get("topk_floor"),  # the captured tensor of top-k's cut-offs
+        "floor": f"cap{kernel_captures.get('topk_floor')}",
         "dropout": "dropout_seed" in kernel_captures,
         "dropout_args": "" if "dropout_seed" not in kernel_captures else
                         f"cap{kernel_captures['dropout_seed']}, cap{kernel_captures['dropout_p']}, ",
@@ -543,7 +547,7 @@ def _tidy(source: str) -> str:
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            kernel_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
-           support: bool = False) -> str:
+           support: bool = False, top_k: int | None = None) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
     nonzero weights (normalizations with ``exact_zeros``); ``scale`` None means 1/sqrt(Dqk);
@@ -551,9 +555,10 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
     ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the
     halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``;
-    ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys."""
+    ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
+    each row keeps its ``top_k`` largest logits (a cut-off per row, ``kernel_captures["topk_floor"]``)."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             kernel_captures or {}, differential, cache, support)
+                             kernel_captures or {}, differential, cache, support, top_k)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 

@@ -91,6 +91,8 @@ class CompiledAttention:
         self.spec = spec
         self.variant = variant
         self.stand_ins = variant.stand_ins()  # captured placeholders for a call's own tensors
+        if spec.top_k is not None:  # each row's cut-off, which the generated forward computes itself
+            self.stand_ins["topk_floor"] = torch.zeros(1, 1, 1)
         self._variants: dict[Variant, CompiledAttention] = {}
         self._build()
         self._traced_name = tracing.register(self)
@@ -141,7 +143,7 @@ class CompiledAttention:
                       maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
                       kernel_captures=self.kernel_captures, differential=self.spec.differential is not None,
-                      cache=self.variant.cache)
+                      cache=self.variant.cache, top_k=self.spec.top_k)
 
     @property
     def source(self) -> str:

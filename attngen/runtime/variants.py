@@ -22,7 +22,8 @@ from ..spec import AttentionSpec
 from ..stats import expectations_moved
 
 _INT = dict(dtype=torch.int32)
-KERNEL_CAPTURES = ("block_table", "dropout_seed", "dropout_p")  # read by the kernels themselves, not by mods
+# read by the kernels themselves, not by mods (topk_floor: top-k attention's cut-offs, see AttentionSpec.top_k)
+KERNEL_CAPTURES = ("block_table", "dropout_seed", "dropout_p", "topk_floor")
 
 
 @dataclass(frozen=True)
