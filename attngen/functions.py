@@ -22,15 +22,21 @@ def _sign(x):
     return torch.where(x > 0, 1, torch.where(x < 0, -1, 0))
 
 
+def _magnitude(x, slope_at_zero=1.0):
+    """|x| as ``where``, whose derivative at 0 is ``slope_at_zero`` (torch's abs' is 0 there): a smooth function
+    written with |x| (asinh, softplus) then keeps its derivative at 0."""
+    return torch.where(x < 0, -x, x) if slope_at_zero > 0 else torch.where(x > 0, x, -x)
+
+
 def _softplus(x, beta=1.0, threshold=20.0):
     """torch's softplus as max(bx, 0) + log1p(exp(-|bx|)), over beta: no exp overflows, so neither
     branch of the gradient is inf (torch returns x itself past ``threshold``; this is within 2e-9 of it)."""
     bx = x * beta
-    return (torch.clamp(bx, min=0.0) + torch.log1p(torch.exp(-torch.abs(bx)))) / beta
+    return (torch.clamp(bx, min=0.0) + torch.log1p(torch.exp(-_magnitude(bx)))) / beta
 
 
 def _log_sigmoid(x):
-    return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-torch.abs(x)))
+    return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-_magnitude(x, slope_at_zero=-1.0)))
 
 
 def _gelu(x, approximate="none"):
@@ -123,7 +129,7 @@ def _log_of_twice(x):
 def _asinh(x):
     """sign(x) log1p(|x| + x^2 / (1 + sqrt(1 + x^2))), which keeps float32's precision near 0; log(2|x|)
     past 1e18, where x^2 would overflow."""
-    a = torch.abs(x)
+    a = _magnitude(x)
     magnitude = torch.where(a > 1e18, _log_of_twice(a), torch.log1p(a + a * a / (1.0 + torch.sqrt(1.0 + a * a))))
     return torch.where(x < 0, -magnitude, magnitude)
 
@@ -138,7 +144,7 @@ def _acosh(x):
 def _atanh(x):
     """sign(x) log1p(2|x| / (1 - |x|)) / 2: precise near 0 and (log1p of a positive number) near -1; inf at
     1, NaN past it, as torch."""
-    a = torch.abs(x)
+    a = _magnitude(x)
     magnitude = 0.5 * torch.log1p(2.0 * a / (1.0 - a))
     return torch.where(x < 0, -magnitude, magnitude)
 
@@ -204,8 +210,10 @@ def _nan_to_num(x, nan=0.0, posinf=None, neginf=None):
 
 
 def _xlogy(x, y, log=torch.log):
-    """x log(y), 0 where x is 0 (unless y is NaN), as torch; xlog1py with log = log1p."""
-    return torch.where((x == 0) & ~_is_nan(y), 0.0, x * log(y))
+    """x log(y), 0 where x is 0 (unless y is NaN), as torch, and so its derivative in x, log(y) (0 where that
+    is not finite); xlog1py with log = log1p."""
+    logarithm = log(y)
+    return x * torch.where((x == 0) & ~_is_nan(y) & ~(torch.abs(logarithm) < math.inf), 0.0, logarithm)
 
 
 # log(erfc(z)) + z^2 - log(t) for z >= 1/2, t = 1 / (1 + z / 2) in (0, 4/5]: a polynomial in t, highest power

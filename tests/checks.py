@@ -36,10 +36,12 @@ def apply_kernel_helper(spec, helper: str, x: torch.Tensor, monkeypatch) -> torc
     return _elementwise(getattr(load_kernels(ag.compile(spec).path, interpret=True), helper), x, monkeypatch, False)
 
 
-def apply_score_fn(spec, x: torch.Tensor, monkeypatch) -> torch.Tensor:
-    """``spec``'s score_fn (score_mod as the kernels compute it) applied to each element of the float32 vector
+def apply_score_fn(spec, x: torch.Tensor, monkeypatch, derivative: bool = False) -> torch.Tensor:
+    """``spec``'s score_fn (score_mod as the kernels compute it; ``derivative``: its derivative in the score,
+    score_fn_backward, for a score_mod without captured tensors) applied to each element of the float32 vector
     ``x`` as the score, at b = h = q_idx = kv_idx = 0, under Triton's interpreter."""
-    return _elementwise(load_kernels(ag.compile(spec).path, interpret=True).score_fn, x, monkeypatch, True)
+    kernels = load_kernels(ag.compile(spec).path, interpret=True)
+    return _elementwise(kernels.score_fn_backward if derivative else kernels.score_fn, x, monkeypatch, True)
 
 
 def _elementwise(function, x: torch.Tensor, monkeypatch, as_score: bool) -> torch.Tensor:

@@ -139,6 +139,28 @@ def test_composed_functions_at_extreme_arguments(name, monkeypatch):
     assert not wrong.any(), f"at {x[finite][wrong][:4].tolist()}: {got[finite][wrong][:4].tolist()}"
 
 
+@pytest.mark.parametrize("name", COMPOSED)
+def test_composed_functions_derivatives_are_finite_where_torchs_are(name, monkeypatch):
+    """Each function's derivative as the backward kernels compute it, at 0, +-1e-30, +-1e-3, +-0.5, +-2 and
+    +-1e20 (the branches for tiny and huge arguments): finite wherever torch's float64 derivative is, and near
+    it. A branch whose derivative is infinite where the other branch is taken (log(2|x|) at x = 0 for asinh)
+    must not leak 0 * inf = NaN into the taken one."""
+    function = COMPOSED[name]
+    x = torch.tensor([0.0, 1e-30, 1e-3, 0.5, 2.0, 1e20])
+    x = torch.cat([x, -x[1:]])
+    exact = x.double().requires_grad_()
+    value = function(exact)
+    got = apply_score_fn(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: function(s)), x, monkeypatch,
+                         derivative=True).double()
+    if name in ("signbit", "heaviside"):  # steps: no derivative in torch (heaviside's raises); 0 in the kernels
+        want = torch.zeros_like(got)
+    else:
+        want = torch.autograd.grad(value.sum(), exact)[0]
+    finite = torch.isfinite(want) & torch.isfinite(value.detach())
+    assert torch.isfinite(got[finite]).all(), f"at {x[finite][~torch.isfinite(got[finite])].tolist()}"
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+
 GAUSSIAN_TAILS = {  # name: (the function, its exact value)
     "erfc": (torch.erfc, mpmath.erfc),
     "special_erfc": (torch.special.erfc, mpmath.erfc),

@@ -15,9 +15,13 @@ class _Adjoints:
         self.wrt = wrt
         self.order = graph.order([output])
         self.active = self._active()
-        self.parts: dict[int, list[int]] = {}
+        # the parts of each node's adjoint, each with the where branches it came through: (condition, taken)
+        # pairs, outermost first. Such a part is 0 where a branch is not taken, and is made 0 there once it
+        # leaves the branch, so that an infinite derivative inside it (log(x) at x = 0, in a branch for huge x)
+        # cannot make 0 * inf = NaN in what the other branch computes
+        self.parts: dict[int, list[tuple[int, tuple]]] = {}
         if output in self.active:
-            self.parts[output] = [graph.const(1.0)]
+            self.parts[output] = [(graph.const(1.0), ())]
 
     def _active(self) -> set[int]:
         """Float nodes that depend on the score or on a load of a differentiable capture."""
@@ -37,9 +41,11 @@ class _Adjoints:
     def const(self, value) -> int:
         return self.g.const(value)
 
-    def adjoint(self, n: int) -> int:
-        """The sum of everything accumulated for ``n``, or 0.0."""
-        parts = self.parts.get(n) or [self.const(0.0)]
+    def adjoint(self, n: int, inside: bool = False) -> int:
+        """The sum of everything accumulated for ``n``, or 0.0: each part 0 where a branch it came through is not
+        taken (``inside``: as they are, for a node whose parts all came through the same branches)."""
+        parts = [part if inside else self._masked(part, branches)
+                 for part, branches in self.parts.get(n, [])] or [self.const(0.0)]
         total = parts[0]
         for p in parts[1:]:
             total = self.add("add", total, p)
@@ -48,9 +54,26 @@ class _Adjoints:
     def run(self) -> None:
         for n in reversed(self.order):
             if n in self.parts and self.g.op(n) not in ("input", "load"):
-                for arg, part in self._local(n, self.adjoint(n)):
+                shared = {branches for _, branches in self.parts[n]}
+                branches = shared.pop() if len(shared) == 1 else ()
+                for arg, part, taken in self._local_branches(n, self.adjoint(n, inside=bool(branches))):
                     if arg in self.active:
-                        self.parts.setdefault(arg, []).append(part)
+                        self.parts.setdefault(arg, []).append((part, branches + taken))
+
+    def _local_branches(self, n: int, d: int) -> list[tuple[int, int, tuple]]:
+        """:meth:`_local`'s pairs with the branch each enters: a where passes ``d`` to its value arguments,
+        each under its branch (made 0 where that is not taken when the part leaves it)."""
+        if self.g.op(n) != "where":
+            return [(arg, part, ()) for arg, part in self._local(n, d)]
+        condition, taken, other = self.g.args(n)
+        return [(taken, d, ((condition, True),)), (other, d, ((condition, False),))]
+
+    def _masked(self, part: int, branches: tuple) -> int:
+        """``part`` where every one of ``branches`` is taken, else 0."""
+        zero = self.const(0.0)
+        for condition, taken in reversed(branches):
+            part = self.add("where", condition, part, zero) if taken else self.add("where", condition, zero, part)
+        return part
 
     def _local(self, n: int, d: int) -> list[tuple[int, int]]:
         """(argument, contribution to its adjoint) pairs of node ``n`` with adjoint ``d``."""
@@ -101,9 +124,7 @@ class _Adjoints:
             # Ties send the whole gradient to x, so clamp(x, lo, hi) matches torch.clamp.
             first = add("le" if op == "minimum" else "ge", x, y)
             return [(x, add("where", first, d, const(0.0))), (y, add("where", first, const(0.0), d))]
-        if op == "where":
-            return [(y, add("where", x, d, const(0.0))), (args[2], add("where", x, const(0.0), d))]
-        return []  # floordiv, mod: piecewise constant
+        return []  # floordiv, mod: piecewise constant (where: see _local_branches)
 
     def _pow(self, n: int, d: int, x: int, y: int) -> list[tuple[int, int]]:
         """d(x**y)/dx = y * x**(y-1) and d(x**y)/dy = x**y * log(x), zero where torch makes them zero."""
