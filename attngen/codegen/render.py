@@ -393,8 +393,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     # the softmax output kept in float32 for the backward's delta = dO . O (affine: its softmax part):
     # from an output rounded to half precision, delta's rounding error (coherent over a row) adds up
     # in the gradient of every learnable tensor, weighted by d logit / d tensor. It costs a float32
-    # write of the whole output (and its memory), so only where a tensor learns (normalized weights too)
-    o_soft = (softmax or normalized) and (affine or normalization.learnable_sink
+    # write of the whole output (and its memory), so only where a tensor learns (normalized weights too),
+    # and for softpick, whose dS = e_j / N (dP_j - delta) cancels in dP_j - delta where a key weighs nearly 1,
+    # times e_j / N up to 1 / eps: from a bfloat16 output, dQ 1.6x the rule's bound on a row of one key
+    o_soft = (softmax or normalized) and (affine or rectified or normalization.learnable_sink
                                           or any(c["differentiable"] for c in captures))
     no_gradient = forward_only(maps + (["max"] if row_max else []), normalization)
     max_grad = row_max and "max" not in no_gradient
