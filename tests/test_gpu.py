@@ -42,6 +42,18 @@ def test_cuda_normalizations(normalization):
     assert_matches_reference(spec, *Case(2, 8, 2, 257, 257, 64, 64, dtype=torch.bfloat16).tensors(device="cuda"))
 
 
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_top_k(dtype, mode):
+    """The cut-offs of _topk_floor keep the same keys in the forward's, split-KV's and the backward's tiles
+    (compiled dots of other shapes and instructions); q and k on the grid, so float64 keeps them too."""
+    spec = ag.AttentionSpec(top_k=64, mask_mod=ag.masks.causal, stats=("lse", "max", "entropy"),
+                            normalization=ag.norms.Softmax(sink=torch.zeros(8, device="cuda", requires_grad=True)))
+    q_len = 700 if mode == "prefill" else 3
+    q, k, v = Case(2, 8, 2, q_len, 1500, 64, 64, dtype=dtype, grid=True).tensors(device="cuda")
+    assert_matches_reference(spec, q, k, v, mode=mode, kv_lens=torch.tensor([1500, 1100], device="cuda"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_sigmoid_and_tanh_over_wide_scores(dtype):
     """exp2 on the GPU is approximate (ex2.approx): the reciprocal's Newton steps keep its accuracy."""

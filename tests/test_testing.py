@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import attngen as ag
 from attngen.testing import Case, Float64, assert_matches_reference, check_spec, compare_with_reference
 from attngen.testing import invariants, strategies
+from attngen.testing.cases import for_spec
 from attngen.testing.check import reproduction
 from attngen.testing.compare import Comparison, compare
 from attngen.testing.fuzz import FuzzReport, fuzz, fuzz_calls, fuzz_score_mods, fuzz_specs
@@ -214,5 +215,5 @@ def test_fuzzed_scores_depend_on_the_score(mod):
 @settings(max_examples=5, deadline=None)
 @given(spec=fuzz_specs(heads=2, batch=1, max_len=24), case=strategies.shapes(max_len=24, heads=2, batch=1))
 def test_fuzzed_specs_match_the_reference(spec, case):
-    results = compare_with_reference(spec.value, *case.tensors(), seed=case.seed)
+    results = compare_with_reference(spec.value, *for_spec(case, spec.value).tensors(), seed=case.seed)
     assert all(r.ok for r in results), (spec, [str(r) for r in results if not r.ok])

@@ -7,6 +7,8 @@ whose float32 scores round apart, or together, would make either side's choice a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -15,21 +17,16 @@ from hypothesis import strategies as st
 import attngen as ag
 from attngen import norms
 from attngen.errors import SpecError
-from attngen.testing import Case, assert_matches_reference
+from attngen.testing import Case, assert_matches_reference, check_spec
+from attngen.runtime.loader import load_kernels
 from attngen.testing.cases import packed_call, paged_call
 
 SCALE = 0.25
 
 
 def _quantized(case: Case):
-    """The case's q, k, v with q and k on a grid of 1/4 (exact products, and ties between keys)."""
-    q, k, v = case.tensors(requires_grad=False)
-    q, k = ((4 * t.float()).round().clamp(-8, 8).div(4).to(case.dtype) for t in (q, k))
-    return tuple(t.requires_grad_() for t in (q, k, v))
-
-
-def _slopes(case, gen):
-    return (0.25 * torch.arange(1, case.q_heads + 1, dtype=torch.float32)).requires_grad_()
+    """The case's q, k, v with q and k on the grid of 1/4 (exact products, and ties between keys)."""
+    return dataclasses.replace(case, grid=True).tensors()
 
 
 SPECS = {
@@ -58,7 +55,7 @@ SPECS = {
 
 def _captures(case: Case) -> dict:
     gen = torch.Generator().manual_seed(case.seed + 1)
-    return {"slopes": _slopes(case, gen),
+    return {"slopes": (0.25 * torch.arange(1, case.q_heads + 1, dtype=torch.float32)).requires_grad_(),
             "sink": torch.randn(case.q_heads, generator=gen).requires_grad_(),
             "bias": (torch.randint(-4, 5, (case.q_heads, case.kv_len), generator=gen) / 4).requires_grad_()}
 
@@ -163,3 +160,23 @@ def test_top_k_inside_torch_compile():
         results.append((q.grad, k.grad, v.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_the_grid_makes_scores_exact_and_property_checks_use_it():
+    q, k, _ = Case(1, 1, 1, 9, 11, 64, 8, grid=True).tensors(requires_grad=False)
+    assert torch.equal(q @ k.transpose(-1, -2), (q.double() @ k.double().transpose(-1, -2)).float())
+    spec = ag.AttentionSpec(top_k=3, mask_mod=ag.masks.causal)
+    reports = check_spec(spec, examples=2, heads=2, batch=1, max_len=20)
+    assert all(r.ok for r in reports), [(r.name, r.failure, r.error) for r in reports if not r.ok]
+    assert all(r.worst_case is None or r.worst_case.grid for r in reports)
+
+
+def test_an_exported_top_k_module_takes_a_placeholder_for_the_cut_offs(tmp_path):
+    slopes = torch.tensor([0.25, 0.5])
+    spec = ag.AttentionSpec(scale=SCALE, top_k=3, score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=ag.masks.causal)
+    attn = ag.compile(spec)
+    module = load_kernels(attn.export(tmp_path / "top_k.py"), interpret=True)
+    q, k, v = Case(1, 2, 2, 17, 17, 16, 16, grid=True).tensors(requires_grad=False)
+    out, lse = module.forward(q, k, v, slopes, torch.zeros(1, 1, 1))
+    torch.testing.assert_close(out, attn(q, k, v))

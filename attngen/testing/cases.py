@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -13,18 +14,26 @@ from ..inputs import Shape
 @dataclass(frozen=True)
 class Case(Shape):
     """q ``[batch, q_heads, q_len, qk_dim]``, k ``[batch, kv_heads, kv_len, qk_dim]``,
-    v ``[batch, kv_heads, kv_len, v_dim]`` of ``dtype``, drawn from ``seed``."""
+    v ``[batch, kv_heads, kv_len, v_dim]`` of ``dtype``, drawn from ``seed``.
+
+    ``grid``: q and k rounded to multiples of 1/4 in [-2, 2], whose products are exact in float32 (and
+    in bfloat16 inputs): float32 kernels and a float64 reference then rank each row's scores alike, ties
+    included, as top-k attention needs to keep the same keys on both sides (see :func:`for_spec`)."""
 
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    grid: bool = False
 
     def tensors(self, requires_grad: bool = True, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v: standard normal, drawn on the CPU from ``seed`` (the same on every machine)."""
+        """q, k, v: standard normal (q and k on the grid of 1/4 with ``grid``), drawn on the CPU from ``seed``
+        (the same on every machine)."""
         gen = torch.Generator().manual_seed(self.seed)
         shapes = ((self.batch, self.q_heads, self.q_len, self.qk_dim), (self.batch, self.kv_heads, self.kv_len,
                   self.qk_dim), (self.batch, self.kv_heads, self.kv_len, self.v_dim))
-        return tuple(torch.randn(s, generator=gen).to(device=device, dtype=self.dtype).requires_grad_(requires_grad)
-                     for s in shapes)
+        drawn = [torch.randn(s, generator=gen) for s in shapes]
+        if self.grid:
+            drawn[:2] = [(4 * t).round().clamp(-8, 8) / 4 for t in drawn[:2]]
+        return tuple(t.to(device=device, dtype=self.dtype).requires_grad_(requires_grad) for t in drawn)
 
     @property
     def id(self) -> str:
@@ -37,7 +46,13 @@ class Case(Shape):
         """Python that rebuilds this case: ``q, k, v = Case(...).tensors()``."""
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in
                            ("batch", "q_heads", "kv_heads", "q_len", "kv_len", "qk_dim", "v_dim", "dtype", "seed"))
-        return f"q, k, v = attngen.testing.Case({fields}).tensors()"
+        return f"q, k, v = attngen.testing.Case({fields}{', grid=True' if self.grid else ''}).tensors()"
+
+
+def for_spec(case: Case, spec) -> Case:
+    """``case`` as inputs for ``spec``: on the grid (:class:`Case`) where the spec keeps each row's top-k
+    logits, whose choice of keys must not turn on rounding."""
+    return dataclasses.replace(case, grid=True) if getattr(spec, "top_k", None) is not None else case
 
 
 def packed_call(q, k, v, lens_q: list[int], lens_k: list[int], **call):

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, reject, settings
 from .. import reference
 from ..linear import LinearAttentionSpec
 from ..spec import AttentionSpec
-from .cases import Case
+from .cases import Case, for_spec
 from .compare import Comparison
 from .invariants import PROPERTIES, REFERENCE
 from .linear_properties import LINEAR_PROPERTIES, linear_case
@@ -92,8 +92,9 @@ def _fits(spec: AttentionSpec | LinearAttentionSpec, case: Case) -> bool:
 
 
 def _as_run(spec: AttentionSpec | LinearAttentionSpec, case: Case) -> Case:
-    """The case as the spec runs it (causal linear attention: Lk = Lq), so reports name what ran."""
-    return linear_case(spec, case) if isinstance(spec, LinearAttentionSpec) else case
+    """The case as the spec runs it (causal linear attention: Lk = Lq; top-k: q and k on the grid), so
+    reports name what ran."""
+    return linear_case(spec, case) if isinstance(spec, LinearAttentionSpec) else for_spec(case, spec)
 
 
 def _smaller(case: Case):

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..stats import map_stats
-from .cases import Case
+from .cases import Case, for_spec
 from .compare import Comparison
 from .reference_check import compare_with_reference
 from .snippets import Snippet, program
@@ -249,6 +249,7 @@ def fuzz(examples: int, seed: int = 0, max_len: int = 48, progress=None, near_mi
     def run(data):
         case = data.draw(shapes(max_len=max_len, heads=4, batch=2, dtypes=dtypes), label="case")
         spec = data.draw(fuzz_specs(heads=4, batch=2, max_len=max_len), label="spec")
+        case = for_spec(case, spec.value)
         call = data.draw(fuzz_calls(case, spec.value), label="call")
         try:
             args, kwargs = call.value(*case.tensors())

@@ -201,7 +201,8 @@ def stats_for(draw, normalization: Snippet) -> str:
 def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=score_mods, masks=masks) -> Snippet:
     """A whole ``AttentionSpec`` (variable ``SPEC``): a score_mod, a mask_mod (or none), a
     normalization, a scale and statistics valid for it; one in four softmaxes without sink or affine
-    output is differential attention instead (a fixed or learnable per-head ``lam``, no statistics)."""
+    output is differential attention instead (a fixed or learnable per-head ``lam``, no statistics), one
+    in four other softmaxes without affine output keeps each row's top-k logits."""
     score = draw(score_mods(heads=heads, batch=batch, max_len=max_len))
     mask = draw(masks(batch=batch, heads=heads, max_len=max_len)) if draw(st.booleans()) \
         else Snippet("mask_mod", "mask_mod = None")
@@ -212,7 +213,9 @@ def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=sc
     if plain and draw(st.integers(0, 3)) == 0:
         learnable = "(0.2 + 0.6 * " + seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
         extra = f", differential={draw(st.sampled_from(['0.5', learnable]))}"
-    stats = "()" if extra else draw(stats_for(norm))
+    elif norm.value.family == "softmax" and norm.value.affine is None and draw(st.integers(0, 3)) == 0:
+        extra = f", top_k={draw(st.integers(1, 8))}"  # inputs on the grid: see attngen.testing.cases.for_spec
+    stats = "()" if "differential" in extra else draw(stats_for(norm))
     line = (f"SPEC = ag.AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, normalization=normalization, "
             f"scale={scale}, stats={stats}{extra})")
     return Snippet("SPEC", line, uses=(score, mask, norm))
