@@ -395,7 +395,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     # in the gradient of every learnable tensor, weighted by d logit / d tensor. It costs a float32
     # write of the whole output (and its memory), so only where a tensor learns (normalized weights too),
     # and for softpick, whose dS = e_j / N (dP_j - delta) cancels in dP_j - delta where a key weighs nearly 1,
-    # times e_j / N up to 1 / eps: from a bfloat16 output, dQ 1.6x the rule's bound on a row of one key
+    # times e_j / N up to 1 / eps: from a bfloat16 output, dQ up to 1.96x the rule's bound on a row of one key
     o_soft = (softmax or normalized) and (affine or rectified or normalization.learnable_sink
                                           or any(c["differentiable"] for c in captures))
     no_gradient = forward_only(maps + (["max"] if row_max else []), normalization)
@@ -448,7 +448,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "table_capture": kernel_captures.get("block_table"),
         "top_k": top_k,
         "floor_index": kernel_captures.get("topk_floor"),  # the captured tensor of top-k's cut-offs
-        "floor": f"cap{kernel_captures.get('topk_floor')}",
+        "floor": f"cap{kernel_captures['topk_floor']}" if top_k is not None else None,
         "dropout": "dropout_seed" in kernel_captures,
         "dropout_args": "" if "dropout_seed" not in kernel_captures else
                         f"cap{kernel_captures['dropout_seed']}, cap{kernel_captures['dropout_p']}, ",
