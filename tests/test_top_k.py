@@ -1,13 +1,11 @@
 """Top-k attention (``AttentionSpec(top_k=...)``): each row's k largest logits alone, against float64.
 
-q and k are multiples of 1/4 in [-2, 2] and the scale a power of two, so that every score is exact in
-float32 as in float64: the kernels and the reference then keep the same keys, ties included (two keys
-whose float32 scores round apart, or together, would make either side's choice a matter of rounding).
+q and k are multiples of 1/4 in [-2, 2] (``Case(grid=True)``) and the scale a power of two, so that every
+score is exact in float32 as in float64: the kernels and the reference then keep the same keys, ties included
+(two keys whose float32 scores round apart, or together, would make either side's choice a matter of rounding).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -22,11 +20,6 @@ from attngen.runtime.loader import load_kernels
 from attngen.testing.cases import packed_call, paged_call
 
 SCALE = 0.25
-
-
-def _quantized(case: Case):
-    """The case's q, k, v with q and k on the grid of 1/4 (exact products, and ties between keys)."""
-    return dataclasses.replace(case, grid=True).tensors()
 
 
 SPECS = {
@@ -60,18 +53,19 @@ def _captures(case: Case) -> dict:
             "bias": (torch.randint(-4, 5, (case.q_heads, case.kv_len), generator=gen) / 4).requires_grad_()}
 
 
-CASES = [Case(2, 2, 1, 37, 53, 16, 8, seed=1), Case(1, 2, 2, 64, 64, 32, 16, torch.bfloat16, seed=2)]
+CASES = [Case(2, 2, 1, 37, 53, 16, 8, seed=1, grid=True),
+         Case(1, 2, 2, 64, 64, 32, 16, torch.bfloat16, seed=2, grid=True)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_top_k_matches_reference(name, case):
-    assert_matches_reference(SPECS[name](_captures(case)), *_quantized(case), seed=case.seed)
+    assert_matches_reference(SPECS[name](_captures(case)), *case.tensors(), seed=case.seed)
 
 
-def _weights(spec, case: Case, inputs=None):
+def _weights(spec, case: Case):
     """The kernels' weights [B, Hq, Lq, Lk]: the output for v the identity on the keys."""
-    q, k, _ = inputs or _quantized(case)
+    q, k, _ = case.tensors(requires_grad=False)
     eye = torch.eye(case.kv_len).expand(case.batch, case.kv_heads, -1, -1)
     return ag.compile(spec)(q.detach(), k.detach(), eye)
 
@@ -80,7 +74,7 @@ def test_exactly_k_keys_weigh_where_scores_differ():
     """Normal q and k (no two scores of a row equal): every row with more than k keys has k weights."""
     case = Case(1, 2, 2, 40, 48, 16, 48, seed=3)
     spec = ag.AttentionSpec(top_k=6, mask_mod=ag.masks.causal)
-    weights = _weights(spec, case, case.tensors(requires_grad=False))
+    weights = _weights(spec, case)
     counts = (weights > 0).sum(-1)
     available = torch.arange(case.q_len).add(1).clamp(max=case.kv_len)  # causal: query i sees keys 0..i
     assert torch.equal(counts, available.clamp(max=6).expand_as(counts))
@@ -102,14 +96,14 @@ def test_keys_tied_at_the_kth_largest_all_weigh():
 @given(top_k=st.integers(1, 12), q_len=st.integers(1, 40), kv_len=st.integers(1, 48),
        mask=st.sampled_from(["none", "causal", "window"]), alibi=st.booleans(), seed=st.integers(0, 1000))
 def test_any_shape_mask_and_k(top_k, q_len, kv_len, mask, alibi, seed):
-    case = Case(1, 2, 1, q_len, kv_len, 8, 8, seed=seed)
+    case = Case(1, 2, 1, q_len, kv_len, 8, 8, seed=seed, grid=True)
     masks = {"none": None, "causal": ag.masks.causal, "window": ag.masks.sliding_window(6, 3)}
     score_mod = (lambda s, b, h, q_idx, kv_idx: s - 0.5 * (h + 1) * (q_idx - kv_idx).abs()) if alibi else None
     spec = ag.AttentionSpec(scale=SCALE, top_k=top_k, mask_mod=masks[mask], score_mod=score_mod, stats=("lse",))
-    assert_matches_reference(spec, *_quantized(case), seed=seed)
+    assert_matches_reference(spec, *case.tensors(), seed=seed)
 
 
-CALL_CASE = Case(2, 4, 2, 5, 70, 16, 16, seed=4)
+CALL_CASE = Case(2, 4, 2, 5, 70, 16, 16, seed=4, grid=True)
 CALLS = {
     "decode": lambda q, k, v: ((q, k, v), dict(mode="decode")),
     "kv_cache": lambda q, k, v: ((q, k, v), dict(kv_lens=torch.tensor([70, 33], dtype=torch.int32))),
@@ -125,7 +119,7 @@ CALLS = {
 def test_top_k_in_every_kind_of_call(call):
     spec = ag.AttentionSpec(scale=SCALE, top_k=9, stats=("lse", "max"),
                             score_mod=lambda s, b, h, q_idx, kv_idx: s - 0.125 * (h + 1) * (q_idx - kv_idx).abs())
-    inputs, options = CALLS[call](*_quantized(CALL_CASE))
+    inputs, options = CALLS[call](*CALL_CASE.tensors())
     assert_matches_reference(spec, *inputs, seed=CALL_CASE.seed, **options)
 
 
@@ -145,7 +139,7 @@ def test_bad_top_k_is_refused(options, message):
 
 def test_top_k_inside_torch_compile():
     """The cut-offs' placeholder and the residual travel through the custom op: fullgraph, same gradients."""
-    case = Case(1, 2, 2, 24, 24, 16, 16, seed=5)
+    case = Case(1, 2, 2, 24, 24, 16, 16, seed=5, grid=True)
     spec = ag.AttentionSpec(scale=SCALE, top_k=4, mask_mod=ag.masks.causal, stats=("lse",))
     attn = ag.compile(spec)
 
@@ -155,7 +149,7 @@ def test_top_k_inside_torch_compile():
 
     results = []
     for run in (loss, torch.compile(loss, fullgraph=True)):
-        q, k, v = _quantized(case)
+        q, k, v = case.tensors()
         run(q, k, v).backward()
         results.append((q.grad, k.grad, v.grad))
     for eager, compiled in zip(*results):
@@ -173,8 +167,8 @@ def test_the_grid_makes_scores_exact_and_property_checks_use_it():
 
 def test_an_exported_top_k_module_takes_a_placeholder_for_the_cut_offs(tmp_path):
     slopes = torch.tensor([0.25, 0.5])
-    spec = ag.AttentionSpec(scale=SCALE, top_k=3, score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
-                            mask_mod=ag.masks.causal)
+    spec = ag.AttentionSpec(scale=SCALE, top_k=3, mask_mod=ag.masks.causal,
+                            score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx))
     attn = ag.compile(spec)
     module = load_kernels(attn.export(tmp_path / "top_k.py"), interpret=True)
     q, k, v = Case(1, 2, 2, 17, 17, 16, 16, grid=True).tensors(requires_grad=False)

@@ -203,7 +203,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
     split_kv = spec.normalization.family != "threshold" and (
         mode == "decode" or (mode in (None, "auto") and decoding(shape, q)))
     tensors.update(_dropout(spec, dropout_p, seed, q.device))
-    if spec.top_k is not None:  # a placeholder on q's device: the generated forward computes the cut-offs
-        tensors["topk_floor"] = torch.zeros(1, 1, 1, device=q.device)
+    if spec.top_k is not None:  # a placeholder on q's device, never read: the generated forward computes the cut-offs
+        tensors["topk_floor"] = torch.empty(1, 1, 1, device=q.device)
     variant = Variant(block_size, cache, packed, split_kv, block_table is not None, "dropout_seed" in tensors)
     return Call(variant, tensors, q, k, v, shape, cu_seqlens_q if nested else None)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inputs import Shape
+from ..spec import AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,10 @@ class Case(Shape):
         return f"q, k, v = attngen.testing.Case({fields}{', grid=True' if self.grid else ''}).tensors()"
 
 
-def for_spec(case: Case, spec) -> Case:
+def for_spec(case: Case, spec: AttentionSpec) -> Case:
     """``case`` as inputs for ``spec``: on the grid (:class:`Case`) where the spec keeps each row's top-k
     logits, whose choice of keys must not turn on rounding."""
-    return dataclasses.replace(case, grid=True) if getattr(spec, "top_k", None) is not None else case
+    return dataclasses.replace(case, grid=True) if spec.top_k is not None else case
 
 
 def packed_call(q, k, v, lens_q: list[int], lens_k: list[int], **call):
