@@ -22,7 +22,7 @@ weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization (forward-only for
 the elementwise and normalized families); the maps also for the other
-normalizations but stick-breaking (forward-only for sparsemax / entmax).
+normalizations but stick-breaking.
 """
 
 from __future__ import annotations
@@ -114,17 +114,13 @@ def map_stats(stats) -> list[MapStat]:
 
 def forward_only(stats, normalization) -> dict[str, str]:
     """The statistics among ``stats`` without a gradient, by name, each with a sentence that says so: pooled
-    maxima, every map of sparsemax / entmax (whose threshold moves with every weight), and the max of the
-    families whose kernels differentiate each key's weight, not its logit."""
+    maxima and the max of the families whose kernels differentiate each key's weight, not its logit."""
     found = {}
     if "max" in stats and normalization.family in WEIGHT_FAMILIES:
         found["max"] = (f"the max statistic of {normalization!r} is forward-only (its kernels take the derivative "
                         "of each key's weight, not of its logit)")
     for stat in map_stats(stats):
-        if normalization.family == "threshold":
-            found[stat.name] = (f"the {stat.name} map of {normalization!r} is forward-only (the threshold "
-                                "family's maps have no gradients)")
-        elif stat.reduce == "max":
+        if stat.reduce == "max":
             found[stat.name] = f"the pooled map {stat.name!r} (reduce='max') is forward-only"
     return found
 

@@ -51,7 +51,7 @@ def _extra_specs():
                                          mask_mod=ag.masks.causal),
         "entmax_1_3": ag.AttentionSpec(normalization=ag.norms.Entmax(1.3)),
         "entmax_learnable": ag.AttentionSpec(normalization=ag.norms.Entmax(torch.full((4,), 1.5, requires_grad=True)),
-                                             mask_mod=ag.masks.causal),
+                                             mask_mod=ag.masks.causal, stats=("col_sum",)),
         "softpick": ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=ag.masks.causal),
         "normalized": ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s), mask_mod=ag.masks.causal),
         "signed_softmax": ag.AttentionSpec(normalization=ag.norms.SignedSoftmax(), mask_mod=ag.masks.causal),

@@ -506,7 +506,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "forward_only_stats": repr(no_gradient_outputs),
         "grad_maps": grad_maps,
         # the row-dot pass adds the maps' part of delta, the row term of the weights that have one
-        "maps_rowdot": bool(grad_maps) and (softmax or normalized),
+        "maps_rowdot": bool(grad_maps) and (softmax or threshold or normalized),
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
