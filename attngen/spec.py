@@ -156,9 +156,6 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
         raise SpecError(f"the support stat counts the keys of nonzero weight: defined for Sparsemax, Entmax, "
                         f"Softpick and ReLU, whose weights have exact zeros, not for {norm}")
     maps = [n for n, s in zip(names, stats) if isinstance(s, stats_module.MapStat)]
-    if maps and normalization.family == "stick_breaking":
-        raise SpecError(f"stats {maps} are not defined for {norm}: its weights need a scan over each row's keys, "
-                        "which the maps' kernel does not run")
     of_softmax = [n for n in names if n not in ("support", "max") and n not in maps]
     if of_softmax and normalization.family != "softmax":
         raise SpecError(f"stats {of_softmax} are not defined for {norm}: they are statistics of a softmax "

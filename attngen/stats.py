@@ -22,7 +22,7 @@ weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization (forward-only for
 the elementwise and normalized families); the maps also for the other
-normalizations but stick-breaking.
+normalizations.
 """
 
 from __future__ import annotations

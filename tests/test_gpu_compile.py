@@ -45,7 +45,7 @@ def _extra_specs():
                                                                         beta=0.01)),
         "sparsemax": ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal, stats=("support",)),
         "stick_breaking": ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal,
-                                           score_mod=lambda s, b, h, q_idx, kv_idx: s + SLOPES[h]),
+                                           score_mod=lambda s, b, h, q_idx, kv_idx: s + SLOPES[h], stats=("col_sum",)),
         "differential": ag.AttentionSpec(differential=torch.full((4,), 0.5, requires_grad=True),
                                          score_mod=lambda s, b, h, q_idx, kv_idx: s * torch.rand(4)[h],
                                          mask_mod=ag.masks.causal),

@@ -169,8 +169,8 @@ def test_no_attention_matrix_is_materialized():
                                "not for Softmax"),
     (dict(normalization=norms.Sigmoid(), stats=("support",)), "not for Sigmoid"),
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
-    (dict(normalization=norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("col_sum",)),
-     r"stats \['col_sum'\] are not defined for StickBreaking: its weights need a scan"),
+    (dict(normalization=norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("col_sum", "entropy")),
+     r"stats \['entropy'\] are not defined for StickBreaking: they are statistics of a softmax"),
 ])
 def test_bad_stats(kwargs, message):
     with pytest.raises(ag.SpecError, match=message):
@@ -304,7 +304,7 @@ OTHER_FAMILIES = {"sigmoid": lambda h: norms.Sigmoid(bias="-log n"), "relu2": la
                   "sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
                   "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_()),
                   "softpick": lambda h: norms.Softpick(eps=1e-2), "signed": lambda h: norms.SignedSoftmax(),
-                  "polynomial": lambda h: norms.Normalized(lambda s: s ** 4)}
+                  "polynomial": lambda h: norms.Normalized(lambda s: s ** 4), "stick": lambda h: norms.StickBreaking()}
 MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_head"),
         ag.stats.pooled(4, 8, "mean", name="mean"), ag.stats.pooled(5, 3, "sum", name="sums"),
         ag.stats.pooled(8, 8, "max", name="peak"))
@@ -312,8 +312,7 @@ MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_hea
 
 @pytest.mark.parametrize("name", sorted(OTHER_FAMILIES))
 def test_maps_of_the_other_normalizations_match_reference(name):
-    """Column sums and pooled maps of every family's weights but stick-breaking's, with gradients (but the
-    pooled max's): over a call with GQA and an offset mask, a KV cache (split-KV decoding sums the
+    """Column sums and pooled maps of every family's weights, with gradients (but the pooled max's): over a call with GQA and an offset mask, a KV cache (split-KV decoding sums the
     splits' maps; the threshold family does not split), fully masked rows and packed sequences."""
     def spec(heads, maps=MAPS, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 3):
         return ag.AttentionSpec(normalization=OTHER_FAMILIES[name](heads), stats=maps, mask_mod=mask_mod)
