@@ -174,10 +174,10 @@ def normalizations(draw, heads: int = 4) -> Snippet:
 def stats_for(draw, normalization: Snippet) -> str:
     """The source of a ``stats=`` tuple valid for ``normalization``."""
     norm = normalization.value
-    if norm.family != "softmax":  # the support where weights have exact zeros, the max, maps but of stick-breaking
+    if norm.family != "softmax":  # the support where weights have exact zeros, the max, maps
         chosen = ["'support'"] if norm.exact_zeros and draw(st.booleans()) else []
         chosen += ["'max'"] if draw(st.booleans()) else []
-        if norm.family != "stick_breaking" and draw(st.booleans()):
+        if draw(st.booleans()):
             chosen.append(draw(st.sampled_from(["ag.stats.col_sum()", "ag.stats.pooled(5, 7, 'mean', name='map')"])))
         return "(" + "".join(f"{s}, " for s in chosen) + ")"
     chosen = ["'lse'"] if draw(st.booleans()) else []
