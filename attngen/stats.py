@@ -22,7 +22,7 @@ weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization (forward-only for
 the elementwise and normalized families); the maps also for the other
-normalizations.
+normalizations, the entropy also for sparsemax / entmax.
 """
 
 from __future__ import annotations
@@ -125,25 +125,28 @@ def forward_only(stats, normalization) -> dict[str, str]:
     return found
 
 
-def kernel_expectations(stats) -> list[tuple[str, Callable]]:
-    """The expectations the kernels accumulate for ``stats``: (name, g) pairs."""
+def kernel_expectations(stats, normalization) -> list[tuple[str, Callable]]:
+    """The expectations the kernels accumulate for ``stats``: (name, g) pairs (a softmax's entropy takes
+    the mean logit; sparsemax / entmax kernels sum their entropy themselves)."""
     found = [(s.name, s.g) for s in stats if isinstance(s, Expectation)]
-    if "entropy" in stats:
+    if "entropy" in stats and normalization.family == "softmax":
         found.append((ENTROPY_MEAN, lambda score, b, h, q_idx, kv_idx: score))
     return found
 
 
-def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=None, sink=None) -> Stats:
+def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=None, sink=None,
+             entropy=None) -> Stats:
     """The statistics a user asked for, from what the kernels (or the reference) computed.
 
     ``maps`` holds each MapStat's [B, H, rows, cols] map; col_sum-style maps
     (``block_q=None``) lose their row axis. ``sink``: the softmax's sink logit (a float or per-head
-    tensor), whose weight ``exp(sink - lse)`` the entropy counts.
+    tensor), whose weight ``exp(sink - lse)`` the entropy counts. ``entropy``: computed directly
+    (sparsemax / entmax), else from the softmax's lse and mean logit.
     """
-    values = {"lse": lse, "max": row_max, "support": support, **expectations}
+    values = {"lse": lse, "max": row_max, "support": support, "entropy": entropy, **expectations}
     for stat in map_stats(requested):
         values[stat.name] = maps[stat.name][:, :, 0] if stat.block_q is None else maps[stat.name]
-    if "entropy" in requested:
+    if "entropy" in requested and entropy is None:
         entropy = lse - expectations[ENTROPY_MEAN]
         if sink is not None:  # the sink's share p_s = exp(sink - lse) adds -p_s log p_s = p_s (lse - sink)
             sink = sink[:, None] if isinstance(sink, torch.Tensor) else sink

@@ -300,6 +300,31 @@ def test_support_counts_the_keys_of_nonzero_weight(name):
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+THRESHOLD = {name: SPARSE[name] for name in ("sparsemax", "entmax15", "entmax_per_head")}
+
+
+@pytest.mark.parametrize("name", sorted(THRESHOLD))
+def test_entropy_of_sparsemax_and_entmax(name):
+    """Sparsemax / entmax weights are a distribution: their entropy -sum p log p (keys of weight 0 add 0) is
+    compared with the reference, gradients too (a learnable alpha's included), over Lq != Lk with GQA and
+    rows without keys (entropy 0), a KV cache and packed sequences; it lies in [0, log(support)], and a row
+    whose support is one key has entropy 0."""
+    def spec(heads, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2):
+        return ag.AttentionSpec(normalization=THRESHOLD[name](heads), stats=("entropy", "support"), mask_mod=mask_mod)
+    q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=4).tensors()
+    assert_matches_reference(spec(4), q, k, v)
+    _, stats = ag.compile(spec(4))(q, k, v, return_stats=True)
+    assert torch.all(stats.entropy[:, :, :2] == 0) and stats.entropy.max() > 0.5
+    assert torch.all(stats.entropy >= -1e-6)
+    assert torch.all(stats.entropy <= torch.log(stats.support.clamp(min=1)) + 1e-5)
+    assert torch.all(stats.entropy[stats.support == 1].abs() < 1e-6)
+    assert_matches_reference(spec(4, ag.masks.causal), q, k, v)
+    assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]))
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
 OTHER_FAMILIES = {"sigmoid": lambda h: norms.Sigmoid(bias="-log n"), "relu2": lambda h: norms.ReLU(power=2),
                   "sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
                   "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_()),

@@ -342,7 +342,8 @@ EXP2_LIMIT = 3.4028234663852886e38 / 1.4426950408889634
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    kernel_captures: dict[str, int] | None = None, differential: bool = False,
-                   cache: bool = False, support: bool = False, top_k: int | None = None) -> dict:
+                   cache: bool = False, support: bool = False, top_k: int | None = None,
+                   entropy: bool = False) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     kernel_captures = kernel_captures or {}
     printer = TritonPrinter(graph)
@@ -386,6 +387,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     threshold = normalization.family == "threshold"
     entmax_per_head = threshold and normalization.per_head  # alpha read per head, with a gradient
+    threshold_entropy = threshold and entropy  # summed by the threshold kernels themselves
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     params += ["entmax_alpha"] if entmax_per_head else []
     params += ["lam"] if differential else []
@@ -402,11 +404,13 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     max_grad = row_max and "max" not in no_gradient
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_at"] if max_grad else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["w_log_p"] if threshold_entropy else []) \
         + (["floor"] if top_k is not None else []) \
         + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
-    stats += [f"map{m}" for m in range(len(maps))] + (["support"] if support else [])
+    stats += [f"map{m}" for m in range(len(maps))] + (["support"] if support else []) \
+        + (["entropy"] if threshold_entropy else [])
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
@@ -441,6 +445,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "normalized": normalized,
         "signed": signed,
         "threshold": threshold,
+        "threshold_entropy": threshold_entropy,
         "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
@@ -489,7 +494,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stats_unpack": _unpack(stats) if stats else "",
         "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
         # the gradients of the statistics whose backward terms the dQ and dK/dV kernels add (HAS_DSTATS)
-        "stat_grads": [f"d{name}" for name in stats if name == "expectations" or (name == "row_max" and max_grad)]
+        "stat_grads": [f"d{name}" for name in stats
+                       if name in ("expectations", "entropy") or (name == "row_max" and max_grad)]
                       + [f"dmap{m['index']}" for m in grad_maps],
         "expectations": expectations,
         "row_max": row_max,
@@ -549,10 +555,11 @@ def _tidy(source: str) -> str:
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            kernel_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
-           support: bool = False, top_k: int | None = None) -> str:
+           support: bool = False, top_k: int | None = None, entropy: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
-    nonzero weights (normalizations with ``exact_zeros``); ``scale`` None means 1/sqrt(Dqk);
+    nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (sparsemax /
+    entmax: their own output; a softmax's comes from its lse and mean logit); ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
     ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the
@@ -560,7 +567,7 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
     each row keeps its ``top_k`` largest logits (a cut-off per row, ``kernel_captures["topk_floor"]``)."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             kernel_captures or {}, differential, cache, support, top_k)
+                             kernel_captures or {}, differential, cache, support, top_k, entropy)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 

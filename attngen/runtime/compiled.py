@@ -101,7 +101,7 @@ class CompiledAttention:
         started = time.perf_counter()
         self._plan_graph = None
         traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
-        self.expectations = stats_module.kernel_expectations(traced.stats)
+        self.expectations = stats_module.kernel_expectations(traced.stats, self.spec.normalization)
         self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count,
                            second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
                            two_streams=self.spec.differential is not None,
@@ -140,6 +140,7 @@ class CompiledAttention:
     def _generate(self) -> str:
         return render(self.kernel_graph(), self.description, self.spec.normalization,
                       row_max="max" in self.spec.stats, support="support" in self.spec.stats,
+                      entropy="entropy" in self.spec.stats,
                       maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
                       kernel_captures=self.kernel_captures, differential=self.spec.differential is not None,
@@ -290,7 +291,7 @@ class CompiledAttention:
         expectations = {name: outputs["expectations"][e] for e, (name, _) in enumerate(self.expectations)}
         maps = {stat.name: outputs[f"map{m}"] for m, stat in enumerate(stats_module.map_stats(self.spec.stats))}
         return out, stats_module.assemble(self.spec.stats, outputs.get("lse"), outputs.get("max"), expectations, maps,
-                                          outputs.get("support"), self.spec.normalization.sink)
+                                          outputs.get("support"), self.spec.normalization.sink, outputs.get("entropy"))
 
 
 def compile(spec: AttentionSpec | LinearAttentionSpec):  # noqa: A001 - public API name
