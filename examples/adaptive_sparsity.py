@@ -16,8 +16,10 @@ MODEL_DIM = HEADS * HEAD_DIM
 
 
 def spec(alpha):
-    """Causal entmax with each head's alpha; the "support" stat counts each row's keys of nonzero weight."""
-    return ag.AttentionSpec(normalization=ag.norms.Entmax(alpha), mask_mod=ag.masks.causal, stats=("support",))
+    """Causal entmax with each head's alpha; the "support" stat counts each row's keys of nonzero weight, the
+    "entropy" stat is each row's -sum p log p."""
+    return ag.AttentionSpec(normalization=ag.norms.Entmax(alpha), mask_mod=ag.masks.causal,
+                            stats=("support", "entropy"))
 
 
 def fused(q, k, v, alpha):
@@ -30,7 +32,8 @@ def reference(q, k, v, alpha):
 
 
 def train(attention):
-    """STEPS of Adam; returns the loss per step, the final alphas and each head's share of zero weights."""
+    """STEPS of Adam; returns the loss per step, the final alphas, each head's share of zero weights and
+    its mean entropy."""
     torch.manual_seed(1)
     qkv = torch.nn.Linear(MODEL_DIM, 3 * MODEL_DIM)
     proj = torch.nn.Linear(MODEL_DIM, MODEL_DIM)
@@ -53,18 +56,19 @@ def train(attention):
         _, stats = attention(q, k, v, alpha)
         causal_keys = BATCH * LENGTH * (LENGTH + 1) / 2  # per head: row i sees i + 1 keys
         zeros = 1.0 - stats.support.sum(dim=(0, 2)) / causal_keys
-    return losses, alpha, zeros
+    return losses, alpha, zeros, stats.entropy.mean(dim=(0, 2))
 
 
-fused_losses, alpha, zeros = train(fused)
-reference_losses, reference_alpha, _ = train(reference)
+fused_losses, alpha, zeros, entropy = train(fused)
+reference_losses, reference_alpha, _, reference_entropy = train(reference)
 print("step  loss (fused)  loss (reference)")
 for step in range(0, STEPS, 4):
     print(f"{step:4d}  {fused_losses[step]:12.6f}  {reference_losses[step]:16.6f}")
-print("head  alpha (1.5 at the start)  share of exact zeros among the causal weights")
+print("head  alpha (1.5 at the start)  share of exact zeros among the causal weights  mean entropy")
 for h in range(HEADS):
-    print(f"{h:4d}  {alpha[h].item():26.4f}  {zeros[h].item():10.1%}")
+    print(f"{h:4d}  {alpha[h].item():26.4f}  {zeros[h].item():44.1%}  {entropy[h].item():12.4f}")
 gap = max(abs(a - b) for a, b in zip(fused_losses, reference_losses))
 print(f"max |fused - reference| loss = {gap:.2e}, alphas differ by {(alpha - reference_alpha).abs().max().item():.2e}")
 assert gap < 1e-4 and torch.allclose(alpha, reference_alpha, atol=1e-4), "the fused and reference runs diverged"
 assert (alpha - 1.5).abs().min() > 1e-3, "a head's alpha did not learn"
+assert torch.allclose(entropy, reference_entropy, atol=1e-4), "the fused and reference entropies differ"
