@@ -232,7 +232,8 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stat
         expectations[name] = (p * torch.where(keep, values, torch.zeros_like(values))).sum(-1)
     maps = {stat.name: pool(p, stat, kv_heads) for stat in stats_module.map_stats(spec.stats)}
     support = (p > 0).sum(-1).to(p.dtype) if "support" in spec.stats else None
-    # sparsemax / entmax: -sum p log p over the keys of nonzero weight (the others add 0, and no gradient)
+    # sparsemax / entmax, normalized weights: -sum p log p over the keys of nonzero weight (the others add 0,
+    # and no gradient)
     entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1) \
         if "entropy" in spec.stats and lse is None else None
     return stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,

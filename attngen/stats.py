@@ -22,7 +22,7 @@ weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization (forward-only for
 the elementwise and normalized families); the maps also for the other
-normalizations, the entropy also for sparsemax / entmax.
+normalizations, the entropy also for sparsemax / entmax and normalized weights.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def forward_only(stats, normalization) -> dict[str, str]:
 
 def kernel_expectations(stats, normalization) -> list[tuple[str, Callable]]:
     """The expectations the kernels accumulate for ``stats``: (name, g) pairs (a softmax's entropy takes
-    the mean logit; sparsemax / entmax kernels sum their entropy themselves)."""
+    the mean logit; sparsemax / entmax and normalized-weight kernels sum their entropy themselves)."""
     found = [(s.name, s.g) for s in stats if isinstance(s, Expectation)]
     if "entropy" in stats and normalization.family == "softmax":
         found.append((ENTROPY_MEAN, lambda score, b, h, q_idx, kv_idx: score))
@@ -141,7 +141,7 @@ def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=No
     ``maps`` holds each MapStat's [B, H, rows, cols] map; col_sum-style maps
     (``block_q=None``) lose their row axis. ``sink``: the softmax's sink logit (a float or per-head
     tensor), whose weight ``exp(sink - lse)`` the entropy counts. ``entropy``: computed directly
-    (sparsemax / entmax), else from the softmax's lse and mean logit.
+    (sparsemax / entmax, normalized weights), else from the softmax's lse and mean logit.
     """
     values = {"lse": lse, "max": row_max, "support": support, "entropy": entropy, **expectations}
     for stat in map_stats(requested):

@@ -300,26 +300,35 @@ def test_support_counts_the_keys_of_nonzero_weight(name):
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
-THRESHOLD = {name: SPARSE[name] for name in ("sparsemax", "entmax15", "entmax_per_head")}
+DISTRIBUTIONS = {**{name: SPARSE[name] for name in ("sparsemax", "entmax15", "entmax_per_head")},
+                 "polynomial": lambda h: norms.Normalized(lambda s: s ** 4, eps=1e-3),
+                 "relu2_normalized": lambda h: norms.Normalized(lambda s: torch.clamp(s, min=0) ** 2)}
 
 
-@pytest.mark.parametrize("name", sorted(THRESHOLD))
-def test_entropy_of_sparsemax_and_entmax(name):
-    """Sparsemax / entmax weights are a distribution: their entropy -sum p log p (keys of weight 0 add 0) is
-    compared with the reference, gradients too (a learnable alpha's included), over Lq != Lk with GQA and
-    rows without keys (entropy 0), a KV cache and packed sequences; it lies in [0, log(support)], and a row
-    whose support is one key has entropy 0."""
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_entropy_of_sparsemax_entmax_and_normalized_weights(name):
+    """Sparsemax / entmax and normalized weights are distributions: their entropy -sum p log p (keys of
+    weight 0 add 0) is compared with the reference, gradients too (a learnable alpha's included), over
+    Lq != Lk with GQA and rows without keys (entropy exactly 0), a KV cache (split-KV decoding merges the
+    normalized family's sums) and packed sequences; it lies in [0, log n + 1 - P] (n keys of nonzero weight
+    summing to P: -P log P <= 1 - P; P < 1 where eps > 0)."""
     def spec(heads, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2):
-        return ag.AttentionSpec(normalization=THRESHOLD[name](heads), stats=("entropy", "support"), mask_mod=mask_mod)
+        return ag.AttentionSpec(normalization=DISTRIBUTIONS[name](heads), stats=("entropy", "col_sum"),
+                                mask_mod=mask_mod)
     q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=4).tensors()
     assert_matches_reference(spec(4), q, k, v)
     _, stats = ag.compile(spec(4))(q, k, v, return_stats=True)
-    assert torch.all(stats.entropy[:, :, :2] == 0) and stats.entropy.max() > 0.5
-    assert torch.all(stats.entropy >= -1e-6)
-    assert torch.all(stats.entropy <= torch.log(stats.support.clamp(min=1)) + 1e-5)
-    assert torch.all(stats.entropy[stats.support == 1].abs() < 1e-6)
+    _, expected = ag.reference.attention(q.double(), k.double(), v.double(), spec(4), return_stats=True)
+    # v the identity: the output rows are the weights
+    weights = ag.reference.attention(q.double(), k.double(), torch.eye(41, dtype=torch.float64).expand(2, 2, 41, 41),
+                                     spec(4))
+    bound = torch.log((weights > 0).sum(-1).clamp(min=1)) + 1.0 - weights.sum(-1).clamp(max=1.0)
+    assert torch.equal(stats.entropy[:, :, :2], torch.zeros_like(stats.entropy[:, :, :2]))
+    assert not torch.signbit(stats.entropy).any() and expected.entropy.max() > 0.5
+    assert torch.all(stats.entropy <= bound + 1e-5)
     assert_matches_reference(spec(4, ag.masks.causal), q, k, v)
-    assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]))
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
     cu = torch.tensor([0, 17, 40])
     packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)

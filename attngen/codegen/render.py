@@ -209,13 +209,15 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
 
 
 def forward_state(family: str, differential: bool, affine: bool, expectations: list[int],
-                  row_max: bool, support: bool = False) -> list[tuple[str, bool]]:
+                  row_max: bool, support: bool = False, entropy: bool = False) -> list[tuple[str, bool]]:
     """The running state of the forward loop, ``(name, is a [rows, DV] tile)``: what a split-KV
     program hands to the combine kernel. The softmax family's is an online softmax (a second one,
     suffixed 2, for differential attention's second stream); stick-breaking's, the log of the stick
-    its keys leave; the normalized family's, the sum of the weights."""
+    its keys leave; the normalized family's, the sum of the weights (and with ``entropy`` the sum of
+    w log w)."""
     state = [("acc", True)] + ([("remaining", False)] if family == "stick_breaking" else [])
     state += [("l_i", False)] if family == "normalized" else []
+    state += [("w_log_w", False)] if entropy else []
     if family in ONLINE_FAMILIES:
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
@@ -387,7 +389,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     threshold = normalization.family == "threshold"
     entmax_per_head = threshold and normalization.per_head  # alpha read per head, with a gradient
-    threshold_entropy = threshold and entropy  # summed by the threshold kernels themselves
+    threshold_entropy = threshold and entropy  # summed by the kernels themselves (a softmax's: from lse)
+    normalized_entropy = normalized and entropy
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     params += ["entmax_alpha"] if entmax_per_head else []
     params += ["lam"] if differential else []
@@ -410,7 +413,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))] + (["support"] if support else []) \
-        + (["entropy"] if threshold_entropy else [])
+        + (["entropy"] if threshold_entropy or normalized_entropy else [])
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
@@ -419,15 +422,18 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     no_gradient_outputs = {f"map{m['index']}": no_gradient[m["name"]] for m in map_context if m["name"] in no_gradient}
     no_gradient_outputs.update({"max": no_gradient["max"]} if "max" in no_gradient else {})
     counted = support and not threshold  # the support counted by _attn_fwd (the threshold family's: its own kernel)
-    state = forward_state(normalization.family, differential, affine, expectations, row_max, counted)
+    state = forward_state(normalization.family, differential, affine, expectations, row_max, counted,
+                          normalized_entropy)
     finals = (["LSE"] if softmax else []) + (["EXP"] if expectations else []) \
         + (["MAXOUT", "MAXAT"] if row_max else []) + (["ALPHA", "BETA"] if affine else []) \
         + (["OSOFT"] if o_soft else []) + (["NORM"] if normalized else []) \
-        + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else []) + (["SUPPORT"] if counted else [])
+        + (["LSE", "LSE2", "O1", "O2", "LAM"] if differential else []) + (["SUPPORT"] if counted else []) \
+        + (["ENTROPY"] if normalized_entropy else [])
     final_values = (["lse"] if softmax else []) + (["expectations"] if expectations else []) \
         + (["row_max", "max_at"] if row_max else []) + (["alpha", "beta"] if affine else []) \
         + (["o_soft"] if o_soft else []) + (["norm"] if normalized else []) \
-        + (["lse", "lse2", "o1", "o2", "lam"] if differential else []) + (["support"] if counted else [])
+        + (["lse", "lse2", "o1", "o2", "lam"] if differential else []) + (["support"] if counted else []) \
+        + (["entropy"] if normalized_entropy else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
     score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2"))) \
@@ -446,6 +452,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "signed": signed,
         "threshold": threshold,
         "threshold_entropy": threshold_entropy,
+        "normalized_entropy": normalized_entropy,
         "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),

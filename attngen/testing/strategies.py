@@ -174,10 +174,11 @@ def normalizations(draw, heads: int = 4) -> Snippet:
 def stats_for(draw, normalization: Snippet) -> str:
     """The source of a ``stats=`` tuple valid for ``normalization``."""
     norm = normalization.value
-    if norm.family != "softmax":  # the support where weights have exact zeros, the max, maps, sparsemax's entropy
+    if norm.family != "softmax":  # the support where weights have exact zeros, the max, maps, the entropy of
+        # the other distributions
         chosen = ["'support'"] if norm.exact_zeros and draw(st.booleans()) else []
         chosen += ["'max'"] if draw(st.booleans()) else []
-        chosen += ["'entropy'"] if norm.family == "threshold" and draw(st.booleans()) else []
+        chosen += ["'entropy'"] if norm.family in ("threshold", "normalized") and draw(st.booleans()) else []
         if draw(st.booleans()):
             chosen.append(draw(st.sampled_from(["ag.stats.col_sum()", "ag.stats.pooled(5, 7, 'mean', name='map')"])))
         return "(" + "".join(f"{s}, " for s in chosen) + ")"
