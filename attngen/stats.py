@@ -35,6 +35,9 @@ import torch
 from .norms import WEIGHT_FAMILIES
 
 ROW_STATS = ("lse", "max", "entropy", "support")
+# the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
+# softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit)
+ENTROPY_FAMILIES = ("threshold", "normalized")
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 
 

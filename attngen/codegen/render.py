@@ -389,7 +389,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     threshold = normalization.family == "threshold"
     entmax_per_head = threshold and normalization.per_head  # alpha read per head, with a gradient
-    threshold_entropy = threshold and entropy  # summed by the kernels themselves (a softmax's: from lse)
+    threshold_entropy = threshold and entropy  # summed by the kernels themselves (see stats.ENTROPY_FAMILIES)
     normalized_entropy = normalized and entropy
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     params += ["entmax_alpha"] if entmax_per_head else []
@@ -565,8 +565,9 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
            support: bool = False, top_k: int | None = None, entropy: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
-    nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (sparsemax /
-    entmax: their own output; a softmax's comes from its lse and mean logit); ``scale`` None means 1/sqrt(Dqk);
+    nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (an output of
+    its own for sparsemax / entmax and normalized weights; a softmax's comes from its lse and mean
+    logit); ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
     ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the

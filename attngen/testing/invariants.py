@@ -73,7 +73,8 @@ def last_query_of_causal(spec: AttentionSpec, case: Case) -> list[Comparison]:
 
 def key_permutation(spec: AttentionSpec, case: Case) -> list[Comparison]:
     """Without kv_idx in the spec, permuting keys and values together leaves out and row stats unchanged."""
-    if _uses(spec, "kv_idx") or stats_module.map_stats(spec.stats) or stats_module.kernel_expectations(spec.stats, spec.normalization):
+    if _uses(spec, "kv_idx") or stats_module.map_stats(spec.stats) \
+            or stats_module.kernel_expectations(spec.stats, spec.normalization):
         return []
     q, k, v = case.tensors(requires_grad=False)
     order = torch.randperm(case.kv_len, generator=torch.Generator().manual_seed(case.seed))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from ..stats import ENTROPY_FAMILIES
 from .cases import Case
 from .snippets import Snippet
 
@@ -174,11 +175,10 @@ def normalizations(draw, heads: int = 4) -> Snippet:
 def stats_for(draw, normalization: Snippet) -> str:
     """The source of a ``stats=`` tuple valid for ``normalization``."""
     norm = normalization.value
-    if norm.family != "softmax":  # the support where weights have exact zeros, the max, maps, the entropy of
-        # the other distributions
+    if norm.family != "softmax":  # the support where weights have exact zeros, the max, maps, the entropy
         chosen = ["'support'"] if norm.exact_zeros and draw(st.booleans()) else []
         chosen += ["'max'"] if draw(st.booleans()) else []
-        chosen += ["'entropy'"] if norm.family in ("threshold", "normalized") and draw(st.booleans()) else []
+        chosen += ["'entropy'"] if norm.family in ENTROPY_FAMILIES and draw(st.booleans()) else []
         if draw(st.booleans()):
             chosen.append(draw(st.sampled_from(["ag.stats.col_sum()", "ag.stats.pooled(5, 7, 'mean', name='map')"])))
         return "(" + "".join(f"{s}, " for s in chosen) + ")"
