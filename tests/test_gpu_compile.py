@@ -52,7 +52,8 @@ def _extra_specs():
                                          mask_mod=ag.masks.causal),
         "entmax_1_3": ag.AttentionSpec(normalization=ag.norms.Entmax(1.3)),
         "entmax_learnable": ag.AttentionSpec(normalization=ag.norms.Entmax(torch.full((4,), 1.5, requires_grad=True)),
-                                             mask_mod=ag.masks.causal, stats=("col_sum",)),
+                                             mask_mod=ag.masks.causal, stats=("col_sum", "entropy", ag.stats.expectation(
+                                                 lambda s, b, h, q, k: torch.tanh(s) * (q - k), "drift"))),
         "softpick": ag.AttentionSpec(normalization=ag.norms.Softpick(), mask_mod=ag.masks.causal),
         "normalized": ag.AttentionSpec(normalization=ag.norms.Normalized(lambda s: s * s), mask_mod=ag.masks.causal,
                                        stats=("entropy",)),

@@ -334,6 +334,29 @@ def test_entropy_of_sparsemax_entmax_and_normalized_weights(name):
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "entmax_per_head"])
+def test_expectations_of_sparsemax_and_entmax(name):
+    """Row expectations sum_j p_j g(l_j) of sparsemax / entmax weights, with the entropy and a map in the same
+    spec: values and gradients (through the weights, the entmax Jacobian's, and directly through g's
+    logit; a learnable alpha's only through the weights) against the reference, over GQA, Lq != Lk, rows
+    without keys (0), a KV cache and packed sequences."""
+    distance = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: (q_idx - kv_idx).float(), "distance")
+    curved = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: torch.tanh(s) * s, "curved")
+
+    def spec(heads):
+        return ag.AttentionSpec(normalization=DISTRIBUTIONS[name](heads), stats=(distance, "entropy", curved, "col_sum"),
+                                mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
+    q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=6).tensors()
+    assert_matches_reference(spec(4), q, k, v)
+    _, stats = ag.compile(spec(4))(q, k, v, return_stats=True)
+    assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
+    assert torch.all(stats.distance[:, :, 2:] >= 2.0 - 1e-5)  # every kept key lies 2 or more back
+    assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]))
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
 OTHER_FAMILIES = {"sigmoid": lambda h: norms.Sigmoid(bias="-log n"), "relu2": lambda h: norms.ReLU(power=2),
                   "sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
                   "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_()),

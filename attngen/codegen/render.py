@@ -407,7 +407,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     max_grad = row_max and "max" not in no_gradient
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
         + (["max_at"] if max_grad else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
-        + (["w_log_p"] if threshold_entropy else []) \
+        + (["w_log_p"] if threshold_entropy else []) + (["w_exp"] if threshold and expectations else []) \
         + (["floor"] if top_k is not None else []) \
         + (["norm"] if normalized else []) \
         + (["lse", "lse2", "o1", "o2"] if differential else [])
@@ -528,6 +528,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_returns": ", ".join(stat_targets),
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
         "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
+        # the threshold family's: the part through the weights and the direct one, apart
+        "exp_dp": " + ".join(f"dexp{e} * g{e}" for e in expectations),
+        "exp_ds": " + ".join(f"dexp{e} * dg{e}" for e in expectations),
         "captures": captures,
         **capture_gradient_context(tagged_grads, stick),
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),

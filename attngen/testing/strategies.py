@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..stats import ENTROPY_FAMILIES
+from ..stats import ENTROPY_FAMILIES, EXPECTATION_FAMILIES
 from .cases import Case
 from .snippets import Snippet
 
@@ -171,6 +171,9 @@ def normalizations(draw, heads: int = 4) -> Snippet:
     return Snippet("normalization", f"normalization = {choices[draw(st.sampled_from(sorted(choices)))]}")
 
 
+DRIFT = "ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: torch.tanh(s) * (q_idx - kv_idx), 'drift')"
+
+
 @st.composite
 def stats_for(draw, normalization: Snippet) -> str:
     """The source of a ``stats=`` tuple valid for ``normalization``."""
@@ -179,6 +182,7 @@ def stats_for(draw, normalization: Snippet) -> str:
         chosen = ["'support'"] if norm.exact_zeros and draw(st.booleans()) else []
         chosen += ["'max'"] if draw(st.booleans()) else []
         chosen += ["'entropy'"] if norm.family in ENTROPY_FAMILIES and draw(st.booleans()) else []
+        chosen += [DRIFT] if norm.family in EXPECTATION_FAMILIES and draw(st.booleans()) else []
         if draw(st.booleans()):
             chosen.append(draw(st.sampled_from(["ag.stats.col_sum()", "ag.stats.pooled(5, 7, 'mean', name='map')"])))
         return "(" + "".join(f"{s}, " for s in chosen) + ")"
@@ -188,8 +192,7 @@ def stats_for(draw, normalization: Snippet) -> str:
         if draw(st.booleans()):
             chosen.append("'entropy'")
         if draw(st.booleans()):
-            chosen.append("ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: torch.tanh(s) * (q_idx - kv_idx), "
-                          "'drift')")
+            chosen.append(DRIFT)
         if draw(st.booleans()):
             chosen.append("ag.stats.col_sum()")
         if draw(st.booleans()):
