@@ -235,7 +235,7 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stat
     # sparsemax / entmax, normalized weights: -sum p log p over the keys of nonzero weight (the others add 0,
     # and no gradient)
     entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1) \
-        if "entropy" in spec.stats and lse is None else None
+        if "entropy" in spec.stats and spec.normalization.family in stats_module.ENTROPY_FAMILIES else None
     return stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,
                                  entropy)
 

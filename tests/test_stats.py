@@ -369,8 +369,9 @@ MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_hea
 
 @pytest.mark.parametrize("name", sorted(OTHER_FAMILIES))
 def test_maps_of_the_other_normalizations_match_reference(name):
-    """Column sums and pooled maps of every family's weights, with gradients (but the pooled max's): over a call with GQA and an offset mask, a KV cache (split-KV decoding sums the
-    splits' maps; the threshold family does not split), fully masked rows and packed sequences."""
+    """Column sums and pooled maps of every family's weights, with gradients (but the pooled max's): over a
+    call with GQA and an offset mask, a KV cache (split-KV decoding sums the splits' maps; the threshold
+    family does not split), fully masked rows and packed sequences."""
     def spec(heads, maps=MAPS, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 3):
         return ag.AttentionSpec(normalization=OTHER_FAMILIES[name](heads), stats=maps, mask_mod=mask_mod)
     q, k, v = Case(2, 4, 2, 33, 41, 16, 16, seed=5).tensors()

@@ -391,6 +391,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     entmax_per_head = threshold and normalization.per_head  # alpha read per head, with a gradient
     threshold_entropy = threshold and entropy  # summed by the kernels themselves (see stats.ENTROPY_FAMILIES)
     normalized_entropy = normalized and entropy
+    entropy_output = threshold_entropy or normalized_entropy  # a kernel output "entropy" (and its gradient)
     params = ["sink"] if normalization.sink is not None else ["alpha", "beta"] if normalization.affine else []
     params += ["entmax_alpha"] if entmax_per_head else []
     params += ["lam"] if differential else []
@@ -413,7 +414,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["lse", "lse2", "o1", "o2"] if differential else [])
     stats = (["lse"] if softmax else []) + (["expectations"] if expectations else []) + (["row_max"] if row_max else [])
     stats += [f"map{m}" for m in range(len(maps))] + (["support"] if support else []) \
-        + (["entropy"] if threshold_entropy or normalized_entropy else [])
+        + (["entropy"] if entropy_output else [])
     map_context = [{"index": m, "name": stat.name, "reduce": stat.reduce, "reduce_heads": stat.reduce_heads,
                     "rows": "1" if stat.block_q is None else f"_cdiv(LQ, {stat.block_q})",
                     "cols": f"_cdiv(LK, {stat.block_k})"} for m, stat in enumerate(maps)]
@@ -453,6 +454,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "threshold": threshold,
         "threshold_entropy": threshold_entropy,
         "normalized_entropy": normalized_entropy,
+        "entropy_output": entropy_output,
         "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
         **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
