@@ -222,8 +222,16 @@ def _max_stat(logits, keep):
     return torch.where(first.any(-1), torch.where(first, logits, 0.0).sum(-1), top[..., 0])
 
 
-def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stats_module.Stats:
-    """The requested statistics of the materialized weights."""
+def _max_margin(logits, keep):
+    """Each row's gap between its two largest kept logits (inf with fewer than two kept keys)."""
+    kept = torch.nn.functional.pad(torch.where(keep, logits, float("-inf")), (0, 2), value=float("-inf"))
+    top = torch.topk(kept, 2, dim=-1).values
+    return torch.where(torch.isfinite(top[..., 1]), top[..., 0] - top[..., 1], float("inf"))
+
+
+def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, max_margin: bool) -> stats_module.Stats:
+    """The requested statistics of the materialized weights (``max_margin``: and the max's, see
+    :func:`attention`)."""
     index = _indices(p.shape, p.device)
     row_max = _max_stat(logits, keep) if "max" in spec.stats else None
     expectations = {}
@@ -236,8 +244,12 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int) -> stat
     # and no gradient)
     entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1) \
         if "entropy" in spec.stats and spec.normalization.family in stats_module.ENTROPY_FAMILIES else None
-    return stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,
-                                 entropy)
+    stats = stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,
+                                  entropy)
+    if not (max_margin and row_max is not None):
+        return stats
+    return stats_module.Stats(**{name: getattr(stats, name) for name in stats.names()},
+                              max_margin=_max_margin(logits, keep))
 
 
 def _differential_weights(q, k, spec: AttentionSpec) -> torch.Tensor:
@@ -314,7 +326,7 @@ def _dropout_slices(keep: torch.Tensor | None, shape: tuple[int, int, int, int])
 
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False, kv_lens=None,
               q_offset=None, block_table=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_keep=None,
-              dropout_p: float = 0.0):
+              dropout_p: float = 0.0, max_margin: bool = False):
     """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized.
 
     ``kv_lens`` ([B]): k and v are caches of which batch entry ``b`` holds ``kv_lens[b]`` keys;
@@ -325,6 +337,8 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     calls (pooled maps, whose blocks would straddle them, are refused). ``dropout_keep`` (bool,
     broadcastable to [B, Hq, Lq, Lk] of the call's kernel: a cache's full length, or for packed
     sequences [1, Hq, q tokens, k tokens]) applies dropout of probability ``dropout_p`` with that mask.
+    ``max_margin``: a spec's "max" statistic comes with a ``max_margin`` one, each row's gap between its
+    two largest kept logits (inf with fewer than two), where rounding may pick another arg-max.
     """
     spec = spec or AttentionSpec()
     if block_table is not None:
@@ -338,7 +352,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
         keep = _dropout_slices(dropout_keep, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         summed = _maps_summed(spec)
         pieces = [attention(q[b:b + 1], k[b:b + 1, :, :int(kv_lens[b])], v[b:b + 1, :, :int(kv_lens[b])],
-                            _shifted(summed, b, offsets[b]), return_stats=True, dropout_p=dropout_p,
+                            _shifted(summed, b, offsets[b]), return_stats=True, dropout_p=dropout_p, max_margin=max_margin,
                             dropout_keep=keep(slice(b, b + 1), slice(None), slice(0, int(kv_lens[b]))))
                   for b in range(q.shape[0])]
         return _joined([_maps_over_cache(spec, piece, q.shape[2], k.shape[2]) for piece in pieces], 0, 0,
@@ -351,7 +365,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
             keys = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
             dense = (t[part].transpose(0, 1).unsqueeze(0) for t, part in ((q, rows), (k, keys), (v, keys)))
             out, stats = attention(*dense, _shifted(spec, i, 0), return_stats=True, dropout_p=dropout_p,
-                                   dropout_keep=keep(slice(None), rows, keys))
+                                   dropout_keep=keep(slice(None), rows, keys), max_margin=max_margin)
             pieces.append((out[0].transpose(0, 1), stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})))
         return _joined(pieces, 0, -1, return_stats)
     shape = check_inputs(q, k, v)
@@ -365,7 +379,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     out = dropped.to(v.dtype) @ v
     if not return_stats:
         return out
-    return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads)
+    return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads, max_margin)
 
 
 def linear_attention(q, k, v, spec: LinearAttentionSpec, *, log_decay=None, state=None, return_state=False):

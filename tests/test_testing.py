@@ -48,6 +48,34 @@ def test_the_reference_of_float32_captures_is_float64_exact():
     assert torch.equal(widened, ag.reference.attention(q, k, v, spec64))
 
 
+def test_the_reference_gives_each_rows_max_margin():
+    q = torch.tensor([1.0, 0.0]).expand(1, 1, 3, 2).double()
+    k = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.5, 0.0], [9.0, 0.0]]).expand(1, 1, 4, 2).double()
+    spec = ag.AttentionSpec(scale=1.0, stats=("max",), mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 3 - q_idx)
+    _, stats = ag.reference.attention(q, k, k, spec, return_stats=True, max_margin=True)
+    assert stats.names() == ("max", "max_margin")
+    assert stats.max_margin.tolist() == [[[0.5, 2.0, float("inf")]]]  # keys {3, 1, 2.5}, {3, 1}, {3}
+    _, cached = ag.reference.attention(q, k, k, spec, return_stats=True, max_margin=True, kv_lens=torch.tensor([0]))
+    assert cached.max_margin.tolist() == [[[float("inf")] * 3]]  # no keys at all
+    assert ag.reference.attention(q, k, k, spec, return_stats=True)[1].names() == ("max",)
+
+
+@pytest.mark.parametrize("gap, caught", [(3e-7, False), (3e-3, True)])
+def test_the_max_gradient_is_not_compared_on_near_ties(gap, caught):
+    """Keys 5 and 6 are identical: the kernel gives the max's gradient to key 5 (the first); the reference
+    sees key 6 ahead by ``gap``. Within float32's rounding of the max that is a tie either could win,
+    and the comparison leaves those rows' max gradient out; beyond it, a wrong arg-max is caught."""
+    def ahead(s, b, h, q_idx, kv_idx):  # traced (the kernel): s; on tensors (the reference): key 6 ahead
+        return s + gap * (kv_idx == 6) if isinstance(s, torch.Tensor) else s
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, 12, 8, generator=gen)
+    k[:, :, 6] = k[:, :, 5]
+    q = k[:, :, 5:6].expand(1, 1, 3, 8) * 2.0
+    results = compare_with_reference(ag.AttentionSpec(score_mod=ahead, stats=("max",)), q, k, k)
+    failed = {r.name for r in results if not r.ok}
+    assert "dk" in failed if caught else not failed
+
+
 def test_the_rule_is_twice_the_torch_error_plus_a_floor():
     exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
     result = compare("x", exact + 0.01, exact, exact + 0.1, torch.bfloat16)
