@@ -81,19 +81,20 @@ def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lse.squeeze(-1), e / safe
 
 
-def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """``logits`` below each row's ``k``-th largest set to -inf (those tied with it kept; a row of at most
-    ``k`` finite logits unchanged). The cut-off is piecewise constant: no gradient flows through it."""
+def top_k_keep(logits: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
+    """``keep`` without the keys whose logit is below their row's ``k``-th largest kept one (those tied with
+    it stay, and every key of a row with at most ``k`` finite kept logits). The cut-off is piecewise
+    constant: no gradient flows through it."""
     if logits.shape[-1] <= k:
-        return logits
-    kth = logits.detach().topk(k, dim=-1).values[..., -1:]
-    return torch.where(logits < kth, float("-inf"), logits)
+        return keep
+    kth = torch.where(keep, logits.detach(), float("-inf")).topk(k, dim=-1).values[..., -1:]
+    return keep & ~(logits < kth)
 
 
 def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization, top_k: int | None = None):
     """Attention weights [B, H, Lq, Lk] of modded scores, lse and the logits (the modded scores themselves
     for the elementwise and normalized families, which take a weight of each; lse None but for softmax);
-    ``top_k``: the softmax of each row's ``top_k`` largest logits alone."""
+    ``top_k``: the normalization of each row's ``top_k`` largest logits alone."""
     h = torch.arange(s.shape[1], device=s.device).view(1, -1, 1, 1)
     if normalization.count == "unmasked":  # rows with no kept key have no weights to scale
         n = keep.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
@@ -105,6 +106,8 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization, t
             w = w / (w.sum(-1, keepdim=True) + normalization.eps)
         return w, None, s
     raw_logits = normalization.logits(s, h, n)
+    if top_k is not None:  # the keys below the row's top_k-th largest logit are masked
+        keep = top_k_keep(raw_logits, keep, top_k)
     if normalization.family == "threshold":
         return entmax(raw_logits, keep, _per_head(normalization.alpha, raw_logits)), None, raw_logits
     if normalization.family == "stick_breaking":
@@ -114,8 +117,6 @@ def weights(s: torch.Tensor, keep: torch.Tensor, normalization: Normalization, t
     if normalization.family == "signed":
         return signed_softmax(raw_logits, keep), None, raw_logits
     logits = torch.where(keep, raw_logits, float("-inf"))
-    if top_k is not None:
-        logits = top_k_logits(logits, top_k)
     if normalization.sink is None:
         lse, p = _softmax(logits)
     else:

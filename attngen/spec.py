@@ -11,7 +11,7 @@ import torch
 
 from . import stats as stats_module
 from .errors import SpecError
-from .norms import Normalization, Softmax
+from .norms import WEIGHT_FAMILIES, Normalization, Softmax
 
 
 def _check_arity(fn: Callable, name: str, params: tuple[str, ...]) -> None:
@@ -50,8 +50,9 @@ class AttentionSpec:
         second_score_mod: the second stream's score_mod (default: ``score_mod``).
         top_k: keep only each row's ``top_k`` largest logits (top-k attention; the keys tied with the
             ``top_k``-th largest too, and every key of a row with at most ``top_k`` finite logits): the
-            others weigh 0. Softmax-family normalizations without an affine output; the kernels find each
-            row's cut-off with up to 32 passes of bisection over its keys before the forward pass.
+            others are masked before the normalization. Normalizations of logits (not the elementwise or
+            normalized weights) without an affine output; the kernels find each row's cut-off with up to
+            32 passes of bisection over its keys before the forward pass.
     """
 
     score_mod: Callable | None = None
@@ -129,9 +130,10 @@ def _check_top_k(spec: AttentionSpec) -> None:
         raise SpecError(f"top_k must be a positive int (how many of each row's largest logits to keep), "
                         f"got {spec.top_k!r}")
     norm = spec.normalization
-    if norm.family != "softmax" or norm.affine is not None or spec.differential is not None:
-        raise SpecError(f"top_k keeps a softmax's largest logits: its normalization must be a softmax (a sink "
-                        f"may be learnable) without affine output or differential streams, got {norm!r}"
+    if norm.family in WEIGHT_FAMILIES or norm.affine is not None or spec.differential is not None:
+        raise SpecError(f"top_k keeps a row's largest logits: its normalization must take logits (the softmax "
+                        f"family, softpick, signed softmax, sparsemax / entmax, stick-breaking), without affine "
+                        f"output or differential streams, got {norm!r}"
                         + (" with differential" if spec.differential is not None else ""))
 
 

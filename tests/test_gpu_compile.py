@@ -61,6 +61,11 @@ def _extra_specs():
         "learnable_captures": ag.AttentionSpec(score_mod=_learnable, mask_mod=ag.masks.causal),
         "top_k": ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(4, requires_grad=True)), top_k=32,
                                   mask_mod=ag.masks.causal, stats=("lse", "max", "entropy")),
+        "top_k_entmax_learnable": ag.AttentionSpec(
+            normalization=ag.norms.Entmax(torch.full((4,), 1.5, requires_grad=True)), top_k=16,
+            mask_mod=ag.masks.causal, stats=("max", "col_sum")),
+        "top_k_stick_breaking_documents": ag.AttentionSpec(  # listed tiles, walked last first by _topk_floor too
+            normalization=ag.norms.StickBreaking(), top_k=8, mask_mod=ag.masks.document(DOC_IDS), stats=("max",)),
         "differential_learnable_captures": ag.AttentionSpec(score_mod=_learnable, differential=0.5),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),

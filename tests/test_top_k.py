@@ -43,6 +43,22 @@ SPECS = {
         scale=SCALE, top_k=5, mask_mod=ag.masks.causal,
         stats=(ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: s * s, "second_moment"), "col_sum")),
     "more_than_keys_k500": lambda c: ag.AttentionSpec(scale=SCALE, top_k=500, mask_mod=ag.masks.causal),
+    # beyond the softmax: each normalization of logits over the kept keys alone
+    # sparsemax's gradient jumps where a key's logit equals the threshold, which grid scores can hit exactly: a
+    # key bias far above float32's rounding breaks such ties (and halved scores widen the support: top_k cuts
+    # 40% of the rows)
+    "sparsemax_support_k4": lambda c: ag.AttentionSpec(
+        scale=SCALE, top_k=4, mask_mod=ag.masks.causal, normalization=norms.Sparsemax(),
+        score_mod=lambda s, b, h, q_idx, kv_idx: 0.5 * s + 1e-4 * kv_idx, stats=("support", "entropy")),
+    "entmax_learnable_k4": lambda c: ag.AttentionSpec(scale=SCALE, top_k=4, normalization=norms.Entmax(c["alpha"]),
+                                                      stats=("max", "col_sum")),
+    "softpick_inf_k5": lambda c: ag.AttentionSpec(
+        scale=SCALE, top_k=5, normalization=norms.Softpick(),
+        score_mod=lambda s, b, h, q_idx, kv_idx: torch.where((q_idx + kv_idx) % 7 == 0, float("-inf"), s)),
+    "signed_k3": lambda c: ag.AttentionSpec(scale=SCALE, top_k=3, normalization=norms.SignedSoftmax(),
+                                            mask_mod=ag.masks.causal),
+    "stick_breaking_k5": lambda c: ag.AttentionSpec(scale=SCALE, top_k=5, normalization=norms.StickBreaking(),
+                                                    mask_mod=ag.masks.causal, stats=("max", "col_sum")),
 }
 
 
@@ -50,7 +66,8 @@ def _captures(case: Case) -> dict:
     gen = torch.Generator().manual_seed(case.seed + 1)
     return {"slopes": (0.25 * torch.arange(1, case.q_heads + 1, dtype=torch.float32)).requires_grad_(),
             "sink": torch.randn(case.q_heads, generator=gen).requires_grad_(),
-            "bias": (torch.randint(-4, 5, (case.q_heads, case.kv_len), generator=gen) / 4).requires_grad_()}
+            "bias": (torch.randint(-4, 5, (case.q_heads, case.kv_len), generator=gen) / 4).requires_grad_(),
+            "alpha": (1.25 + 0.25 * torch.arange(case.q_heads, dtype=torch.float32)).requires_grad_()}
 
 
 CASES = [Case(2, 2, 1, 37, 53, 16, 8, seed=1, grid=True),
@@ -93,13 +110,20 @@ def test_keys_tied_at_the_kth_largest_all_weigh():
     torch.testing.assert_close(weights, expected.expand(1, 1, 3, 9))
 
 
+# the normalizations of logits top_k applies to (sparsemax, whose gradient jumps at grid ties, has its own case)
+NORMALIZATIONS = {"softmax": norms.Softmax, "entmax": lambda: norms.Entmax(1.5), "softpick": norms.Softpick,
+                  "signed": norms.SignedSoftmax, "stick_breaking": norms.StickBreaking}
+
+
 @given(top_k=st.integers(1, 12), q_len=st.integers(1, 40), kv_len=st.integers(1, 48),
-       mask=st.sampled_from(["none", "causal", "window"]), alibi=st.booleans(), seed=st.integers(0, 1000))
-def test_any_shape_mask_and_k(top_k, q_len, kv_len, mask, alibi, seed):
+       mask=st.sampled_from(["none", "causal", "window"]), alibi=st.booleans(), seed=st.integers(0, 1000),
+       normalization=st.sampled_from(sorted(NORMALIZATIONS)))
+def test_any_shape_mask_k_and_normalization(top_k, q_len, kv_len, mask, alibi, seed, normalization):
     case = Case(1, 2, 1, q_len, kv_len, 8, 8, seed=seed, grid=True)
     masks = {"none": None, "causal": ag.masks.causal, "window": ag.masks.sliding_window(6, 3)}
     score_mod = (lambda s, b, h, q_idx, kv_idx: s - 0.5 * (h + 1) * (q_idx - kv_idx).abs()) if alibi else None
-    spec = ag.AttentionSpec(scale=SCALE, top_k=top_k, mask_mod=masks[mask], score_mod=score_mod, stats=("lse",))
+    spec = ag.AttentionSpec(scale=SCALE, top_k=top_k, mask_mod=masks[mask], score_mod=score_mod,
+                            normalization=NORMALIZATIONS[normalization](), stats=("max",))
     assert_matches_reference(spec, *case.tensors(), seed=seed)
 
 
@@ -115,9 +139,11 @@ CALLS = {
 }
 
 
+@pytest.mark.parametrize("normalization", ["softmax", "entmax", "stick_breaking"])
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_top_k_in_every_kind_of_call(call):
-    spec = ag.AttentionSpec(scale=SCALE, top_k=9, stats=("lse", "max"),
+def test_top_k_in_every_kind_of_call(call, normalization):
+    spec = ag.AttentionSpec(scale=SCALE, top_k=9, stats=("max",) + (("lse",) if normalization == "softmax" else ()),
+                            normalization=NORMALIZATIONS[normalization](),
                             score_mod=lambda s, b, h, q_idx, kv_idx: s - 0.125 * (h + 1) * (q_idx - kv_idx).abs())
     inputs, options = CALLS[call](*CALL_CASE.tensors())
     assert_matches_reference(spec, *inputs, seed=CALL_CASE.seed, **options)
@@ -127,8 +153,8 @@ def test_top_k_in_every_kind_of_call(call):
     (dict(top_k=0), "top_k must be a positive int"),
     (dict(top_k=2.0), "top_k must be a positive int"),
     (dict(top_k=True), "top_k must be a positive int"),
-    (dict(top_k=4, normalization=norms.Sparsemax()), "normalization must be a softmax"),
-    (dict(top_k=4, normalization=norms.Sigmoid()), "normalization must be a softmax"),
+    (dict(top_k=4, normalization=norms.Sigmoid()), "its normalization must take logits"),
+    (dict(top_k=4, normalization=norms.Normalized(torch.sigmoid)), "its normalization must take logits"),
     (dict(top_k=4, normalization=norms.AffineSoftmax(alpha=2.0)), "without affine output"),
     (dict(top_k=4, differential=0.5), "with differential"),
 ])

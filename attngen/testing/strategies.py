@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from ..norms import WEIGHT_FAMILIES
 from ..stats import ENTROPY_FAMILIES, EXPECTATION_FAMILIES
 from .cases import Case
 from .snippets import Snippet
@@ -202,12 +203,20 @@ def stats_for(draw, normalization: Snippet) -> str:
     return "(" + "".join(f"{s}, " for s in chosen) + ")"
 
 
+def _takes_top_k(norm) -> bool:
+    """Whether fuzzed specs may keep each row's top-k logits of ``norm``: a normalization of logits without an
+    affine output, but sparsemax, whose gradient jumps where a logit equals the threshold (which the grid inputs
+    top-k needs can hit exactly)."""
+    sparsemax = norm.family == "threshold" and isinstance(norm.alpha, float) and norm.alpha == 2.0
+    return norm.family not in WEIGHT_FAMILIES and norm.affine is None and not sparsemax
+
+
 @st.composite
 def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=score_mods, masks=masks) -> Snippet:
     """A whole ``AttentionSpec`` (variable ``SPEC``): a score_mod, a mask_mod (or none), a
     normalization, a scale and statistics valid for it; one in four softmaxes without sink or affine
     output is differential attention instead (a fixed or learnable per-head ``lam``, no statistics), one
-    in four other softmaxes without affine output keeps each row's top-k logits."""
+    in four other normalizations of logits without affine output keeps each row's top-k logits."""
     score = draw(score_mods(heads=heads, batch=batch, max_len=max_len))
     mask = draw(masks(batch=batch, heads=heads, max_len=max_len)) if draw(st.booleans()) \
         else Snippet("mask_mod", "mask_mod = None")
@@ -218,7 +227,7 @@ def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=sc
     if plain and draw(st.integers(0, 3)) == 0:
         learnable = "(0.2 + 0.6 * " + seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
         extra = f", differential={draw(st.sampled_from(['0.5', learnable]))}"
-    elif norm.value.family == "softmax" and norm.value.affine is None and draw(st.integers(0, 3)) == 0:
+    elif _takes_top_k(norm.value) and draw(st.integers(0, 3)) == 0:
         extra = f", top_k={draw(st.integers(1, 8))}"  # inputs on the grid: see attngen.testing.cases.for_spec
     stats = "()" if "differential" in extra else draw(stats_for(norm))
     line = (f"SPEC = ag.AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, normalization=normalization, "
