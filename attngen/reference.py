@@ -144,7 +144,7 @@ def softpick(z: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.Tensor:
     top = _row_max(z, live).unsqueeze(-1).clamp(min=0)
     floor = torch.exp(-top)
     e = torch.where(live, torch.exp(torch.where(live, z, top) - top) - floor, torch.zeros_like(z))
-    return torch.clamp(e, min=0) / (e.abs().sum(-1, keepdim=True) + eps * floor)
+    return torch.relu(e) / (e.abs().sum(-1, keepdim=True) + eps * floor)  # relu: no gradient at e = 0, as abs
 
 
 def signed_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,7 @@ def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float | torch.Tensor) -> 
     x = torch.where(keep, (alpha - 1) * z, float("-inf"))
 
     def weights(tau):
-        u = torch.clamp(x - tau, min=0.0)
+        u = torch.relu(x - tau)  # no gradient where u = 0 (clamp would pass it), as the kernels
         return u ** power, torch.where(u > 0, u ** (power - 1), torch.zeros_like(u))
 
     with torch.no_grad():

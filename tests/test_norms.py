@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import attngen as ag
 from attngen import norms
-from attngen.testing import assert_matches_reference
+from attngen.testing import Case, assert_matches_reference
 from attngen.testing.dispatches import dispatched
 from checks import apply_kernel_helper, check_variant, check_wide_scores, variant_inputs
 from variants import VARIANTS, Case, Variant, case_id
@@ -195,6 +195,18 @@ def test_elementwise_normalizations_reject_lse():
     with pytest.raises(ag.SpecError, match=r"stats \['lse'\] are not defined for Sigmoid"):
         ag.AttentionSpec(normalization=norms.Sigmoid(), stats=("lse",))
     assert ag.AttentionSpec(normalization=norms.Sigmoid()).stats == ()
+
+
+@pytest.mark.parametrize("kv_len", [1, 5])
+def test_softpick_has_no_gradient_at_a_logit_of_zero(kv_len):
+    """relu(exp(l) - 1) and |exp(l) - 1| have a kink at l = 0: there the kernels (and the reference, as torch's
+    relu and abs) take no gradient. Key 0 scores exactly 0 for every query (q and k orthogonal); alone, its
+    row's normalizer is eps, and a gradient through the kink would be 1 / eps (torch.clamp passes it)."""
+    q, k, v = Case(1, 1, 1, 6, kv_len, 8, 8, seed=3, grid=True).tensors(requires_grad=False)
+    q[..., 0], k[..., 0, :] = 0.0, 0.0
+    k[..., 0, 0] = 1.0
+    spec = ag.AttentionSpec(normalization=norms.Softpick(eps=1e-2), score_mod=lambda s, b, h, q_idx, kv_idx: 2 * s)
+    assert_matches_reference(spec, *(t.requires_grad_() for t in (q, k, v)))
 
 
 def test_softpick_weighs_keys_scoring_at_most_zero_exactly_zero_yet_counts_them():

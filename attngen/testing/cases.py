@@ -17,23 +17,26 @@ class Case(Shape):
     """q ``[batch, q_heads, q_len, qk_dim]``, k ``[batch, kv_heads, kv_len, qk_dim]``,
     v ``[batch, kv_heads, kv_len, v_dim]`` of ``dtype``, drawn from ``seed``.
 
-    ``grid``: q and k rounded to multiples of 1/4 in [-2, 2], whose products are exact in float32 (and
-    in bfloat16 inputs): float32 kernels and a float64 reference then rank each row's scores alike, ties
-    included, as top-k attention needs to keep the same keys on both sides (see :func:`for_spec`)."""
+    ``grid``: q rounded to multiples of 1/4 and k to multiples of 3/16 in [-2, 2], whose products are exact in
+    float32 (and in bfloat16 inputs): float32 kernels and a float64 reference then rank each row's scores
+    alike, ties included, as top-k attention needs to keep the same keys on both sides (see
+    :func:`for_spec`). The 3 keeps sparsemax's threshold (a row's sum of logits less 1, over their count) off
+    the scores for power-of-two scales: where it falls on a logit exactly, its gradient jumps."""
 
     dtype: torch.dtype = torch.float32
     seed: int = 0
     grid: bool = False
 
     def tensors(self, requires_grad: bool = True, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v: standard normal (q and k on the grid of 1/4 with ``grid``), drawn on the CPU from ``seed``
+        """q, k, v: standard normal (q and k on their grids with ``grid``), drawn on the CPU from ``seed``
         (the same on every machine)."""
         gen = torch.Generator().manual_seed(self.seed)
         shapes = ((self.batch, self.q_heads, self.q_len, self.qk_dim), (self.batch, self.kv_heads, self.kv_len,
                   self.qk_dim), (self.batch, self.kv_heads, self.kv_len, self.v_dim))
         drawn = [torch.randn(s, generator=gen) for s in shapes]
         if self.grid:
-            drawn[:2] = [(4 * t).round().clamp(-8, 8) / 4 for t in drawn[:2]]
+            drawn[0] = (4 * drawn[0]).round().clamp(-8, 8) / 4
+            drawn[1] = (16 / 3 * drawn[1]).round().clamp(-10, 10) * (3 / 16)
         return tuple(t.to(device=device, dtype=self.dtype).requires_grad_(requires_grad) for t in drawn)
 
     @property

@@ -203,14 +203,6 @@ def stats_for(draw, normalization: Snippet) -> str:
     return "(" + "".join(f"{s}, " for s in chosen) + ")"
 
 
-def _takes_top_k(norm) -> bool:
-    """Whether fuzzed specs may keep each row's top-k logits of ``norm``: a normalization of logits without an
-    affine output, but sparsemax, whose gradient jumps where a logit equals the threshold (which the grid inputs
-    top-k needs can hit exactly)."""
-    sparsemax = norm.family == "threshold" and isinstance(norm.alpha, float) and norm.alpha == 2.0
-    return norm.family not in WEIGHT_FAMILIES and norm.affine is None and not sparsemax
-
-
 @st.composite
 def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=score_mods, masks=masks) -> Snippet:
     """A whole ``AttentionSpec`` (variable ``SPEC``): a score_mod, a mask_mod (or none), a
@@ -227,7 +219,7 @@ def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=sc
     if plain and draw(st.integers(0, 3)) == 0:
         learnable = "(0.2 + 0.6 * " + seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
         extra = f", differential={draw(st.sampled_from(['0.5', learnable]))}"
-    elif _takes_top_k(norm.value) and draw(st.integers(0, 3)) == 0:
+    elif norm.value.family not in WEIGHT_FAMILIES and norm.value.affine is None and draw(st.integers(0, 3)) == 0:
         extra = f", top_k={draw(st.integers(1, 8))}"  # inputs on the grid: see attngen.testing.cases.for_spec
     stats = "()" if "differential" in extra else draw(stats_for(norm))
     line = (f"SPEC = ag.AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, normalization=normalization, "
