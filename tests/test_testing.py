@@ -104,6 +104,17 @@ def test_invariants_hold(name):
     assert results and all(r.ok for r in results), [str(r) for r in results]
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_sparsemax_and_entmax_rows_sum_to_one(alpha, monkeypatch):
+    spec = ag.AttentionSpec(normalization=ag.norms.Entmax(alpha), mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < q_idx)
+    case = Case(1, 2, 2, 9, 12, 16, 8)
+    results = invariants.rows_sum_to_one(spec, case)  # the first row has no key: 0
+    assert results and all(r.ok for r in results), [str(r) for r in results]
+    real = invariants._run
+    monkeypatch.setattr(invariants, "_run", lambda *args: {**(got := real(*args)), "weights": got["weights"] * 1.001})
+    assert not any(r.ok for r in invariants.rows_sum_to_one(spec, case))  # a normalizer off by 1e-3 is caught
+
+
 def test_an_invariant_catches_a_kernel_that_reads_key_order(monkeypatch):
     real = invariants._run
 

@@ -82,15 +82,19 @@ def key_permutation(spec: AttentionSpec, case: Case) -> list[Comparison]:
 
 
 def rows_sum_to_one(spec: AttentionSpec, case: Case) -> list[Comparison]:
-    """Softmax weights (as a fused full map) sum to 1 on rows with a kept key and to 0 on the others."""
+    """The weights (as a fused full map) of a softmax without sink or affine output, and of sparsemax /
+    entmax, sum to 1 on rows with a kept key and to 0 on the others."""
     norm = spec.normalization
-    if norm.family != "softmax" or norm.sink is not None or norm.affine is not None:
+    softmax = norm.family == "softmax" and norm.sink is None and norm.affine is None
+    if not (softmax or norm.family == "threshold"):
         return []
-    mapped = dataclasses.replace(spec, stats=("lse", stats_module.pooled(1, 1, "sum", name="weights")))
+    row_stat = "lse" if softmax else "support"  # finite lse, or a key of nonzero weight: the row has keys
+    mapped = dataclasses.replace(spec, stats=(row_stat, stats_module.pooled(1, 1, "sum", name="weights")))
     q, k, v = case.tensors(requires_grad=False)
     got = _run(mapped, q, k, v)
     sums = got["weights"].sum(-1)
-    expected = torch.where(torch.isfinite(got["lse"]), torch.ones_like(sums), torch.zeros_like(sums))
+    has_keys = torch.isfinite(got["lse"]) if softmax else got["support"] > 0
+    expected = torch.where(has_keys, torch.ones_like(sums), torch.zeros_like(sums))
     return [Comparison("row sums", max_error(sums, expected), FLOORS[torch.float32] * 10)]
 
 
