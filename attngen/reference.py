@@ -144,7 +144,8 @@ def softpick(z: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.Tensor:
     top = _row_max(z, live).unsqueeze(-1).clamp(min=0)
     floor = torch.exp(-top)
     e = torch.where(live, torch.exp(torch.where(live, z, top) - top) - floor, torch.zeros_like(z))
-    return torch.relu(e) / (e.abs().sum(-1, keepdim=True) + eps * floor)  # relu: no gradient at e = 0, as abs
+    # relu: no gradient at e = 0 (clamp would pass it), as in the kernels
+    return torch.relu(e) / (e.abs().sum(-1, keepdim=True) + eps * floor)
 
 
 def signed_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,7 @@ def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float | torch.Tensor) -> 
     x = torch.where(keep, (alpha - 1) * z, float("-inf"))
 
     def weights(tau):
-        u = torch.relu(x - tau)  # no gradient where u = 0 (clamp would pass it), as the kernels
+        u = torch.relu(x - tau)  # no gradient where u = 0 (clamp would pass it), as in the kernels
         return u ** power, torch.where(u > 0, u ** (power - 1), torch.zeros_like(u))
 
     with torch.no_grad():
@@ -353,8 +354,9 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
         keep = _dropout_slices(dropout_keep, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         summed = _maps_summed(spec)
         pieces = [attention(q[b:b + 1], k[b:b + 1, :, :int(kv_lens[b])], v[b:b + 1, :, :int(kv_lens[b])],
-                            _shifted(summed, b, offsets[b]), return_stats=True, dropout_p=dropout_p, max_margin=max_margin,
-                            dropout_keep=keep(slice(b, b + 1), slice(None), slice(0, int(kv_lens[b]))))
+                            _shifted(summed, b, offsets[b]), return_stats=True, dropout_p=dropout_p,
+                            dropout_keep=keep(slice(b, b + 1), slice(None), slice(0, int(kv_lens[b]))),
+                            max_margin=max_margin)
                   for b in range(q.shape[0])]
         return _joined([_maps_over_cache(spec, piece, q.shape[2], k.shape[2]) for piece in pieces], 0, 0,
                        return_stats)
