@@ -23,7 +23,7 @@ defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization (forward-only for
 the elementwise and normalized families); the maps also for the other
 normalizations, the entropy also for sparsemax / entmax and normalized weights, expectations also for
-sparsemax / entmax.
+sparsemax / entmax and stick-breaking.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ ROW_STATS = ("lse", "max", "entropy", "support")
 # the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
 # softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit)
 ENTROPY_FAMILIES = ("threshold", "normalized")
-# and those whose kernels accumulate row expectations of their logits (the normalized family's tiles hold weights)
-EXPECTATION_FAMILIES = ("softmax", "threshold")
+# and those whose kernels accumulate row expectations of their logits (the normalized family's tiles hold weights;
+# stick-breaking's weights sum to at most 1: its expectations are sum_j p_j g_j, not divided by that sum)
+EXPECTATION_FAMILIES = ("softmax", "threshold", "stick_breaking")
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 
 

@@ -61,6 +61,9 @@ def _extra_specs():
         "learnable_captures": ag.AttentionSpec(score_mod=_learnable, mask_mod=ag.masks.causal),
         "top_k": ag.AttentionSpec(normalization=ag.norms.Softmax(sink=torch.zeros(4, requires_grad=True)), top_k=32,
                                   mask_mod=ag.masks.causal, stats=("lse", "max", "entropy")),
+        "stick_breaking_expectation": ag.AttentionSpec(
+            normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal, stats=(ag.stats.expectation(
+                lambda s, b, h, q, k: (q - k) * 1.0, "distance"), "max")),
         "top_k_entmax_learnable": ag.AttentionSpec(
             normalization=ag.norms.Entmax(torch.full((4,), 1.5, requires_grad=True)), top_k=16,
             mask_mod=ag.masks.causal, stats=("max", "col_sum")),

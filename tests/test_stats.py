@@ -357,6 +357,32 @@ def test_expectations_of_sparsemax_and_entmax(name):
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+def test_expectations_of_stick_breaking():
+    """Stick-breaking's row expectations sum_j p_j g(l_j) (its weights sum to at most 1: not divided by their
+    sum), with the max and a map in the same spec and a learnable slope: values and gradients (through the
+    stick's weights and directly through g's logit) against the reference, over GQA, Lq != Lk, rows without
+    keys (0), a KV cache (split-KV decoding joins the chunks' sums as their outputs), dropout and packed
+    sequences."""
+    slopes = torch.tensor([0.3, 0.1, 0.05, 0.2], requires_grad=True)
+    distance = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: (q_idx - kv_idx).float(), "distance")
+    curved = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: torch.tanh(s) * s, "curved")
+    spec = ag.AttentionSpec(normalization=norms.StickBreaking(), stats=(distance, "max", curved, "col_sum"),
+                            score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
+    q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=6).tensors()
+    assert_matches_reference(spec, q, k, v)
+    _, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
+    assert torch.all(stats.distance[:, :, 2:] > 0)  # every kept key lies 2 or more back
+    for mode in ("auto", "decode"):
+        assert_matches_reference(spec, q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
+    assert_matches_reference(spec, q, k, v, dropout_p=0.2)
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(dataclasses.replace(spec, stats=(distance, curved)), *packed, cu_seqlens_q=cu,
+                             cu_seqlens_k=cu)
+
+
 OTHER_FAMILIES = {"sigmoid": lambda h: norms.Sigmoid(bias="-log n"), "relu2": lambda h: norms.ReLU(power=2),
                   "sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.Entmax(1.5),
                   "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_()),
