@@ -122,6 +122,12 @@ def _check_differential(spec: AttentionSpec) -> None:
         raise SpecError(f"differential attention has no statistics yet; got stats={spec.stats!r}")
 
 
+def takes_top_k(normalization: Normalization) -> bool:
+    """Whether ``top_k`` applies to ``normalization``: one of logits (not the elementwise or normalized
+    weights) without an affine output."""
+    return normalization.family not in WEIGHT_FAMILIES and normalization.affine is None
+
+
 def _check_top_k(spec: AttentionSpec) -> None:
     """Top-k attention's k and the normalizations it keeps a row's largest logits of."""
     if spec.top_k is None:
@@ -130,7 +136,7 @@ def _check_top_k(spec: AttentionSpec) -> None:
         raise SpecError(f"top_k must be a positive int (how many of each row's largest logits to keep), "
                         f"got {spec.top_k!r}")
     norm = spec.normalization
-    if norm.family in WEIGHT_FAMILIES or norm.affine is not None or spec.differential is not None:
+    if not takes_top_k(norm) or spec.differential is not None:
         raise SpecError(f"top_k keeps a row's largest logits: its normalization must take logits (the softmax "
                         f"family, softpick, signed softmax, sparsemax / entmax, stick-breaking), without affine "
                         f"output or differential streams, got {norm!r}"

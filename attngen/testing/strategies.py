@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..norms import WEIGHT_FAMILIES
+from ..spec import takes_top_k
 from ..stats import ENTROPY_FAMILIES, EXPECTATION_FAMILIES
 from .cases import Case
 from .snippets import Snippet
@@ -219,7 +219,7 @@ def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=sc
     if plain and draw(st.integers(0, 3)) == 0:
         learnable = "(0.2 + 0.6 * " + seeded(f"torch.rand({heads}, ", draw(st.integers(0, 9999))) + ").requires_grad_()"
         extra = f", differential={draw(st.sampled_from(['0.5', learnable]))}"
-    elif norm.value.family not in WEIGHT_FAMILIES and norm.value.affine is None and draw(st.integers(0, 3)) == 0:
+    elif takes_top_k(norm.value) and draw(st.integers(0, 3)) == 0:
         extra = f", top_k={draw(st.integers(1, 8))}"  # inputs on the grid: see attngen.testing.cases.for_spec
     stats = "()" if "differential" in extra else draw(stats_for(norm))
     line = (f"SPEC = ag.AttentionSpec(score_mod=score_mod, mask_mod=mask_mod, normalization=normalization, "
