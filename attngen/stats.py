@@ -20,8 +20,7 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 elementwise and normalized families, score_mod's result, of which they take a
 weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
-without an affine output); the max for every normalization (forward-only for
-the elementwise and normalized families); the maps also for the other
+without an affine output); the max for every normalization; the maps also for the other
 normalizations, the entropy also for sparsemax / entmax and normalized weights, expectations also for
 sparsemax / entmax and stick-breaking.
 """
@@ -33,7 +32,6 @@ from typing import Callable
 
 import torch
 
-from .norms import WEIGHT_FAMILIES
 
 ROW_STATS = ("lse", "max", "entropy", "support")
 # the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
@@ -119,17 +117,11 @@ def map_stats(stats) -> list[MapStat]:
     return [s for s in stats if isinstance(s, MapStat)]
 
 
-def forward_only(stats, normalization) -> dict[str, str]:
-    """The statistics among ``stats`` without a gradient, by name, each with a sentence that says so: pooled
-    maxima and the max of the families whose kernels differentiate each key's weight, not its logit."""
-    found = {}
-    if "max" in stats and normalization.family in WEIGHT_FAMILIES:
-        found["max"] = (f"the max statistic of {normalization!r} is forward-only (its kernels take the derivative "
-                        "of each key's weight, not of its logit)")
-    for stat in map_stats(stats):
-        if stat.reduce == "max":
-            found[stat.name] = f"the pooled map {stat.name!r} (reduce='max') is forward-only"
-    return found
+def forward_only(stats) -> dict[str, str]:
+    """The statistics among ``stats`` without a gradient (the pooled maxima), by name, each with a sentence
+    that says so."""
+    return {stat.name: f"the pooled map {stat.name!r} (reduce='max') is forward-only"
+            for stat in map_stats(stats) if stat.reduce == "max"}
 
 
 def kernel_expectations(stats, normalization) -> list[tuple[str, Callable]]:

@@ -70,6 +70,8 @@ def _extra_specs():
         "top_k_stick_breaking_documents": ag.AttentionSpec(  # listed tiles, walked last first by _topk_floor too
             normalization=ag.norms.StickBreaking(), top_k=8, mask_mod=ag.masks.document(DOC_IDS), stats=("max",)),
         "differential_learnable_captures": ag.AttentionSpec(score_mod=_learnable, differential=0.5),
+        "sigmoid_max_learnable_captures": ag.AttentionSpec(  # the max's gradient through logit_fn_backward
+            normalization=ag.norms.Sigmoid(), score_mod=_learnable, mask_mod=ag.masks.causal, stats=("max",)),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),
             "col_sum", ag.stats.pooled(16, 16, "mean", name="mean_map"),

@@ -427,7 +427,7 @@ def test_maps_over_a_kv_cache(q_len, q_offset, mode):
     """Column sums and pooled maps of a call on a KV cache (what H2O-style eviction accumulates): columns
     are the cache's positions, 0 past each entry's keys, "mean" over each block's positions in the cache;
     equal to the maps of a dense call masked to each entry's keys and positions (the reference of both),
-    their gradients too (but "max", forward-only)."""
+    their gradients too (but the pooled "max", forward-only)."""
     lens, offsets = torch.tensor([41, 17]), torch.tensor(q_offset) if q_offset else None
     spec = ag.AttentionSpec(mask_mod=masks.causal, stats=CACHE_MAPS)
     q, k, v = Case(2, 4, 2, 41, 41, 16, 16, seed=3).tensors()

@@ -95,8 +95,8 @@ def test_max_statistic_beyond_softmax(norm_name, mode, case):
     """The "max" statistic (each row's largest logit, its gradient to the first key holding it) of every
     family: the threshold family's extent pass finds it, softpick's, Cog's and stick-breaking's forward
     loop as the softmax's (decode: over split-KV partials); entmax's d alpha takes no part of it. The
-    elementwise and normalized families take score_mod's result (their score_fn is its weight), forward-only
-    (the comparison leaves it out of the loss). Rows with no key (empty_rows) give -inf and no gradient."""
+    elementwise and normalized families take score_mod's result (their score_fn is its weight), its gradient
+    that result's derivatives. Rows with no key (empty_rows) give -inf and no gradient."""
     variant = _variant(norm_name, "empty_rows") if norm_name in NORMS else \
         Variant(norm_name, _none, lambda c: ag.AttentionSpec(normalization=norms.StickBreaking(),
                                                              mask_mod=MASKS["empty_rows"]))

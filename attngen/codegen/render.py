@@ -294,11 +294,14 @@ def tile_function_lines(printer: TritonPrinter, output: str, name: str) -> list[
     return lines
 
 
-def score_functions(printer: TritonPrinter, stream: str) -> tuple[list[str], list[str], list[dict]]:
-    """The bodies of ``score_fn<stream>`` and ``score_fn<stream>_backward`` (stream "" or "2", the second
-    score of differential attention), and the captured-tensor gradients the backward one returns."""
-    graph, prefix = printer.graph, f"score{stream}." if stream else ""
-    score_lines = tile_function_lines(printer, f"score{stream}", "score")
+def score_functions(printer: TritonPrinter, output: str = "score", prefix: str = "",
+                    name: str = "score") -> tuple[list[str], list[str], list[dict]]:
+    """The bodies of a tile function computing the graph's ``output`` as ``name`` and of its backward (from
+    the outputs ``<prefix>d_score``, ``<prefix>grad:k``), and the captured-tensor gradients that one returns:
+    ``score_fn`` ("score"), differential attention's second stream ``score_fn2`` ("score2", prefix "score2.")
+    and the weight families' ``logit_fn`` ("logit", prefix "logit.")."""
+    graph = printer.graph
+    score_lines = tile_function_lines(printer, output, name)
     grads = []
     while f"{prefix}grad:{len(grads)}" in graph.outputs:
         load = graph.outputs[f"{prefix}load:{len(grads)}"]
@@ -358,7 +361,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     signed = normalization.family == "signed"
     stick = normalization.family == "stick_breaking"
 
-    score_lines, backward_lines, grads = score_functions(printer, "")
+    score_lines, backward_lines, grads = score_functions(printer)
 
     if graph.is_const(outputs["mask"], True):
         mask_lines = ["mask = q_valid & kv_valid  # mask_mod is always True"]
@@ -405,10 +408,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     # times e_j / N up to 1 / eps: from a bfloat16 output, dQ up to 1.96x the rule's bound on a row of one key
     o_soft = (softmax or normalized) and (affine or rectified or normalization.learnable_sink
                                           or any(c["differentiable"] for c in captures))
-    no_gradient = forward_only(maps + (["max"] if row_max else []), normalization)
-    max_grad = row_max and "max" not in no_gradient
+    no_gradient = forward_only(maps)
     residuals = (["o_soft"] if o_soft else []) + (["n_kept"] if "n_kept" in used else []) \
-        + (["max_at"] if max_grad else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
+        + (["max_at"] if row_max else []) + (["tau", "norm", "w_sum", "g_sum"] if threshold else []) \
         + (["w_log_p"] if threshold_entropy else []) + (["w_exp"] if threshold and expectations else []) \
         + (["floor"] if top_k is not None else []) \
         + (["norm"] if normalized else []) \
@@ -422,7 +424,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     summed_maps = [m for m in map_context if m["reduce"] != "max"]
     grad_maps = [m for m in summed_maps if m["name"] not in no_gradient]
     no_gradient_outputs = {f"map{m['index']}": no_gradient[m["name"]] for m in map_context if m["name"] in no_gradient}
-    no_gradient_outputs.update({"max": no_gradient["max"]} if "max" in no_gradient else {})
     counted = support and not threshold  # the support counted by _attn_fwd (the threshold family's: its own kernel)
     state = forward_state(normalization.family, differential, affine, expectations, row_max, counted,
                           normalized_entropy)
@@ -438,9 +439,14 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         + (["entropy"] if normalized_entropy else [])
     partial_args = "".join(f", P_{name}" for name, _ in state)
     tile_args = ["qk"] + mask_inputs + counts + capture_names
-    score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "2"))) \
+    score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "score2", "score2."))) \
         if differential else {}
-    tagged_grads = [("", g) for g in grads] + [("2_", g) for g in score2.get("grads2", [])]
+    # the elementwise and normalized families' score_fn is the weight: the max takes score_mod's logit, and its
+    # gradient that logit's derivatives
+    logit = dict(zip(("logit_lines", "logit_backward_lines", "logit_grads"),
+                     score_functions(printer, "logit", "logit.", "logit"))) if "logit" in outputs else {}
+    tagged_grads = [("", g) for g in grads] + [("2_", g) for g in score2.get("grads2", [])] \
+        + [("max_", g) for g in logit.get("logit_grads", [])]
     return {
         "family_description": "differential attention (two softmax streams)" if differential else
                               f"{normalization.family} ({type(normalization).__name__})",
@@ -505,13 +511,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "dstats_unpack": _unpack([f"d{name}" for name in stats]) if stats else "",
         # the gradients of the statistics whose backward terms the dQ and dK/dV kernels add (HAS_DSTATS)
         "stat_grads": [f"d{name}" for name in stats
-                       if name in ("expectations", "entropy") or (name == "row_max" and max_grad)]
+                       if name in ("expectations", "entropy", "row_max")]
                       + [f"dmap{m['index']}" for m in grad_maps],
         "expectations": expectations,
         "row_max": row_max,
-        "max_grad": max_grad,  # the max's gradient in the backward kernels (its key: the residual max_at)
-        # the elementwise and normalized families' score_fn is the weight: the max takes score_mod's logit
-        "logit_lines": tile_function_lines(printer, "logit", "logit") if "logit" in outputs else [],
+        "logit_lines": [], "logit_backward_lines": [], "logit_grads": [], **logit,
         "support": support,
         "scale": repr(None if scale is None else float(scale)),
         # the softmax of q . k^T * scale itself (scale > 0, checked by the spec): its weights fold the scale into
@@ -588,7 +592,7 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
 def render_linear(graph: Graph, spec_lines: list[str], normalize: bool) -> str:
     """The Python source of a linear attention module; ``graph`` is the optimized trace of its feature
     map (output ``score`` and its derivative ``d_score``)."""
-    feature_lines, feature_backward_lines, _ = score_functions(TritonPrinter(graph), "")
+    feature_lines, feature_backward_lines, _ = score_functions(TritonPrinter(graph))
     return _tidy(environment().get_template(LINEAR_TEMPLATE).render(
         version=__version__, template_version=TEMPLATE_VERSION, fingerprint=graph.fingerprint(),
         spec_lines=docstring_lines(spec_lines), normalize=normalize, feature_lines=feature_lines,

@@ -77,7 +77,7 @@ def _with_blocks(spec: AttentionSpec, block_mask, q, k, call: dict) -> Attention
 
 
 def _forward_only_stats(spec: AttentionSpec) -> set[str]:
-    return set(forward_only(spec.stats, spec.normalization))
+    return set(forward_only(spec.stats))
 
 
 def _near_ties(materialized, q, k, v, floor: float | None) -> dict[str, torch.Tensor]:

@@ -12,14 +12,16 @@ from .simplify import simplify
 def optimize(graph: Graph) -> Graph:
     """The standard pipeline: fold, differentiate, simplify, fold, CSE.
 
-    Differentiates ``score`` (and ``score2``, outputs prefixed ``score2.``) with respect to the input
-    ``score``, and each row
+    Differentiates ``score`` (and ``score2`` and ``logit``, outputs prefixed ``score2.`` and ``logit.``)
+    with respect to the input ``score``, and each row
     expectation ``exp<e>`` with respect to the input ``logit`` (outputs
     prefixed ``exp<e>.``).
     """
     graph = differentiate(fold_constants(graph))
     if "score2" in graph.outputs:  # differential attention's second stream
         graph = differentiate(graph, "score2", prefix="score2.")
+    if "logit" in graph.outputs:  # the weight families' logit, whose row max is a statistic
+        graph = differentiate(graph, "logit", prefix="logit.")
     e = 0
     while f"exp{e}" in graph.outputs:
         graph = differentiate(graph, f"exp{e}", wrt="logit", prefix=f"exp{e}.")
