@@ -22,7 +22,8 @@ weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization; the maps also for the other
 normalizations, the entropy also for sparsemax / entmax and normalized weights, expectations also for
-sparsemax / entmax and stick-breaking.
+sparsemax / entmax, stick-breaking, sigmoid, ReLU, elementwise and normalized weights (``sum_j p_j g_j`` with
+the weights the output takes, not divided by their sum where it is not 1).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ ROW_STATS = ("lse", "max", "entropy", "support")
 # the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
 # softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit)
 ENTROPY_FAMILIES = ("threshold", "normalized")
-# and those whose kernels accumulate row expectations of their logits (the normalized family's tiles hold weights;
-# stick-breaking's weights sum to at most 1: its expectations are sum_j p_j g_j, not divided by that sum)
-EXPECTATION_FAMILIES = ("softmax", "threshold", "stick_breaking")
+# and those whose kernels accumulate row expectations of their logits: sum_j p_j g_j with the weights p the output
+# takes (what it would be for the values g_j), not divided by their sum where that is not 1 (stick-breaking's, at
+# most 1; sigmoid's, ReLU's and elementwise weights'); the weight families' logit is score_mod's result
+EXPECTATION_FAMILIES = ("softmax", "threshold", "stick_breaking", "elementwise", "normalized")
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 
 

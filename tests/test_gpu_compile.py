@@ -72,6 +72,10 @@ def _extra_specs():
         "differential_learnable_captures": ag.AttentionSpec(score_mod=_learnable, differential=0.5),
         "sigmoid_max_learnable_captures": ag.AttentionSpec(  # the max's gradient through logit_fn_backward
             normalization=ag.norms.Sigmoid(), score_mod=_learnable, mask_mod=ag.masks.causal, stats=("max",)),
+        "normalized_expectation": ag.AttentionSpec(  # and an expectation's, with the normalizer's row term
+            normalization=ag.norms.Normalized(lambda s: s * s), score_mod=lambda s, b, h, q_idx, kv_idx: s + SLOPES[h],
+            mask_mod=ag.masks.causal, stats=(ag.stats.expectation(lambda s, b, h, q, k: torch.tanh(s) * (q - k), "drift"),
+                                             "max")),
         "all_stats": ag.AttentionSpec(mask_mod=ag.masks.causal, stats=(
             "lse", "max", "entropy", ag.stats.expectation(lambda s, b, h, q, k: s * s, "second_moment"),
             "col_sum", ag.stats.pooled(16, 16, "mean", name="mean_map"),

@@ -169,6 +169,8 @@ def test_no_attention_matrix_is_materialized():
                                "not for Softmax"),
     (dict(normalization=norms.Sigmoid(), stats=("support",)), "not for Sigmoid"),
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
+    (dict(normalization=norms.SignedSoftmax(), stats=(ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: s, "mean"),)),
+     r"stats \['mean'\] are not defined for SignedSoftmax"),
     (dict(normalization=norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("col_sum", "entropy")),
      r"stats \['entropy'\] are not defined for StickBreaking: they are statistics of a softmax"),
 ])
@@ -377,6 +379,33 @@ def test_expectations_of_stick_breaking():
     _, stats = ag.compile(spec)(q, k, v, return_stats=True)
     assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
     assert torch.all(stats.distance[:, :, 2:] > 0)  # every kept key lies 2 or more back
+    for mode in ("auto", "decode"):
+        assert_matches_reference(spec, q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
+    assert_matches_reference(spec, q, k, v, dropout_p=0.2)
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(spec, *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+@pytest.mark.parametrize("normalization", [norms.Sigmoid(bias="-log n"), norms.ReLU(power=2),
+                                           norms.Normalized(torch.sigmoid)], ids=lambda n: type(n).__name__)
+def test_expectations_of_weights(normalization):
+    """Row expectations sum_j p_j g(l_j) of sigmoid, ReLU and normalized weights (the weights the output takes,
+    not divided by their sum where it is not 1; l_j score_mod's result, whose weight the score is), with the
+    max and a map in the same spec and a learnable slope: values and gradients (through the weights, the
+    normalized family's by its row term, and directly through g's logit: logit_fn_backward) against the
+    reference, over GQA, Lq != Lk, rows without keys (0), a KV cache (split-KV decoding sums the chunks'),
+    dropout and packed sequences."""
+    slopes = torch.tensor([0.3, 0.1, 0.05, 0.2], requires_grad=True)
+    spec = ag.AttentionSpec(normalization=normalization, stats=(DISTANCE, "max", CURVED, "col_sum"),
+                            score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                            mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
+    q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=6).tensors()
+    assert_matches_reference(spec, q, k, v)
+    _, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
+    # every kept key lies 2 or more back (ReLU's weights may all be 0)
+    assert torch.all(stats.distance[:, :, 2:] >= 0) and torch.all(stats.distance[:, :, 2:].sum(-1) > 0)
     for mode in ("auto", "decode"):
         assert_matches_reference(spec, q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
     assert_matches_reference(spec, q, k, v, dropout_p=0.2)

@@ -221,8 +221,7 @@ def forward_state(family: str, differential: bool, affine: bool, expectations: l
     if family in ONLINE_FAMILIES:
         state += [("m_i", False), ("l_i", False)] + ([("acc_kept", True)] if affine else [])
         state += [("acc2", True), ("m_i2", False), ("l_i2", False)] if differential else []
-    if family in ONLINE_FAMILIES or family == "stick_breaking":  # sum_j p_j g_j (the softmax's in units of exp(m_i))
-        state += [(f"acc_exp{e}", False) for e in expectations]
+    state += [(f"acc_exp{e}", False) for e in expectations]  # sum_j p_j g_j (the softmax's in units of exp(m_i))
     state += [("row_max", False), ("max_at", False)] if row_max else []
     return state + ([("support", False)] if support else [])
 

@@ -105,7 +105,8 @@ class CompiledAttention:
         self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count,
                            second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
                            two_streams=self.spec.differential is not None,
-                           logit="max" in self.spec.stats and self.spec.normalization.family in WEIGHT_FAMILIES)
+                           logit=self.spec.normalization.family in WEIGHT_FAMILIES
+                           and ("max" in self.spec.stats or bool(self.expectations)))
         self.index_reads = index_reads(self.graph)
         if self.variant == Variant():
             _warn_of_soft_masks(self.graph, self.spec)
