@@ -98,6 +98,29 @@ def test_captured_tensor_too_small_for_its_index_is_rejected(make, message):
         ag.compile(spec)(q, q, q)
 
 
+def test_kv_cache_positions_are_checked_against_captured_tensors():
+    """Under a KV cache the mods see query positions q_idx + q_offset[b] and every position of the cache
+    (kv_idx): a tensor read at them is checked with the call's offsets (the kernels would read past it,
+    and for the queries return wrong values without a word); one as long as the cache passes."""
+    q = torch.randn(2, 2, 3, 16)
+    k = v = torch.randn(2, 2, 40, 16)
+    lens = torch.tensor([40, 21])  # queries at positions 37..39 and 18..20
+    long_enough, short = torch.randn(40), torch.randn(39)
+    ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + long_enough[q_idx]))(q, k, v, kv_lens=lens)
+    by_query = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + short[q_idx]))
+    for mode in ("prefill", "decode"):
+        with pytest.raises(ValueError, match=r"captured tensor #0 of shape \(39,\) is indexed in dim 0 with an "
+                                             r"expression of b and q_idx through the values of q_offset that runs "
+                                             r"from 18 to 39 in this call, but that dim has 39 entries"):
+            by_query(q, k, v, kv_lens=lens, mode=mode)
+    with pytest.raises(ValueError, match="runs from 2 to 40 in this call"):
+        by_query(q, k, v, kv_lens=lens, q_offset=torch.tensor([38, 2]))
+    by_query(q, k, v, kv_lens=lens, q_offset=torch.tensor([36, 2]))
+    by_key = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + short[kv_idx]))
+    with pytest.raises(ValueError, match=r"indexed with kv_idx in dim 0, which runs to 39 in this call"):
+        by_key(q, k, v, kv_lens=torch.tensor([30, 21]))
+
+
 def test_python_if_on_traced_value_names_the_line():
     def score_mod(score, b, h, q_idx, kv_idx):
         if q_idx > kv_idx:  # the offending line

@@ -100,7 +100,7 @@ def test_a_range_through_loaded_values_is_exact(first, second, seed, combine):
     if len(used) == len(set(used)) and simple:
         assert len(reads) == 1
     for read in reads:
-        assert read_range(read.bounds, EXTENTS, _captured_values(graph, set())) == \
+        assert read_range(read.bounds, EXTENTS, _captured_values(graph, {})) == \
             (expected.min().item(), expected.max().item())
 
 

@@ -268,20 +268,20 @@ class CompiledAttention:
             self._build()
         return load_kernels(self.path, interpret=device.type == "cpu")
 
-    def _check_index_ranges(self, shape) -> None:
+    def _check_index_ranges(self, shape, tensors: dict[str, torch.Tensor]) -> None:
         """Raise where a captured tensor is too small for a read indexed with ``b``, ``h``, ``q_idx``,
-        ``kv_idx`` or an affine expression of them (see index_ranges). (Positions under a KV cache or in
-        packed sequences depend on values: not checked.)"""
+        ``kv_idx`` or an affine expression of them (see index_ranges); under a KV cache the mods' query
+        positions ``q_idx + q_offset[b]`` take the call's offsets (a device read where a read depends
+        on them). (Positions in packed sequences: not checked.)"""
         extents = {"h": shape.q_heads}
         if not self.variant.packed:
-            extents["b"] = shape.batch
-        if not (self.variant.packed or self.variant.cache):
-            extents.update(q_idx=shape.q_len, kv_idx=shape.kv_len)
-        check_index_ranges(self.graph, self.index_reads, extents, {id(t) for t in self.stand_ins.values()})
+            extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
+        call_tensors = {id(stand_in): (name, tensors.get(name, stand_in)) for name, stand_in in self.stand_ins.items()}
+        check_index_ranges(self.graph, self.index_reads, extents, call_tensors)
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
-        self._check_index_ranges(shape)
+        self._check_index_ranges(shape, tensors)
         kernels = self._kernels(q.device)
         params = per_head_parameters(self.spec, shape.q_heads, q.device)
         captures = self._captures(q.device, tensors)

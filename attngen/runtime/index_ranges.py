@@ -297,17 +297,28 @@ def _extremes(tensor: torch.Tensor, box: tuple) -> tuple[int, int]:
     return known[1]
 
 
-def _captured_values(graph: Graph, skip: set[int]) -> Values:
-    """The :data:`Values` of the graph's captured tensors but those in ``skip`` (stand-ins for a call's
-    own tensors), not found inside a torch.compile trace or for a box that leaves the tensor (whose
-    own read is refused)."""
+def _captured_values(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tensor]]) -> Values:
+    """The :data:`Values` of the graph's captured tensors, a stand-in's (by ``id``) those of the call's own
+    tensor in ``call_tensors``, not found inside a torch.compile trace or for a box that leaves the tensor
+    (whose own read is refused)."""
     def values(capture: int, box: tuple) -> tuple[int, int] | None:
         tensor = graph.captures[capture].tensor
-        if id(tensor) in skip or torch.compiler.is_compiling() or tensor.dim() != len(box) or \
+        tensor = call_tensors.get(id(tensor), (None, tensor))[1]
+        if torch.compiler.is_compiling() or tensor.dim() != len(box) or \
                 any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
             return None
         return _extremes(tensor, box)
     return values
+
+
+def _labels(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tensor]]) -> list[str]:
+    """How an error names each captured tensor: a stand-in by its call argument, the spec's own tensors
+    numbered in the order the spec reads them (the stand-ins left out)."""
+    labels = []
+    for capture in graph.captures:
+        name = call_tensors.get(id(capture.tensor), (None,))[0]
+        labels.append(name or f"captured tensor #{len([label for label in labels if label.startswith('captured')])}")
+    return labels
 
 
 def _loaded(bounds: tuple) -> set[int]:
@@ -322,22 +333,25 @@ def _loaded(bounds: tuple) -> set[int]:
     return _loaded(bounds[1]) | _loaded(bounds[2])
 
 
-def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, int], skip: set[int]) -> None:
+def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, int],
+                       call_tensors: dict[int, tuple[str, torch.Tensor]]) -> None:
     """Raise ValueError for a read that leaves its captured tensor at some position of a call whose
     indices run over ``range(extents[name])``. Reads that use an index missing from ``extents`` (not
-    bounded: positions in a KV cache or in packed sequences) are skipped, as are empty calls and the
-    captures whose ``id`` is in ``skip``."""
-    values = _captured_values(graph, skip)
+    bounded: positions in packed sequences) are skipped, as are empty calls and the reads of stand-ins
+    (by ``id``, keys of ``call_tensors``: (name, the call's own tensor), which its checks bound), whose
+    values are the call tensors' (a KV cache's query offsets)."""
+    values = _captured_values(graph, call_tensors)
+    labels = _labels(graph, call_tensors)
     for read in reads:
         used = [name for name in INDICES if name in _indices(read.bounds)]
         tensor = graph.captures[read.capture].tensor
-        if id(tensor) in skip or any(name not in extents or extents[name] == 0 for name in used):
+        if id(tensor) in call_tensors or any(name not in extents or extents[name] == 0 for name in used):
             continue
         size = tensor.shape[read.dim]
         if read.direct is not None:
             if size < extents[read.direct]:
                 raise ValueError(
-                    f"captured tensor #{read.capture} of shape {tuple(tensor.shape)} is indexed with {read.direct} in "
+                    f"{labels[read.capture]} of shape {tuple(tensor.shape)} is indexed with {read.direct} in "
                     f"dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but that dim has {size} "
                     f"entries; give it {extents[read.direct]} (a [1, ...] tensor does not broadcast when indexed)")
             continue
@@ -346,11 +360,11 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
             continue
         lo, hi = found
         if lo < 0 or hi >= size:
-            loaded = " and ".join(f"#{c}" for c in sorted(_loaded(read.bounds)))
-            of = " and ".join(used) + (f" through the values of captured tensor {loaded}" if loaded else "")
+            loaded = " and ".join(labels[c] for c in sorted(_loaded(read.bounds)))
+            of = " and ".join(used) + (f" through the values of {loaded}" if loaded else "")
             index = f"an expression of {of.removeprefix(' through ')} that runs from {lo} to {hi} in this call" \
                 if of else f"the constant {lo}"
             raise ValueError(
-                f"captured tensor #{read.capture} of shape {tuple(tensor.shape)} is indexed in dim {read.dim} with "
+                f"{labels[read.capture]} of shape {tuple(tensor.shape)} is indexed in dim {read.dim} with "
                 f"{index}, but that dim has {size} entries (the kernels evaluate the mods at every position, "
                 f"masked ones too, and do not check bounds)")
