@@ -121,6 +121,25 @@ def test_kv_cache_positions_are_checked_against_captured_tensors():
         by_key(q, k, v, kv_lens=torch.tensor([30, 21]))
 
 
+def test_packed_sequence_positions_are_checked_against_captured_tensors():
+    """With packed sequences the mods see each sequence as b and positions within it (the kernels compute
+    them from the call's offsets): the spec's own reads are checked at the positions of the longest
+    sequence and the number of sequences."""
+    cu = torch.tensor([0, 17, 40])  # sequences of 17 and 23 tokens
+    q = torch.randn(40, 2, 8)
+    relative = torch.randn(20)
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + relative[q_idx - kv_idx + 10])
+    with pytest.raises(ValueError, match=r"captured tensor #0 of shape \(20,\) is indexed in dim 0 with an expression "
+                                         r"of q_idx and kv_idx that runs from -12 to 32 in this call"):
+        ag.compile(spec)(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    per_sequence = torch.randn(2, 23)
+    ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + per_sequence[b, kv_idx]))(
+        q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match=r"indexed with b in dim 0, which runs to 2 in this call"):
+        ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + per_sequence[b, kv_idx]))(
+            q, q, q, cu_seqlens_q=torch.tensor([0, 17, 30, 40]), cu_seqlens_k=torch.tensor([0, 17, 30, 40]))
+
+
 def test_python_if_on_traced_value_names_the_line():
     def score_mod(score, b, h, q_idx, kv_idx):
         if q_idx > kv_idx:  # the offending line

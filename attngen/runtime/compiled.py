@@ -101,13 +101,13 @@ class CompiledAttention:
         started = time.perf_counter()
         self._plan_graph = None
         traced, key_count = self.variant.rewrite(self.spec, self.stand_ins)
+        self.graph = self._trace(traced, key_count)
         self.expectations = stats_module.kernel_expectations(traced.stats, self.spec.normalization)
-        self.graph = trace(traced.score_mod, traced.mask_mod, self.spec.normalization, self.expectations, key_count,
-                           second_score_mod=traced.second_score_mod if self.spec.differential is not None else None,
-                           two_streams=self.spec.differential is not None,
-                           logit=self.spec.normalization.family in WEIGHT_FAMILIES
-                           and ("max" in self.spec.stats or bool(self.expectations)))
         self.index_reads = index_reads(self.graph)
+        # packed sequences: the mods' own reads, at positions within each sequence (which the rewritten
+        # graph computes from the call's tensors, beyond what its reads can bound)
+        self.sequence_graph = self._trace(self.spec, None) if self.variant.packed else None
+        self.sequence_reads = index_reads(self.sequence_graph) if self.variant.packed else []
         if self.variant == Variant():
             _warn_of_soft_masks(self.graph, self.spec)
         self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
@@ -123,6 +123,15 @@ class CompiledAttention:
         self.key = hashlib.sha256(identity.encode()).hexdigest()
         self.path, self.cache_hit = cached_source(self.key, self._generate)
         self.compile_seconds = time.perf_counter() - started
+
+    def _trace(self, spec: AttentionSpec, key_count):
+        """The graph of ``spec``'s mods (this spec's, or rewritten for the call variant) and statistics."""
+        expectations = stats_module.kernel_expectations(spec.stats, self.spec.normalization)
+        return trace(spec.score_mod, spec.mask_mod, self.spec.normalization, expectations, key_count,
+                     second_score_mod=spec.second_score_mod if self.spec.differential is not None else None,
+                     two_streams=self.spec.differential is not None,
+                     logit=self.spec.normalization.family in WEIGHT_FAMILIES
+                     and ("max" in self.spec.stats or bool(expectations)))
 
     def _capture_signature(self) -> tuple[str, ...]:
         """What the generated code depends on besides the spec's text: each capture's kind and
@@ -272,12 +281,19 @@ class CompiledAttention:
         """Raise where a captured tensor is too small for a read indexed with ``b``, ``h``, ``q_idx``,
         ``kv_idx`` or an affine expression of them (see index_ranges); under a KV cache the mods' query
         positions ``q_idx + q_offset[b]`` take the call's offsets (a device read where a read depends
-        on them). (Positions in packed sequences: not checked.)"""
+        on them); with packed sequences the spec's own reads are checked at positions within the longest
+        sequence (a device read)."""
         extents = {"h": shape.q_heads}
         if not self.variant.packed:
             extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
         call_tensors = {id(stand_in): (name, tensors.get(name, stand_in)) for name, stand_in in self.stand_ins.items()}
         check_index_ranges(self.graph, self.index_reads, extents, call_tensors)
+        if self.sequence_reads and values_checkable(tensors["start_q"]) and not torch.compiler.is_compiling():
+            # the mods see each sequence as b and positions within it: up to the longest sequence's
+            q_lens = torch.diff(tensors["start_q"], append=tensors["start_q"].new_tensor([shape.q_len]))
+            longest = torch.stack([q_lens.max(), tensors["len_k"].max()]).tolist()  # one read on a GPU
+            extents = {"h": shape.q_heads, "b": q_lens.numel(), "q_idx": longest[0], "kv_idx": longest[1]}
+            check_index_ranges(self.sequence_graph, self.sequence_reads, extents, {})
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
