@@ -235,6 +235,14 @@ def test_max_statistic_of_weights_trains_the_score_mod(normalization):
     assert {"max", "dq", "dk", "d capture0", "d capture1", "d capture2", "d capture3"} <= compared
 
 
+def test_statistics_of_weights_pass_over_nan_at_masked_keys():
+    """score_mod may be undefined where mask_mod drops the key (sqrt of a negative distance): the logit's
+    derivatives there are NaN, and the max's and an expectation's terms leave them out as dS does."""
+    spec = ag.AttentionSpec(normalization=norms.Sigmoid(), mask_mod=ag.masks.causal, stats=("max", DISTANCE),
+                            score_mod=lambda s, b, h, q_idx, kv_idx: s * torch.sqrt((q_idx - kv_idx) * 0.1 + 1.0))
+    assert_matches_reference(spec, *Case(1, 2, 2, 29, 29, 16, 8, seed=2).tensors())
+
+
 def test_no_keys_with_a_learnable_sink_still_trains_the_sink():
     sink = torch.tensor([0.5, -1.0], requires_grad=True)
     spec = ag.AttentionSpec(normalization=norms.Softmax(sink=sink))
@@ -364,37 +372,15 @@ def test_expectations_of_sparsemax_and_entmax(name):
     assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
-def test_expectations_of_stick_breaking():
-    """Stick-breaking's row expectations sum_j p_j g(l_j) (its weights sum to at most 1: not divided by their
-    sum), with the max and a map in the same spec and a learnable slope: values and gradients (through the
-    stick's weights and directly through g's logit) against the reference, over GQA, Lq != Lk, rows without
-    keys (0), a KV cache (split-KV decoding joins the chunks' sums as their outputs), dropout and packed
-    sequences."""
-    slopes = torch.tensor([0.3, 0.1, 0.05, 0.2], requires_grad=True)
-    spec = ag.AttentionSpec(normalization=norms.StickBreaking(), stats=(DISTANCE, "max", CURVED, "col_sum"),
-                            score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
-                            mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
-    q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=6).tensors()
-    assert_matches_reference(spec, q, k, v)
-    _, stats = ag.compile(spec)(q, k, v, return_stats=True)
-    assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
-    assert torch.all(stats.distance[:, :, 2:] > 0)  # every kept key lies 2 or more back
-    for mode in ("auto", "decode"):
-        assert_matches_reference(spec, q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
-    assert_matches_reference(spec, q, k, v, dropout_p=0.2)
-    cu = torch.tensor([0, 17, 40])
-    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
-    assert_matches_reference(spec, *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
-
-
-@pytest.mark.parametrize("normalization", [norms.Sigmoid(bias="-log n"), norms.ReLU(power=2),
+@pytest.mark.parametrize("normalization", [norms.StickBreaking(), norms.Sigmoid(bias="-log n"), norms.ReLU(power=2),
                                            norms.Normalized(torch.sigmoid)], ids=lambda n: type(n).__name__)
-def test_expectations_of_weights(normalization):
-    """Row expectations sum_j p_j g(l_j) of sigmoid, ReLU and normalized weights (the weights the output takes,
-    not divided by their sum where it is not 1; l_j score_mod's result, whose weight the score is), with the
-    max and a map in the same spec and a learnable slope: values and gradients (through the weights, the
-    normalized family's by its row term, and directly through g's logit: logit_fn_backward) against the
-    reference, over GQA, Lq != Lk, rows without keys (0), a KV cache (split-KV decoding sums the chunks'),
+def test_expectations_beyond_distributions(normalization):
+    """Row expectations sum_j p_j g(l_j) with the weights the output takes, not divided by their sum where it
+    is not 1: stick-breaking's (at most 1), sigmoid's, ReLU's and normalized weights' (l_j score_mod's result,
+    whose weight the score is); with the max and a map in the same spec and a learnable slope: values and
+    gradients (through the weights, the normalized family's by its row term, and directly through g's logit:
+    the weight families' by logit_fn_backward) against the reference, over GQA, Lq != Lk, rows without keys
+    (0), a KV cache (split-KV decoding joins the chunks' sums: stick-breaking's scaled as their outputs),
     dropout and packed sequences."""
     slopes = torch.tensor([0.3, 0.1, 0.05, 0.2], requires_grad=True)
     spec = ag.AttentionSpec(normalization=normalization, stats=(DISTANCE, "max", CURVED, "col_sum"),

@@ -440,12 +440,12 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     tile_args = ["qk"] + mask_inputs + counts + capture_names
     score2 = dict(zip(("score2_lines", "backward2_lines", "grads2"), score_functions(printer, "score2", "score2."))) \
         if differential else {}
-    # the elementwise and normalized families' score_fn is the weight: the max takes score_mod's logit, and its
-    # gradient that logit's derivatives
+    # the elementwise and normalized families' score_fn is the weight: the max and the expectations take
+    # score_mod's logit, and their gradients that logit's derivatives
     logit = dict(zip(("logit_lines", "logit_backward_lines", "logit_grads"),
                      score_functions(printer, "logit", "logit.", "logit"))) if "logit" in outputs else {}
     tagged_grads = [("", g) for g in grads] + [("2_", g) for g in score2.get("grads2", [])] \
-        + [("max_", g) for g in logit.get("logit_grads", [])]
+        + [("logit_", g) for g in logit.get("logit_grads", [])]
     return {
         "family_description": "differential attention (two softmax streams)" if differential else
                               f"{normalization.family} ({type(normalization).__name__})",
