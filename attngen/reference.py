@@ -231,6 +231,11 @@ def _max_margin(logits, keep):
     return torch.where(torch.isfinite(top[..., 1]), top[..., 0] - top[..., 1], float("inf"))
 
 
+def _x_log_x(x):
+    """``x log x``, 0 where ``x <= 0`` (and no gradient there)."""
+    return torch.where(x > 0, x * torch.log(torch.where(x > 0, x, 1.0)), 0.0)
+
+
 def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, max_margin: bool) -> stats_module.Stats:
     """The requested statistics of the materialized weights (``max_margin``: and the max's, see
     :func:`attention`)."""
@@ -243,9 +248,12 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, max_mar
     maps = {stat.name: pool(p, stat, kv_heads) for stat in stats_module.map_stats(spec.stats)}
     support = (p > 0).sum(-1).to(p.dtype) if "support" in spec.stats else None
     # sparsemax / entmax, normalized weights: -sum p log p over the keys of nonzero weight (the others add 0,
-    # and no gradient)
-    entropy = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1) \
-        if "entropy" in spec.stats and spec.normalization.family in stats_module.ENTROPY_FAMILIES else None
+    # and no gradient); stick-breaking: and the stick left over, 1 - sum p, as one more outcome
+    entropy = None
+    if "entropy" in spec.stats and spec.normalization.family in stats_module.ENTROPY_FAMILIES:
+        entropy = -_x_log_x(p).sum(-1)
+        if spec.normalization.family == "stick_breaking":
+            entropy = entropy - _x_log_x(1.0 - p.sum(-1))
     stats = stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,
                                   entropy)
     if not (max_margin and row_max is not None):

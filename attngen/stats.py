@@ -6,7 +6,8 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 * ``"lse"``: ``log sum_j exp(l_j)`` (plus ``exp(sink)`` with a sink), ``-inf`` on empty rows;
 * ``"max"``: ``max_j l_j`` over the kept keys, ``-inf`` on empty rows;
 * ``"entropy"``: ``H = -sum_j p_j log p_j = lse - sum_j p_j l_j``, 0 on empty rows; with a sink, of the
-  distribution over the keys and the sink (``- p_sink * sink`` more);
+  distribution over the keys and the sink (``- p_sink * sink`` more); stick-breaking's, of the keys and the
+  stick they leave;
 * ``expectation(g, name)``: ``E = sum_j p_j g(l_j, b, h, q_idx, kv_idx)``, 0 on empty rows;
 * ``"col_sum"`` / ``col_sum(reduce_heads=...)``: ``c_j = sum_i p_ij``, ``[B, Hq (or Hkv), Lk]``;
 * ``pooled(block_q, block_k, reduce)``: the weights pooled over blocks,
@@ -21,7 +22,8 @@ elementwise and normalized families, score_mod's result, of which they take a
 weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
 without an affine output); the max for every normalization; the maps also for the other
-normalizations, the entropy also for sparsemax / entmax and normalized weights, expectations also for
+normalizations, the entropy also for sparsemax / entmax, normalized weights and stick-breaking (with the
+stick its keys leave as one more outcome), expectations also for
 sparsemax / entmax, stick-breaking, sigmoid, ReLU, elementwise and normalized weights (``sum_j p_j g_j`` with
 the weights the output takes, not divided by their sum where it is not 1).
 """
@@ -36,13 +38,27 @@ import torch
 
 ROW_STATS = ("lse", "max", "entropy", "support")
 # the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
-# softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit)
-ENTROPY_FAMILIES = ("threshold", "normalized")
+# softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit); stick-breaking's
+# counts the stick its keys leave as one more outcome (as a softmax's counts its sink)
+ENTROPY_FAMILIES = ("threshold", "normalized", "stick_breaking")
 # and those whose kernels accumulate row expectations of their logits: sum_j p_j g_j with the weights p the output
 # takes (what it would be for the values g_j), not divided by their sum where that is not 1 (stick-breaking's, at
 # most 1; sigmoid's, ReLU's and elementwise weights'); the weight families' logit is score_mod's result
 EXPECTATION_FAMILIES = ("softmax", "threshold", "stick_breaking", "elementwise", "normalized")
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
+STICK_ENTROPY = "entropy:stick"  # the expectation that is stick-breaking's entropy
+
+
+def stick_entropy_term(score, b, h, q_idx, kv_idx):
+    """``g(l) = h(beta) / beta``, ``h`` the binary entropy of a key's share ``beta = sigmoid(l)`` of the stick
+    that reaches it: ``sum_j p_j g(l_j) = sum_j (stick reaching j) h(beta_j)``, the entropy of the keys' weights
+    and the stick left over (the chain rule of entropy over the breaks). ``g = softplus(-l) + e^-l softplus(l)``
+    in terms of ``a = |l|`` and ``y = e^-a``, finite for every logit."""
+    a = torch.abs(score)
+    y = torch.exp(-a)
+    log1p_y = torch.log1p(y)
+    ratio = torch.where(y > 1e-4, log1p_y / y, 1.0 - 0.5 * y)  # log1p(y) / y
+    return torch.where(score >= 0, log1p_y + y * (a + log1p_y), a + log1p_y + ratio)
 
 
 class Expectation:
@@ -132,6 +148,8 @@ def kernel_expectations(stats, normalization) -> list[tuple[str, Callable]]:
     found = [(s.name, s.g) for s in stats if isinstance(s, Expectation)]
     if "entropy" in stats and normalization.family == "softmax":
         found.append((ENTROPY_MEAN, lambda score, b, h, q_idx, kv_idx: score))
+    if "entropy" in stats and normalization.family == "stick_breaking":
+        found.append((STICK_ENTROPY, stick_entropy_term))
     return found
 
 
@@ -142,8 +160,10 @@ def assemble(requested, lse, row_max, expectations: dict, maps: dict, support=No
     ``maps`` holds each MapStat's [B, H, rows, cols] map; col_sum-style maps
     (``block_q=None``) lose their row axis. ``sink``: the softmax's sink logit (a float or per-head
     tensor), whose weight ``exp(sink - lse)`` the entropy counts. ``entropy``: computed directly
-    (sparsemax / entmax, normalized weights), else from the softmax's lse and mean logit.
+    (sparsemax / entmax, normalized weights), else stick-breaking's expectation or from the softmax's lse and
+    mean logit.
     """
+    entropy = expectations.get(STICK_ENTROPY) if entropy is None else entropy
     values = {"lse": lse, "max": row_max, "support": support, "entropy": entropy, **expectations}
     for stat in map_stats(requested):
         values[stat.name] = maps[stat.name][:, :, 0] if stat.block_q is None else maps[stat.name]

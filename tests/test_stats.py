@@ -171,8 +171,8 @@ def test_no_attention_matrix_is_materialized():
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
     (dict(normalization=norms.SignedSoftmax(), stats=(ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: s, "mean"),)),
      r"stats \['mean'\] are not defined for SignedSoftmax"),
-    (dict(normalization=norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("col_sum", "entropy")),
-     r"stats \['entropy'\] are not defined for StickBreaking: they are statistics of a softmax"),
+    (dict(normalization=norms.Softpick(), mask_mod=ag.masks.causal, stats=("col_sum", "entropy")),
+     r"stats \['entropy'\] are not defined for Softpick: they are statistics of a softmax"),
 ])
 def test_bad_stats(kwargs, message):
     with pytest.raises(ag.SpecError, match=message):
@@ -318,16 +318,36 @@ DISTRIBUTIONS = {**{name: SPARSE[name] for name in ("sparsemax", "entmax15", "en
                  "relu2_normalized": lambda h: norms.Normalized(lambda s: torch.clamp(s, min=0) ** 2)}
 
 
-@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_entropy_of_sparsemax_entmax_and_normalized_weights(name):
+def test_stick_entropy_term_is_finite_at_every_logit():
+    """Stick-breaking's entropy sums p_j g(l_j), g = h(sigmoid(l)) / sigmoid(l): in float32 g is finite at
+    any logit (the naive softplus(-l) + e^-l softplus(l) overflows below l = -88, where p_j underflows: 0 * inf)
+    and agrees with the float64 formula, and its limits are 1 - l (l -> -inf) and 0 (l -> inf)."""
+    logits = torch.linspace(-300.0, 300.0, 6001)
+    g = ag.stats.stick_entropy_term(logits, 0, 0, 0, 0)
+    assert torch.isfinite(g).all()
+    exact = logits.double()
+    beta = torch.sigmoid(exact)
+    expected = -(beta * torch.log(beta) + (1 - beta) * torch.log1p(-beta)) / beta
+    moderate = exact.abs() < 30
+    torch.testing.assert_close(g.double()[moderate], expected[moderate], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g[logits < -50], 1.0 - logits[logits < -50])
+    assert torch.all(g[logits > 50] < 1e-19)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS) + ["stick_breaking"])
+def test_entropy_beyond_the_softmax(name):
     """Sparsemax / entmax and normalized weights are distributions: their entropy -sum p log p (keys of
     weight 0 add 0) is compared with the reference, gradients too (a learnable alpha's included), over
     Lq != Lk with GQA and rows without keys (entropy exactly 0), a KV cache (split-KV decoding merges the
     normalized family's sums) and packed sequences; it lies in [0, log n + 1 - P] (n keys of nonzero weight
-    summing to P: -P log P <= 1 - P; P < 1 where eps > 0)."""
+    summing to P: -P log P <= 1 - P; P < 1 where eps > 0). Stick-breaking's counts the stick left over,
+    1 - P, as one more outcome (the kernels sum it as an expectation, the reference from the weights): in
+    [0, log(n + 1)]."""
+    stick = name == "stick_breaking"
+
     def spec(heads, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2):
-        return ag.AttentionSpec(normalization=DISTRIBUTIONS[name](heads), stats=("entropy", "col_sum"),
-                                mask_mod=mask_mod)
+        return ag.AttentionSpec(normalization=norms.StickBreaking() if stick else DISTRIBUTIONS[name](heads),
+                                stats=("entropy", "col_sum"), mask_mod=mask_mod)
     q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=4).tensors()
     assert_matches_reference(spec(4), q, k, v)
     _, stats = ag.compile(spec(4))(q, k, v, return_stats=True)
@@ -335,7 +355,8 @@ def test_entropy_of_sparsemax_entmax_and_normalized_weights(name):
     # v the identity: the output rows are the weights
     weights = ag.reference.attention(q.double(), k.double(), torch.eye(41, dtype=torch.float64).expand(2, 2, 41, 41),
                                      spec(4))
-    bound = torch.log((weights > 0).sum(-1).clamp(min=1)) + 1.0 - weights.sum(-1).clamp(max=1.0)
+    kept = (weights > 0).sum(-1)
+    bound = torch.log(kept + 1.0) if stick else torch.log(kept.clamp(min=1)) + 1.0 - weights.sum(-1).clamp(max=1.0)
     assert torch.equal(stats.entropy[:, :, :2], torch.zeros_like(stats.entropy[:, :, :2]))
     assert not torch.signbit(stats.entropy).any() and expected.entropy.max() > 0.5
     assert torch.all(stats.entropy <= bound + 1e-5)
