@@ -288,7 +288,7 @@ class CompiledAttention:
             extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
         call_tensors = {id(stand_in): (name, tensors.get(name, stand_in)) for name, stand_in in self.stand_ins.items()}
         check_index_ranges(self.graph, self.index_reads, extents, call_tensors)
-        if self.sequence_reads and values_checkable(tensors["start_q"]) and not torch.compiler.is_compiling():
+        if self.sequence_reads and values_checkable(tensors["start_q"]):
             # the mods see each sequence as b and positions within it: up to the longest sequence's
             q_lens = torch.diff(tensors["start_q"], append=tensors["start_q"].new_tensor([shape.q_len]))
             longest = torch.stack([q_lens.max(), tensors["len_k"].max()]).tolist()  # one read on a GPU

@@ -37,6 +37,7 @@ import numpy
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..inputs import values_checkable
 from ..ir.evaluate import evaluate_nodes
 from ..ir.graph import OPS, Graph
 
@@ -299,12 +300,12 @@ def _extremes(tensor: torch.Tensor, box: tuple) -> tuple[int, int]:
 
 def _captured_values(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tensor]]) -> Values:
     """The :data:`Values` of the graph's captured tensors, a stand-in's (by ``id``) those of the call's own
-    tensor in ``call_tensors``, not found inside a torch.compile trace or for a box that leaves the tensor
-    (whose own read is refused)."""
+    tensor in ``call_tensors``, not found inside a torch.compile trace, while a CUDA graph is captured or for
+    a box that leaves the tensor (whose own read is refused)."""
     def values(capture: int, box: tuple) -> tuple[int, int] | None:
         tensor = graph.captures[capture].tensor
         tensor = call_tensors.get(id(tensor), (None, tensor))[1]
-        if torch.compiler.is_compiling() or tensor.dim() != len(box) or \
+        if not values_checkable(tensor) or tensor.dim() != len(box) or \
                 any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
             return None
         return _extremes(tensor, box)
