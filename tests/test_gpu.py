@@ -210,3 +210,28 @@ def test_cuda_deterministic_mode_refuses_atomic_float_sums():
         assert all(torch.equal(first, second) for first, second in zip(*runs))
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def test_cuda_graph_replays_kv_cache_decoding():
+    """A decode step captured in a CUDA graph, as serving loops run them: the call reads no values while
+    capturing (kv_lens, and the offsets a table read at query positions is checked with), and each replay,
+    with new queries and cache lengths copied into the captured tensors, equals an eager call."""
+    bias = torch.randn(64, device="cuda")
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[q_idx]))
+    q = torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([40, 17], device="cuda", dtype=torch.int32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # built, tuned and checked before the capture, off its stream
+        for _ in range(2):
+            attn(q, k, v, kv_lens=lens, mode="decode")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn(q, k, v, kv_lens=lens, mode="decode")
+    for step in range(3):
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.tensor([41 + step, 18 + step], dtype=torch.int32))
+        graph.replay()
+        torch.testing.assert_close(out, attn(q, k, v, kv_lens=lens, mode="decode"))
