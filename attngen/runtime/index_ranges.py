@@ -315,10 +315,12 @@ def _captured_values(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tens
 def _labels(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tensor]]) -> list[str]:
     """How an error names each captured tensor: a stand-in by its call argument, the spec's own tensors
     numbered in the order the spec reads them (the stand-ins left out)."""
-    labels = []
+    labels, own = [], 0
     for capture in graph.captures:
         name = call_tensors.get(id(capture.tensor), (None,))[0]
-        labels.append(name or f"captured tensor #{len([label for label in labels if label.startswith('captured')])}")
+        if name is None:
+            name, own = f"captured tensor #{own}", own + 1
+        labels.append(name)
     return labels
 
 
