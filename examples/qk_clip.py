@@ -5,7 +5,8 @@ MuonClip) watches each head's largest logit and, after an optimizer step,
 scales that head's query and key projections by sqrt(tau / max) whenever the
 max exceeds tau. The max comes out of attngen's kernels with the output (no
 Lq x Lk matrix); for sigmoid attention it is score_mod's largest result per
-row, a statistic kept for monitoring (no gradient). The run is repeated without
+row, here only monitored (it has a gradient too: a loss on it would train the
+logits down, costing the backward its terms). The run is repeated without
 the clip, and the kernels' max is checked against the materialized reference.
 Runs on CPU (Triton's interpreter) in well under a minute.
 """
