@@ -165,8 +165,7 @@ def _check_stats(stats: tuple, normalization: Normalization) -> None:
                         f"Softpick and ReLU, whose weights have exact zeros, not for {norm}")
     maps = [n for n, s in zip(names, stats) if isinstance(s, stats_module.MapStat)]
     of_any = ("support", "max") + (("entropy",) if normalization.family in stats_module.ENTROPY_FAMILIES else ()) \
-        + tuple(n for n, s in zip(names, stats) if isinstance(s, stats_module.Expectation)
-                and normalization.family in stats_module.EXPECTATION_FAMILIES)
+        + tuple(n for n, s in zip(names, stats) if isinstance(s, stats_module.Expectation))
     of_softmax = [n for n in names if n not in of_any and n not in maps]
     if of_softmax and normalization.family != "softmax":
         raise SpecError(f"stats {of_softmax} are not defined for {norm}: they are statistics of a softmax "

@@ -8,7 +8,9 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 * ``"entropy"``: ``H = -sum_j p_j log p_j = lse - sum_j p_j l_j``, 0 on empty rows; with a sink, of the
   distribution over the keys and the sink (``- p_sink * sink`` more); stick-breaking's, of the keys and the
   stick they leave;
-* ``expectation(g, name)``: ``E = sum_j p_j g(l_j, b, h, q_idx, kv_idx)``, 0 on empty rows;
+* ``expectation(g, name)``: ``E = sum_j p_j g(l_j, b, h, q_idx, kv_idx)``, 0 on empty rows, with the weights
+  ``p`` the output takes (what the output would be for the values ``g_j``), not divided by their sum where it
+  is not 1 (stick-breaking's, softpick's, signed softmax's, sigmoid's, ReLU's);
 * ``"col_sum"`` / ``col_sum(reduce_heads=...)``: ``c_j = sum_i p_ij``, ``[B, Hq (or Hkv), Lk]``;
 * ``pooled(block_q, block_k, reduce)``: the weights pooled over blocks,
   ``[B, Hq, ceil(Lq/block_q), ceil(Lk/block_k)]`` ("mean" over the block's
@@ -21,11 +23,9 @@ Request them with ``AttentionSpec(stats=(...))`` and read them from
 elementwise and normalized families, score_mod's result, of which they take a
 weight). Row statistics are shaped ``[B, Hq, Lq]``. All but the support are
 defined for softmax-family normalizations (entropy, expectations and maps
-without an affine output); the max for every normalization; the maps also for the other
-normalizations, the entropy also for sparsemax / entmax, normalized weights and stick-breaking (with the
-stick its keys leave as one more outcome), expectations also for
-sparsemax / entmax, stick-breaking, sigmoid, ReLU, elementwise and normalized weights (``sum_j p_j g_j`` with
-the weights the output takes, not divided by their sum where it is not 1).
+without an affine output); the max, the maps and expectations for every normalization (without an affine
+output); the entropy also for sparsemax / entmax, normalized weights and stick-breaking (with the stick its
+keys leave as one more outcome).
 """
 
 from __future__ import annotations
@@ -41,10 +41,6 @@ ROW_STATS = ("lse", "max", "entropy", "support")
 # softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit); stick-breaking's
 # counts the stick its keys leave as one more outcome (as a softmax's counts its sink)
 ENTROPY_FAMILIES = ("threshold", "normalized", "stick_breaking")
-# and those whose kernels accumulate row expectations of their logits: sum_j p_j g_j with the weights p the output
-# takes (what it would be for the values g_j), not divided by their sum where that is not 1 (stick-breaking's, at
-# most 1; sigmoid's, ReLU's and elementwise weights'); the weight families' logit is score_mod's result
-EXPECTATION_FAMILIES = ("softmax", "threshold", "stick_breaking", "elementwise", "normalized")
 ENTROPY_MEAN = "entropy:mean_logit"  # the expectation of l the kernels compute for the entropy
 STICK_ENTROPY = "entropy:stick"  # the expectation that is stick-breaking's entropy
 

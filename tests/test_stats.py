@@ -169,8 +169,8 @@ def test_no_attention_matrix_is_materialized():
                                "not for Softmax"),
     (dict(normalization=norms.Sigmoid(), stats=("support",)), "not for Sigmoid"),
     (dict(normalization=norms.Sparsemax(), stats=("support", "lse")), r"stats \['lse'\] are not defined for Entmax"),
-    (dict(normalization=norms.SignedSoftmax(), stats=(ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: s, "mean"),)),
-     r"stats \['mean'\] are not defined for SignedSoftmax"),
+    (dict(normalization=norms.AffineSoftmax(), stats=(ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: s, "mean"),)),
+     r"stats \['mean'\] need a probability distribution"),
     (dict(normalization=norms.Softpick(), mask_mod=ag.masks.causal, stats=("col_sum", "entropy")),
      r"stats \['entropy'\] are not defined for Softpick: they are statistics of a softmax"),
 ])
@@ -394,15 +394,16 @@ def test_expectations_of_sparsemax_and_entmax(name):
 
 
 @pytest.mark.parametrize("normalization", [norms.StickBreaking(), norms.Sigmoid(bias="-log n"), norms.ReLU(power=2),
-                                           norms.Normalized(torch.sigmoid)], ids=lambda n: type(n).__name__)
+                                           norms.Normalized(torch.sigmoid), norms.Softpick(eps=1e-2),
+                                           norms.SignedSoftmax()], ids=lambda n: type(n).__name__)
 def test_expectations_beyond_distributions(normalization):
     """Row expectations sum_j p_j g(l_j) with the weights the output takes, not divided by their sum where it
-    is not 1: stick-breaking's (at most 1), sigmoid's, ReLU's and normalized weights' (l_j score_mod's result,
-    whose weight the score is); with the max and a map in the same spec and a learnable slope: values and
-    gradients (through the weights, the normalized family's by its row term, and directly through g's logit:
-    the weight families' by logit_fn_backward) against the reference, over GQA, Lq != Lk, rows without keys
-    (0), a KV cache (split-KV decoding joins the chunks' sums: stick-breaking's scaled as their outputs),
-    dropout and packed sequences."""
+    is not 1: stick-breaking's (at most 1), softpick's (at most 1), signed softmax's (negative too), sigmoid's,
+    ReLU's and normalized weights' (l_j score_mod's result, whose weight the score is); with the max and a map
+    in the same spec and a learnable slope: values and gradients (through the weights, as a value column's, and
+    directly through g's logit: the weight families' by logit_fn_backward) against the reference, over GQA,
+    Lq != Lk, rows without keys (0), a KV cache (split-KV decoding joins the chunks' sums: stick-breaking's
+    scaled as their outputs, the online softmaxes' rescaled), dropout and packed sequences."""
     slopes = torch.tensor([0.3, 0.1, 0.05, 0.2], requires_grad=True)
     spec = ag.AttentionSpec(normalization=normalization, stats=(DISTANCE, "max", CURVED, "col_sum"),
                             score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
@@ -411,8 +412,8 @@ def test_expectations_beyond_distributions(normalization):
     assert_matches_reference(spec, q, k, v)
     _, stats = ag.compile(spec)(q, k, v, return_stats=True)
     assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
-    # every kept key lies 2 or more back (ReLU's weights may all be 0)
-    assert torch.all(stats.distance[:, :, 2:] >= 0) and torch.all(stats.distance[:, :, 2:].sum(-1) > 0)
+    if normalization.family != "signed":  # every kept key lies 2 or more back (ReLU's weights may all be 0)
+        assert torch.all(stats.distance[:, :, 2:] >= 0) and torch.all(stats.distance[:, :, 2:].sum(-1) > 0)
     for mode in ("auto", "decode"):
         assert_matches_reference(spec, q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
     assert_matches_reference(spec, q, k, v, dropout_p=0.2)

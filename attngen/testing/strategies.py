@@ -15,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from ..spec import takes_top_k
-from ..stats import ENTROPY_FAMILIES, EXPECTATION_FAMILIES
+from ..stats import ENTROPY_FAMILIES
 from .cases import Case
 from .snippets import Snippet
 
@@ -183,7 +183,7 @@ def stats_for(draw, normalization: Snippet) -> str:
         chosen = ["'support'"] if norm.exact_zeros and draw(st.booleans()) else []
         chosen += ["'max'"] if draw(st.booleans()) else []
         chosen += ["'entropy'"] if norm.family in ENTROPY_FAMILIES and draw(st.booleans()) else []
-        chosen += [DRIFT] if norm.family in EXPECTATION_FAMILIES and draw(st.booleans()) else []
+        chosen += [DRIFT] if draw(st.booleans()) else []
         if draw(st.booleans()):
             chosen.append(draw(st.sampled_from(["ag.stats.col_sum()", "ag.stats.pooled(5, 7, 'mean', name='map')"])))
         return "(" + "".join(f"{s}, " for s in chosen) + ")"
