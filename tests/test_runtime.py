@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -74,3 +75,17 @@ def test_captured_values_are_kernel_arguments_not_part_of_the_key():
     assert ag.compile(_scaled_by(torch.rand(2))).key != ag.compile(_scaled_by(torch.rand(2, 2)[0].long())).key
 
 
+
+
+def test_interpreted_kernels_raise_no_numpy_warnings():
+    """Triton's interpreter computes every lane of a tile, masked ones too, and both sides of a where (stick-
+    breaking's entropy term divides 0 by 0 on the side it drops): the launches keep numpy's floating-point
+    warnings off, so examples and the CLI print no RuntimeWarning (a warnings-as-errors run passes, forward and
+    backward)."""
+    spec = ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("entropy",))
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+        (out.square().sum() + stats.entropy.sum()).backward()
