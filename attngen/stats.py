@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 
-
 ROW_STATS = ("lse", "max", "entropy", "support")
 # the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
 # softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit); stick-breaking's

@@ -20,7 +20,7 @@ def optimize(graph: Graph) -> Graph:
     graph = differentiate(fold_constants(graph))
     if "score2" in graph.outputs:  # differential attention's second stream
         graph = differentiate(graph, "score2", prefix="score2.")
-    if "logit" in graph.outputs:  # the weight families' logit, whose row max is a statistic
+    if "logit" in graph.outputs:  # the weight families' logit, for the gradients of its max and expectations
         graph = differentiate(graph, "logit", prefix="logit.")
     e = 0
     while f"exp{e}" in graph.outputs:
