@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +61,8 @@ def _elementwise(function, x: torch.Tensor, monkeypatch, as_score: bool) -> torc
         tl.store(OUT + offs, value, mask=inside)
 
     out = torch.empty_like(x)
-    apply[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK=1024, AS_SCORE=as_score)
+    with numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):  # infinities and NaN, on purpose
+        apply[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK=1024, AS_SCORE=as_score)
     return out
 
 
