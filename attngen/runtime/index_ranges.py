@@ -344,7 +344,6 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
     (by ``id``, keys of ``call_tensors``: (name, the call's own tensor), which its checks bound), whose
     values are the call tensors' (a KV cache's query offsets)."""
     values = _captured_values(graph, call_tensors)
-    labels = _labels(graph, call_tensors)
     for read in reads:
         used = [name for name in INDICES if name in _indices(read.bounds)]
         tensor = graph.captures[read.capture].tensor
@@ -354,7 +353,7 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
         if read.direct is not None:
             if size < extents[read.direct]:
                 raise ValueError(
-                    f"{labels[read.capture]} of shape {tuple(tensor.shape)} is indexed with {read.direct} in "
+                    f"{_labels(graph, call_tensors)[read.capture]} of shape {tuple(tensor.shape)} is indexed with {read.direct} in "
                     f"dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but that dim has {size} "
                     f"entries; give it {extents[read.direct]} (a [1, ...] tensor does not broadcast when indexed)")
             continue
@@ -363,6 +362,7 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
             continue
         lo, hi = found
         if lo < 0 or hi >= size:
+            labels = _labels(graph, call_tensors)
             loaded = " and ".join(labels[c] for c in sorted(_loaded(read.bounds)))
             of = " and ".join(used) + (f" through the values of {loaded}" if loaded else "")
             index = f"an expression of {of.removeprefix(' through ')} that runs from {lo} to {hi} in this call" \
