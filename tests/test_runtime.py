@@ -1,5 +1,6 @@
 """Compile cache, generated source, CLI entry point, and the GPU path."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import attngen as ag
+from attngen.codegen.prune import without_unused_functions
+from attngen.runtime.variants import Variant
 
 SPEC_SCRIPT = textwrap.dedent("""
     import json, torch, attngen as ag
@@ -52,6 +55,73 @@ def test_generated_source_documents_its_spec_and_skips_causal_blocks():
     assert "mask_mod = causal" in source and "SPEC_FINGERPRINT" in source
     assert "kv_end = tl.maximum(tl.minimum(q_hi + 1, LK), 0)" in source.split("def kv_segments")[1]
     assert "live = kv_lo <= q_hi" in source.split("def block_state")[1].split("return live")[0]
+
+
+def _top_level_functions(source):
+    """{name: decorated by triton.jit} of the module's top-level functions, and every name its code uses."""
+    tree = ast.parse(source)
+    functions = {node.name: [ast.unparse(d) for d in node.decorator_list] == ["triton.jit"]
+                 for node in tree.body if isinstance(node, ast.FunctionDef)}
+    return functions, {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+@pytest.mark.parametrize("variant", [Variant(), Variant(cache=True, split_kv=True, paged=True)], ids=str)
+@pytest.mark.parametrize("norm", [ag.norms.Softmax(), ag.norms.Entmax(1.5), ag.norms.StickBreaking()], ids=str)
+def test_generated_modules_keep_only_the_functions_they_call(norm, variant):
+    """Of the shared helpers a module keeps those it calls (softcap's tanh, not atan); a paged variant, which
+    refuses gradients, keeps no backward kernel; the threshold family, which never splits its keys, no merge
+    of split partials."""
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: 20.0 * torch.tanh(s / 20.0),
+                            normalization=norm, mask_mod=ag.masks.causal)
+    functions, named = _top_level_functions(ag.compile(spec).for_call(variant).source)
+    unused = [name for name, jit in functions.items() if (jit or name.startswith("_")) and name not in named]
+    assert unused in ([], ["_"])  # the register_fake implementations are all named _
+    assert "_tanh" in functions and not {"_atan", "_expm1", "_pow_int"} & set(functions)
+    backward = {"score_fn_backward", "_attn_bwd_dkdv", "_attn_bwd_dq", "_stick_bwd"} & set(functions)
+    assert bool(backward) != variant.paged
+    assert ("_attn_combine" in functions) == (variant.split_kv and not isinstance(norm, ag.norms.Entmax))
+
+
+def test_unused_functions_go_with_their_comments_until_none_is_left():
+    source = textwrap.dedent("""\
+        import triton
+
+
+        # the section's header, apart
+
+
+        # about _inner, attached
+        @triton.jit
+        def _inner(x):
+            return x
+
+
+        @triton.jit
+        def _outer(x):
+            return _inner(x)
+
+
+        def _private(x):
+            return x
+
+
+        def public(x):
+            return _kept(x)
+
+
+        @triton.jit
+        def _kept(x):
+            return x
+
+
+        @op.register_fake
+        def _(x):
+            return x
+        """)
+    pruned = without_unused_functions(source)
+    assert "_inner" not in pruned and "_outer" not in pruned and "_private" not in pruned
+    assert "attached" not in pruned and "# the section's header, apart" in pruned
+    assert all(f"def {name}(" in pruned for name in ("public", "_kept", "_"))
 
 
 def test_generated_mods_keep_their_lines_short():

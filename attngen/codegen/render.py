@@ -21,6 +21,7 @@ from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
+from .prune import without_unused_functions
 
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
@@ -564,8 +565,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
 
 
 def _tidy(source: str) -> str:
-    """At most two blank lines in a row (sections a spec leaves out would otherwise leave more)."""
-    return re.sub(r"\n{4,}", "\n\n\n", source)
+    """``source`` without the functions it never calls, and at most two blank lines in a row (sections a
+    spec leaves out would otherwise leave more)."""
+    return re.sub(r"\n{4,}", "\n\n\n", without_unused_functions(source))
 
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
