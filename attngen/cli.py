@@ -23,9 +23,21 @@ from .runtime.autotune import median_seconds
 from .linear import LinearAttentionSpec, LinearState
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .runtime.linear import CompiledLinearAttention
+from .runtime.variants import Variant
 from .spec import AttentionSpec
 from .testing.cases import Case
 from .testing.linear_properties import gates
+
+
+# the kinds of call ``show --call`` prints the kernels of (a call picks its own, see attngen.runtime.calls)
+CALLS = {
+    "plain": Variant(),
+    "cache": Variant(cache=True),
+    "decode": Variant(cache=True, split_kv=True),
+    "paged": Variant(cache=True, split_kv=True, paged=True),
+    "packed": Variant(packed=True),
+    "dropout": Variant(dropout=True),
+}
 
 
 class UsageError(Exception):
@@ -80,9 +92,15 @@ def cmd_show(args) -> int:
     linear = isinstance(attn, CompiledLinearAttention)
     if linear and (args.plan or args.blocks):
         raise UsageError("linear attention has no mask plan: it visits every chunk up to the diagonal")
+    if args.call != "plain":
+        if linear:
+            raise UsageError("linear attention has one kind of call: leave out --call")
+        if args.blocks or args.machine_code:
+            raise UsageError("--blocks and --machine-code describe the plain call: leave out --call")
+        attn = attn.for_call(CALLS[args.call])
     every = not (args.ir or args.source or args.plan)
     if every:
-        print("# spec\n" + "\n".join(attn.spec.describe()) + "\n")
+        print("# spec\n" + "\n".join(attn.description) + "\n")  # and the kind of call
     graph = attn.kernel_graph()
     if every or args.ir:
         what = "the feature map, with its derivative" if linear else "with gradients and the mask plan"
@@ -262,6 +280,10 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--source", action="store_true", help="print only the generated module")
     show.add_argument("--plan", action="store_true", help="print only the mask plan (which tiles are visited)")
     show.add_argument("--blocks", type=int, metavar="L", help="also count empty/full/partial tiles at length L")
+    show.add_argument("--call", choices=CALLS, default="plain",
+                      help="the kernels of this kind of call: a KV cache (kv_lens, q_offset), decoding from one "
+                           "(split-KV; sparsemax / entmax do not split), from a paged cache, packed sequences "
+                           "(cu_seqlens) or dropout (default: plain)")
     show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
     show.add_argument("--machine-code", type=head_dims, metavar="D", help="also build the kernels for Hopper (sm_90, "
                       "bf16, head dim D, or DQK/DV such as 576/512; no GPU needed) and print registers, spills, "

@@ -46,6 +46,24 @@ def test_show_prints_spec_ir_source_and_draws_the_graph(tmp_path):
     assert dot.startswith("digraph attngen") and "load capture0" in dot
 
 
+def test_show_prints_the_kernels_of_a_kind_of_call(tmp_path):
+    """--call decode shows the split-KV module (its merge kernel), paged the one reading pages, which has no
+    backward kernels; the plan of a cache call bounds the keys by kv_lens."""
+    decode = attngen("show", ALIBI, "--call", "decode", cache_dir=tmp_path).stdout
+    assert "call variant: KV cache (kv_lens, q_offset), split-KV forward (decoding)" in decode
+    assert "def _attn_combine(" in decode and "def _attn_bwd_dq(" in decode and "def _load_pages(" not in decode
+    paged = attngen("show", ALIBI, "--call", "paged", "--source", cache_dir=tmp_path).stdout
+    assert "def _load_pages(" in paged and "def _attn_bwd_dq(" not in paged
+    plan = attngen("show", ALIBI, "--call", "cache", "--plan", cache_dir=tmp_path).stdout
+    assert "live = (kv_lo < t" in plan
+    for args, message in [(("--call", "decode", "--blocks", "64"), "describe the plain call: leave out --call"),
+                          (("--call", "pages"), "invalid choice: 'pages'")]:
+        bad = attngen("show", ALIBI, *args, cache_dir=tmp_path, check=False)
+        assert bad.returncode == 2 and message in bad.stderr
+    linear = attngen("show", str(ROOT / "specs" / "retention.py"), "--call", "packed", cache_dir=tmp_path, check=False)
+    assert linear.returncode == 2 and "linear attention has one kind of call" in linear.stderr
+
+
 def test_show_machine_code_builds_for_hopper_without_a_gpu(tmp_path):
     out = attngen("show", ALIBI, "--plan", "--machine-code", "64", cache_dir=tmp_path).stdout
     lines = {line.split()[1]: line for line in out.splitlines() if " registers, " in line}

@@ -69,8 +69,8 @@ def _top_level_functions(source):
 @pytest.mark.parametrize("norm", [ag.norms.Softmax(), ag.norms.Entmax(1.5), ag.norms.StickBreaking()], ids=str)
 def test_generated_modules_keep_only_the_functions_they_call(norm, variant):
     """Of the shared helpers a module keeps those it calls (softcap's tanh, not atan); a paged variant, which
-    refuses gradients, keeps no backward kernel; the threshold family, which never splits its keys, no merge
-    of split partials."""
+    refuses gradients, keeps no backward kernel; the threshold family's forward, which does not split its keys,
+    no merge of split partials (calls never ask it for that variant)."""
     spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: 20.0 * torch.tanh(s / 20.0),
                             normalization=norm, mask_mod=ag.masks.causal)
     functions, named = _top_level_functions(ag.compile(spec).for_call(variant).source)
