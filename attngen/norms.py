@@ -103,6 +103,16 @@ class Normalization:
         """Elementwise and normalized families: the weight of one kept key."""
         raise NotImplementedError(f"{type(self).__name__} does not define weight()")
 
+    def drops_minus_inf(self) -> bool:
+        """Whether a key whose logit is -inf (as FlexAttention's score_mods drop one) weighs 0: for every
+        normalization of logits, and for the weight families whose weight vanishes there (sigmoid, ReLU; not
+        ``Normalized(lambda s: s ** 2)``)."""
+        if self.family not in WEIGHT_FAMILIES:
+            return True
+        with torch.no_grad():
+            weight = self.weight(torch.tensor([-math.inf]), torch.zeros(1, dtype=torch.long), torch.ones(1))
+        return bool(torch.as_tensor(weight == 0).all())
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={_show(v)}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"

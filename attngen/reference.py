@@ -239,12 +239,17 @@ def _x_log_x(x):
 def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, max_margin: bool) -> stats_module.Stats:
     """The requested statistics of the materialized weights (``max_margin``: and the max's, see
     :func:`attention`)."""
-    index = _indices(p.shape, p.device)
     row_max = _max_stat(logits, keep) if "max" in spec.stats else None
     expectations = {}
-    for name, g in stats_module.kernel_expectations(spec.stats, spec.normalization):
-        values = torch.broadcast_to(torch.as_tensor(g(logits, *index), device=p.device), p.shape).to(p.dtype)
-        expectations[name] = (p * torch.where(keep, values, torch.zeros_like(values))).sum(-1)
+    # g of the kept keys' logits alone (as score_mod's, see scores): a key score_mod drops (-inf) has no weight
+    # and adds nothing, where g is infinite too (0 log 0 = 0 in an entropy), nor NaN to the gradients
+    found = stats_module.kernel_expectations(spec.stats, spec.normalization)
+    if found:
+        live = (keep & (logits != -math.inf) if spec.normalization.drops_minus_inf() else keep).nonzero(as_tuple=True)
+        at = [logits[live]] + [t.expand(p.shape)[live] for t in _indices(p.shape, p.device)]
+    for name, g in found:
+        values = p.new_zeros(p.shape).index_put(live, _each(g, *at, dtype=p.dtype).to(p.dtype))
+        expectations[name] = (p * values).sum(-1)
     maps = {stat.name: pool(p, stat, kv_heads) for stat in stats_module.map_stats(spec.stats)}
     support = (p > 0).sum(-1).to(p.dtype) if "support" in spec.stats else None
     # sparsemax / entmax, normalized weights: -sum p log p over the keys of nonzero weight (the others add 0,

@@ -243,6 +243,39 @@ def test_statistics_of_weights_pass_over_nan_at_masked_keys():
     assert_matches_reference(spec, *Case(1, 2, 2, 29, 29, 16, 8, seed=2).tensors())
 
 
+def _drops_every_third_key(score, b, h, q_idx, kv_idx):
+    return torch.where(kv_idx % 3 == 1, float("-inf"), score)
+
+
+@pytest.mark.parametrize("normalization, entropy", [
+    (norms.Softmax(), True), (norms.Softmax(sink=0.5), True), (norms.StickBreaking(), True), (norms.Entmax(1.5), True),
+    (norms.Sigmoid(), False), (norms.Softpick(), False), (norms.SignedSoftmax(), False)], ids=repr)
+def test_statistics_pass_over_the_keys_score_mod_drops(normalization, entropy):
+    """A key score_mod sets to -inf (FlexAttention's way to drop one) has no weight: it adds nothing to an
+    expectation whose g is infinite there (the logit's square), nor to the entropy (a softmax's is its lse less the
+    mean logit; stick-breaking's sums an expectation). Both were NaN, forward and backward, the reference too."""
+    square = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: s * s * 0.1, name="square")
+    spec = ag.AttentionSpec(normalization=normalization, score_mod=_drops_every_third_key, mask_mod=ag.masks.causal,
+                            stats=(square, "entropy") if entropy else (square,))
+    q, k, v = Case(1, 2, 2, 29, 29, 16, 8, seed=3).tensors()
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    (out.sum() + sum(getattr(stats, name).sum() for name in stats.names())).backward()
+    assert all(getattr(stats, name).isfinite().all() for name in stats.names())
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+    assert_matches_reference(spec, *(t.detach().requires_grad_() for t in (q, k, v)))
+
+
+def test_a_weight_of_minus_inf_logits_keeps_them_in_expectations():
+    """Normalized weights fn(l) = relu(l)^2 + 0.1 weigh 0.1 at a logit of -inf: such a key is in the output, and in
+    the expectations (g finite there), as the weights' own definition says; sigmoid's and ReLU's vanish there."""
+    assert not norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2 + 0.1).drops_minus_inf()
+    assert all(n.drops_minus_inf() for n in (norms.Sigmoid(bias=torch.tensor([0.5, -1.0])), norms.Sigmoid(bias="-log n"),
+                                             norms.ReLU(power=2), norms.Elementwise(torch.sigmoid), norms.Softpick()))
+    spec = ag.AttentionSpec(normalization=norms.Normalized(lambda s: torch.clamp(s, min=0.0) ** 2 + 0.1),
+                            score_mod=_drops_every_third_key, stats=(DISTANCE,))
+    assert_matches_reference(spec, *Case(1, 2, 2, 29, 29, 16, 8, seed=3).tensors())
+
+
 def test_no_keys_with_a_learnable_sink_still_trains_the_sink():
     sink = torch.tensor([0.5, -1.0], requires_grad=True)
     spec = ag.AttentionSpec(normalization=norms.Softmax(sink=sink))

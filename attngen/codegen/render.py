@@ -383,6 +383,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in expectations
                     for prefix, suffix in (("g", ""), ("dg", ".d_score"))}
     stat_lines, _ = printer.statements(stat_targets) if expectations else ([], {})
+    drops_minus_inf = normalization.drops_minus_inf()  # then g and g' are 0 at keys of logit -inf (weight 0)
     used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
     counts = [name for name in ("n_keys", "n_kept") if name in used]
     captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable}
@@ -532,7 +533,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
-        "stat_returns": ", ".join(stat_targets),
+        "drops_minus_inf": drops_minus_inf,
+        "stat_returns": ", ".join(f"tl.where(live, {name}, 0.0)" if drops_minus_inf else name for name in stat_targets),
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
         "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
         # the threshold family's: the part through the weights and the direct one, apart
