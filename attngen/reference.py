@@ -231,13 +231,24 @@ def _max_margin(logits, keep):
     return torch.where(torch.isfinite(top[..., 1]), top[..., 0] - top[..., 1], float("inf"))
 
 
+def _top_k_margin(logits, keep, k: int):
+    """Each row's gap between its ``k``-th largest kept logit and the largest kept one below it, relative to
+    ``max(1, |k-th|)`` (inf where there is none): where rounding may keep another set of keys."""
+    kept = torch.nn.functional.pad(torch.where(keep, logits, float("-inf")), (0, k), value=float("-inf"))
+    kth = kept.topk(k, dim=-1).values[..., -1:]
+    below = torch.where(kept < kth, kept, float("-inf")).amax(-1)
+    kth = kth[..., 0]
+    return torch.where(torch.isfinite(kth) & torch.isfinite(below), (kth - below) / kth.abs().clamp(min=1.0),
+                       float("inf"))
+
+
 def _x_log_x(x):
     """``x log x``, 0 where ``x <= 0`` (and no gradient there)."""
     return torch.where(x > 0, x * torch.log(torch.where(x > 0, x, 1.0)), 0.0)
 
 
-def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, max_margin: bool) -> stats_module.Stats:
-    """The requested statistics of the materialized weights (``max_margin``: and the max's, see
+def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, margins: bool) -> stats_module.Stats:
+    """The requested statistics of the materialized weights (``margins``: and the max's and top-k's, see
     :func:`attention`)."""
     row_max = _max_stat(logits, keep) if "max" in spec.stats else None
     expectations = {}
@@ -261,10 +272,12 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, max_mar
             entropy = entropy - _x_log_x(1.0 - p.sum(-1))
     stats = stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,
                                   entropy)
-    if not (max_margin and row_max is not None):
-        return stats
-    return stats_module.Stats(**{name: getattr(stats, name) for name in stats.names()},
-                              max_margin=_max_margin(logits, keep))
+    found = {}
+    if margins and row_max is not None:
+        found["max_margin"] = _max_margin(logits, keep)
+    if margins and spec.top_k is not None:
+        found["top_k_margin"] = _top_k_margin(logits, keep, spec.top_k)
+    return stats_module.Stats(**{name: getattr(stats, name) for name in stats.names()}, **found) if found else stats
 
 
 def _differential_weights(q, k, spec: AttentionSpec) -> torch.Tensor:
@@ -341,7 +354,7 @@ def _dropout_slices(keep: torch.Tensor | None, shape: tuple[int, int, int, int])
 
 def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool = False, kv_lens=None,
               q_offset=None, block_table=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_keep=None,
-              dropout_p: float = 0.0, max_margin: bool = False):
+              dropout_p: float = 0.0, margins: bool = False):
     """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized.
 
     ``kv_lens`` ([B]): k and v are caches of which batch entry ``b`` holds ``kv_lens[b]`` keys;
@@ -352,8 +365,10 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     calls (pooled maps, whose blocks would straddle them, are refused). ``dropout_keep`` (bool,
     broadcastable to [B, Hq, Lq, Lk] of the call's kernel: a cache's full length, or for packed
     sequences [1, Hq, q tokens, k tokens]) applies dropout of probability ``dropout_p`` with that mask.
-    ``max_margin``: a spec's "max" statistic comes with a ``max_margin`` one, each row's gap between its
-    two largest kept logits (inf with fewer than two), where rounding may pick another arg-max.
+    ``margins``: a spec's "max" statistic comes with a ``max_margin`` one, each row's gap between its
+    two largest kept logits (inf with fewer than two), where rounding may pick another arg-max; a top-k spec
+    with a ``top_k_margin``, each row's gap below its k-th largest kept logit (relative to its size), where
+    rounding may keep other keys.
     """
     spec = spec or AttentionSpec()
     if block_table is not None:
@@ -369,7 +384,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
         pieces = [attention(q[b:b + 1], k[b:b + 1, :, :int(kv_lens[b])], v[b:b + 1, :, :int(kv_lens[b])],
                             _shifted(summed, b, offsets[b]), return_stats=True, dropout_p=dropout_p,
                             dropout_keep=keep(slice(b, b + 1), slice(None), slice(0, int(kv_lens[b]))),
-                            max_margin=max_margin)
+                            margins=margins)
                   for b in range(q.shape[0])]
         return _joined([_maps_over_cache(spec, piece, q.shape[2], k.shape[2]) for piece in pieces], 0, 0,
                        return_stats)
@@ -381,7 +396,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
             keys = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
             dense = (t[part].transpose(0, 1).unsqueeze(0) for t, part in ((q, rows), (k, keys), (v, keys)))
             out, stats = attention(*dense, _shifted(spec, i, 0), return_stats=True, dropout_p=dropout_p,
-                                   dropout_keep=keep(slice(None), rows, keys), max_margin=max_margin)
+                                   dropout_keep=keep(slice(None), rows, keys), margins=margins)
             pieces.append((out[0].transpose(0, 1), stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})))
         return _joined(pieces, 0, -1, return_stats)
     shape = check_inputs(q, k, v)
@@ -395,7 +410,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     out = dropped.to(v.dtype) @ v
     if not return_stats:
         return out
-    return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads, max_margin)
+    return out, _row_stats(spec, p, lse, logits, keep, shape.kv_heads, margins)
 
 
 def linear_attention(q, k, v, spec: LinearAttentionSpec, *, log_decay=None, state=None, return_state=False):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attngen as ag
-from attngen.testing import Case, Float64, assert_matches_reference, check_spec, compare_with_reference
+from attngen.testing import AmbiguousTopK, Case, Float64, assert_matches_reference, check_spec, compare_with_reference
 from attngen.testing import invariants, strategies
 from attngen.testing.cases import for_spec
 from attngen.testing.check import reproduction
@@ -48,16 +50,32 @@ def test_the_reference_of_float32_captures_is_float64_exact():
     assert torch.equal(widened, ag.reference.attention(q, k, v, spec64))
 
 
-def test_the_reference_gives_each_rows_max_margin():
+def test_the_reference_gives_each_rows_max_and_top_k_margins():
     q = torch.tensor([1.0, 0.0]).expand(1, 1, 3, 2).double()
     k = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.5, 0.0], [9.0, 0.0]]).expand(1, 1, 4, 2).double()
     spec = ag.AttentionSpec(scale=1.0, stats=("max",), mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 3 - q_idx)
-    _, stats = ag.reference.attention(q, k, k, spec, return_stats=True, max_margin=True)
+    _, stats = ag.reference.attention(q, k, k, spec, return_stats=True, margins=True)
     assert stats.names() == ("max", "max_margin")
     assert stats.max_margin.tolist() == [[[0.5, 2.0, float("inf")]]]  # keys {3, 1, 2.5}, {3, 1}, {3}
-    _, cached = ag.reference.attention(q, k, k, spec, return_stats=True, max_margin=True, kv_lens=torch.tensor([0]))
+    _, cached = ag.reference.attention(q, k, k, spec, return_stats=True, margins=True, kv_lens=torch.tensor([0]))
     assert cached.max_margin.tolist() == [[[float("inf")] * 3]]  # no keys at all
     assert ag.reference.attention(q, k, k, spec, return_stats=True)[1].names() == ("max",)
+    top_2 = dataclasses.replace(spec, stats=(), top_k=2)  # the 2nd largest logit less the next, over max(1, |2nd|)
+    _, stats = ag.reference.attention(q, k, k, top_2, return_stats=True, margins=True)
+    assert stats.names() == ("top_k_margin",)
+    assert stats.top_k_margin.tolist() == [[[1.5 / 2.5, float("inf"), float("inf")]]]
+
+
+def test_a_top_k_cut_off_within_rounding_is_ambiguous_not_a_mismatch():
+    """A score_mod that saturates (0.2 tanh(1.5 s tanh s)^2) rounds logits 4e-8 apart alike in float32 (found by
+    attngen fuzz, seed 1038): the kernel kept 5 keys of a row where the reference kept its top 4, an output off by
+    0.13. Such inputs raise AmbiguousTopK (fuzz and check draw others); apart, the keys are compared."""
+    saturating = ag.AttentionSpec(scale=1.0, top_k=4, score_mod=lambda s, b, h, q_idx, kv_idx:
+                                  0.2 * torch.tanh(s * 1.5 * torch.tanh(s)) ** 2)
+    q, k, v = Case(1, 2, 2, 31, 17, 16, 8, seed=236, grid=True).tensors()
+    with pytest.raises(AmbiguousTopK, match=r"rows keep their top 4 logits by relative margins down to .*float32 may cross"):
+        compare_with_reference(saturating, q, k, v)
+    assert_matches_reference(dataclasses.replace(saturating, score_mod=None), q, k, v)
 
 
 @pytest.mark.parametrize("gap, caught", [(3e-7, False), (3e-3, True)])

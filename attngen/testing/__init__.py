@@ -18,7 +18,8 @@
 from .cases import Case, packed_call, paged_call
 from .check import assert_property, check_spec
 from .compare import Comparison, assert_close, max_error
-from .reference_check import Float64, assert_matches_reference, compare_with_reference, learnable
+from .reference_check import AmbiguousTopK, Float64, assert_matches_reference, compare_with_reference, learnable
 
-__all__ = ["Case", "Comparison", "Float64", "assert_close", "assert_matches_reference", "assert_property",
-           "check_spec", "compare_with_reference", "learnable", "max_error", "packed_call", "paged_call"]
+__all__ = ["AmbiguousTopK", "Case", "Comparison", "Float64", "assert_close", "assert_matches_reference",
+           "assert_property", "check_spec", "compare_with_reference", "learnable", "max_error", "packed_call",
+           "paged_call"]
