@@ -256,7 +256,8 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, margins
     # and adds nothing, where g is infinite too (0 log 0 = 0 in an entropy), nor NaN to the gradients
     found = stats_module.kernel_expectations(spec.stats, spec.normalization)
     if found:
-        live = (keep & (logits != -math.inf) if spec.normalization.drops_minus_inf() else keep).nonzero(as_tuple=True)
+        live = keep & (logits != -math.inf) if spec.normalization.drops_minus_inf() else keep
+        live = live.nonzero(as_tuple=True)
         at = [logits[live]] + [t.expand(p.shape)[live] for t in _indices(p.shape, p.device)]
     for name, g in found:
         values = p.new_zeros(p.shape).index_put(live, _each(g, *at, dtype=p.dtype).to(p.dtype))
@@ -272,12 +273,12 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, margins
             entropy = entropy - _x_log_x(1.0 - p.sum(-1))
     stats = stats_module.assemble(spec.stats, lse, row_max, expectations, maps, support, spec.normalization.sink,
                                   entropy)
-    found = {}
+    extra = {}
     if margins and row_max is not None:
-        found["max_margin"] = _max_margin(logits, keep)
+        extra["max_margin"] = _max_margin(logits, keep)
     if margins and spec.top_k is not None:
-        found["top_k_margin"] = _top_k_margin(logits, keep, spec.top_k)
-    return stats_module.Stats(**{name: getattr(stats, name) for name in stats.names()}, **found) if found else stats
+        extra["top_k_margin"] = _top_k_margin(logits, keep, spec.top_k)
+    return stats_module.Stats(**{name: getattr(stats, name) for name in stats.names()}, **extra) if extra else stats
 
 
 def _differential_weights(q, k, spec: AttentionSpec) -> torch.Tensor:

@@ -68,6 +68,9 @@ def _extra_specs():
         "stick_breaking_expectation": ag.AttentionSpec(
             normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal, stats=(ag.stats.expectation(
                 lambda s, b, h, q, k: (q - k) * 1.0, "distance"), "max")),
+        "stick_breaking_entropy": ag.AttentionSpec(  # summed from the shares, beside a traced expectation
+            normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal, stats=("entropy", ag.stats.expectation(
+                lambda s, b, h, q, k: torch.tanh(s) * (q - k), "drift"))),
         "top_k_entmax_learnable": ag.AttentionSpec(
             normalization=ag.norms.Entmax(torch.full((4,), 1.5, requires_grad=True)), top_k=16,
             mask_mod=ag.masks.causal, stats=("max", "col_sum")),

@@ -10,7 +10,7 @@ import torch
 import attngen as ag
 from attngen import norms
 from attngen.codegen.render import map_lines
-from attngen.stats import forward_only
+from attngen.stats import ENTROPY_FAMILIES, forward_only
 from attngen.testing import assert_matches_reference
 from checks import check_variant, fills
 from variants import VARIANTS, Case, Variant, case_id
@@ -436,9 +436,12 @@ def test_expectations_beyond_distributions(normalization):
     in the same spec and a learnable slope: values and gradients (through the weights, as a value column's, and
     directly through g's logit: the weight families' by logit_fn_backward) against the reference, over GQA,
     Lq != Lk, rows without keys (0), a KV cache (split-KV decoding joins the chunks' sums: stick-breaking's
-    scaled as their outputs, the online softmaxes' rescaled), dropout and packed sequences."""
+    scaled as their outputs, the online softmaxes' rescaled), dropout and packed sequences. Stick-breaking and
+    normalized weights with their entropy too (stick-breaking sums its terms from the shares, beside the traced
+    expectations)."""
     slopes = torch.tensor([0.3, 0.1, 0.05, 0.2], requires_grad=True)
-    spec = ag.AttentionSpec(normalization=normalization, stats=(DISTANCE, "max", CURVED, "col_sum"),
+    entropy = ("entropy",) if normalization.family in ENTROPY_FAMILIES else ()
+    spec = ag.AttentionSpec(normalization=normalization, stats=(DISTANCE, "max", CURVED, "col_sum", *entropy),
                             score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
                             mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 2)
     q, k, v = Case(2, 4, 2, 37, 41, 16, 8, seed=6).tensors()

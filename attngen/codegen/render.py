@@ -380,9 +380,13 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     plan_row = "(b * HQ + h)" if per_head else "b"
 
     expectations = list(range(sum(1 for name in outputs if name.startswith("exp") and "." not in name)))
-    stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in expectations
+    # stick-breaking's entropy, the last expectation (stats.kernel_expectations), is summed from the shares the
+    # kernels hold (_stick_entropy): its traced g stays out of stat_fns, as does its derivative
+    stick_entropy = expectations[-1] if normalization.family == "stick_breaking" and entropy else None
+    traced = [e for e in expectations if e != stick_entropy]
+    stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in traced
                     for prefix, suffix in (("g", ""), ("dg", ".d_score"))}
-    stat_lines, _ = printer.statements(stat_targets) if expectations else ([], {})
+    stat_lines, _ = printer.statements(stat_targets) if traced else ([], {})
     drops_minus_inf = normalization.drops_minus_inf()  # then g and g' are 0 at keys of logit -inf (weight 0)
     used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
     counts = [name for name in ("n_keys", "n_kept") if name in used]
@@ -535,11 +539,13 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "stat_lines": stat_lines,
         "drops_minus_inf": drops_minus_inf,
         "stat_returns": ", ".join(f"tl.where(live, {name}, 0.0)" if drops_minus_inf else name for name in stat_targets),
-        "stat_values": ", ".join(f"g{e}, dg{e}" for e in expectations),
-        "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in expectations),
+        "traced_expectations": traced,
+        "stick_entropy": stick_entropy,
+        "stat_values": ", ".join(f"g{e}, dg{e}" for e in traced),
+        "stat_dp": " + ".join(f"dexp{e} * (g{e} + dg{e})" for e in traced),
         # the threshold family's: the part through the weights and the direct one, apart
-        "exp_dp": " + ".join(f"dexp{e} * g{e}" for e in expectations),
-        "exp_ds": " + ".join(f"dexp{e} * dg{e}" for e in expectations),
+        "exp_dp": " + ".join(f"dexp{e} * g{e}" for e in traced),
+        "exp_ds": " + ".join(f"dexp{e} * dg{e}" for e in traced),
         "captures": captures,
         **capture_gradient_context(tagged_grads, stick),
         "dcapture_args": "".join(f", dcap{c['index']}" for c in captures if c["differentiable"]),
