@@ -109,8 +109,8 @@ class Normalization:
         ``Normalized(lambda s: s ** 2)``)."""
         if self.family not in WEIGHT_FAMILIES:
             return True
-        with torch.no_grad():
-            weight = self.weight(torch.tensor([-math.inf]), torch.zeros(1, dtype=torch.long), torch.ones(1))
+        with torch.no_grad():  # 0-d CPU tensors, which combine with parameters on any device
+            weight = self.weight(torch.tensor(-math.inf), torch.tensor(0), torch.tensor(1.0))
         return bool(torch.as_tensor(weight == 0).all())
 
     def __repr__(self) -> str:
