@@ -387,7 +387,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     stat_targets = {f"{prefix}{e}": f"exp{e}{suffix}" for e in traced
                     for prefix, suffix in (("g", ""), ("dg", ".d_score"))}
     stat_lines, _ = printer.statements(stat_targets) if traced else ([], {})
-    drops_minus_inf = bool(traced) and normalization.drops_minus_inf()  # g, g' 0 at logits of -inf (weight 0)
+    # g and g' are 0 at logits of -inf (weight 0), where score_mod can make one
+    drops_minus_inf = bool(traced) and normalization.drops_minus_inf() and not graph.finite(
+        outputs["logit" if normalization.family in WEIGHT_FAMILIES else "score"])
     used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
     counts = [name for name in ("n_keys", "n_kept") if name in used]
     captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable}

@@ -92,6 +92,13 @@ OPS: dict[str, Op] = {
     "to_int": Op(1, "int", math.trunc),  # a float to an int, rounding toward zero (torch's .long())
 }
 
+# ops whose result is finite where their arguments are (float overflow aside; sqrt of a negative is NaN, not
+# infinite), and the leaves that are
+_FINITE_OPS = {"input", "tile", "add", "sub", "mul", "neg", "abs", "minimum", "maximum", "exp", "expm1", "tanh",
+               "sigmoid", "sqrt", "cos", "sin", "erf", "atan", "where", "to_int", "lt", "le", "gt", "ge", "eq", "ne",
+               "and", "or", "xor", "not"}
+
+
 @dataclass(eq=False)
 class Capture:
     """A tensor captured from the user's closure; it becomes a kernel argument."""
@@ -241,6 +248,27 @@ class Graph:
     def uses(self, n: int) -> int:
         """How many argument slots refer to ``n``."""
         return sum(self.args(u).count(n) for u in self.nx.successors(n))
+
+    def finite(self, n: int) -> bool:
+        """Whether ``n`` is finite wherever the kernels evaluate it (float overflow aside), by how it is built:
+        from the inputs, finite constants, int / bool loads and ops that keep values finite (a division by a
+        nonzero constant alone, a power to a constant >= 0 alone); not from a float load (a captured table may
+        hold -inf) nor a log."""
+        for m in self.order([n]):
+            op, args = self.op(m), self.args(m)
+            if op == "const":
+                finite = not isinstance(self.node(m)["value"], float) or math.isfinite(self.node(m)["value"])
+            elif op == "load":
+                finite = self.dtype(m) != "float"
+            elif op in ("truediv", "floordiv", "mod"):
+                finite = self.dtype(m) == "int" or (self.is_const(args[1]) and self.node(args[1])["value"] != 0)
+            elif op == "pow":
+                finite = self.is_const(args[1]) and self.node(args[1])["value"] >= 0
+            else:
+                finite = op in _FINITE_OPS
+            if not finite:
+                return False
+        return True
 
     def depends_on(self, n: int, input_name: str) -> bool:
         node = self._inputs.get(input_name)
