@@ -152,7 +152,9 @@ class ScalableSoftmax(Normalization):
         self.s, self.count = s, count
 
     def logits(self, score, h, n):
-        return score * per_head(self.s, h) * torch.log(n)
+        # log(n) at least float32's smallest normal, 2^-126: with one key a score of -inf (a key score_mod drops)
+        # stays -inf, not 0 * inf = NaN, and a finite one's logit is within 1e-37 of 0 (a per-row clamp, free)
+        return score * per_head(self.s, h) * torch.clamp(torch.log(n), min=2.0 ** -126)
 
 
 class AffineSoftmax(Normalization):

@@ -173,6 +173,25 @@ def test_fully_masked_rows_give_zero_output_without_nan(norm_name):
     assert torch.all(out[:, :, :3] == 0) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("count", ["length", "unmasked"])
+def test_scalable_softmax_of_one_key_keeps_a_dropped_key_dropped(count):
+    """With one key (or one kept), log(n) = 0 made a score_mod's -inf 0 * inf = NaN: the output, lse and max of
+    rows with their key dropped (found by attngen fuzz, seed 1041: the kernel's max -inf, the reference's NaN).
+    log(n) is floored at 2^-126: those rows are empty (out 0, lse and max -inf), the others' logits within
+    1e-37 of 0."""
+    spec = ag.AttentionSpec(normalization=norms.ScalableSoftmax(s=torch.tensor([0.5, 0.8], requires_grad=True),
+                                                               count=count),
+                            score_mod=lambda s, b, h, q_idx, kv_idx: torch.where(q_idx % 2 == 0, float("-inf"), s),
+                            mask_mod=(lambda b, h, q_idx, kv_idx: kv_idx == 2) if count == "unmasked" else None,
+                            stats=("lse", "max", "entropy"))
+    q, k, v = Case(1, 2, 2, 6, 1 if count == "length" else 5, 8, 8).tensors()
+    out, stats = ag.compile(spec)(q, k, v, return_stats=True)
+    assert torch.all(out[:, :, 0::2] == 0) and torch.isfinite(out).all()
+    assert torch.all(stats.lse[:, :, 0::2] == float("-inf")) and torch.all(stats.max[:, :, 0::2] == float("-inf"))
+    assert torch.allclose(stats.lse[:, :, 1::2], torch.zeros(1, 2, 3), atol=1e-30)
+    assert_matches_reference(spec, q, k, v)
+
+
 def test_sink_enters_lse_and_fully_masked_rows_have_lse_equal_to_the_sink():
     sink = torch.tensor([0.5, -1.0])
     spec = ag.AttentionSpec(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx - 3,
