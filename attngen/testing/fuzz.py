@@ -133,7 +133,7 @@ class _Grammar:
             return f"(0.2 * {self.bounded(depth - 1, of_s=True)} ** 2)"
         if kind == "activation":
             return self.choice([f"torch.nn.functional.elu({a})", f"torch.nn.functional.leaky_relu({a}, 0.2)",
-                                f"torch.logaddexp({a}, {self.bounded(depth - 1)})", f"{a}.clamp_min(-1.0)",
+                                f"torch.logaddexp({a}, {self.bounded(depth - 1)})", f"({a}).clamp_min(-1.0)",
                                 f"torch.nn.functional.softshrink({a}, 0.5)", f"torch.nn.functional.tanhshrink({a})",
                                 f"torch.add({a}, {self.bounded(depth - 1)}, alpha=0.5)"])
         return self.bounded(depth, of_s=True)
