@@ -89,18 +89,21 @@ def _near_ties(spec: AttentionSpec, materialized, q, k, v, floor: float | None) 
     """``{"max": rows}``: the rows whose two largest kept logits lie within the max statistic's floor of
     each other (``floor`` times ``max(1, |max|)``, as :func:`~attngen.testing.compare.compare`'s),
     where float32 may put the arg-max, and so all of the max's gradient, on another key than float64
-    does. Raises :class:`AmbiguousTopK` where a row's k-th largest kept logit is as close to the next."""
+    does. Raises :class:`AmbiguousTopK` where a row's k-th largest kept logit lies within float32's floor of the
+    next (relative: the kernels' logits are float32 whatever q's dtype)."""
     with Float64():
         _, stats = materialized(q.double(), k.double(), v.double(), return_stats=True, margins=True)
-    floor = FLOORS.get(q.dtype, 1e-3) if floor is None else floor
-    if spec.top_k is not None and bool((stats.top_k_margin <= floor).any()):
-        close = stats.top_k_margin.detach()[stats.top_k_margin <= floor]
+    cut = FLOORS[torch.float32]  # the kernels compute the logits in float32 whatever q's dtype
+    if spec.top_k is not None and bool((stats.top_k_margin <= cut).any()):
+        close = stats.top_k_margin.detach()[stats.top_k_margin <= cut]
         raise AmbiguousTopK(f"{close.numel()} rows keep their top {spec.top_k} logits by relative margins down to "
-                            f"{float(close.min()):.2e}, within the {floor:g} that rounding at {q.dtype} may cross: "
+                            f"{float(close.min()):.2e}, within the {cut:g} that the kernels' float32 logits "
+                            "may cross: "
                             "the kept keys are ambiguous (q and k on attngen.testing.Case's grid avoid this for "
                             "score_mods that keep products apart)")
     if "max" not in stats.names():
         return {}
+    floor = FLOORS.get(q.dtype, 1e-3) if floor is None else floor
     top = torch.where(torch.isfinite(stats.max), stats.max.abs().clamp(min=1.0), 1.0)
     return {"max": stats.max_margin <= floor * top}
 
