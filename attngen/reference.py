@@ -253,8 +253,10 @@ def _row_stats(spec: AttentionSpec, p, lse, logits, keep, kv_heads: int, margins
     row_max = _max_stat(logits, keep) if "max" in spec.stats else None
     expectations = {}
     # g of the kept keys' logits alone (as score_mod's, see scores): a key score_mod drops (-inf) has no weight
-    # and adds nothing, where g is infinite too (0 log 0 = 0 in an entropy), nor NaN to the gradients
-    found = stats_module.kernel_expectations(spec.stats, spec.normalization)
+    # and adds nothing, where g is infinite too (0 log 0 = 0 in an entropy), nor NaN to the gradients;
+    # stick-breaking's entropy comes from the weights themselves (below), not from its kernels' expectation
+    found = [(name, g) for name, g in stats_module.kernel_expectations(spec.stats, spec.normalization)
+             if name != stats_module.STICK_ENTROPY]
     if found:
         live = keep & (logits != -math.inf) if spec.normalization.drops_minus_inf() else keep
         live = live.nonzero(as_tuple=True)
@@ -398,7 +400,8 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
             dense = (t[part].transpose(0, 1).unsqueeze(0) for t, part in ((q, rows), (k, keys), (v, keys)))
             out, stats = attention(*dense, _shifted(spec, i, 0), return_stats=True, dropout_p=dropout_p,
                                    dropout_keep=keep(slice(None), rows, keys), margins=margins)
-            pieces.append((out[0].transpose(0, 1), stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})))
+            first = stats_module.Stats(**{n: getattr(stats, n)[0] for n in stats.names()})
+            pieces.append((out[0].transpose(0, 1), first))
         return _joined(pieces, 0, -1, return_stats)
     shape = check_inputs(q, k, v)
     if spec.differential is not None:
