@@ -394,8 +394,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
     counts = [name for name in ("n_keys", "n_kept") if name in used]
     captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable}
                 for i, c in enumerate(graph.captures)]
-    capture_names = [name for c in captures for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
-    tile_names = [name for j, t in enumerate(graph.tiles) for name in [f"tile{j}"] + [f"tile{j}_s{d}" for d in range(len(t.dims))]]
+    capture_names = [name for c in captures
+                     for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
+    tile_names = [name for j, t in enumerate(graph.tiles)
+                  for name in [f"tile{j}"] + [f"tile{j}_s{d}" for d in range(len(t.dims))]]
     mask_params = "".join(f", {name}" for name in capture_names + tile_names)
     mask_inputs = ["b", "h", "q_idx", "kv_idx", "q_valid", "kv_valid"]
     threshold = normalization.family == "threshold"
@@ -540,7 +542,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
         "drops_minus_inf": drops_minus_inf,
-        "stat_returns": ", ".join(f"tl.where(live, {name}, 0.0)" if drops_minus_inf else name for name in stat_targets),
+        "stat_fn_outputs": list(stat_targets),
         "traced_expectations": traced,
         "stick_entropy": stick_entropy,
         "stat_values": ", ".join(f"g{e}, dg{e}" for e in traced),
