@@ -85,27 +85,33 @@ class AmbiguousTopK(ValueError):
     the float64 reference, and the output jumps there, so no tolerance can compare them (draw other inputs)."""
 
 
-def _near_ties(spec: AttentionSpec, materialized, q, k, v, floor: float | None) -> dict[str, torch.Tensor]:
-    """``{"max": rows}``: the rows whose two largest kept logits lie within the max statistic's floor of
-    each other (``floor`` times ``max(1, |max|)``, as :func:`~attngen.testing.compare.compare`'s),
-    where float32 may put the arg-max, and so all of the max's gradient, on another key than float64
-    does. Raises :class:`AmbiguousTopK` where a row's k-th largest kept logit lies within float32's floor of the
-    next (relative: the kernels' logits are float32 whatever q's dtype)."""
+def _margins(materialized, q, k, v) -> Stats:
+    """The float64 reference's statistics with each row's max and top-k margins."""
     with Float64():
         _, stats = materialized(q.double(), k.double(), v.double(), return_stats=True, margins=True)
-    cut = FLOORS[torch.float32]  # the kernels compute the logits in float32 whatever q's dtype
-    if spec.top_k is not None and bool((stats.top_k_margin <= cut).any()):
-        close = stats.top_k_margin.detach()[stats.top_k_margin <= cut]
+    return stats
+
+
+def _check_top_k_cut_offs(spec: AttentionSpec, margins: Stats) -> None:
+    """Raise :class:`AmbiguousTopK` where a row's k-th largest kept logit lies within float32's floor of the
+    next (relative: the kernels compute the logits in float32 whatever q's dtype)."""
+    cut = FLOORS[torch.float32]
+    close = margins.top_k_margin.detach()[margins.top_k_margin <= cut]
+    if close.numel():
         raise AmbiguousTopK(f"{close.numel()} rows keep their top {spec.top_k} logits by relative margins down to "
                             f"{float(close.min()):.2e}, within the {cut:g} that the kernels' float32 logits "
                             "may cross: "
                             "the kept keys are ambiguous (q and k on attngen.testing.Case's grid avoid this for "
                             "score_mods that keep products apart)")
-    if "max" not in stats.names():
-        return {}
-    floor = FLOORS.get(q.dtype, 1e-3) if floor is None else floor
-    top = torch.where(torch.isfinite(stats.max), stats.max.abs().clamp(min=1.0), 1.0)
-    return {"max": stats.max_margin <= floor * top}
+
+
+def _near_ties(margins: Stats, dtype: torch.dtype, floor: float | None) -> torch.Tensor:
+    """The rows whose two largest kept logits lie within the max statistic's floor of each other (``floor``
+    times ``max(1, |max|)``, as :func:`~attngen.testing.compare.compare`'s), where float32 may put the arg-max,
+    and so all of the max's gradient, on another key than float64 does."""
+    floor = FLOORS.get(dtype, 1e-3) if floor is None else floor
+    top = torch.where(torch.isfinite(margins.max), margins.max.abs().clamp(min=1.0), 1.0)
+    return margins.max_margin <= floor * top
 
 
 def _loss(out, stats, upstream: dict, names: list[str]) -> torch.Tensor:
@@ -219,7 +225,10 @@ def compare_with_reference(spec: AttentionSpec, q, k, v, *, block_mask=None, see
     forward_only_stats = _forward_only_stats(spec)
     # the max's gradient goes to one key; on a near-tie float32 may pick another one than the reference
     max_ties = backward and "max" in spec.stats and "max" not in forward_only_stats
-    quiet = _near_ties(spec, materialized, q, k, v, floor) if max_ties or spec.top_k is not None else {}
+    margins = _margins(materialized, q, k, v) if max_ties or spec.top_k is not None else None
+    if spec.top_k is not None:
+        _check_top_k_cut_offs(spec, margins)
+    quiet = {"max": _near_ties(margins, q.dtype, floor)} if max_ties else {}
     return _comparisons(kernel, materialized, q, k, v, tensors, seed, floor, backward, forward_only_stats, quiet)
 
 
