@@ -65,7 +65,8 @@ def _compile(args) -> CompiledAttention | CompiledLinearAttention:
 def cmd_compile(args) -> int:
     attn = _compile(args)
     origin = "loaded from the cache" if attn.cache_hit else "generated"
-    print(f"{args.spec_file}: {origin} in {attn.compile_seconds * 1e3:.1f} ms\n  key    {attn.key}\n  module {attn.path}")
+    print(f"{args.spec_file}: {origin} in {attn.compile_seconds * 1e3:.1f} ms\n"
+          f"  key    {attn.key}\n  module {attn.path}")
     return 0
 
 

@@ -93,7 +93,8 @@ class MapStat:
             raise ValueError(f"reduce must be one of {self.REDUCTIONS}, got {reduce!r}")
         if not name.isidentifier():
             raise ValueError(f"stat name must be a Python identifier, got {name!r}")
-        self.name, self.block_q, self.block_k, self.reduce, self.reduce_heads = name, block_q, block_k, reduce, reduce_heads
+        self.name, self.block_q, self.block_k = name, block_q, block_k
+        self.reduce, self.reduce_heads = reduce, reduce_heads
 
     def __repr__(self) -> str:
         return (f"MapStat({self.name!r}, block_q={self.block_q}, block_k={self.block_k}, "

@@ -87,6 +87,7 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
     document = ag.masks.document(doc_ids)
     prefix_lm = ag.masks.prefix_lm(prefix)
     half = 0.5 + 0.5 / length
+    alphas = torch.linspace(1.2, 2.0, heads, device=device).requires_grad_()  # entmax_per_head's, learnable
     linear_work = dim / length  # linear attention: per token 2 D^2 to update the state, 2 D^2 to read it
     blocks, blocks_kept = block_sparse(heads, length, device) if flex is not None else (None, 0.0)
     return {
@@ -116,9 +117,7 @@ def variants(batch: int, heads: int, length: int, dim: int, device: str) -> dict
         "entropy_stat": (ag.AttentionSpec(mask_mod=causal, stats=("entropy",)), None, None, half),
         "sparsemax": (ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=causal), None, None, half),
         "entmax15": (ag.AttentionSpec(normalization=ag.norms.Entmax(1.5), mask_mod=causal), None, None, half),
-        "entmax_per_head": (ag.AttentionSpec(normalization=ag.norms.Entmax(torch.linspace(1.2, 2.0, heads, device=device)
-                                                                           .requires_grad_()), mask_mod=causal),
-                            None, None, half),
+        "entmax_per_head": (ag.AttentionSpec(normalization=ag.norms.Entmax(alphas), mask_mod=causal), None, None, half),
         "stick_breaking": (ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=causal), None, None,
                            half),
         "differential": (ag.AttentionSpec(differential=0.5, mask_mod=causal), None, None, half),

@@ -340,6 +340,14 @@ SPARSE = {"sparsemax": lambda h: norms.Sparsemax(), "entmax15": lambda h: norms.
           "entmax_per_head": lambda h: norms.Entmax(torch.linspace(1.2, 2.0, h).requires_grad_())}
 
 
+def _matches_reference_packed(spec):
+    """``spec`` on two packed sequences (17 and 23 tokens, 4 query heads to 2 kv heads) against the reference."""
+    cu = torch.tensor([0, 17, 40])
+    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i))
+              for i, heads in enumerate((4, 2, 2))]
+    assert_matches_reference(spec, *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
 @pytest.mark.parametrize("name", sorted(SPARSE))
 def test_support_counts_the_keys_of_nonzero_weight(name):
     """Each row's count of keys weighing more than 0 (rows without keys: 0), exactly the reference's; the
@@ -356,9 +364,7 @@ def test_support_counts_the_keys_of_nonzero_weight(name):
     assert_matches_reference(spec(4), q, k, v)
     for mode in ("prefill", "decode"):
         assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
-    cu = torch.tensor([0, 17, 40])
-    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
-    assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _matches_reference_packed(spec(4))
 
 
 DISTRIBUTIONS = {**{name: SPARSE[name] for name in ("sparsemax", "entmax15", "entmax_per_head")},
@@ -411,9 +417,7 @@ def test_entropy_beyond_the_softmax(name):
     assert_matches_reference(spec(4, ag.masks.causal), q, k, v)
     for mode in ("prefill", "decode"):
         assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
-    cu = torch.tensor([0, 17, 40])
-    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
-    assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _matches_reference_packed(spec(4))
 
 
 DISTANCE = ag.stats.expectation(lambda s, b, h, q_idx, kv_idx: (q_idx - kv_idx).float(), "distance")
@@ -436,9 +440,7 @@ def test_expectations_of_sparsemax_and_entmax(name):
     assert torch.equal(stats.distance[:, :, :2], torch.zeros_like(stats.distance[:, :, :2]))
     assert torch.all(stats.distance[:, :, 2:] >= 2.0 - 1e-5)  # every kept key lies 2 or more back
     assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]))
-    cu = torch.tensor([0, 17, 40])
-    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
-    assert_matches_reference(spec(4), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _matches_reference_packed(spec(4))
 
 
 @pytest.mark.parametrize("normalization", [norms.StickBreaking(), norms.Sigmoid(bias="-log n"), norms.ReLU(power=2),
@@ -468,9 +470,7 @@ def test_expectations_beyond_distributions(normalization):
     for mode in ("auto", "decode"):
         assert_matches_reference(spec, q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
     assert_matches_reference(spec, q, k, v, dropout_p=0.2)
-    cu = torch.tensor([0, 17, 40])
-    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
-    assert_matches_reference(spec, *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _matches_reference_packed(spec)
 
 
 OTHER_FAMILIES = {"sigmoid": lambda h: norms.Sigmoid(bias="-log n"), "relu2": lambda h: norms.ReLU(power=2),
@@ -497,7 +497,5 @@ def test_maps_of_the_other_normalizations_match_reference(name):
     assert stats.col_sum.abs().sum() > 0 and (stats.col_sum[..., 37:] == 0).all()  # keys past every row's reach
     for mode in ("prefill", "decode"):
         assert_matches_reference(spec(4), q[:, :, :3], k, v, kv_lens=torch.tensor([41, 17]), mode=mode)
-    cu = torch.tensor([0, 17, 40])
-    packed = [torch.randn(40, heads, 16, generator=torch.Generator().manual_seed(i)) for i, heads in enumerate((4, 2, 2))]
-    assert_matches_reference(spec(4, MAPS[:2]), *packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _matches_reference_packed(spec(4, MAPS[:2]))
     assert set(forward_only(spec(4).stats)) == {"peak"}  # the others compared with gradients

@@ -49,7 +49,8 @@ def _integers(name: str, value, length: int, device) -> torch.Tensor:
         return torch.full((length,), value, dtype=torch.int32, device=device)
     if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.is_floating_point() \
             or value.dtype == torch.bool or value.shape[0] != length:
-        shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+            else repr(value)
         raise ValueError(f"{name} must be an int or a 1-d integer tensor with one entry per batch entry "
                          f"({length}), got {shown}")
     if value.device != device:

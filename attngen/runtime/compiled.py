@@ -165,7 +165,8 @@ class CompiledAttention:
         """Write the standalone kernel module (imports only torch and triton) to ``path``,
         with the tile configurations tuned so far built in."""
         path = Path(path)
-        path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n", 1))
+        tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
+        path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", tuned, 1))
         return path
 
     def _captures(self, device: torch.device, tensors: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -173,8 +174,8 @@ class CompiledAttention:
         by_stand_in = {id(self.stand_ins[name]): (name, t) for name, t in (tensors or {}).items()}
         found = []
         for i, capture in enumerate(self.graph.captures):
-            name, t = by_stand_in.get(id(capture.tensor), (f"captured tensor #{i} (shape {tuple(capture.tensor.shape)}, "
-                                                           f"dtype {capture.tensor.dtype})", capture.tensor))
+            unnamed = f"captured tensor #{i} (shape {tuple(capture.tensor.shape)}, dtype {capture.tensor.dtype})"
+            name, t = by_stand_in.get(id(capture.tensor), (unnamed, capture.tensor))
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but q is on {device}; move it to {device}")
             found.append(t)
@@ -336,7 +337,8 @@ def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stat
         raise TypeError(f"kernel_options must be a dict (FlexAttention's), got {type(kernel_options).__name__}")
     if kernel_options:
         warnings.warn(f"kernel_options {sorted(kernel_options)} are FlexAttention's tile sizes and kernel switches; "
-                      "attngen tunes its own tiles for each shape bucket and ignores them", stacklevel=user_stacklevel())
+                      "attngen tunes its own tiles for each shape bucket and ignores them",
+                      stacklevel=user_stacklevel())
     if isinstance(mask_mod, BlockMask) or flex_block_mask(mask_mod) is not None:
         raise TypeError("ag.attention's fifth argument is mask_mod; pass a block mask as block_mask=... "
                         "(flex_attention's fifth argument is its block mask)")

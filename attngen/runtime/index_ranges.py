@@ -353,9 +353,10 @@ def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, 
         if read.direct is not None:
             if size < extents[read.direct]:
                 raise ValueError(
-                    f"{_labels(graph, call_tensors)[read.capture]} of shape {tuple(tensor.shape)} is indexed with {read.direct} in "
-                    f"dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but that dim has {size} "
-                    f"entries; give it {extents[read.direct]} (a [1, ...] tensor does not broadcast when indexed)")
+                    f"{_labels(graph, call_tensors)[read.capture]} of shape {tuple(tensor.shape)} is indexed with "
+                    f"{read.direct} in dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but "
+                    f"that dim has {size} entries; give it {extents[read.direct]} (a [1, ...] tensor does not "
+                    "broadcast when indexed)")
             continue
         found = read_range(read.bounds, extents, values)
         if found is None:

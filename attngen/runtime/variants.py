@@ -161,7 +161,8 @@ def packed_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
 
     def ids(cu, total):
-        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device, **_INT), (cu[1:] - cu[:-1]).long(),
+        lengths = (cu[1:] - cu[:-1]).long()
+        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device, **_INT), lengths,
                                        output_size=total)
     return {"seq_q": ids(cu_seqlens_q, total_q), "seq_k": ids(cu_seqlens_k, total_k),
             "start_q": cu_seqlens_q[:-1].to(torch.int32), "start_k": cu_seqlens_k[:-1].to(torch.int32),

@@ -138,8 +138,8 @@ def _shrink(report: PropertyReport, run, budget: int = 40) -> None:
                 return
 
 
-def check_spec(spec: AttentionSpec | LinearAttentionSpec, *, examples: int = 20, heads: int = 4, batch: int = 2, max_len: int = 96,
-               dtypes=None, seed: int = 0, properties=None, progress=None) -> list[PropertyReport]:
+def check_spec(spec: AttentionSpec | LinearAttentionSpec, *, examples: int = 20, heads: int = 4, batch: int = 2,
+               max_len: int = 96, dtypes=None, seed: int = 0, properties=None, progress=None) -> list[PropertyReport]:
     """Run every property (or those named in ``properties``) on ``examples`` drawn shapes each; a
     failing case is simplified (fewer heads, shorter sequences, float32) while it keeps failing."""
     dtypes = dtypes or (torch.float32,)
