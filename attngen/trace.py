@@ -11,6 +11,7 @@ raises :class:`SpecError` pointing at the user's line.
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
 import os
 import traceback
@@ -100,7 +101,7 @@ class Tracer:
         return self._captured[key]
 
     def node(self, value) -> int:
-        """The IR node for a proxy, a Python number or a one-element tensor."""
+        """The IR node for a proxy, a Python or numpy number or a one-element tensor."""
         if isinstance(value, Vector):
             raise self.fail(f"{value} is used as a value (a captured tensor indexed at all but its last dimension, or "
                             "a one-dimensional one, is a vector): index every dimension of the tensor, or reduce the "
@@ -121,6 +122,10 @@ class Tracer:
                     "index it with the traced indices, e.g. bias[h, q_idx, kv_idx]")
             index = tuple(self.graph.const(0) for _ in range(value.dim()))
             return self.graph.load(self.capture(value), index)
+        if type(value).__module__ == "numpy":
+            if getattr(value, "ndim", None) == 0:  # np.float32(0.5), np.int64(2)
+                return self.node(value.item())
+            raise self.fail(_NUMPY_REFUSED)
         raise self.fail(f"cannot use a value of type {type(value).__name__} in a traced expression")
 
     def apply(self, op: str, *args) -> Proxy:
@@ -150,7 +155,7 @@ class Tracer:
         """``tensor[index]``: a load where every dimension is indexed, a :class:`Row` where only the
         leading ones are (as FlexAttention's vmap allows: ``intervals[image][0]``)."""
         items = index if isinstance(index, tuple) else (index,)
-        if len(items) > tensor.dim() or not all(isinstance(i, (Proxy, int)) for i in items):
+        if len(items) > tensor.dim() or not all(isinstance(i, (Proxy, numbers.Integral)) for i in items):
             raise self.fail(
                 f"a captured tensor of shape {tuple(tensor.shape)} must be indexed with at most "
                 f"{tensor.dim()} integer or traced indices (no slices), e.g. slopes[h] or bias[h, q_idx - kv_idx]")
@@ -418,8 +423,7 @@ class Proxy:
         if name in ("item", "tolist", "numpy"):
             self._number()
         if name.startswith("__array"):  # numpy asking for an array
-            raise self.tracer.fail("numpy cannot compute on traced values: use torch's functions (torch.exp(s), not "
-                                   "np.exp(s)) and capture torch tensors (torch.as_tensor(array)), not numpy arrays")
+            raise self.tracer.fail(_NUMPY_REFUSED)
         if name.endswith("_") and (name[:-1] in _METHODS or name[:-1] in ("masked_fill", "where")):
             raise self.tracer.fail(f"in-place methods such as .{name}() are not traced: write s = s.{name[:-1]}(...) "
                                    "(or the operator) instead")
@@ -448,6 +452,23 @@ class Proxy:
 
     def __repr__(self):
         return f"Proxy(%{self.node}: {self.tracer.graph.describe(self.node)})"
+
+
+_NUMPY_REFUSED = ("numpy cannot compute on traced values: use torch's functions (torch.exp(s), not np.exp(s)) and "
+                  "capture torch tensors (torch.as_tensor(array)), not numpy arrays")
+# numpy's ufuncs for Python's binary operators: a numpy scalar on the left (np.float32(0.5) * s) calls them
+_NUMPY_OPERATORS = {"add": "add", "subtract": "sub", "multiply": "mul", "divide": "truediv",
+                    "true_divide": "truediv", "floor_divide": "floordiv", "remainder": "mod", "power": "pow",
+                    "bitwise_and": "and", "bitwise_or": "or", "bitwise_xor": "xor", "less": "lt",
+                    "less_equal": "le", "greater": "gt", "greater_equal": "ge", "equal": "eq", "not_equal": "ne"}
+
+
+def _array_ufunc(self, ufunc, method, *inputs, **kwargs):
+    """numpy's side of ``numpy_scalar <op> traced``: the op Python's operator records; any other numpy function
+    of a traced value is refused."""
+    if method == "__call__" and not kwargs and len(inputs) == 2 and ufunc.__name__ in _NUMPY_OPERATORS:
+        return self.tracer.apply(_NUMPY_OPERATORS[ufunc.__name__], *inputs)
+    raise self.tracer.fail(_NUMPY_REFUSED)
 
 
 def _binary(op: str, reverse: bool = False):
@@ -510,6 +531,7 @@ for _cls in (Proxy, Row):
     for _name, _left in (("lshift", True), ("rshift", False)):
         setattr(_cls, f"__{_name}__", lambda self, amount, _left=_left: self.tracer.shift(self, amount, _left))
         setattr(_cls, f"__r{_name}__", lambda self, x, _left=_left: self.tracer.shift(x, self, _left))
+    _cls.__array_ufunc__ = _array_ufunc
     _cls.__neg__ = lambda self: self.tracer.apply("neg", self)
     _cls.__pos__ = lambda self: self
     _cls.__abs__ = lambda self: self.tracer.apply("abs", self)

@@ -165,11 +165,14 @@ TABLE = torch.randn(8)
     (lambda s, b, h, q_idx, kv_idx: s + [0.0, 1.0][q_idx], r"used as a Python index .*\(torch.tensor\(values\)"),
     (lambda s, b, h, q_idx, kv_idx: s + sum(range(q_idx)), r"used as a Python index or count"),
     (lambda s, b, h, q_idx, kv_idx: np.exp(s), r"numpy cannot compute on traced values"),
+    (lambda s, b, h, q_idx, kv_idx: np.maximum(s, 0.0), r"numpy cannot compute on traced values"),
+    (lambda s, b, h, q_idx, kv_idx: s + np.ones(1), r"numpy cannot compute on traced values"),
     (lambda s, b, h, q_idx, kv_idx: s + np.ones(8)[q_idx], r"capture torch tensors \(torch.as_tensor\(array\)\)"),
     (lambda s, b, h, q_idx, kv_idx: s.add_(1.0), r"in-place methods such as .add_\(\) are not traced: write "
                                                  r"s = s.add\(...\)"),
     (lambda s, b, h, q_idx, kv_idx: None, r"score_mod returned None: is its return statement missing\?"),
-], ids=["math", "float", "item", "list", "range", "numpy", "numpy_capture", "in_place", "none"])
+], ids=["math", "float", "item", "list", "range", "numpy", "numpy_binary", "numpy_array", "numpy_capture",
+         "in_place", "none"])
 def test_python_values_of_traced_values_are_named(score_mod, message):
     """Where a mod asks a traced value for a Python number, index, numpy array or in-place update, the
     error says which and what to write instead (before: "Python control flow" for all but in-place)."""

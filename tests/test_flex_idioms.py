@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,6 +216,25 @@ def test_dtype_attributes_and_type_as():
 
     ag.compile(ag.AttentionSpec(score_mod=score_mod))
     assert seen == dict(score=torch.float32, index=torch.int32, mask=torch.bool, min=torch.finfo(torch.float32).min)
+
+
+def test_numpy_scalars_are_constants():
+    """numpy's scalars (a window from a config, a slope from an array) trace as the Python numbers they hold, on
+    either side of an operator and as indices: the same graph as the spec written with Python numbers."""
+    bias = torch.linspace(-1.0, 1.0, 3 * 20).reshape(3, 20)
+
+    def spec(window, half, row, first=0):
+        return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: half * s + bias[row, kv_idx] - s * half,
+                                mask_mod=lambda b, h, q_idx, kv_idx: (q_idx - kv_idx < window) & (kv_idx <= q_idx)
+                                & (first <= kv_idx))
+
+    numpy_spec = spec(np.int64(5), np.float32(0.75), np.int64(1))
+    assert ag.compile(numpy_spec).graph.text() == ag.compile(spec(5, 0.75, 1)).graph.text()
+    q, k, v = Case(1, 2, 2, 20, 20, 16, 16).tensors()
+    assert_matches_reference(numpy_spec, q, k, v)
+    # a comparison with the numpy scalar on its left is numpy's (greater_equal(2, kv_idx)), Python's the mirror
+    left = spec(np.int64(5), np.float32(0.75), np.int64(1), first=np.int64(2))
+    assert torch.equal(ag.compile(left)(q, k, v), ag.compile(spec(5, 0.75, 1, first=2))(q, k, v))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
