@@ -163,7 +163,8 @@ def entmax(z: torch.Tensor, keep: torch.Tensor, alpha: float | torch.Tensor) -> 
     to the dtype's precision; its gradient from one Newton step written with torch ops, which at the
     solution is the implicit function's derivative."""
     power = 1.0 / (alpha - 1)
-    x = torch.where(keep, (alpha - 1) * z, float("-inf"))
+    live = keep & (z != float("-inf"))  # a key score_mod drops weighs 0 and passes alpha no gradient (0 * inf)
+    x = torch.where(live, (alpha - 1) * torch.where(live, z, 0.0), float("-inf"))
 
     def weights(tau):
         u = torch.relu(x - tau)  # no gradient where u = 0 (clamp would pass it), as in the kernels
