@@ -153,8 +153,12 @@ class ScalableSoftmax(Normalization):
 
     def logits(self, score, h, n):
         # log(n) at least float32's smallest normal, 2^-126: with one key a score of -inf (a key score_mod drops)
-        # stays -inf, not 0 * inf = NaN, and a finite one's logit is within 1e-37 of 0 (a per-row clamp, free)
-        return score * per_head(self.s, h) * torch.clamp(torch.log(n), min=2.0 ** -126)
+        # stays -inf, not 0 * inf = NaN, and a finite one's logit is within 1e-37 of 0 (a per-row clamp, free);
+        # such a key passes a learnable s no gradient (not 0 * inf either): the selects fold away where
+        # score_mod keeps scores finite
+        scale = per_head(self.s, h) * torch.clamp(torch.log(n), min=2.0 ** -126)
+        live = score != float("-inf")
+        return torch.where(live, torch.where(live, score, 0.0) * scale, score)
 
 
 class AffineSoftmax(Normalization):

@@ -2,7 +2,8 @@
 
 ``x * 0`` is not folded (``inf * 0`` is NaN), nor are ``x - x`` and ``x <= x``
 for a float ``x``; an identity is only applied when the argument has the
-node's dtype (``q_idx * 1.0`` converts to float).
+node's dtype (``q_idx * 1.0`` converts to float). ``x != -inf`` is True where
+``x`` is finite by how it is built.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def _identity(new: Graph, op: str, args: tuple[int, ...]) -> int | None:
     return None
 
 
+def _against_infinity(graph: Graph, op: str, args: tuple[int, ...]) -> bool | None:
+    """``x == inf`` / ``x != -inf`` (either side, either sign) for an ``x`` finite by construction
+    (:meth:`Graph.finite`): False / True."""
+    if op not in ("eq", "ne"):
+        return None
+    for x, other in (args, args[::-1]):
+        value = graph.node(other)["value"] if graph.is_const(other) else None
+        if isinstance(value, float) and math.isinf(value) and graph.finite(x):
+            return op == "ne"
+    return None
+
+
 def fold_node(graph: Graph, op: str, args: tuple[int, ...], dtype: str | None = None) -> int:
     """``op(args)`` appended to ``graph``, unless it is a constant or equals an argument."""
     dtype = dtype or result_dtype(op, (graph.dtype(a) for a in args))
@@ -73,7 +86,7 @@ def fold_node(graph: Graph, op: str, args: tuple[int, ...], dtype: str | None = 
         value = _evaluate(graph, op, dtype, args)
     else:
         same_args = op in _SAME_ARGS and args[0] == args[1] and graph.dtype(args[0]) != "float"
-        value = _SAME_ARGS[op] if same_args else None
+        value = _SAME_ARGS[op] if same_args else _against_infinity(graph, op, args)
     if value is not None:
         return graph.add("const", (), dtype, value=value)
     same = _identity(graph, op, args)
