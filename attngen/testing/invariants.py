@@ -83,10 +83,11 @@ def key_permutation(spec: AttentionSpec, case: Case) -> list[Comparison]:
 
 def rows_sum_to_one(spec: AttentionSpec, case: Case) -> list[Comparison]:
     """The weights (as a fused full map) of a softmax without sink or affine output, and of sparsemax /
-    entmax, sum to 1 on rows with a kept key and to 0 on the others."""
+    entmax, sum to 1 on rows with a kept key and to 0 on the others (not differential attention's, which has
+    no maps)."""
     norm = spec.normalization
     softmax = norm.family == "softmax" and norm.sink is None and norm.affine is None
-    if not (softmax or norm.family == "threshold"):
+    if not (softmax or norm.family == "threshold") or spec.differential is not None:
         return []
     row_stat = "lse" if softmax else "support"  # finite lse, or a key of nonzero weight: the row has keys
     mapped = dataclasses.replace(spec, stats=(row_stat, stats_module.pooled(1, 1, "sum", name="weights")))
