@@ -262,7 +262,8 @@ def test_fold_same_argument_and_absorbing_identities():
         (lambda g, s, q, f: op(g, "not", (op(g, "not", (f,)),)), "gt(input q_idx, input kv_idx)"),
         # a value finite by construction is never infinite; a float load may be
         (lambda g, s, q, f: op(g, "ne", (op(g, "mul", (s, const(g, 2.0))), const(g, -math.inf))), True),
-        (lambda g, s, q, f: op(g, "eq", (const(g, math.inf), op(g, "tanh", (s,)))), False),
+        (lambda g, s, q, f: op(g, "ne", (const(g, -math.inf), op(g, "tanh", (s,)))), True),
+        (lambda g, s, q, f: op(g, "eq", (s, const(g, math.inf))), "eq(input score, const inf)"),  # isinf's
         (lambda g, s, q, f: op(g, "ne", (op(g, "log", (s,)), const(g, -math.inf))),
          "ne(log(%0), const -inf)"),
         (lambda g, s, q, f: op(g, "ne", (s, const(g, 1.0))), "ne(input score, const 1.0)"),

@@ -67,15 +67,15 @@ def _identity(new: Graph, op: str, args: tuple[int, ...]) -> int | None:
     return None
 
 
-def _against_infinity(graph: Graph, op: str, args: tuple[int, ...]) -> bool | None:
-    """``x == inf`` / ``x != -inf`` (either side, either sign) for an ``x`` finite by construction
-    (:meth:`Graph.finite`): False / True."""
-    if op not in ("eq", "ne"):
+def _not_minus_infinity(graph: Graph, op: str, args: tuple[int, ...]) -> bool | None:
+    """True for ``x != -inf`` (either side) where ``x`` is finite by construction (:meth:`Graph.finite`): the
+    guard of a key score_mod may drop. Other comparisons with infinities (``torch.isinf``, ``nan_to_num``) stay
+    as written."""
+    if op != "ne":
         return None
     for x, other in (args, args[::-1]):
-        value = graph.node(other)["value"] if graph.is_const(other) else None
-        if isinstance(value, float) and math.isinf(value) and graph.finite(x):
-            return op == "ne"
+        if graph.is_const(other, -math.inf) and graph.finite(x):
+            return True
     return None
 
 
@@ -86,7 +86,7 @@ def fold_node(graph: Graph, op: str, args: tuple[int, ...], dtype: str | None = 
         value = _evaluate(graph, op, dtype, args)
     else:
         same_args = op in _SAME_ARGS and args[0] == args[1] and graph.dtype(args[0]) != "float"
-        value = _SAME_ARGS[op] if same_args else _against_infinity(graph, op, args)
+        value = _SAME_ARGS[op] if same_args else _not_minus_infinity(graph, op, args)
     if value is not None:
         return graph.add("const", (), dtype, value=value)
     same = _identity(graph, op, args)
