@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from attngen.testing import AmbiguousTopK, Case, Float64, assert_matches_referen
 from attngen.testing import invariants, strategies
 from attngen.testing.cases import for_spec
 from attngen.testing.check import reproduction
-from attngen.testing.compare import Comparison, compare
+from attngen.testing.compare import Comparison, compare, max_error
 from attngen.testing.fuzz import FuzzReport, fuzz, fuzz_calls, fuzz_score_mods, fuzz_specs
 from attngen.testing.snippets import Snippet, program
 
@@ -99,6 +100,18 @@ def test_the_rule_is_twice_the_torch_error_plus_a_floor():
     result = compare("x", exact + 0.01, exact, exact + 0.1, torch.bfloat16)
     assert result.ok and result.bound == pytest.approx(2 * 0.1 + 4e-3 * 2.0)
     assert not compare("x", exact + 0.3, exact, exact + 0.1, torch.bfloat16).ok
+
+
+def test_a_nan_in_the_reference_matches_nothing():
+    """A NaN in the float64 reference is the spec's own (0 * inf): a kernel's NaN there is no match, whatever the
+    baseline (scalable softmax's learnable s had NaN gradients in kernels, reference and baseline alike, and
+    passed). Infinities of the same sign still match."""
+    expected = torch.tensor([1.0, math.nan], dtype=torch.float64)
+    result = compare("d s", expected.float(), expected, expected.float(), torch.float32)
+    assert not result.ok and str(result).startswith("d s (NaN in the float64 reference)")
+    infinite = torch.tensor([1.0, -math.inf], dtype=torch.float64)
+    assert compare("lse", infinite.float(), infinite, infinite.float(), torch.float32).ok
+    assert max_error(torch.tensor([math.nan]), torch.tensor([math.nan])) == math.inf
 
 
 @settings(max_examples=25, deadline=None)
