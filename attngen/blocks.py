@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from .scalars import integer
+
 
 class BlockMask:
     """Which blocks of ``block_size = (block_q, block_k)`` tokens attend.
@@ -29,11 +31,12 @@ class BlockMask:
                              f"(or indices)], got {_describe(blocks)}")
         if blocks.is_floating_point() or blocks.is_complex():
             raise TypeError(f"block_mask must be a bool tensor or integer block indices, got {blocks.dtype}")
-        sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-        if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        sizes = (block_size, block_size) if integer(block_size) is not None \
+            else tuple(block_size) if isinstance(block_size, (tuple, list)) else ()
+        if len(sizes) != 2 or not all(integer(s) is not None and s >= 1 for s in sizes):
             raise ValueError(f"block_size must be a positive int or a pair (block_q, block_k), got {block_size!r}")
         self.blocks = blocks
-        self.block_size = sizes
+        self.block_size = tuple(integer(s) for s in sizes)
 
     @classmethod
     def from_dense(cls, blocks: torch.Tensor, q_len: int, kv_len: int) -> BlockMask:

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .errors import SpecError
+from .scalars import real
 from .spec import _check_arity, _show, _source
 
 
@@ -55,12 +56,13 @@ def _gated(decay) -> bool:
     return isinstance(decay, str) and decay == "gated"
 
 
-def _check_decay(decay) -> None:
+def _check_decay(decay):
+    """``decay`` as the spec keeps it (a number as a Python one), or a SpecError."""
     if decay is None or _gated(decay):
-        return
+        return decay
     if isinstance(decay, str):
         raise SpecError(f"decay must be None, a float in (0, 1], a per-head tensor or 'gated', got {decay!r}")
-    if isinstance(decay, bool) or not isinstance(decay, (int, float, torch.Tensor)):
+    if real(decay) is None and not isinstance(decay, torch.Tensor):
         raise SpecError(f"decay must be None, a float in (0, 1], a per-head tensor or 'gated', "
                         f"got {type(decay).__name__}")
     if isinstance(decay, torch.Tensor):
@@ -70,8 +72,10 @@ def _check_decay(decay) -> None:
         values = decay.detach()
         if not bool(((values > 0) & (values <= 1)).all()):
             raise SpecError(f"decay values must be in (0, 1], got {values.tolist()}")
-    elif not 0 < decay <= 1:
+        return decay
+    if not 0 < decay <= 1:
         raise SpecError(f"decay must be in (0, 1], got {decay}")
+    return real(decay)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class LinearAttentionSpec:
                                 f"got {self.feature_map!r}")
         else:
             _check_arity(self.feature_map, "feature_map", ("x",))
-        _check_decay(self.decay)
+        object.__setattr__(self, "decay", _check_decay(self.decay))
         for name in ("normalize", "causal"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -114,10 +118,10 @@ class LinearAttentionSpec:
         for name, value in (("scale", self.scale), ("eps", self.eps)):
             if value is None and name == "scale":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (name == "scale" and value == 0):
+            if real(value) is None or not math.isfinite(value) or value < 0 or (name == "scale" and value == 0):
                 raise SpecError(f"{name} must be a {'positive' if name == 'scale' else 'non-negative'} finite "
                                 f"number, got {value!r}")
+            object.__setattr__(self, name, real(value))
 
     @property
     def phi(self) -> Callable:

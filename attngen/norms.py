@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from .scalars import integer, real
+
 COUNTS = ("length", "unmasked")
 # the families whose kernels run an online softmax: softmax itself, softpick ("rectified"), whose terms
 # exp(l - m) - exp(-m) rescale with the running max m as exp(l - m) does, and the signed softmax of |l|
@@ -45,26 +47,28 @@ ONLINE_FAMILIES = ("softmax", "rectified", "signed")
 WEIGHT_FAMILIES = ("elementwise", "normalized")
 
 
-def _check_parameter(name: str, value, allow=()) -> None:
+def _check_parameter(name: str, value, allow=()):
+    """``value`` (a finite number, a float tensor of shape [heads] or [], or a string of ``allow``), with
+    a number as a Python one."""
     if isinstance(value, str) and value in allow:
-        return
+        return value
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a per-head tensor, got a bool")
-    if isinstance(value, (int, float)):
+    if real(value) is not None:
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        return
+        return real(value)
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.dim() > 1:
             raise TypeError(f"{name} must be a float or a floating-point tensor of shape [heads], "
                             f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
-        return
+        return value
     raise TypeError(f"{name} must be a float or a per-head tensor, got {type(value).__name__}")
 
 
 def _check_eps(name: str, eps) -> float:
     """``eps`` as a float, which must be positive and finite."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+    if real(eps) is None or not 0 < eps < math.inf:
         raise ValueError(f"{name} must be a positive float, got {eps!r}")
     return float(eps)
 
@@ -133,9 +137,7 @@ class Softmax(Normalization):
     """
 
     def __init__(self, sink=None):
-        if sink is not None:
-            _check_parameter("Softmax(sink=...)", sink)
-        self.sink = sink
+        self.sink = None if sink is None else _check_parameter("Softmax(sink=...)", sink)
 
 
 def OffByOne() -> Softmax:  # noqa: N802 - reads like the class it stands for
@@ -147,9 +149,8 @@ class ScalableSoftmax(Normalization):
     """Softmax of ``s * scale * log(n)`` (scalable softmax); ``scale`` float or per-head tensor."""
 
     def __init__(self, s=1.0, count: str = "length"):
-        _check_parameter("ScalableSoftmax(s=...)", s)
         _check_count(count)
-        self.s, self.count = s, count
+        self.s, self.count = _check_parameter("ScalableSoftmax(s=...)", s), count
 
     def logits(self, score, h, n):
         # log(n) at least float32's smallest normal, 2^-126: with one key a score of -inf (a key score_mod drops)
@@ -165,9 +166,8 @@ class AffineSoftmax(Normalization):
     """``p = alpha * softmax(s) + beta`` over the kept keys; alpha, beta float or per-head tensors."""
 
     def __init__(self, alpha=1.0, beta=0.0):
-        _check_parameter("AffineSoftmax(alpha=...)", alpha)
-        _check_parameter("AffineSoftmax(beta=...)", beta)
-        self.affine = (alpha, beta)
+        self.affine = (_check_parameter("AffineSoftmax(alpha=...)", alpha),
+                       _check_parameter("AffineSoftmax(beta=...)", beta))
 
 
 class Sigmoid(Normalization):
@@ -176,9 +176,8 @@ class Sigmoid(Normalization):
     family = "elementwise"
 
     def __init__(self, bias=0.0, count: str = "length"):
-        _check_parameter("Sigmoid(bias=...)", bias, allow=("-log n",))
         _check_count(count)
-        self.bias, self.count = bias, count
+        self.bias, self.count = _check_parameter("Sigmoid(bias=...)", bias, allow=("-log n",)), count
 
     def weight(self, score, h, n):
         bias = -torch.log(n) if isinstance(self.bias, str) else per_head(self.bias, h)
@@ -192,10 +191,10 @@ class ReLU(Normalization):
     exact_zeros = True
 
     def __init__(self, power: int = 1, normalize: str = "length"):
-        if power not in (1, 2, 3):
+        if integer(power) not in (1, 2, 3):
             raise ValueError(f"ReLU(power=...) must be 1, 2 or 3, got {power!r}")
         _check_count(normalize)
-        self.power, self.count = power, normalize
+        self.power, self.count = integer(power), normalize
 
     def weight(self, score, h, n):
         return torch.clamp(score, min=0.0) ** self.power / n
@@ -277,13 +276,12 @@ class Entmax(Normalization):
     def __init__(self, alpha: float | torch.Tensor = 1.5, iterations: int | None = None):
         if isinstance(alpha, torch.Tensor):
             _check_parameter("Entmax(alpha=...)", alpha)
-        elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 1 < alpha <= 2:
+        elif real(alpha) is None or not 1 < alpha <= 2:
             raise ValueError(f"Entmax(alpha=...) must be a number in (1, 2] or a per-head tensor, got {alpha!r}")
-        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
-                                       or not 1 <= iterations <= 64):
+        if iterations is not None and (integer(iterations) is None or not 1 <= iterations <= 64):
             raise ValueError(f"Entmax(iterations=...) must be an int between 1 and 64, got {iterations!r}")
         self.alpha = alpha if isinstance(alpha, torch.Tensor) else float(alpha)
-        self.iterations = iterations or (8 if not self.per_head and self.alpha == 2.0 else 14)
+        self.iterations = integer(iterations) or (8 if not self.per_head and self.alpha == 2.0 else 14)
 
     @property
     def per_head(self) -> bool:

@@ -361,9 +361,9 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
               dropout_p: float = 0.0, margins: bool = False):
     """``out`` (and ``Stats`` with return_stats) of ``spec`` on q, k, v, materialized.
 
-    ``kv_lens`` ([B]): k and v are caches of which batch entry ``b`` holds ``kv_lens[b]`` keys;
-    queries sit at ``q_idx + q_offset[b]`` (default ``kv_lens - Lq``); with ``block_table`` they
-    are pages of a paged cache (see :func:`gather_pages`). ``cu_seqlens_q``/``_k``
+    ``kv_lens`` ([B], or an int for every entry): k and v are caches of which batch entry ``b`` holds
+    ``kv_lens[b]`` keys; queries sit at ``q_idx + q_offset[b]`` (default ``kv_lens - Lq``); with
+    ``block_table`` they are pages of a paged cache (see :func:`gather_pages`). ``cu_seqlens_q``/``_k``
     ([B + 1]): q, k, v are sequences packed as ``(tokens, heads, dim)``; row statistics come back
     as ``[heads, tokens]``. Both are computed one batch entry or sequence at a time, as separate
     calls (pooled maps, whose blocks would straddle them, are refused). ``dropout_keep`` (bool,
@@ -381,7 +381,7 @@ def attention(q, k, v, spec: AttentionSpec | None = None, *, return_stats: bool 
     if cu_seqlens_q is not None and any(s.block_q is not None for s in stats_module.map_stats(spec.stats)):
         raise ValueError("pooled maps are not defined for packed sequences")
     if cache:
-        kv_lens = torch.full((q.shape[0],), k.shape[2]) if kv_lens is None else kv_lens
+        kv_lens = torch.as_tensor(k.shape[2] if kv_lens is None else kv_lens).expand(q.shape[0])
         offsets = kv_lens - q.shape[2] if q_offset is None else torch.as_tensor(q_offset).expand(q.shape[0])
         keep = _dropout_slices(dropout_keep, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         summed = _maps_summed(spec)

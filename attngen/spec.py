@@ -12,6 +12,7 @@ import torch
 from . import stats as stats_module
 from .errors import SpecError
 from .norms import WEIGHT_FAMILIES, Normalization, Softmax
+from .scalars import integer, real
 
 
 def _check_arity(fn: Callable, name: str, params: tuple[str, ...]) -> None:
@@ -75,10 +76,11 @@ class AttentionSpec:
                             f"got {self.normalization!r}")
         row_stats = self.normalization.family == "softmax"
         if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
-                    or not math.isfinite(self.scale) or self.scale <= 0:
+            scale = real(self.scale)
+            if scale is None or not math.isfinite(scale) or scale <= 0:
                 raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
-        check_dropout(self.dropout_p, "dropout_p")
+            object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "dropout_p", check_dropout(self.dropout_p, "dropout_p"))
         _check_differential(self)
         _check_top_k(self)
         if self.stats is None:
@@ -97,7 +99,7 @@ class AttentionSpec:
         weight_fn = getattr(self.normalization, "fn", None)  # Elementwise's and Normalized's function
         return [*_source("score_mod", self.score_mod), *second, *_source("mask_mod", self.mask_mod),
                 f"normalization = {self.normalization!r}", *(_source("fn", weight_fn) if weight_fn else []),
-                f"scale = {'1/sqrt(Dqk)' if self.scale is None else self.scale!r}",
+                f"scale = {'1/sqrt(Dqk)' if self.scale is None else repr(self.scale)}",
                 f"stats = {self.stats!r}"] + ([f"dropout_p = {self.dropout_p!r}"] if self.dropout_p else []) \
             + ([f"top_k = {self.top_k!r}"] if self.top_k is not None else [])
 
@@ -111,9 +113,14 @@ def _check_differential(spec: AttentionSpec) -> None:
     if spec.differential is None:
         return
     lam = spec.differential
-    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam)) and not (
-            isinstance(lam, torch.Tensor) and lam.is_floating_point() and lam.dim() <= 1):
+    if isinstance(lam, torch.Tensor):
+        if not lam.is_floating_point() or lam.dim() > 1:
+            raise SpecError(f"differential must be a finite float or a per-head float tensor (lambda), got a "
+                            f"{lam.dtype} tensor of shape {tuple(lam.shape)}")
+    elif real(lam) is None or not math.isfinite(lam):
         raise SpecError(f"differential must be a finite float or a per-head float tensor (lambda), got {lam!r}")
+    else:
+        object.__setattr__(spec, "differential", real(lam))
     norm = spec.normalization
     if norm.family != "softmax" or norm.sink is not None or norm.affine is not None:
         raise SpecError(f"differential attention subtracts two softmaxes; its normalization must be a softmax "
@@ -132,9 +139,11 @@ def _check_top_k(spec: AttentionSpec) -> None:
     """Top-k attention's k and the normalizations it keeps a row's largest logits of."""
     if spec.top_k is None:
         return
-    if isinstance(spec.top_k, bool) or not isinstance(spec.top_k, int) or spec.top_k < 1:
+    top_k = integer(spec.top_k)
+    if top_k is None or top_k < 1:
         raise SpecError(f"top_k must be a positive int (how many of each row's largest logits to keep), "
                         f"got {spec.top_k!r}")
+    object.__setattr__(spec, "top_k", top_k)
     norm = spec.normalization
     if not takes_top_k(norm) or spec.differential is not None:
         raise SpecError(f"top_k keeps a row's largest logits: its normalization must take logits (the softmax "
@@ -143,10 +152,12 @@ def _check_top_k(spec: AttentionSpec) -> None:
                         + (" with differential" if spec.differential is not None else ""))
 
 
-def check_dropout(rate, name: str) -> None:
-    """Refuse a dropout probability outside [0, 1)."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+def check_dropout(rate, name: str) -> int | float:
+    """``rate`` as a Python number; a dropout probability outside [0, 1) is refused."""
+    number = real(rate)
+    if number is None or not 0 <= number < 1:
         raise SpecError(f"{name} must be a number in [0, 1), got {rate!r}")
+    return number
 
 
 def _check_stats(stats: tuple, normalization: Normalization) -> None:
@@ -181,6 +192,8 @@ def _source(name: str, fn: Callable | None) -> list[str]:
     if fn is None:
         return [f"{name} = None"]
     label = getattr(fn, "name", None) or getattr(fn, "__qualname__", repr(fn))
+    if getattr(getattr(fn, "fn", None), "__module__", None) == "attngen.masks":
+        return [f"{name} = {label}"]  # a mask of attngen.masks, whose name spells it out
     try:
         lines = inspect.getsource(getattr(fn, "fn", fn)).strip().splitlines()
     except (OSError, TypeError):

@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from .scalars import integer
+
 ROW_STATS = ("lse", "max", "entropy", "support")
 # the normalizations whose weights are a distribution of their own, which the "entropy" is defined for beyond the
 # softmax family's: the kernels sum it themselves (a softmax's comes from its lse and mean logit); stick-breaking's
@@ -87,13 +89,13 @@ class MapStat:
 
     def __init__(self, name: str, block_q: int | None, block_k: int, reduce: str, reduce_heads: bool = False):
         for label, size in (("block_q", block_q), ("block_k", block_k)):
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            if size is not None and (integer(size) is None or size < 1):
                 raise ValueError(f"{label} must be a positive int, got {size!r}")
         if reduce not in self.REDUCTIONS:
             raise ValueError(f"reduce must be one of {self.REDUCTIONS}, got {reduce!r}")
         if not name.isidentifier():
             raise ValueError(f"stat name must be a Python identifier, got {name!r}")
-        self.name, self.block_q, self.block_k = name, block_q, block_k
+        self.name, self.block_q, self.block_k = name, integer(block_q), integer(block_k)
         self.reduce, self.reduce_heads = reduce, reduce_heads
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attngen as ag
-from attngen import reference
+from attngen import masks, norms, reference
 from attngen.testing import assert_matches_reference
 from variants import Case
 
@@ -235,6 +235,55 @@ def test_numpy_scalars_are_constants():
     # a comparison with the numpy scalar on its left is numpy's (greater_equal(2, kv_idx)), Python's the mirror
     left = spec(np.int64(5), np.float32(0.75), np.int64(1), first=np.int64(2))
     assert torch.equal(ag.compile(left)(q, k, v), ag.compile(spec(5, 0.75, 1, first=2))(q, k, v))
+
+
+def _numeric_arguments(n):
+    """Specs built from the numbers of ``n`` (Python's or numpy's), one per argument that takes a number."""
+    return [ag.AttentionSpec(scale=n.scale, dropout_p=n.rate, mask_mod=masks.sliding_window(n.window, n.size)),
+            ag.AttentionSpec(top_k=n.size, normalization=norms.Entmax(n.alpha, iterations=n.size)),
+            ag.AttentionSpec(normalization=norms.Softmax(sink=n.scale), mask_mod=masks.chunked(n.size)),
+            ag.AttentionSpec(normalization=norms.AffineSoftmax(n.alpha, n.scale), mask_mod=masks.prefix_lm(n.window)),
+            ag.AttentionSpec(normalization=norms.ScalableSoftmax(n.alpha), stats=ag.stats.pooled(n.size, n.window)),
+            ag.AttentionSpec(normalization=norms.Sigmoid(n.scale)),
+            ag.AttentionSpec(normalization=norms.ReLU(n.size)),
+            ag.AttentionSpec(differential=n.rate),
+            ag.LinearAttentionSpec(decay=n.rate, scale=n.scale, eps=n.rate)]
+
+
+def test_numpy_scalars_as_arguments_are_the_numbers_they_hold():
+    """A number from a config or an array may be numpy's (np.float32(0.25), np.int64(3)) wherever an argument
+    takes a number: the spec, its description, its kernels and a call's result are those of Python's number."""
+    class Numbers:
+        def __init__(self, real, integer):
+            self.scale, self.rate, self.alpha = real(0.25), real(0.125), real(1.5)
+            self.window, self.size = integer(5), integer(2)
+
+    plain, numpy = Numbers(float, int), Numbers(np.float32, np.int64)
+    for python_spec, numpy_spec in zip(_numeric_arguments(plain), _numeric_arguments(numpy), strict=True):
+        assert numpy_spec.describe() == python_spec.describe()
+        assert ag.compile(numpy_spec).key == ag.compile(python_spec).key
+    q, k, v = Case(2, 2, 2, 6, 20, 16, 16).tensors()
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal, dropout_p=0.25))
+    calls = [dict(kv_lens=9, q_offset=3, seed=7), dict(kv_lens=np.int64(9), q_offset=np.int32(3), seed=np.int64(7))]
+    assert torch.equal(attn(q, k, v, **calls[0]), attn(q, k, v, **calls[1]))
+    assert_matches_reference(ag.AttentionSpec(mask_mod=ag.masks.causal), q, k, v, kv_lens=np.int64(9))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ag.AttentionSpec(top_k=np.bool_(True)), "top_k must be a positive int"),
+    (lambda: ag.AttentionSpec(scale=np.bool_(True)), "scale must be a positive finite number"),
+    (lambda: ag.AttentionSpec(scale=np.float32("nan")), "scale must be a positive finite number"),
+    (lambda: norms.Entmax(np.float32(2.5)), r"Entmax\(alpha=...\) must be a number in \(1, 2\]"),
+    (lambda: norms.ReLU(power=True), r"ReLU\(power=...\) must be 1, 2 or 3"),
+    (lambda: masks.sliding_window("8"), "sliding_window: left must be an int >= 0"),
+    (lambda: masks.prefix_lm(-1), "prefix_lm: prefix must be an int >= 0"),
+    (lambda: masks.chunked(np.float32(4)), "chunked: size must be a positive int"),
+    (lambda: ag.BlockMask(torch.ones(1, 1, 1, 1, dtype=torch.bool), 1.5), "block_size must be a positive int"),
+])
+def test_numbers_that_are_not_of_the_kind_asked_are_refused(make, message):
+    """bools (Python's or numpy's), floats where an int is asked and NaN are refused, naming the argument."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

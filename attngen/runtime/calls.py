@@ -13,6 +13,7 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import KERNEL_DTYPES, Shape, check_inputs, values_checkable
+from ..scalars import integer
 from ..spec import check_dropout
 from ..stats import Stats, map_stats
 from .variants import Variant, packed_tensors
@@ -45,8 +46,8 @@ class Call:
 
 def _integers(name: str, value, length: int, device) -> torch.Tensor:
     """``value`` (an int or a 1-d integer tensor of ``length``) as an int32 tensor on ``device``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return torch.full((length,), value, dtype=torch.int32, device=device)
+    if integer(value) is not None:
+        return torch.full((length,), integer(value), dtype=torch.int32, device=device)
     if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.is_floating_point() \
             or value.dtype == torch.bool or value.shape[0] != length:
         shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
@@ -145,14 +146,14 @@ def _check_pages_in_range(table: torch.Tensor, kv_lens: torch.Tensor, page_size:
 def _dropout(spec, dropout_p, seed, device) -> dict[str, torch.Tensor]:
     """The stand-ins of a call with dropout (none without): its probability and seed as tensors."""
     rate = spec.dropout_p if dropout_p is None else dropout_p
-    check_dropout(rate, "dropout_p")
+    rate = check_dropout(rate, "dropout_p")
     if rate == 0:
         return {}
     if seed is None:  # a fresh mask per call, reproducible under torch.manual_seed
         seed = int(torch.randint(0, 2**62, (1,)))
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if integer(seed) is None:
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return {"dropout_seed": torch.tensor([seed], dtype=torch.int64, device=device),
+    return {"dropout_seed": torch.tensor([integer(seed)], dtype=torch.int64, device=device),
             "dropout_p": torch.tensor([float(rate)], device=device)}
 
 

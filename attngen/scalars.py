@@ -1,0 +1,21 @@
+"""Numbers among the arguments: Python's and numpy's scalars alike (``np.float32(0.5)``,
+``np.int64(3)``), bools never. Each check reads its argument through these and keeps the Python
+number, so that specs, cache keys and generated code see one spelling of each value."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def integer(value) -> int | None:
+    """``value`` as a Python int if it is an integer, else None."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def real(value) -> int | float | None:
+    """``value`` as a Python int (an integer) or float (another real number), else None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return None
