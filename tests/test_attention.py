@@ -440,6 +440,40 @@ def test_backward_fills_no_memory_that_it_overwrites(normalization):
     assert not fills(lambda: out.backward(torch.randn_like(out)))
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_the_same_gradients(reentrant):
+    """torch.utils.checkpoint drops the forward's outputs and residuals and runs the forward again in the
+    backward: the gradients (a learnable capture's too) are those of the plain call."""
+    q, k, v = Case(1, 4, 2, 33, 40, 16, 16).tensors()
+    slopes = torch.linspace(-0.5, 0.5, 4).requires_grad_()
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + slopes[h] * (kv_idx - q_idx),
+                                       mask_mod=ag.masks.causal))
+    grads = []
+    for checkpointed in (False, True):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        slopes.grad = None
+        out = torch.utils.checkpoint.checkpoint(attn, *inputs, use_reentrant=reentrant) if checkpointed \
+            else attn(*inputs)
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in inputs] + [slopes.grad])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal)),
+                                  lambda: ag.compile(ag.LinearAttentionSpec())], ids=["attention", "linear"])
+def test_a_second_derivative_is_refused(make):
+    """The backward kernels' gradients are values torch cannot differentiate again: a backward that records a
+    graph (create_graph=True, for a gradient penalty or a Hessian-vector product) is refused; the second
+    derivative would otherwise lack attention's part (a gradient penalty's backward ran, without it)."""
+    q = Case(1, 2, 2, 9, 9, 16, 16).tensors()[0].requires_grad_()
+    attn = make()
+    out = attn(q, q, q)
+    with pytest.raises(RuntimeError, match=r"attngen computes first derivatives only.*create_graph=True"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    torch.autograd.grad(attn(q, q, q).sum(), q)  # a first derivative
+
+
 def test_one_call_form_matches_compiled_spec():
     q, k, v = Case(1, 2, 2, 30, 30, 16, 16, seed=3).tensors()
     softcap = lambda s, b, h, q_idx, kv_idx: 5.0 * torch.tanh(s / 5.0)  # noqa: E731
