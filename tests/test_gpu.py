@@ -212,6 +212,28 @@ def test_cuda_deterministic_mode_refuses_atomic_float_sums():
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_kernels_run_on_the_device_of_q_not_the_current_one():
+    """A model on cuda:1 while cuda:0 is current (no torch.cuda.set_device): the kernels launch on q's
+    device, forward and backward, attention and linear attention (and a dropout mask on its tensor's), and
+    give cuda:0's results."""
+    torch.cuda.set_device(0)
+    for spec in (ag.AttentionSpec(mask_mod=ag.masks.causal), LINEAR["gated"]):
+        attn = ag.compile(spec)
+        results = []
+        for device in ("cuda:0", "cuda:1"):
+            q, k, v = (t.requires_grad_() for t in Case(2, 4, 2, 129, 129, 64, 64).tensors(device=device))
+            call = {"log_decay": gates(Case(2, 4, 2, 129, 129, 64, 64)).to(device)} if spec is LINEAR["gated"] else {}
+            out = attn(q, k, v, **call)
+            out.square().sum().backward()
+            results.append([t.cpu() for t in (out, q.grad, k.grad, v.grad)])
+        for first, second in zip(*results):
+            torch.testing.assert_close(second, first)
+    attn = ag.compile(ag.AttentionSpec(dropout_p=0.25))
+    masks = [attn.dropout_keep(2, 3, 64, 64, 0.25, seed=5, device=device).cpu() for device in ("cuda:0", "cuda:1")]
+    assert torch.equal(*masks)
+
+
 def test_cuda_graph_replays_kv_cache_decoding():
     """A decode step captured in a CUDA graph, as serving loops run them: the call reads no values while
     capturing (kv_lens, and the offsets a table read at query positions is checked with), and each replay,

@@ -1,10 +1,12 @@
 """Compile cache, generated source, CLI entry point, and the GPU path."""
 
 import ast
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -138,6 +140,27 @@ def test_generated_mods_keep_their_lines_short():
 
 def _scaled_by(table):
     return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * table[h])
+
+
+@pytest.mark.parametrize("make", [lambda: ag.compile(ag.AttentionSpec()), lambda: ag.compile(ag.LinearAttentionSpec())],
+                         ids=["attention", "linear"])
+def test_kernels_launch_on_the_device_of_q(make, monkeypatch):
+    """Triton launches on the current CUDA device: a module's run_forward and run_backward switch to q's
+    device where it is another (a model on cuda:1 without torch.cuda.set_device), and only to launch."""
+    module = make()._kernels(torch.device("cpu"))
+    assert all(hasattr(getattr(module, name), "__wrapped__") for name in ("run_forward", "run_backward"))
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    run = module._on_its_device(lambda q, *args, **kwargs: (args, kwargs))
+
+    def on(device_type, index):
+        return types.SimpleNamespace(is_cuda=device_type == "cuda", device=types.SimpleNamespace(index=index))
+
+    assert run(on("cuda", 1), 2, memo=3) == ((2,), {"memo": 3}) and [d.index for d in entered] == [1]
+    for q, launch in ((on("cuda", 0), True), (on("cuda", 1), False), (on("cpu", None), True)):
+        assert run(q, launch=launch) == ((), {"launch": launch})
+    assert len(entered) == 1
 
 
 def test_captured_values_are_kernel_arguments_not_part_of_the_key():

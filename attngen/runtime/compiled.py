@@ -270,7 +270,8 @@ class CompiledAttention:
         """For tests: the dropout mask ``[batch, heads, q_len, kv_len]`` (True: kept) that a dense call
         with this ``dropout_p`` and ``seed`` applies."""
         kernels = self.for_call(Variant(dropout=True))._kernels(torch.device(device))
-        return kernels.dropout_keep(seed, dropout_p, batch, heads, q_len, kv_len, device)
+        keep = torch.zeros((batch, heads, q_len, kv_len), dtype=torch.int8, device=device)
+        return kernels.dropout_keep(keep, seed, dropout_p).bool()
 
     def _kernels(self, device: torch.device):
         """The kernel module for ``device``, rebuilt first if the captured tensors changed kind."""
