@@ -443,17 +443,20 @@ def test_backward_fills_no_memory_that_it_overwrites(normalization):
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_activation_checkpointing_recomputes_the_same_gradients(reentrant):
     """torch.utils.checkpoint drops the forward's outputs and residuals and runs the forward again in the
-    backward: the gradients (a learnable capture's too) are those of the plain call."""
+    backward: the gradients (a learnable capture's too) are those of the plain call, dropout's mask
+    included (its seed is drawn from torch's generator, whose state checkpoint restores to recompute)."""
     q, k, v = Case(1, 4, 2, 33, 40, 16, 16).tensors()
     slopes = torch.linspace(-0.5, 0.5, 4).requires_grad_()
     attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + slopes[h] * (kv_idx - q_idx),
-                                       mask_mod=ag.masks.causal))
+                                       mask_mod=ag.masks.causal, dropout_p=0.25))
     grads = []
     for checkpointed in (False, True):
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
         slopes.grad = None
+        torch.manual_seed(0)
         out = torch.utils.checkpoint.checkpoint(attn, *inputs, use_reentrant=reentrant) if checkpointed \
             else attn(*inputs)
+        torch.rand(1)  # the generator moves on before the backward
         out.backward(torch.ones_like(out))
         grads.append([t.grad for t in inputs] + [slopes.grad])
     for plain, recomputed in zip(*grads, strict=True):
