@@ -53,7 +53,7 @@ causal.__doc__ = "Query i sees keys 0..i."
 
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Query i sees keys i-left .. i+right (right=0: a causal window of left+1 keys)."""
-    _sizes("sliding_window", 0, left=left, right=right)
+    left, right = _sizes("sliding_window", 0, left=left, right=right)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx <= left) & (kv_idx - q_idx <= right),
                 f"sliding_window({left}, {right})")
 
@@ -65,7 +65,7 @@ def prefix_lm(prefix: int | torch.Tensor) -> Mask:
     """
     if isinstance(prefix, torch.Tensor):
         return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix[b]) | (q_idx >= kv_idx), "prefix_lm(tensor)")
-    _sizes("prefix_lm", 0, prefix=prefix)
+    [prefix] = _sizes("prefix_lm", 0, prefix=prefix)
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix) | (q_idx >= kv_idx), f"prefix_lm({prefix})")
 
 
@@ -78,32 +78,32 @@ def document(doc_ids: torch.Tensor) -> Mask:
 
 def chunked(size: int) -> Mask:
     """Queries see only keys of their own chunk of ``size`` positions (local, non-causal)."""
-    _sizes("chunked", 1, size=size)
+    [size] = _sizes("chunked", 1, size=size)
     return Mask(lambda b, h, q_idx, kv_idx: q_idx // size == kv_idx // size, f"chunked({size})")
 
 
 def block_causal(block: int) -> Mask:
     """Causal between blocks of ``block`` positions, full inside a block (block diffusion)."""
-    _sizes("block_causal", 1, block=block)
+    [block] = _sizes("block_causal", 1, block=block)
     return Mask(lambda b, h, q_idx, kv_idx: kv_idx // block <= q_idx // block, f"block_causal({block})")
 
 
 def dilated_sliding_window(window: int, dilation: int) -> Mask:
     """Causal window of ``window`` keys spaced ``dilation`` apart: q - kv in {0, d, ..., (window-1) d}."""
-    _sizes("dilated_sliding_window", 1, window=window, dilation=dilation)
+    window, dilation = _sizes("dilated_sliding_window", 1, window=window, dilation=dilation)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx >= 0) & (q_idx - kv_idx < window * dilation)
                 & ((q_idx - kv_idx) % dilation == 0), f"dilated_sliding_window({window}, {dilation})")
 
 
 def strided(stride: int) -> Mask:
     """Causal keys whose distance to the query is a multiple of ``stride`` (Sparse Transformer)."""
-    _sizes("strided", 1, stride=stride)
+    [stride] = _sizes("strided", 1, stride=stride)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % stride == 0), f"strided({stride})")
 
 
 def global_tokens(n: int) -> Mask:
     """The first ``n`` positions see and are seen by every position; combine with a local mask by ``|``."""
-    _sizes("global_tokens", 1, n=n)
+    [n] = _sizes("global_tokens", 1, n=n)
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < n) | (q_idx < n), f"global_tokens({n})")
 
 
@@ -125,7 +125,8 @@ def _window_1d(q, k, size: int, kernel: int, dilation: int):
 
 def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a row-major ``height x width`` grid (NATTEN-style, clamped at borders)."""
-    _sizes("neighborhood_2d", 1, height=height, width=width, kernel=kernel, dilation=dilation)
+    height, width, kernel, dilation = _sizes("neighborhood_2d", 1, height=height, width=width, kernel=kernel,
+                                             dilation=dilation)
 
     def mask(b, h, q_idx, kv_idx):
         rows = _window_1d(q_idx // width, kv_idx // width, height, kernel, dilation)
@@ -135,7 +136,8 @@ def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> 
 
 def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a ``depth x height x width`` volume (row-major), clamped at borders."""
-    _sizes("neighborhood_3d", 1, depth=depth, height=height, width=width, kernel=kernel, dilation=dilation)
+    depth, height, width, kernel, dilation = _sizes("neighborhood_3d", 1, depth=depth, height=height, width=width,
+                                                    kernel=kernel, dilation=dilation)
     plane = height * width
 
     def mask(b, h, q_idx, kv_idx):
@@ -145,9 +147,11 @@ def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: 
     return Mask(mask, f"neighborhood_3d({depth}, {height}, {width}, {kernel}, {dilation})")
 
 
-def _sizes(name: str, least: int, **sizes: int) -> None:
-    """Refuse a size that is not an int (numpy's included) of at least ``least``."""
+def _sizes(name: str, least: int, **sizes: int) -> tuple[int, ...]:
+    """The sizes as Python ints, in order; refuses one that is not an int (numpy's included) of at least
+    ``least``."""
     for label, value in sizes.items():
         if integer(value) is None or value < least:
             raise ValueError(f"{name}: {label} must be {'a positive int' if least else 'an int >= 0'}, "
                              f"got {value!r}")
+    return tuple(map(integer, sizes.values()))

@@ -269,6 +269,18 @@ def test_numpy_scalars_as_arguments_are_the_numbers_they_hold():
     assert_matches_reference(ag.AttentionSpec(mask_mod=ag.masks.causal), q, k, v, kv_lens=np.int64(9))
 
 
+def test_library_masks_compute_with_python_ints_whatever_sizes_they_are_given():
+    """A mask's sizes from numpy (np.uint8 from a compact config, np.int16) are used as Python ints: their
+    products inside the mask (window x dilation, height x width) overflowed numpy's type before, leaving a
+    dilated window of 16 x 16 with no key (uint8: 256 wraps to 0) and no error."""
+    q_idx, kv_idx = torch.arange(300)[:, None], torch.arange(300)[None]
+    for make, small in ((lambda n: masks.dilated_sliding_window(n(16), n(16)), np.uint8),
+                        (lambda n: masks.neighborhood_3d(n(2), n(200), n(200), n(3)), np.int16)):
+        python, numpy = make(int), make(small)
+        assert python(0, 0, q_idx, kv_idx).any() and torch.equal(numpy(0, 0, q_idx, kv_idx), python(0, 0, q_idx, kv_idx))
+        assert ag.compile(ag.AttentionSpec(mask_mod=numpy)).key == ag.compile(ag.AttentionSpec(mask_mod=python)).key
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: ag.AttentionSpec(top_k=np.bool_(True)), "top_k must be a positive int"),
     (lambda: ag.AttentionSpec(scale=np.bool_(True)), "scale must be a positive finite number"),
