@@ -277,7 +277,8 @@ def test_library_masks_compute_with_python_ints_whatever_sizes_they_are_given():
     for make, small in ((lambda n: masks.dilated_sliding_window(n(16), n(16)), np.uint8),
                         (lambda n: masks.neighborhood_3d(n(2), n(200), n(200), n(3)), np.int16)):
         python, numpy = make(int), make(small)
-        assert python(0, 0, q_idx, kv_idx).any() and torch.equal(numpy(0, 0, q_idx, kv_idx), python(0, 0, q_idx, kv_idx))
+        expected = python(0, 0, q_idx, kv_idx)
+        assert expected.any() and torch.equal(numpy(0, 0, q_idx, kv_idx), expected), python.name
         assert ag.compile(ag.AttentionSpec(mask_mod=numpy)).key == ag.compile(ag.AttentionSpec(mask_mod=python)).key
 
 
