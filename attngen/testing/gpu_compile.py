@@ -10,6 +10,7 @@ which tensor-core instructions its dots became. Nothing runs.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import re
 import subprocess
@@ -116,12 +117,13 @@ def _machine_code(cubin: bytes) -> str:
 
 
 def _loop_bodies(addresses: list[int], instructions: list[str]) -> tuple[int, ...]:
-    """For each branch back to an earlier address, how many instructions lie from there to the branch."""
+    """For each branch back to an earlier address, how many instructions lie from there to the branch
+    (``addresses`` ascend, as the SASS listing does)."""
     bodies = []
-    for address, instruction in zip(addresses, instructions):
+    for index, (address, instruction) in enumerate(zip(addresses, instructions)):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instruction)
         if target and int(target.group(1), 16) < address:
-            bodies.append(sum(int(target.group(1), 16) <= a <= address for a in addresses))
+            bodies.append(index + 1 - bisect.bisect_left(addresses, int(target.group(1), 16)))
     return tuple(bodies)
 
 
