@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PYTHON) examples/quickstart.py
 
-# pytest-xdist: one worker per core (the CI machine has 2), at most 4 as each takes up to 3 GB;
+# pytest-xdist: one worker per core (the CI machine has 2), at most 4 as each takes up to 2 GB;
 # worksteal evens out the tests' very unequal durations.
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
