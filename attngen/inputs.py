@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,24 @@ def _transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a torch.func transform (the kernels would get no storage to read);
     not asked while torch.compile traces, which cannot trace the question."""
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def under_autocast(call):
+    """``call(self, q, k, v, ...)`` as torch's SDPA and FlexAttention behave under ``torch.autocast``:
+    where autocast is on for q's device, q, k and v (float64 aside) are cast to its dtype and the call
+    runs with autocast off, so the launchers' and linear attention's own float32 products stay float32."""
+
+    @functools.wraps(call)
+    def cast(self, q, k, v, *args, **kwargs):
+        device = q.device.type if isinstance(q, torch.Tensor) else None
+        if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+            return call(self, q, k, v, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                   else t for t in (q, k, v))
+        with torch.autocast(device, enabled=False):
+            return call(self, q, k, v, *args, **kwargs)
+    return cast
 
 
 def check_inputs(q, k, v, dtypes=None, max_head_dim: int = MAX_HEAD_DIM) -> Shape:

@@ -367,6 +367,26 @@ def test_half_precision_within_twice_the_torch_error(name, dtype):
     assert_matches_reference(spec, q, k, v)
 
 
+def test_autocast_computes_in_its_dtype_as_sdpa_does():
+    """Under torch.autocast, SDPA and FlexAttention compute in autocast's dtype whatever mix of dtypes q, k
+    and v come in (a rotary embedding in float32 after a bfloat16 projection): attngen too, equal to the
+    call on bfloat16 inputs, with gradients in each input's own dtype."""
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal, stats=("lse",)))
+    q, k, v = Case(1, 4, 2, 33, 40, 16, 8, seed=3).tensors()
+    k = k.detach().bfloat16().requires_grad_()
+    halves = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, stats = attn(q, k, v, return_stats=True)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.float(), v, is_causal=True, enable_gqa=True)
+    expected, expected_stats = attn(*halves, return_stats=True)
+    assert out.dtype == sdpa.dtype == torch.bfloat16
+    assert torch.equal(out, expected) and torch.equal(stats.lse, expected_stats.lse)
+    (out.float().square().sum() + stats.lse.sum()).backward()
+    (expected.float().square().sum() + expected_stats.lse.sum()).backward()
+    for given, half in zip((q, k, v), halves):
+        assert given.grad.dtype == given.dtype and torch.equal(given.grad, half.grad.to(given.dtype))
+
+
 # learnable tensors read per head, per query and per key: their gradients are added up from per-row and
 # per-key parts that the backward kernels write
 PER_HEAD, PER_QUERY, PER_KEY = (torch.rand(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()

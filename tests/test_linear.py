@@ -206,3 +206,19 @@ def test_decay_one_equals_no_decay():
     torch.testing.assert_close(none, one)
     assert math.isclose(ag.LinearAttentionSpec(decay=0.5).log_decays(1, 1, 1, "cpu")[0, 0, 0].item(), math.log(0.5),
                         rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["all_keys", "causal"])
+def test_autocast_computes_in_its_dtype_with_float32_products_inside(causal):
+    """Under torch.autocast, q, k and v are cast to its dtype (as SDPA's are) and the rest runs as outside
+    it: the non-causal form's and step()'s float32 matrix products are not lowered to bfloat16."""
+    attn = ag.compile(ag.LinearAttentionSpec(causal=causal))
+    q, k, v = Case(1, 2, 2, 12, 12, 16, 8, seed=2).tensors(requires_grad=False)
+    halves = [t.bfloat16() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(q, k, v)
+        stepped = attn.step(q, k, v, ag.LinearState.zeros(1, 2, 16, 8)) if causal else None
+    assert out.dtype == torch.bfloat16 and torch.equal(out, attn(*halves))
+    if causal:
+        expected = attn.step(*halves, ag.LinearState.zeros(1, 2, 16, 8))
+        assert torch.equal(stepped[0], expected[0]) and torch.equal(stepped[1].kv, expected[1].kv)

@@ -15,7 +15,7 @@ from .. import stats as stats_module
 from ..codegen.render import compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
-from ..inputs import values_checkable
+from ..inputs import under_autocast, values_checkable
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..norms import WEIGHT_FAMILIES
@@ -229,6 +229,7 @@ class CompiledAttention:
         return plan.tile_states(attn.kernel_graph(), kernels, tensors, shape.batch, shape.q_heads, shape.q_len,
                                 shape.kv_len, config)
 
+    @under_autocast
     def __call__(self, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None,
                  cu_seqlens_q=None, cu_seqlens_k=None, mode: str | None = None, dropout_p: float | None = None,
                  seed: int | None = None, return_stats: bool = False):

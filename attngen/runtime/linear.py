@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ..codegen.render import compiler_digest, render_linear
-from ..inputs import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, check_inputs
+from ..inputs import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, check_inputs, under_autocast
 from ..linear import LinearAttentionSpec, LinearState
 from ..trace import trace_feature_map
 from . import tracing
@@ -80,6 +80,7 @@ class CompiledLinearAttention:
         path.write_text(source)
         return path
 
+    @under_autocast
     def __call__(self, q, k, v, *, log_decay=None, state=None, return_state: bool = False):
         """Causal linear attention of q [B,Hq,L,Dqk], k [B,Hkv,L,Dqk], v [B,Hkv,L,Dv] -> [B,Hq,L,Dv]
         (with ``causal=False``, k and v may have another length).
@@ -119,6 +120,7 @@ class CompiledLinearAttention:
             out = out / (phi_q @ phi_k.sum(2, keepdim=True).transpose(-1, -2) + self.spec.eps)
         return out.to(q.dtype)
 
+    @under_autocast
     def step(self, q, k, v, state: LinearState, *, log_decay=None):
         """Continue from ``state`` over the tokens of q [B,Hq,T,Dqk], k, v [B,Hkv,T,D] one at a time
         (the recurrent form, for decoding): returns ``(out [B,Hq,T,Dv], the new LinearState)``.
