@@ -150,8 +150,9 @@ def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: 
 def _sizes(name: str, least: int, **sizes: int) -> tuple[int, ...]:
     """The sizes as Python ints, in order; refuses one that is not an int (numpy's included) of at least
     ``least``."""
-    for label, value in sizes.items():
-        if integer(value) is None or value < least:
+    ints = {label: integer(value) for label, value in sizes.items()}
+    for label, value in ints.items():
+        if value is None or value < least:
             raise ValueError(f"{name}: {label} must be {'a positive int' if least else 'an int >= 0'}, "
-                             f"got {value!r}")
-    return tuple(map(integer, sizes.values()))
+                             f"got {sizes[label]!r}")
+    return tuple(ints.values())
