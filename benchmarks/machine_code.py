@@ -39,7 +39,7 @@ def report(names: list[str] | None, dims: list[tuple[int, int]], tiles: dict, le
                        for dim in (qk_dim, qk_dim, v_dim))
             for kernel in compile_for_gpu(ag.compile(specs[name]), q, k, v, tiles=tiles):
                 rows.append({"variant": name, "dim": qk_dim if qk_dim == v_dim else f"{qk_dim}/{v_dim}",
-                             **vars(kernel)})
+                             **kernel.numbers()})
     return rows
 
 

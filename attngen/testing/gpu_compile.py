@@ -15,7 +15,8 @@ import contextlib
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 import torch
 from triton import knobs
@@ -29,7 +30,7 @@ from ..runtime.linear import CompiledLinearAttention
 from ..runtime.loader import load_kernels
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CompiledKernel:
     """One kernel built for a GPU and what its machine code says about speed.
 
@@ -43,21 +44,63 @@ class CompiledKernel:
     ``instructions``: all its machine-code (SASS) instructions (static counts,
     loops counted once); ``loops``: the instructions of each loop body (from a
     backward branch's target to the branch; an outer loop counts its inner
-    ones), in the order they end: what runs per tile.
+    ones), in the order they end: what runs per tile. The machine-code numbers
+    are read from ``cubin`` (by ``cuobjdump``) when first asked for.
     """
 
     name: str
     phase: str
     shared_bytes: int
-    registers: int
-    spill_bytes: int
     wgmma: int
     mma_sync: int
-    mufu: int
-    instructions: int
-    loops: tuple[int, ...]
     num_warps: int
     num_stages: int
+    cubin: bytes = field(compare=False)
+
+    MACHINE_CODE_NUMBERS = ("registers", "spill_bytes", "mufu", "instructions", "loops")
+
+    @cached_property
+    def _machine_code(self) -> str:
+        """Resource usage (e.g. ``REG:168 STACK:0 ... LOCAL:0``) and SASS, by one ``cuobjdump``."""
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+            file.write(self.cubin)
+            file.flush()
+            return subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", "--dump-sass", file.name],
+                                  capture_output=True, text=True, check=True).stdout
+
+    @cached_property
+    def _usage(self) -> dict[str, int]:
+        return {name: int(value) for name, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", self._machine_code)}
+
+    @cached_property
+    def _sass(self) -> list[tuple[str, str]]:
+        """(hex address, instruction) of each SASS instruction, addresses ascending."""
+        return re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*)$", self._machine_code, re.MULTILINE)
+
+    @property
+    def registers(self) -> int:
+        return self._usage["REG"]
+
+    @property
+    def spill_bytes(self) -> int:
+        return self._usage["STACK"] + self._usage["LOCAL"]
+
+    @property
+    def mufu(self) -> int:
+        return len(re.findall(r"\bMUFU\.", self._machine_code))
+
+    @property
+    def instructions(self) -> int:
+        return len(self._sass)
+
+    @cached_property
+    def loops(self) -> tuple[int, ...]:
+        return _loop_bodies([int(address, 16) for address, _ in self._sass], [text for _, text in self._sass])
+
+    def numbers(self) -> dict:
+        """Its name, phase and every number above, by name (for tables and JSON)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "cubin"},
+                **{name: getattr(self, name) for name in self.MACHINE_CODE_NUMBERS}}
 
     def describe(self) -> str:
         """One line: its speed-relevant numbers."""
@@ -65,6 +108,9 @@ class CompiledKernel:
                 f"{self.wgmma} wgmma, {self.mma_sync} mma.sync, {self.mufu} MUFU of {self.instructions} instructions "
                 f"(loop bodies {', '.join(map(str, self.loops)) or 'none'}), "
                 f"{self.num_warps} warps x {self.num_stages} stages")
+
+    def __repr__(self) -> str:
+        return f"CompiledKernel({self.phase} {self.name}: {self.describe()})"
 
 
 class _TargetDriver:
@@ -84,36 +130,31 @@ class _TargetDriver:
 
 
 @contextlib.contextmanager
-def _compile_only(arch: int, built: list):
-    """Inside, ``kernel[grid](...)`` compiles for ``sm_<arch>`` and records the kernel instead of launching.
-    As no kernel writes them, ``torch.empty`` tensors are zeros there: the launchers read some back (the
-    entries that captured tensors' gradient parts add to)."""
-    launch, empty = KernelInterface.__getitem__, torch.empty
-
-    def warmup(self, grid):
-        def run(*args, **kwargs):
-            built.append(self.run(*args, grid=grid, warmup=True, **kwargs))
-        return run
-
-    previous = driver._active  # None on a machine without a GPU, where reset_active() would fail
-    driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
-    KernelInterface.__getitem__ = warmup
+def intercepted_launches(launch):
+    """Inside, ``kernel[grid](*args, **kwargs)`` calls ``launch(kernel, grid, args, kwargs)`` instead of
+    running the kernel. As no kernel writes them, ``torch.empty`` tensors are zeros there: the launchers
+    read some back (the entries that captured tensors' gradient parts add to)."""
+    getitem, empty = KernelInterface.__getitem__, torch.empty
+    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: launch(kernel, grid, args, kwargs)
     torch.empty = torch.zeros
     try:
         yield
     finally:
-        KernelInterface.__getitem__ = launch
+        KernelInterface.__getitem__ = getitem
         torch.empty = empty
+
+
+@contextlib.contextmanager
+def _compile_only(arch: int, built: list):
+    """Inside, ``kernel[grid](...)`` compiles for ``sm_<arch>`` and records the kernel instead of launching."""
+    previous = driver._active  # None on a machine without a GPU, where reset_active() would fail
+    driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+    try:
+        with intercepted_launches(lambda kernel, grid, args, kwargs: built.append(
+                kernel.run(*args, grid=grid, warmup=True, **kwargs))):
+            yield
+    finally:
         driver.set_active(previous)
-
-
-def _machine_code(cubin: bytes) -> str:
-    """One kernel's resource usage (e.g. ``REG:168 STACK:0 ... LOCAL:0``) and SASS, by one ``cuobjdump``."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", "--dump-sass", file.name],
-                              capture_output=True, text=True, check=True).stdout
 
 
 def _loop_bodies(addresses: list[int], instructions: list[str]) -> tuple[int, ...]:
@@ -128,14 +169,10 @@ def _loop_bodies(addresses: list[int], instructions: list[str]) -> tuple[int, ..
 
 
 def _describe(kernel, phase: str) -> CompiledKernel:
-    ptx, machine_code = kernel.asm["ptx"], _machine_code(kernel.asm["cubin"])
-    usage = {name: int(value) for name, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", machine_code)}
-    sass = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*)$", machine_code, re.MULTILINE)
-    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, usage["REG"], usage["STACK"] + usage["LOCAL"],
-                          len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
-                          len(re.findall(r"\bMUFU\.", machine_code)), len(sass),
-                          _loop_bodies([int(a, 16) for a, _ in sass], [text for _, text in sass]),
-                          kernel.metadata.num_warps, kernel.metadata.num_stages)
+    ptx = kernel.asm["ptx"]
+    return CompiledKernel(kernel.name, phase, kernel.metadata.shared, len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+                          len(re.findall(r"\bmma\.sync\b", ptx)), kernel.metadata.num_warps,
+                          kernel.metadata.num_stages, kernel.asm["cubin"])
 
 
 def _built(built: list, phases: list) -> list[CompiledKernel]:
