@@ -182,3 +182,36 @@ def test_interpreted_kernels_raise_no_numpy_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out, stats = ag.compile(spec)(q, k, v, return_stats=True)
         (out.square().sum() + stats.entropy.sum()).backward()
+
+
+CUDA_GRID_AXIS_LIMIT = 65535  # programs along a launch grid's axes 1 and 2 (axis 0: 2**31 - 1)
+
+
+@pytest.mark.parametrize("spec, call", [
+    (ag.AttentionSpec(mask_mod=ag.masks.document(torch.arange(16).repeat(2048, 1) // 5), dropout_p=0.1,
+                      stats=("lse", "max", ag.stats.pooled(8, 8, "mean", name="map"))), {}),
+    (ag.AttentionSpec(mask_mod=ag.masks.sliding_window(4)), {"mode": "decode", "kv_lens": torch.full((2048,), 9)}),
+    (ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal, top_k=4), {}),
+    (ag.AttentionSpec(normalization=ag.norms.StickBreaking(), mask_mod=ag.masks.causal), {}),
+    (ag.AttentionSpec(differential=0.5, mask_mod=ag.masks.causal), {}),
+], ids=["document_dropout_maps", "split_kv_gqa_packed", "sparsemax_top_k", "stick_breaking", "differential"])
+def test_launch_grids_stay_within_cudas_programs_per_axis(spec, call):
+    """CUDA launches at most 65535 programs along a grid's axes 1 and 2: one program per (batch entry,
+    head) along one axis would pass it at 2048 sequences of 32 heads, a decoding batch, and fail to
+    launch on a GPU. The grids of every kernel of a forward and backward are recorded (not run: the
+    interpreter would take minutes over 2**16 programs)."""
+    from attngen.testing.gpu_compile import intercepted_launches
+
+    q_len = 1 if call.get("mode") == "decode" else 16
+    q, k, v = (torch.randn(2048, heads, length, 16, requires_grad=True)
+               for heads, length in ((32, q_len), (8, 16), (8, 16)))
+    attn = ag.compile(spec)
+    grids = {}
+    with intercepted_launches(lambda kernel, grid, args, kwargs: grids.setdefault(kernel.fn.__name__, grid)):
+        out = attn(q, k, v, **call)
+        if "mode" not in call:
+            out.sum().backward()
+    assert len(grids) >= 2, grids
+    for name, grid in grids.items():
+        assert max(grid[1:]) <= CUDA_GRID_AXIS_LIMIT and grid[0] < 2**31, (name, grid)
+        assert grid[1:] in ((32, 2048), (8, 2048), (1, 2048)), (name, grid)  # heads (1: a mask plan's for all)

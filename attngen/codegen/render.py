@@ -140,7 +140,8 @@ def tile_loop(axis: str, layout: str, mask_params: str, body: Callable[[str], st
         add(body("masked"), 2)
 
     def listed_loop() -> None:
-        add(f"live_tiles = TILES + ({plan_row} * tl.num_programs(0) + {a['other_tile']}).to(tl.int64) "
+        tiles = "tl.num_programs(0) // SPLITS" if window else "tl.num_programs(0)"  # split-KV: SPLITS per tile
+        add(f"live_tiles = TILES + ({plan_row} * {tiles} + {a['other_tile']}).to(tl.int64) "
             f"* (({a['length']} + {block} - 1) // {block} + 2)", 0)
         add("n_live = tl.load(live_tiles + 1)" if grouped else "n_live = tl.load(live_tiles)", 0)
         first, last = "0", "n_live"
