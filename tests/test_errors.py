@@ -31,6 +31,7 @@ attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
     (("q", k, v), TypeError, "q must be a torch.Tensor"),
     ((q[..., :0], k[..., :0], v), ValueError, "head dim must be between 1"),
     ((q, k, torch.randn(1, 2, 16, 1025)), ValueError, "v head dim must be between 1 and 1024, got 1025"),
+    ((torch.zeros(65536, 1, 1, 8),) * 3, ValueError, "at most 65535 batch entries .* got a batch of 65536"),
 ])
 def test_bad_inputs(args, error, message):
     with pytest.raises(error, match=message):

@@ -14,6 +14,7 @@ import torch
 
 import attngen as ag
 from attngen.codegen.prune import without_unused_functions
+from attngen.runtime.calls import GRID_AXIS_LIMIT
 from attngen.runtime.variants import Variant
 
 SPEC_SCRIPT = textwrap.dedent("""
@@ -184,9 +185,6 @@ def test_interpreted_kernels_raise_no_numpy_warnings():
         (out.square().sum() + stats.entropy.sum()).backward()
 
 
-CUDA_GRID_AXIS_LIMIT = 65535  # programs along a launch grid's axes 1 and 2 (axis 0: 2**31 - 1)
-
-
 @pytest.mark.parametrize("spec, call", [
     (ag.AttentionSpec(mask_mod=ag.masks.document(torch.arange(16).repeat(2048, 1) // 5), dropout_p=0.1,
                       stats=("lse", "max", ag.stats.pooled(8, 8, "mean", name="map"))), {}),
@@ -213,5 +211,5 @@ def test_launch_grids_stay_within_cudas_programs_per_axis(spec, call):
             out.sum().backward()
     assert len(grids) >= 2, grids
     for name, grid in grids.items():
-        assert max(grid[1:]) <= CUDA_GRID_AXIS_LIMIT and grid[0] < 2**31, (name, grid)
+        assert max(grid[1:]) <= GRID_AXIS_LIMIT and grid[0] < 2**31, (name, grid)  # axis 0 takes 2**31 - 1
         assert grid[1:] in ((32, 2048), (8, 2048), (1, 2048)), (name, grid)  # heads (1: a mask plan's for all)

@@ -106,6 +106,7 @@ def _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k):
 
 
 MODES = (None, "auto", "decode", "prefill")
+GRID_AXIS_LIMIT = 65535  # programs along a CUDA launch grid's axes 1 and 2, the kernels' heads and batch entries
 
 
 def decoding(shape: Shape, q: torch.Tensor) -> bool:
@@ -180,6 +181,10 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         shape, tensors["block_table"] = _pages(q, k, v, block_table, kv_lens)
     else:
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
+    if max(shape.batch, shape.q_heads) > GRID_AXIS_LIMIT:
+        raise ValueError(f"a call takes at most {GRID_AXIS_LIMIT} batch entries and {GRID_AXIS_LIMIT} query heads "
+                         f"(a CUDA launch grid's programs along an axis), got a batch of {shape.batch} and "
+                         f"{shape.q_heads} query heads: split the call")
     if spec.differential is not None and shape.qk_dim % 2:
         raise ValueError(f"differential attention splits q and k in halves: their head dim must be even, "
                          f"got {shape.qk_dim}")
