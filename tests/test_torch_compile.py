@@ -264,3 +264,21 @@ def test_jagged_nested_tensors_inside_torch_compile(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "nested calls match" in done.stdout
+
+
+def test_fullgraph_compile_under_autocast():
+    """Autocast's cast of q, k and v and the call with autocast off trace without a graph break: the
+    output is eager's under autocast, in autocast's dtype, and the gradients reach the float32 inputs."""
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    outs, grads = [], []
+    for run in (attn, torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")):
+        q.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(run(q, k, v))
+        outs[-1].float().square().sum().backward()
+        grads.append(q.grad)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16 and grads[0].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
