@@ -54,6 +54,16 @@ def test_cuda_top_k(dtype, mode):
     assert_matches_reference(spec, q, k, v, mode=mode, kv_lens=torch.tensor([1500, 1100], device="cuda"))
 
 
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_cuda_launches_more_than_65535_batch_heads(mode):
+    """2048 sequences x 32 query heads: 65536 (batch, head) pairs, one past what a CUDA grid's axis 1
+    launches; the kernels take the heads and the batch entries on axes of their own."""
+    decode = mode == "decode"
+    q, k, v = Case(2048, 32, 8, 1 if decode else 16, 64, 32, 32, dtype=torch.bfloat16).tensors(device="cuda")
+    call = {"mode": mode, **({"kv_lens": torch.full((2048,), 50, device="cuda")} if decode else {})}
+    assert_matches_reference(ag.AttentionSpec(mask_mod=ag.masks.causal), q, k, v, **call)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_sigmoid_and_tanh_over_wide_scores(dtype):
     """exp2 on the GPU is approximate (ex2.approx): the reciprocal's Newton steps keep its accuracy."""
