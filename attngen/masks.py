@@ -8,6 +8,8 @@ absolute positions, as in FlexAttention: with Lq != Lk, ``causal`` lets query
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Callable
 
 import torch
@@ -18,26 +20,33 @@ MaskFn = Callable[..., object]
 
 
 class Mask:
-    """A named mask_mod that composes with ``&``, ``|`` and ``~``."""
+    """A named mask_mod that composes with ``&``, ``|`` and ``~``. It pickles as the call that made it
+    (``made_by``: a callable and its arguments; by default ``Mask(fn, name)``, for a module-level fn)."""
 
-    def __init__(self, fn: MaskFn, name: str):
+    def __init__(self, fn: MaskFn, name: str, made_by: tuple | None = None):
         self.fn = fn
         self.name = name
+        self.made_by = made_by
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self.fn(b, h, q_idx, kv_idx)
 
     def __and__(self, other: MaskFn) -> Mask:
-        return Mask(lambda b, h, q, k: self(b, h, q, k) & other(b, h, q, k), f"({self.name} & {_name(other)})")
+        return Mask(lambda b, h, q, k: self(b, h, q, k) & other(b, h, q, k), f"({self.name} & {_name(other)})",
+                    (operator.and_, (self, other)))
 
     def __or__(self, other: MaskFn) -> Mask:
-        return Mask(lambda b, h, q, k: self(b, h, q, k) | other(b, h, q, k), f"({self.name} | {_name(other)})")
+        return Mask(lambda b, h, q, k: self(b, h, q, k) | other(b, h, q, k), f"({self.name} | {_name(other)})",
+                    (operator.or_, (self, other)))
 
     __rand__ = __and__
     __ror__ = __or__
 
     def __invert__(self) -> Mask:
-        return Mask(lambda b, h, q, k: ~self(b, h, q, k), f"~{self.name}")
+        return Mask(lambda b, h, q, k: ~self(b, h, q, k), f"~{self.name}", (operator.invert, (self,)))
+
+    def __reduce__(self):
+        return self.made_by or (Mask, (self.fn, self.name))
 
     def __repr__(self) -> str:
         return self.name
@@ -47,10 +56,26 @@ def _name(fn: MaskFn) -> str:
     return fn.name if isinstance(fn, Mask) else getattr(fn, "__name__", repr(fn))
 
 
-causal = Mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, "causal")
+def _made_by_its_call(factory):
+    """``factory``'s masks pickle as the call that made them (their functions are closures)."""
+
+    @functools.wraps(factory)
+    def make(*args, **kwargs) -> Mask:
+        mask = factory(*args, **kwargs)
+        mask.made_by = (functools.partial(make, *args, **kwargs), ())
+        return mask
+    return make
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+causal = Mask(_causal, "causal")
 causal.__doc__ = "Query i sees keys 0..i."
 
 
+@_made_by_its_call
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Query i sees keys i-left .. i+right (right=0: a causal window of left+1 keys)."""
     left, right = _sizes("sliding_window", 0, left=left, right=right)
@@ -58,6 +83,7 @@ def sliding_window(left: int, right: int = 0) -> Mask:
                 f"sliding_window({left}, {right})")
 
 
+@_made_by_its_call
 def prefix_lm(prefix: int | torch.Tensor) -> Mask:
     """Keys before ``prefix`` are seen by every query, the rest causally.
 
@@ -69,6 +95,7 @@ def prefix_lm(prefix: int | torch.Tensor) -> Mask:
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix) | (q_idx >= kv_idx), f"prefix_lm({prefix})")
 
 
+@_made_by_its_call
 def document(doc_ids: torch.Tensor) -> Mask:
     """Queries see only keys of the same document; ``doc_ids`` is [B, L] (or [L]) integer ids."""
     if doc_ids.dim() == 1:
@@ -76,18 +103,21 @@ def document(doc_ids: torch.Tensor) -> Mask:
     return Mask(lambda b, h, q_idx, kv_idx: doc_ids[b, q_idx] == doc_ids[b, kv_idx], "document")
 
 
+@_made_by_its_call
 def chunked(size: int) -> Mask:
     """Queries see only keys of their own chunk of ``size`` positions (local, non-causal)."""
     [size] = _sizes("chunked", 1, size=size)
     return Mask(lambda b, h, q_idx, kv_idx: q_idx // size == kv_idx // size, f"chunked({size})")
 
 
+@_made_by_its_call
 def block_causal(block: int) -> Mask:
     """Causal between blocks of ``block`` positions, full inside a block (block diffusion)."""
     [block] = _sizes("block_causal", 1, block=block)
     return Mask(lambda b, h, q_idx, kv_idx: kv_idx // block <= q_idx // block, f"block_causal({block})")
 
 
+@_made_by_its_call
 def dilated_sliding_window(window: int, dilation: int) -> Mask:
     """Causal window of ``window`` keys spaced ``dilation`` apart: q - kv in {0, d, ..., (window-1) d}."""
     window, dilation = _sizes("dilated_sliding_window", 1, window=window, dilation=dilation)
@@ -95,18 +125,21 @@ def dilated_sliding_window(window: int, dilation: int) -> Mask:
                 & ((q_idx - kv_idx) % dilation == 0), f"dilated_sliding_window({window}, {dilation})")
 
 
+@_made_by_its_call
 def strided(stride: int) -> Mask:
     """Causal keys whose distance to the query is a multiple of ``stride`` (Sparse Transformer)."""
     [stride] = _sizes("strided", 1, stride=stride)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % stride == 0), f"strided({stride})")
 
 
+@_made_by_its_call
 def global_tokens(n: int) -> Mask:
     """The first ``n`` positions see and are seen by every position; combine with a local mask by ``|``."""
     [n] = _sizes("global_tokens", 1, n=n)
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < n) | (q_idx < n), f"global_tokens({n})")
 
 
+@_made_by_its_call
 def padding(lengths: torch.Tensor) -> Mask:
     """Keys at or past ``lengths[b]`` (an integer tensor of shape [B]) are padding."""
     return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], "padding")
@@ -123,6 +156,7 @@ def _window_1d(q, k, size: int, kernel: int, dilation: int):
     return (k % dilation == group) & (position >= start) & (position < start + kernel)
 
 
+@_made_by_its_call
 def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a row-major ``height x width`` grid (NATTEN-style, clamped at borders)."""
     height, width, kernel, dilation = _sizes("neighborhood_2d", 1, height=height, width=width, kernel=kernel,
@@ -134,6 +168,7 @@ def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> 
     return Mask(mask, f"neighborhood_2d({height}, {width}, {kernel}, {dilation})")
 
 
+@_made_by_its_call
 def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a ``depth x height x width`` volume (row-major), clamped at borders."""
     depth, height, width, kernel, dilation = _sizes("neighborhood_3d", 1, depth=depth, height=height, width=width,

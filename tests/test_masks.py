@@ -1,6 +1,7 @@
 """The mask library: each mask's pattern, and kernels with it against float64."""
 
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -45,6 +46,16 @@ def _natten_window(position, size, kernel, dilation):
     index = group.index(position)
     start = max(0, min(index - kernel // 2, len(group) - kernel))
     return set(group[start:start + kernel])
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_masks_pickle_as_the_calls_that_made_them(name):
+    """A model holding a mask pickles (torch.save of a whole module): each mask comes back as its
+    factory's call or its combinators', with the same name and pattern."""
+    mask = LIBRARY[name]
+    loaded = pickle.loads(pickle.dumps(mask))
+    assert loaded.name == mask.name and loaded.fn is not mask.fn
+    assert torch.equal(keep_matrix(loaded, batch=2), keep_matrix(mask, batch=2))
 
 
 @pytest.mark.parametrize("height, width, kernel, dilation", [(5, 7, 3, 1), (6, 6, 3, 2), (4, 9, 5, 1)])

@@ -2,6 +2,7 @@
 
 import ast
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -213,3 +214,55 @@ def test_launch_grids_stay_within_cudas_programs_per_axis(spec, call):
     for name, grid in grids.items():
         assert max(grid[1:]) <= GRID_AXIS_LIMIT and grid[0] < 2**31, (name, grid)  # axis 0 takes 2**31 - 1
         assert grid[1:] in ((32, 2048), (8, 2048), (1, 2048)), (name, grid)  # heads (1: a mask plan's for all)
+
+
+def _relative_bias(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx)
+
+
+SLOPES = torch.tensor([0.5, 0.25])
+
+
+class _WithSink(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sink = torch.nn.Parameter(torch.zeros(2))
+        self.attn = ag.compile(ag.AttentionSpec(score_mod=_relative_bias, normalization=ag.norms.Softmax(
+            sink=self.sink), mask_mod=ag.masks.sliding_window(6) & ag.masks.causal))
+        self.linear = ag.compile(ag.LinearAttentionSpec(decay=0.9))
+
+    def forward(self, q):
+        return self.attn(q, q, q) + self.linear(q, q, q)
+
+
+def test_a_model_holding_compiled_attention_saves_whole(tmp_path):
+    """torch.save(model) pickles a CompiledAttention as its spec (module-level mods, library masks), compiled
+    again on load; the loaded spec's learnable sink is the loaded module's parameter, as it was before."""
+    model = _WithSink()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    q = torch.randn(1, 2, 12, 8)
+    torch.testing.assert_close(loaded(q), model(q), atol=0, rtol=0)
+    assert loaded.attn.spec.normalization.sink is loaded.sink
+    loaded(q).sum().backward()
+    assert loaded.sink.grad is not None and torch.all(loaded.sink.grad != 0)
+
+
+def test_a_deep_copied_model_reads_its_own_buffers():
+    """deepcopy copies what a CompiledAttention holds (unlike pickling, which recompiles the spec): a
+    buffer its score_mod reads through a closure over the module is the copy's in the copy."""
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slopes", torch.tensor([0.5, 0.25]))
+            self.attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q, k: s + self.slopes[h] * (k - q),
+                                                    mask_mod=ag.masks.causal))
+
+        def forward(self, q):
+            return self.attn(q, q, q)
+
+    model, q = Biased(), torch.randn(1, 2, 12, 8)
+    before = model(q)
+    copied = copy.deepcopy(model)
+    copied.slopes.mul_(4)
+    assert torch.equal(model(q), before) and not torch.equal(copied(q), before)

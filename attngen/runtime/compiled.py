@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -185,6 +186,18 @@ class CompiledAttention:
         """Build and import the kernels of a call of kind ``call`` (:meth:`Variant.encode`) on
         ``device``: what a call traced by torch.compile cannot do itself (see :mod:`.tracing`)."""
         self.for_call(Variant.decode(call))._kernels(device)
+
+    def __reduce__(self):
+        """Pickles as its spec (with module-level mods), compiled again when loaded (from the disk cache)."""
+        return CompiledAttention, (self.spec, self.variant)
+
+    def __deepcopy__(self, memo):
+        """A copy of all it holds, not a recompiled spec: the tensors its graph captured (through a closure
+        too, which deepcopy does not copy) become the copies made by the same deepcopy, e.g. a copied
+        module's buffers."""
+        copied = memo[id(self)] = object.__new__(CompiledAttention)
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def for_call(self, variant: Variant) -> CompiledAttention:
         """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant."""

@@ -80,6 +80,10 @@ class CompiledLinearAttention:
         path.write_text(source)
         return path
 
+    def __reduce__(self):
+        """Pickles as its spec, compiled again when loaded (from the disk cache)."""
+        return CompiledLinearAttention, (self.spec,)
+
     @under_autocast
     def __call__(self, q, k, v, *, log_decay=None, state=None, return_state: bool = False):
         """Causal linear attention of q [B,Hq,L,Dqk], k [B,Hkv,L,Dqk], v [B,Hkv,L,Dv] -> [B,Hq,L,Dv]
