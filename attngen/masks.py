@@ -9,7 +9,6 @@ absolute positions, as in FlexAttention: with Lq != Lk, ``causal`` lets query
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Callable
 
 import torch
@@ -19,34 +18,47 @@ from .scalars import integer
 MaskFn = Callable[..., object]
 
 
+def _made_by_its_call(make_mask):
+    """``make_mask``'s masks pickle as the call that made them (their functions are closures)."""
+
+    @functools.wraps(make_mask)
+    def make(*args, **kwargs) -> Mask:
+        mask = make_mask(*args, **kwargs)
+        mask.made_by = functools.partial(make, *args, **kwargs)
+        return mask
+    return make
+
+
 class Mask:
     """A named mask_mod that composes with ``&``, ``|`` and ``~``. It pickles as the call that made it
-    (``made_by``: a callable and its arguments; by default ``Mask(fn, name)``, for a module-level fn)."""
+    (``made_by``, set by the library's mask factories and combinators; else as ``Mask(fn, name)``, for a
+    module-level fn)."""
 
-    def __init__(self, fn: MaskFn, name: str, made_by: tuple | None = None):
+    def __init__(self, fn: MaskFn, name: str):
         self.fn = fn
         self.name = name
-        self.made_by = made_by
+        self.made_by = None
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self.fn(b, h, q_idx, kv_idx)
 
+    @_made_by_its_call
     def __and__(self, other: MaskFn) -> Mask:
-        return Mask(lambda b, h, q, k: self(b, h, q, k) & other(b, h, q, k), f"({self.name} & {_name(other)})",
-                    (operator.and_, (self, other)))
+        return Mask(lambda b, h, q, k: self(b, h, q, k) & other(b, h, q, k), f"({self.name} & {_name(other)})")
 
+    @_made_by_its_call
     def __or__(self, other: MaskFn) -> Mask:
-        return Mask(lambda b, h, q, k: self(b, h, q, k) | other(b, h, q, k), f"({self.name} | {_name(other)})",
-                    (operator.or_, (self, other)))
+        return Mask(lambda b, h, q, k: self(b, h, q, k) | other(b, h, q, k), f"({self.name} | {_name(other)})")
 
     __rand__ = __and__
     __ror__ = __or__
 
+    @_made_by_its_call
     def __invert__(self) -> Mask:
-        return Mask(lambda b, h, q, k: ~self(b, h, q, k), f"~{self.name}", (operator.invert, (self,)))
+        return Mask(lambda b, h, q, k: ~self(b, h, q, k), f"~{self.name}")
 
     def __reduce__(self):
-        return self.made_by or (Mask, (self.fn, self.name))
+        return (self.made_by, ()) if self.made_by else (Mask, (self.fn, self.name))
 
     def __repr__(self) -> str:
         return self.name
@@ -54,17 +66,6 @@ class Mask:
 
 def _name(fn: MaskFn) -> str:
     return fn.name if isinstance(fn, Mask) else getattr(fn, "__name__", repr(fn))
-
-
-def _made_by_its_call(factory):
-    """``factory``'s masks pickle as the call that made them (their functions are closures)."""
-
-    @functools.wraps(factory)
-    def make(*args, **kwargs) -> Mask:
-        mask = factory(*args, **kwargs)
-        mask.made_by = (functools.partial(make, *args, **kwargs), ())
-        return mask
-    return make
 
 
 def _causal(b, h, q_idx, kv_idx):

@@ -216,11 +216,11 @@ def test_launch_grids_stay_within_cudas_programs_per_axis(spec, call):
         assert grid[1:] in ((32, 2048), (8, 2048), (1, 2048)), (name, grid)  # heads (1: a mask plan's for all)
 
 
+SLOPES = torch.tensor([0.5, 0.25])
+
+
 def _relative_bias(score, b, h, q_idx, kv_idx):
     return score + SLOPES[h] * (kv_idx - q_idx)
-
-
-SLOPES = torch.tensor([0.5, 0.25])
 
 
 class _WithSink(torch.nn.Module):

@@ -163,8 +163,8 @@ def _loop_bodies(addresses: list[int], instructions: list[str]) -> tuple[int, ..
     bodies = []
     for index, (address, instruction) in enumerate(zip(addresses, instructions)):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instruction)
-        if target and int(target.group(1), 16) < address:
-            bodies.append(index + 1 - bisect.bisect_left(addresses, int(target.group(1), 16)))
+        if target and (start := int(target.group(1), 16)) < address:
+            bodies.append(index + 1 - bisect.bisect_left(addresses, start))
     return tuple(bodies)
 
 
