@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attngen as ag
+from attngen.runtime.loader import load_kernels
 
 ROOT = pathlib.Path(__file__).parent.parent
 ALIBI = str(ROOT / "specs" / "alibi.py")
@@ -190,6 +191,56 @@ def test_exported_file_runs_without_attngen_and_matches(tmp_path):
     expected.sum().backward()
     for got, want in ((out, expected), (lse, stats.lse), (dq, q.grad), (dk, k.grad), (dv, v.grad)):
         assert torch.equal(got, want.detach())
+
+
+def _refusal(call, *args, **kwargs):
+    with pytest.raises((TypeError, ValueError)) as refused:
+        call(*args, **kwargs)
+    return type(refused.value), str(refused.value)
+
+
+def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
+    slopes = torch.linspace(0.1, 0.9, 4)
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx)))
+    module = load_kernels(attn.export(tmp_path / "refusing_alibi.py"), interpret=True)
+    q = torch.randn(1, 4, 9, 16)
+    wrong = {"dtypes": (q.bfloat16(), q, q), "float64": (q, q, q.double()), "q's head dim": (q[..., :8], q, q),
+             "rank": (q[0], q, q), "heads": (q, q[:, :3], q[:, :3]), "k and v lengths": (q, q, q[:, :, :5]),
+             "batch": (q, q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1)), "integers": (q, q, q.int()),
+             "head dim 0": (q[..., :0], q[..., :0], q)}
+    for what, (q_, k_, v_) in wrong.items():  # before: the mismatched head dim and dtypes ran, reading out of step
+        assert _refusal(module.forward, q_, k_, v_, slopes) == _refusal(attn, q_, k_, v_), what
+    assert "forward takes q, k, v and 1 more tensors (1 captured, then no parameters), got 0" in \
+        _refusal(module.forward, q, q, q)[1]
+    assert "tensor #0 after q, k and v must be a torch.Tensor on q's device (cpu), got meta" in \
+        _refusal(module.forward, q, q, q, slopes.to("meta"))[1]
+    torch.testing.assert_close(module.forward(q, q, q, slopes)[0], attn(q, q, q), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 projection's q beside a float32 rotary k, as attngen
+        out, lse = module.forward(q.bfloat16(), q, q, slopes)
+        assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+        torch.testing.assert_close(out, attn(q.bfloat16(), q, q), rtol=0, atol=0)
+
+
+def test_an_exported_linear_module_takes_inputs_as_attngen_does(tmp_path):
+    attn = ag.compile(ag.LinearAttentionSpec(feature_map="identity", decay="gated", normalize=False))
+    module = load_kernels(attn.export(tmp_path / "refusing_gated.py"), interpret=True)
+    q = torch.randn(1, 2, 9, 16)
+    g = -torch.rand(1, 2, 9)
+    assert _refusal(module.forward, q, q, q[..., :8].bfloat16(), g) == _refusal(attn, q, q, q[..., :8].bfloat16(),
+                                                                                  log_decay=g)
+    assert "q and k must have the same head dim, got 8 and 16" in _refusal(module.forward, q[..., :8], q, q, g)[1]
+    assert "q and k must have the same length, got 9 and 5" in _refusal(module.forward, q, q[:, :, :5], q[:, :, :5], g)[1]
+    assert "g must be a float32 tensor (1, 2, 9) on q's device (cpu), got torch.float32 (1, 2, 8)" in \
+        _refusal(module.forward, q, q, q, g[..., :8])[1]
+    out, state, state_n = module.forward(q, q, q, g)
+    assert "state_n must be a float32 tensor (1, 2, 16) on q's device (cpu), got torch.float32 (1, 2, 8)" in \
+        _refusal(module.forward, q, q, q, g, state=(state, state_n[..., :8]))[1]
+    assert "state must be None or the pair" in _refusal(module.forward, q, q, q, g, state=state)[1]
+    torch.testing.assert_close(out, attn(q, q, q, log_decay=g), rtol=0, atol=0)  # the spec's scale (1/4), not 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.forward(q, q.bfloat16(), q, g)[0]
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, attn(q, q.bfloat16(), q, log_decay=g), rtol=0, atol=0)
 
 
 CONCURRENT_COMPILE = textwrap.dedent("""

@@ -100,7 +100,7 @@ def test_generated_module_names_the_spec_and_imports_only_torch_and_triton(tmp_p
     source = attn.source
     assert "return 2.0 * torch.sigmoid(x)" in source and "decay = 0.5" in source
     imports = {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imports == {"functools", "hashlib", "warnings", "torch", "triton", "triton.language"}
+    assert imports == {"functools", "hashlib", "math", "warnings", "torch", "triton", "triton.language"}
     assert ag.compile(ag.LinearAttentionSpec(feature_map=_sigmoid_features, decay=0.5)).cache_hit
     assert attn.export(tmp_path / "linear.py").read_text() == source
 

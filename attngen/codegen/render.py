@@ -18,6 +18,7 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
+from ..qkv import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, check_qkv
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -539,6 +540,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "maps_rowdot": bool(grad_maps) and (softmax or threshold or normalized),
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
+        **_entry_point(MAX_HEAD_DIM),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -603,11 +605,19 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
-def render_linear(graph: Graph, spec_lines: list[str], normalize: bool) -> str:
+def _entry_point(max_head_dim: int) -> dict[str, str]:
+    """The template values with which a module's entry point takes q, k and v as attngen's calls do."""
+    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, autocast_qkv)),
+            "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
+
+
+def render_linear(graph: Graph, spec_lines: list[str], normalize: bool, scale: float | None, eps: float) -> str:
     """The Python source of a linear attention module; ``graph`` is the optimized trace of its feature
-    map (output ``score`` and its derivative ``d_score``)."""
+    map (output ``score`` and its derivative ``d_score``); ``scale`` and ``eps`` are the spec's, its entry
+    point's defaults (``scale`` None: 1/sqrt(Dqk))."""
     feature_lines, feature_backward_lines, _ = score_functions(TritonPrinter(graph))
     return _tidy(environment().get_template(LINEAR_TEMPLATE).render(
         version=__version__, template_version=TEMPLATE_VERSION, fingerprint=graph.fingerprint(),
         spec_lines=docstring_lines(spec_lines), normalize=normalize, feature_lines=feature_lines,
-        feature_backward_lines=feature_backward_lines))
+        feature_backward_lines=feature_backward_lines, scale=repr(None if scale is None else float(scale)),
+        eps=repr(float(eps)), **_entry_point(LINEAR_MAX_HEAD_DIM)))

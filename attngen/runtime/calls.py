@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import as_block_mask
-from ..inputs import KERNEL_DTYPES, Shape, check_inputs, values_checkable
+from ..inputs import Shape, check_inputs, values_checkable
+from ..qkv import KERNEL_DTYPES
 from ..scalars import integer
 from ..spec import check_dropout
 from ..stats import Stats, map_stats

@@ -10,8 +10,9 @@ import torch
 import triton
 
 from ..codegen.render import compiler_digest, render_linear
-from ..inputs import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, check_inputs, under_autocast
+from ..inputs import check_inputs, under_autocast
 from ..linear import LinearAttentionSpec, LinearState
+from ..qkv import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM
 from ..trace import trace_feature_map
 from . import tracing
 from .cache import cached_source
@@ -64,7 +65,8 @@ class CompiledLinearAttention:
         return optimize(self.graph)
 
     def _generate(self) -> str:
-        return render_linear(self.kernel_graph(), self.description, self.spec.normalize)
+        return render_linear(self.kernel_graph(), self.description, self.spec.normalize, self.spec.scale,
+                             self.spec.eps)
 
     @property
     def source(self) -> str:
@@ -107,7 +109,8 @@ class CompiledLinearAttention:
         tracing.ready(q, self._traced_name, "")
         kernels = self._kernels(q.device)
         initial = None if state is None else _check_state(state, shape, q.device)
-        out, kv, n = kernels.forward(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps, initial)
+        out, kv, n = kernels.linear_attention(q, k, v, g, self.spec.scale_for(shape.qk_dim), self.spec.eps,
+                                               initial)
         return (out, LinearState(kv, n)) if return_state else out
 
     def _features(self, q, k, v, shape):

@@ -1,0 +1,63 @@
+"""q, k and v at an attention call's entry, with torch alone: their checks and autocast's casts. The source
+of these is also rendered into every kernel module, whose entry point, exported, treats its inputs the same
+way (refusing the same mistakes in the same words)."""
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 1024  # attention; above 256 (MLA's 576 / 512) the kernels take small tiles
+LINEAR_MAX_HEAD_DIM = 256  # linear attention keeps a [Dqk, Dv] state in each program
+
+
+def check_qkv(q, k, v, dtypes=None, max_head_dim=None):
+    """Validate q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]; return (B, Hq, Hkv, Lq, Lk, Dqk, Dv).
+    ``dtypes``: the floating dtypes accepted (None: any); ``max_head_dim``: the largest head dims taken."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, heads, seq_len, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype}; the kernels support "
+                            f"{', '.join(str(d) for d in dtypes)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, Dqk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    Hkv = k.shape[1]
+    if Hkv == 0:
+        raise ValueError(f"k and v must have at least one head, got shape {tuple(k.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"key/value heads ({Hkv}) (grouped-query attention)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != Dqk:
+        raise ValueError(f"q and k must have the same head dim, got {Dqk} and {k.shape[3]}")
+    if max_head_dim is not None:
+        for name, d in (("q/k head dim", Dqk), ("v head dim", v.shape[3])):
+            if not 1 <= d <= max_head_dim:
+                raise ValueError(f"{name} must be between 1 and {max_head_dim}, got {d}")
+    return B, Hq, Hkv, Lq, k.shape[2], Dqk, v.shape[3]
+
+
+def autocast_qkv(q, k, v):
+    """(q, k, v, device) as torch's SDPA and FlexAttention take them under ``torch.autocast``: where autocast
+    is on for q's device, q, k and v cast to its dtype (float64 aside) and that device type, under whose
+    ``torch.autocast(device, enabled=False)`` the call then runs (so its own float32 products stay float32);
+    elsewhere q, k, v unchanged and None."""
+    device = q.device.type if isinstance(q, torch.Tensor) else None
+    if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return q, k, v, None
+    dtype = torch.get_autocast_dtype(device)
+    q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+               else t for t in (q, k, v))
+    return q, k, v, device
