@@ -148,7 +148,7 @@ def print_machine_code(attn, dims: tuple[int, int], heads: int = 8, length: int 
 def cmd_export(args) -> int:
     attn = _compile(args)
     path = attn.export(args.output)
-    entry = "forward(q, k, v, g)" if isinstance(attn, CompiledLinearAttention) else "forward(q, k, v, *captured)"
+    entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else "forward(q, k, v, *captured)"
     print(f"wrote {path}: import it with only torch and triton; {entry} is the entry point")
     return 0
 

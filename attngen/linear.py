@@ -128,6 +128,13 @@ class LinearAttentionSpec:
         """The feature map as a function (of tensors or traced values)."""
         return FEATURE_MAPS[self.feature_map] if isinstance(self.feature_map, str) else self.feature_map
 
+    @property
+    def fixed_log_decay(self) -> float | None:
+        """Each token's log decay where the spec fixes it (0.0 without decay); None for a learnable or gated one."""
+        if self.decay is None:
+            return 0.0
+        return None if _gated(self.decay) or isinstance(self.decay, torch.Tensor) else math.log(self.decay)
+
     def scale_for(self, qk_dim: int) -> float:
         """The scale of ``phi(q)`` for head dim ``qk_dim``."""
         return 1.0 / math.sqrt(qk_dim) if self.scale is None else float(self.scale)
@@ -151,8 +158,6 @@ class LinearAttentionSpec:
             return log_decay.to(dtype).contiguous()
         if log_decay is not None:
             raise ValueError("log_decay is only taken by specs with decay='gated'")
-        if self.decay is None:
-            return torch.zeros(size, dtype=dtype, device=device)
         if isinstance(self.decay, torch.Tensor):
             if self.decay.device != torch.device(device):
                 raise ValueError(f"the spec's decay tensor is on {self.decay.device} but q is on {device}")
@@ -160,7 +165,7 @@ class LinearAttentionSpec:
                 raise ValueError(f"the spec's decay has {self.decay.shape[0]} entries; expected one per query "
                                  f"head ({heads})")
             return torch.log(self.decay.to(dtype)).reshape(1, -1, 1).expand(size).contiguous()
-        return torch.full(size, math.log(self.decay), dtype=dtype, device=device)
+        return torch.full(size, self.fixed_log_decay, dtype=dtype, device=device)
 
     def describe(self) -> list[str]:
         """Human-readable lines: the feature map's source and the settings."""

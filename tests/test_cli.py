@@ -84,7 +84,7 @@ def test_show_and_export_a_linear_attention_spec(tmp_path):
     out = attngen("show", retention, cache_dir=tmp_path).stdout
     assert "decay = tensor[8]" in out and "# IR (optimized, the feature map" in out and "def _linear_fwd(" in out
     assert "# mask plan" not in out
-    assert "forward(q, k, v, g)" in attngen("export", retention, "-o", str(tmp_path / "r.py"), cache_dir=tmp_path).stdout
+    assert "forward(q, k, v, g=None)" in attngen("export", retention, "-o", str(tmp_path / "r.py"), cache_dir=tmp_path).stdout
     assert "def _linear_bwd_dkdv(" in (tmp_path / "r.py").read_text()
 
 
@@ -241,6 +241,10 @@ def test_an_exported_linear_module_takes_inputs_as_attngen_does(tmp_path):
         out = module.forward(q, q.bfloat16(), q, g)[0]
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out, attn(q, q.bfloat16(), q, log_decay=g), rtol=0, atol=0)
+    assert "this spec's decay is learnable or gated: pass g" in _refusal(module.forward, q, q, q)[1]
+    retention = ag.compile(ag.LinearAttentionSpec(feature_map="identity", decay=0.9, normalize=False, scale=0.5))
+    module = load_kernels(retention.export(tmp_path / "retention.py"), interpret=True)
+    torch.testing.assert_close(module.forward(q, q, q)[0], retention(q, q, q), rtol=0, atol=0)  # its decay, its scale
 
 
 CONCURRENT_COMPILE = textwrap.dedent("""

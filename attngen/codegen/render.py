@@ -611,13 +611,15 @@ def _entry_point(max_head_dim: int) -> dict[str, str]:
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
 
 
-def render_linear(graph: Graph, spec_lines: list[str], normalize: bool, scale: float | None, eps: float) -> str:
+def render_linear(graph: Graph, spec_lines: list[str], normalize: bool, scale: float | None, eps: float,
+                  log_decay: float | None) -> str:
     """The Python source of a linear attention module; ``graph`` is the optimized trace of its feature
-    map (output ``score`` and its derivative ``d_score``); ``scale`` and ``eps`` are the spec's, its entry
-    point's defaults (``scale`` None: 1/sqrt(Dqk))."""
+    map (output ``score`` and its derivative ``d_score``); ``scale``, ``eps`` and the fixed ``log_decay``
+    of each token are the spec's, its entry point's defaults (``scale`` None: 1/sqrt(Dqk); ``log_decay``
+    None: none, the decay is learnable or gated)."""
     feature_lines, feature_backward_lines, _ = score_functions(TritonPrinter(graph))
     return _tidy(environment().get_template(LINEAR_TEMPLATE).render(
         version=__version__, template_version=TEMPLATE_VERSION, fingerprint=graph.fingerprint(),
         spec_lines=docstring_lines(spec_lines), normalize=normalize, feature_lines=feature_lines,
         feature_backward_lines=feature_backward_lines, scale=repr(None if scale is None else float(scale)),
-        eps=repr(float(eps)), **_entry_point(LINEAR_MAX_HEAD_DIM)))
+        eps=repr(float(eps)), log_decay=repr(log_decay), **_entry_point(LINEAR_MAX_HEAD_DIM)))

@@ -66,7 +66,7 @@ class CompiledLinearAttention:
 
     def _generate(self) -> str:
         return render_linear(self.kernel_graph(), self.description, self.spec.normalize, self.spec.scale,
-                             self.spec.eps)
+                             self.spec.eps, self.spec.fixed_log_decay)
 
     @property
     def source(self) -> str:
