@@ -406,6 +406,11 @@ def test_flex_attention_block_masks_work_as_in_flex_attention():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="kernel_options must be a dict"):
         ag.attention(q, k, v, block_mask=block_mask, kernel_options=[("BLOCK_M", 64)])
+    with pytest.raises(ValueError, match="q has 4 heads and k 2: pass enable_gqa=True"):
+        ag.attention(q, k, v, block_mask=block_mask, enable_gqa=False)  # flex_attention refuses it too
+    k1, v1 = k[:, :1].expand(-1, 4, -1, -1), v[:, :1].expand(-1, 4, -1, -1)
+    torch.testing.assert_close(ag.attention(q, k1, v1, score_mod=softcap, block_mask=block_mask, enable_gqa=False),
+                               ag.attention(q, k[:, :1], v[:, :1], score_mod=softcap, block_mask=block_mask))
     assert_matches_reference(with_max, q, k, v, block_mask=block_mask)
     with pytest.raises(ValueError, match=r"block_mask is a FlexAttention BlockMask that applies its own mask_mod "
                                          r"\(same_document_nearby\), not the spec's \(None\)"):

@@ -344,10 +344,10 @@ def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stat
     cu_seqlens_q/k, mode, dropout_p, seed). As in FlexAttention, a FlexAttention ``BlockMask`` given as
     ``block_mask`` supplies its mask_mod (unless ``mask_mod`` is given); ``return_lse=True`` returns
     ``(out, lse)`` and ``return_aux=AuxRequest(lse=..., max_scores=...)`` returns ``(out, AuxOutput)``
-    (max_scores: each row's largest score after score_mod, the "max" statistic); ``enable_gqa`` is
-    accepted for FlexAttention's callers (query heads may always be a multiple of the kv heads), and so
-    is ``kernel_options``, FlexAttention's tile sizes and kernel switches, which change no result: it
-    is ignored with a warning (attngen tunes its own tiles per shape bucket)."""
+    (max_scores: each row's largest score after score_mod, the "max" statistic). ``enable_gqa`` is True
+    by default (query heads may be a multiple of the kv heads); ``enable_gqa=False`` refuses unequal head
+    counts, as FlexAttention does. ``kernel_options``, FlexAttention's tile sizes and kernel switches,
+    changes no result: it is ignored with a warning (attngen tunes its own tiles per shape bucket)."""
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"kernel_options must be a dict (FlexAttention's), got {type(kernel_options).__name__}")
     if kernel_options:
@@ -357,6 +357,10 @@ def attention(q, k, v, score_mod=None, mask_mod=None, *, scale=None, return_stat
     if isinstance(mask_mod, BlockMask) or flex_block_mask(mask_mod) is not None:
         raise TypeError("ag.attention's fifth argument is mask_mod; pass a block mask as block_mask=... "
                         "(flex_attention's fifth argument is its block mask)")
+    if not enable_gqa and all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in (q, k)) \
+            and q.shape[1] != k.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for grouped-query "
+                         "attention (query heads a multiple of the kv heads), as flex_attention wants")
     if sum((return_stats, return_lse, return_aux is not None)) > 1:
         raise ValueError("pass one of return_stats=True (out, stats), return_lse=True (out, lse) or "
                          "return_aux=AuxRequest(...) (out, AuxOutput)")
