@@ -38,6 +38,7 @@ CALLS = {
     "packed": Variant(packed=True),
     "dropout": Variant(dropout=True),
 }
+EXPORTED_CALLS = ("plain", "cache", "decode")  # the kinds of call whose modules have an entry point
 
 
 class UsageError(Exception):
@@ -88,17 +89,23 @@ def write_dot(graph, path: Path) -> None:
     subprocess.run(["dot", f"-T{path.suffix[1:]}", "-o", str(path)], input=dot, text=True, check=True)
 
 
+def _for_call(attn, call: str):
+    """``attn`` compiled for the kind of call named ``call`` (a key of CALLS)."""
+    if call == "plain":
+        return attn
+    if isinstance(attn, CompiledLinearAttention):
+        raise UsageError("linear attention has one kind of call: leave out --call")
+    return attn.for_call(CALLS[call])
+
+
 def cmd_show(args) -> int:
     attn = _compile(args)
     linear = isinstance(attn, CompiledLinearAttention)
     if linear and (args.plan or args.blocks):
         raise UsageError("linear attention has no mask plan: it visits every chunk up to the diagonal")
-    if args.call != "plain":
-        if linear:
-            raise UsageError("linear attention has one kind of call: leave out --call")
-        if args.blocks or args.machine_code:
-            raise UsageError("--blocks and --machine-code describe the plain call: leave out --call")
-        attn = attn.for_call(CALLS[args.call])
+    if args.call != "plain" and (args.blocks or args.machine_code):
+        raise UsageError("--blocks and --machine-code describe the plain call: leave out --call")
+    attn = _for_call(attn, args.call)
     every = not (args.ir or args.source or args.plan)
     if every:
         print("# spec\n" + "\n".join(attn.description) + "\n")  # and the kind of call
@@ -146,9 +153,10 @@ def print_machine_code(attn, dims: tuple[int, int], heads: int = 8, length: int 
 
 
 def cmd_export(args) -> int:
-    attn = _compile(args)
+    attn = _for_call(_compile(args), args.call)
     path = attn.export(args.output)
-    entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else "forward(q, k, v, *captured)"
+    entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else \
+        f"forward(q, k, v, *captured{', kv_lens=None, q_offset=None' if attn.variant.cache else ''})"
     print(f"wrote {path}: import it with only torch and triton; {entry} is the entry point")
     return 0
 
@@ -291,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
                       "shared memory and MMA instructions")
     export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
     export.add_argument("-o", "--output", required=True, help="the .py file to write")
+    export.add_argument("--call", choices=EXPORTED_CALLS, default="plain",
+                        help="the kernels of this kind of call: plain, on a KV cache (forward takes kv_lens and "
+                             "q_offset) or decoding from one (the same, split-KV) (default: plain)")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "
                                         "shapes; prints a runnable snippet for the smallest failing case")
     check.add_argument("--examples", type=int, help="shapes per property (default 20, --deep 200)")

@@ -23,13 +23,6 @@ class Shape:
     v_dim: int
 
 
-def values_checkable(t: torch.Tensor) -> bool:
-    """Whether a call may read ``t``'s values to check them: not while torch.compile traces (they
-    are data there, and a check would break the graph) nor while a CUDA graph is being captured
-    (reading them would synchronize the device). The kernels stay within the tensors either way."""
-    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def _transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a torch.func transform (the kernels would get no storage to read);
     not asked while torch.compile traces, which cannot trace the question."""

@@ -1,6 +1,8 @@
-"""q, k and v at an attention call's entry, with torch alone: their checks and autocast's casts. The source
-of these is also rendered into every kernel module, whose entry point, exported, treats its inputs the same
-way (refusing the same mistakes in the same words)."""
+"""q, k and v at an attention call's entry, with torch alone: their checks, autocast's casts and a KV
+cache's lengths and offsets. The source of these is also rendered into every kernel module, whose entry
+point, exported, treats its inputs the same way (refusing the same mistakes in the same words)."""
+
+import numbers
 
 import torch
 
@@ -61,3 +63,37 @@ def autocast_qkv(q, k, v):
     q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                else t for t in (q, k, v))
     return q, k, v, device
+
+
+def values_checkable(t):
+    """Whether a call may read ``t``'s values to check them: not while torch.compile traces (they
+    are data there, and a check would break the graph) nor while a CUDA graph is being captured
+    (reading them would synchronize the device). The kernels stay within the tensors either way."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def per_batch_integers(name, value, batch, device):
+    """``value`` (an int or a 1-d integer tensor with one entry per batch entry) as an int32 tensor
+    [batch] on ``device``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return torch.full((batch,), int(value), dtype=torch.int32, device=device)
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.is_floating_point() \
+            or value.dtype == torch.bool or value.shape[0] != batch:
+        shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+            else repr(value)
+        raise ValueError(f"{name} must be an int or a 1-d integer tensor with one entry per batch entry "
+                         f"({batch}), got {shown}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}; move it to {device}")
+    return value.to(torch.int32)
+
+
+def cache_positions(kv_lens, q_offset, batch, q_len, kv_len, device):
+    """(kv_lens, q_offset) of a call on KV caches of ``kv_len`` keys, as int32 tensors [batch]: ``kv_lens``
+    (an int or [batch] ints; None: the caches are full) between 0 and kv_len; ``q_offset`` (likewise; None:
+    kv_lens - q_len, the queries being the last tokens)."""
+    lens = per_batch_integers("kv_lens", kv_len if kv_lens is None else kv_lens, batch, device)
+    if values_checkable(lens) and bool(((lens < 0) | (lens > kv_len)).any()):  # one read on a GPU
+        raise ValueError(f"kv_lens must be between 0 and the cache length ({kv_len}), got {lens.tolist()}")
+    offset = lens - q_len if q_offset is None else q_offset
+    return lens, per_batch_integers("q_offset", offset, batch, device)

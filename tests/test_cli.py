@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import torch
 
 import attngen as ag
 from attngen.runtime.loader import load_kernels
+from attngen.runtime.variants import Variant
 
 ROOT = pathlib.Path(__file__).parent.parent
 ALIBI = str(ROOT / "specs" / "alibi.py")
@@ -219,6 +221,35 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
         out, lse = module.forward(q.bfloat16(), q, q, slopes)
         assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
         torch.testing.assert_close(out, attn(q.bfloat16(), q, q), rtol=0, atol=0)
+
+
+def test_an_exported_kv_cache_module_takes_kv_lens_and_q_offset_as_attngen_does(tmp_path):
+    """``attngen export --call cache`` / ``--call decode`` (split-KV): ``forward`` fills in the call's kv_lens
+    and q_offset as ``attn(...)`` does, bit for bit forward and backward; other calls' kernels are not exported."""
+    alibi = runpy.run_path(ALIBI)
+    attn, slopes = ag.compile(alibi["SPEC"]), alibi["SLOPES"]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 3, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(2))
+    lens = torch.tensor([17, 40])
+    for call, mode in (("cache", "prefill"), ("decode", "decode")):
+        attngen("export", ALIBI, "--call", call, "-o", str(tmp_path / f"{call}.py"), cache_dir=tmp_path)
+        module = load_kernels(tmp_path / f"{call}.py", interpret=True)
+        assert set(module.CALL_CAPTURES) == {"kv_lens", "q_offset"}
+        for cache in ({}, {"kv_lens": lens}, {"kv_lens": lens, "q_offset": 5}, {"q_offset": torch.tensor([0, 9])}):
+            exported, expected = ([t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2))
+            out, lse = module.forward(*exported, slopes, **cache)
+            (out.sum() + lse.sum()).backward()
+            want, stats = attn(*expected, return_stats=True, mode=mode, **{"kv_lens": 40, **cache})
+            (want.sum() + stats.lse.sum()).backward()
+            for got, wanted in ((out, want), (lse, stats.lse), *zip((t.grad for t in exported),
+                                                                    (t.grad for t in expected))):
+                assert torch.equal(got, wanted), (call, cache)
+        for wrong in ({"kv_lens": lens.float()}, {"kv_lens": 41}, {"q_offset": torch.tensor([1, 2, 3])}):
+            assert _refusal(module.forward, q, k, v, slopes, **wrong) == _refusal(attn, q, k, v, **wrong), wrong
+    with pytest.raises(ValueError, match=r"exports the kernels of plain and KV cache calls \(split-KV too\), not "
+                                         r"those of a call with KV cache \(kv_lens, q_offset\), split-KV"):
+        attn.for_call(Variant(cache=True, split_kv=True, paged=True)).export(tmp_path / "paged.py")
 
 
 def test_an_exported_linear_module_takes_inputs_as_attngen_does(tmp_path):

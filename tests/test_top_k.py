@@ -199,12 +199,13 @@ def test_the_grid_keeps_sparsemax_thresholds_off_the_scores():
         assert_matches_reference(spec, *Case(1, 2, 1, 29, 41, 64, 8, seed=seed, grid=True).tensors(), seed=seed)
 
 
-def test_an_exported_top_k_module_takes_a_placeholder_for_the_cut_offs(tmp_path):
+def test_an_exported_top_k_module_fills_in_the_placeholder_of_its_cut_offs(tmp_path):
     slopes = torch.tensor([0.25, 0.5])
     spec = ag.AttentionSpec(scale=SCALE, top_k=3, mask_mod=ag.masks.causal,
                             score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx))
     attn = ag.compile(spec)
     module = load_kernels(attn.export(tmp_path / "top_k.py"), interpret=True)
     q, k, v = Case(1, 2, 2, 17, 17, 16, 16, grid=True).tensors(requires_grad=False)
-    out, lse = module.forward(q, k, v, slopes, torch.zeros(1, 1, 1))
+    assert module.CALL_CAPTURES == {"topk_floor": 1}
+    out, lse = module.forward(q, k, v, slopes)
     torch.testing.assert_close(out, attn(q, k, v))

@@ -18,7 +18,8 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
-from ..qkv import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, check_qkv
+from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, cache_positions, check_qkv,
+                   per_batch_integers, values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -27,6 +28,7 @@ from .prune import without_unused_functions
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
+ENTRY_POINT_CAPTURES = {"kv_lens", "q_offset", "topk_floor"}  # the call tensors an entry point fills in
 
 
 @lru_cache(maxsize=1)
@@ -349,11 +351,11 @@ EXP2_LIMIT = 3.4028234663852886e38 / 1.4426950408889634
 
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
-                   kernel_captures: dict[str, int] | None = None, differential: bool = False,
+                   call_captures: dict[str, int] | None = None, differential: bool = False,
                    cache: bool = False, support: bool = False, top_k: int | None = None,
                    entropy: bool = False) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
-    kernel_captures = kernel_captures or {}
+    call_captures = call_captures or {}
     printer = TritonPrinter(graph)
     outputs = graph.outputs
     online = normalization.family in ONLINE_FAMILIES
@@ -394,8 +396,9 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         outputs["logit" if normalization.family in WEIGHT_FAMILIES else "score"])
     used = {graph.input_name(n) for n in graph.order() if graph.op(n) == "input"}
     counts = [name for name in ("n_keys", "n_kept") if name in used]
-    captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable}
-                for i, c in enumerate(graph.captures)]
+    call_names = {i: name for name, i in call_captures.items()}
+    captures = [{"index": i, "ndim": c.tensor.dim(), "kind": c.kind, "differentiable": c.differentiable,
+                 "call": call_names.get(i)} for i, c in enumerate(graph.captures)]
     capture_names = [name for c in captures
                      for name in [f"cap{c['index']}"] + [f"cap{c['index']}_s{d}" for d in range(c["ndim"])]]
     tile_names = [name for j, t in enumerate(graph.tiles)
@@ -475,15 +478,15 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "entropy_output": entropy_output,
         "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
-        **kv_loads("block_table" in kernel_captures, f"cap{kernel_captures.get('block_table')}"),
-        "paged": "block_table" in kernel_captures,
-        "table_capture": kernel_captures.get("block_table"),
+        **kv_loads("block_table" in call_captures, f"cap{call_captures.get('block_table')}"),
+        "paged": "block_table" in call_captures,
+        "table_capture": call_captures.get("block_table"),
         "top_k": top_k,
-        "floor_index": kernel_captures.get("topk_floor"),  # the captured tensor of top-k's cut-offs
-        "floor": f"cap{kernel_captures['topk_floor']}" if top_k is not None else None,
-        "dropout": "dropout_seed" in kernel_captures,
-        "dropout_args": "" if "dropout_seed" not in kernel_captures else
-                        f"cap{kernel_captures['dropout_seed']}, cap{kernel_captures['dropout_p']}, ",
+        "floor_index": call_captures.get("topk_floor"),  # the captured tensor of top-k's cut-offs
+        "floor": f"cap{call_captures['topk_floor']}" if top_k is not None else None,
+        "dropout": "dropout_seed" in call_captures,
+        "dropout_args": "" if "dropout_seed" not in call_captures else
+                        f"cap{call_captures['dropout_seed']}, cap{call_captures['dropout_p']}, ",
         "split_kv": split_kv,
         "pack_gqa": pack_gqa,
         "state": state,
@@ -509,7 +512,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         # affine softmax: the tiles a row keeps whole add their values' column sums, which the launcher
         # computes per tile; decoding (a KV cache, which that would read whole, or keys split over programs)
         # and dropout take the masked tiles' dot
-        "value_sums": affine and not (cache or split_kv) and "dropout_seed" not in kernel_captures,
+        "value_sums": affine and not (cache or split_kv) and "dropout_seed" not in call_captures,
         "o_soft": o_soft,
         "uses_kept": "n_kept" in used,
         "norm_params": params,
@@ -540,7 +543,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "maps_rowdot": bool(grad_maps) and (softmax or threshold or normalized),
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
-        **_entry_point(MAX_HEAD_DIM),
+        # the exported entry point fills in the tensors of a plain or KV cache call; other calls' modules have none
+        "entry_point": set(call_captures) <= ENTRY_POINT_CAPTURES,
+        "cache": cache,
+        **_entry_point(MAX_HEAD_DIM, cache),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -587,7 +593,7 @@ def _tidy(source: str) -> str:
 
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
-           kernel_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
+           call_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
            support: bool = False, top_k: int | None = None, entropy: bool = False) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
@@ -595,19 +601,23 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     its own for sparsemax / entmax and normalized weights; a softmax's comes from its lse and mean
     logit); ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
-    ``kernel_captures`` locates the captured tensors the kernels read themselves: a paged cache's
-    ``block_table``, and ``dropout_seed`` / ``dropout_p``; ``differential``: two score streams over the
-    halves of q and k (outputs ``score`` and ``score2``), weighted by the per-head parameter ``lam``;
+    ``call_captures`` locates the call's own tensors among the captured ones, by name (see
+    :class:`~attngen.runtime.variants.Variant`): a KV cache's ``kv_lens`` / ``q_offset``, and those the
+    kernels read themselves: a paged cache's ``block_table``, ``dropout_seed`` / ``dropout_p``;
+    ``differential``: two score streams over the halves of q and k (outputs ``score`` and ``score2``),
+    weighted by the per-head parameter ``lam``;
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
-    each row keeps its ``top_k`` largest logits (a cut-off per row, ``kernel_captures["topk_floor"]``)."""
+    each row keeps its ``top_k`` largest logits (a cut-off per row, ``call_captures["topk_floor"]``)."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             kernel_captures or {}, differential, cache, support, top_k, entropy)
+                             call_captures or {}, differential, cache, support, top_k, entropy)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
-def _entry_point(max_head_dim: int) -> dict[str, str]:
-    """The template values with which a module's entry point takes q, k and v as attngen's calls do."""
-    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, autocast_qkv)),
+def _entry_point(max_head_dim: int, cache: bool = False) -> dict[str, str]:
+    """The template values with which a module's entry point takes q, k and v (and, with ``cache``, a KV
+    cache's lengths and offsets) as attngen's calls do."""
+    functions = (check_qkv, autocast_qkv) + ((values_checkable, per_batch_integers, cache_positions) if cache else ())
+    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in functions),
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
 
 

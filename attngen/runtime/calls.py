@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import as_block_mask
-from ..inputs import Shape, check_inputs, values_checkable
-from ..qkv import KERNEL_DTYPES
+from ..inputs import Shape, check_inputs
+from ..qkv import KERNEL_DTYPES, cache_positions, values_checkable
 from ..scalars import integer
 from ..spec import check_dropout
 from ..stats import Stats, map_stats
@@ -43,21 +43,6 @@ class Call:
         if stats is None:
             return out
         return out, Stats(**{name: getattr(stats, name)[0] for name in stats.names()})
-
-
-def _integers(name: str, value, length: int, device) -> torch.Tensor:
-    """``value`` (an int or a 1-d integer tensor of ``length``) as an int32 tensor on ``device``."""
-    if integer(value) is not None:
-        return torch.full((length,), integer(value), dtype=torch.int32, device=device)
-    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.is_floating_point() \
-            or value.dtype == torch.bool or value.shape[0] != length:
-        shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
-            else repr(value)
-        raise ValueError(f"{name} must be an int or a 1-d integer tensor with one entry per batch entry "
-                         f"({length}), got {shown}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}; move it to {device}")
-    return value.to(torch.int32)
 
 
 def _packed(q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -193,13 +178,9 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None
     if cache:
-        lens = tensors["kv_lens"] = _integers("kv_lens", shape.kv_len if kv_lens is None else kv_lens, shape.batch,
-                                              q.device)
-        if values_checkable(lens) and bool(((lens < 0) | (lens > shape.kv_len)).any()):  # one read on a GPU
-            raise ValueError(f"kv_lens must be between 0 and the cache length ({shape.kv_len}), "
-                             f"got {lens.tolist()}")
-        offset = lens - shape.q_len if q_offset is None else q_offset
-        tensors["q_offset"] = _integers("q_offset", offset, shape.batch, q.device)
+        lens, tensors["q_offset"] = cache_positions(kv_lens, q_offset, shape.batch, shape.q_len, shape.kv_len,
+                                                    q.device)
+        tensors["kv_lens"] = lens
         if block_table is not None and values_checkable(tensors["block_table"]):
             _check_pages_in_range(tensors["block_table"], lens, k.shape[2], k.shape[0])
     block_size = None

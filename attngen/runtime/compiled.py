@@ -13,13 +13,14 @@ import torch
 import triton
 
 from .. import stats as stats_module
-from ..codegen.render import compiler_digest, render
+from ..codegen.render import ENTRY_POINT_CAPTURES, compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
-from ..inputs import under_autocast, values_checkable
+from ..inputs import under_autocast
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..norms import WEIGHT_FAMILIES
+from ..qkv import values_checkable
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
@@ -111,11 +112,12 @@ class CompiledAttention:
         self.sequence_reads = index_reads(self.sequence_graph) if self.variant.packed else []
         if self.variant == Variant():
             _warn_of_soft_masks(self.graph, self.spec)
-        self.kernel_captures = {}  # stand-ins the kernels read themselves: after the mods' captures
-        for name in KERNEL_CAPTURES:
+        for name in KERNEL_CAPTURES:  # stand-ins the kernels read themselves: after the mods' captures
             if name in self.stand_ins:
-                self.kernel_captures[name] = len(self.graph.captures)
                 self.graph.captures.append(Capture(self.stand_ins[name]))
+        # where the call's own tensors go among the captured ones (a stand-in the mods do not read is not)
+        self.call_captures = {name: i for i, c in enumerate(self.graph.captures)
+                              for name, stand_in in self.stand_ins.items() if c.tensor is stand_in}
         self.signature = self._capture_signature()
         self.description = self.spec.describe() + \
             ([f"call variant: {self.variant.describe()}"] if self.variant != Variant() else [])
@@ -154,7 +156,7 @@ class CompiledAttention:
                       entropy="entropy" in self.spec.stats,
                       maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
-                      kernel_captures=self.kernel_captures, differential=self.spec.differential is not None,
+                      call_captures=self.call_captures, differential=self.spec.differential is not None,
                       cache=self.variant.cache, top_k=self.spec.top_k)
 
     @property
@@ -164,7 +166,11 @@ class CompiledAttention:
 
     def export(self, path) -> Path:
         """Write the standalone kernel module (imports only torch and triton) to ``path``,
-        with the tile configurations tuned so far built in."""
+        with the tile configurations tuned so far built in: this spec's plain calls, or those on a
+        KV cache (``attn.for_call(Variant(cache=True))``, split-KV too)."""
+        if not set(self.call_captures) <= ENTRY_POINT_CAPTURES:
+            raise ValueError(f"attngen exports the kernels of plain and KV cache calls (split-KV too), not those "
+                             f"of a call with {self.variant.describe()}")
         path = Path(path)
         tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
         path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", tuned, 1))

@@ -37,9 +37,9 @@ import numpy
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..inputs import values_checkable
 from ..ir.evaluate import evaluate_nodes
 from ..ir.graph import OPS, Graph
+from ..qkv import values_checkable
 
 INDICES = ("b", "h", "q_idx", "kv_idx")
 _AFFINE_OPS = {"input", "const", "add", "sub", "neg", "mul"}

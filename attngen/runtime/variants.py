@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import blocks_mask_mod
-from ..inputs import values_checkable
+from ..qkv import values_checkable
 from ..spec import AttentionSpec
 from ..stats import expectations_moved
 
