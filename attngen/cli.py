@@ -23,22 +23,12 @@ from .runtime.autotune import median_seconds
 from .linear import LinearAttentionSpec, LinearState
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .runtime.linear import CompiledLinearAttention
-from .runtime.variants import Variant
+from .runtime.variants import CALLS, EXPORTED_CALLS
 from .spec import AttentionSpec
 from .testing.cases import Case
 from .testing.linear_properties import gates
 
 
-# the kinds of call ``show --call`` prints the kernels of (a call picks its own, see attngen.runtime.calls)
-CALLS = {
-    "plain": Variant(),
-    "cache": Variant(cache=True),
-    "decode": Variant(cache=True, split_kv=True),
-    "paged": Variant(cache=True, split_kv=True, paged=True),
-    "packed": Variant(packed=True),
-    "dropout": Variant(dropout=True),
-}
-EXPORTED_CALLS = ("plain", "cache", "decode")  # the kinds of call whose modules have an entry point
 
 
 class UsageError(Exception):
@@ -155,8 +145,11 @@ def print_machine_code(attn, dims: tuple[int, int], heads: int = 8, length: int 
 def cmd_export(args) -> int:
     attn = _for_call(_compile(args), args.call)
     path = attn.export(args.output)
-    entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else \
-        f"forward(q, k, v, *captured{', kv_lens=None, q_offset=None' if attn.variant.cache else ''})"
+    if isinstance(attn, CompiledLinearAttention):
+        entry = "forward(q, k, v, g=None)"
+    else:
+        cache = ", block_table, kv_lens, q_offset=None" if attn.variant.paged else ", kv_lens=None, q_offset=None"
+        entry = f"forward(q, k, v, *captured{cache if attn.variant.cache else ''})"
     print(f"wrote {path}: import it with only torch and triton; {entry} is the entry point")
     return 0
 
@@ -301,7 +294,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="the .py file to write")
     export.add_argument("--call", choices=EXPORTED_CALLS, default="plain",
                         help="the kernels of this kind of call: plain, on a KV cache (forward takes kv_lens and "
-                             "q_offset) or decoding from one (the same, split-KV) (default: plain)")
+                             "q_offset), decoding from one (the same, split-KV) or from a paged one (block_table "
+                             "too; forward only) (default: plain)")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "
                                         "shapes; prints a runnable snippet for the smallest failing case")
     check.add_argument("--examples", type=int, help="shapes per property (default 20, --deep 200)")

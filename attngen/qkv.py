@@ -1,5 +1,5 @@
-"""q, k and v at an attention call's entry, with torch alone: their checks, autocast's casts and a KV
-cache's lengths and offsets. The source of these is also rendered into every kernel module, whose entry
+"""q, k and v at an attention call's entry, with torch alone: their checks, autocast's casts, a KV
+cache's lengths and offsets, and a paged cache's pages. The source of these is also rendered into every kernel module, whose entry
 point, exported, treats its inputs the same way (refusing the same mistakes in the same words)."""
 
 import numbers
@@ -97,3 +97,39 @@ def cache_positions(kv_lens, q_offset, batch, q_len, kv_len, device):
         raise ValueError(f"kv_lens must be between 0 and the cache length ({kv_len}), got {lens.tolist()}")
     offset = lens - q_len if q_offset is None else q_offset
     return lens, per_batch_integers("q_offset", offset, batch, device)
+
+
+def paged_view(q, k, v, block_table, kv_lens):
+    """A paged cache's pages k, v [num_pages, Hkv, page_size, D] seen as the caches [B, Hkv, max_pages *
+    page_size, D] they hold (stride 0: to check their sizes, not to read), and block_table [B, max_pages]
+    as int32; a paged call needs ``kv_lens``."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"with block_table, {name} must be pages [num_pages, kv_heads, page_size, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v pages must have the same [num_pages, kv_heads, page_size], got {tuple(k.shape[:3])} "
+                         f"and {tuple(v.shape[:3])}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.is_floating_point() \
+            or block_table.dtype == torch.bool or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must be an integer tensor [batch ({q.shape[0]}), max_pages], got "
+                         f"{block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__}"
+                         f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else ''}")
+    if kv_lens is None:
+        raise ValueError("a paged cache (block_table) needs kv_lens, the number of keys of each batch entry")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}; move it to {q.device}")
+    length = block_table.shape[1] * k.shape[2]
+    k_view, v_view = (t.as_strided((q.shape[0], t.shape[1], length, t.shape[3]), (0, 0, 0, 0)) for t in (k, v))
+    return k_view, v_view, block_table.to(torch.int32)
+
+
+def check_pages_in_range(table, kv_lens, page_size, num_pages):
+    """Refuse a block table that, within each batch entry's ``kv_lens`` keys, names a page that is not
+    there (where the values may be read: see values_checkable)."""
+    if not values_checkable(table):
+        return
+    needed = torch.arange(table.shape[1], device=table.device)[None, :] * page_size < kv_lens[:, None]
+    used = table[needed]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+        raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")

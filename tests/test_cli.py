@@ -13,6 +13,7 @@ import torch
 import attngen as ag
 from attngen.runtime.loader import load_kernels
 from attngen.runtime.variants import Variant
+from attngen.testing.cases import paged_call
 
 ROOT = pathlib.Path(__file__).parent.parent
 ALIBI = str(ROOT / "specs" / "alibi.py")
@@ -223,9 +224,10 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
         torch.testing.assert_close(out, attn(q.bfloat16(), q, q), rtol=0, atol=0)
 
 
-def test_an_exported_kv_cache_module_takes_kv_lens_and_q_offset_as_attngen_does(tmp_path):
-    """``attngen export --call cache`` / ``--call decode`` (split-KV): ``forward`` fills in the call's kv_lens
-    and q_offset as ``attn(...)`` does, bit for bit forward and backward; other calls' kernels are not exported."""
+def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
+    """``attngen export --call cache`` / ``decode`` (split-KV) / ``paged``: ``forward`` takes the call's kv_lens,
+    q_offset (and block_table) as ``attn(...)`` does, bit for bit (forward and backward where there is one);
+    other calls' kernels are not exported."""
     alibi = runpy.run_path(ALIBI)
     attn, slopes = ag.compile(alibi["SPEC"]), alibi["SLOPES"]
     gen = torch.Generator().manual_seed(0)
@@ -233,7 +235,10 @@ def test_an_exported_kv_cache_module_takes_kv_lens_and_q_offset_as_attngen_does(
     k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(2))
     lens = torch.tensor([17, 40])
     for call, mode in (("cache", "prefill"), ("decode", "decode")):
-        attngen("export", ALIBI, "--call", call, "-o", str(tmp_path / f"{call}.py"), cache_dir=tmp_path)
+        if call == "decode":
+            attngen("export", ALIBI, "--call", call, "-o", str(tmp_path / f"{call}.py"), cache_dir=tmp_path)
+        else:
+            attn.export(tmp_path / f"{call}.py", call=call)
         module = load_kernels(tmp_path / f"{call}.py", interpret=True)
         assert set(module.CALL_CAPTURES) == {"kv_lens", "q_offset"}
         for cache in ({}, {"kv_lens": lens}, {"kv_lens": lens, "q_offset": 5}, {"q_offset": torch.tensor([0, 9])}):
@@ -247,9 +252,24 @@ def test_an_exported_kv_cache_module_takes_kv_lens_and_q_offset_as_attngen_does(
                 assert torch.equal(got, wanted), (call, cache)
         for wrong in ({"kv_lens": lens.float()}, {"kv_lens": 41}, {"q_offset": torch.tensor([1, 2, 3])}):
             assert _refusal(module.forward, q, k, v, slopes, **wrong) == _refusal(attn, q, k, v, **wrong), wrong
-    with pytest.raises(ValueError, match=r"exports the kernels of plain and KV cache calls \(split-KV too\), not "
-                                         r"those of a call with KV cache \(kv_lens, q_offset\), split-KV"):
-        attn.for_call(Variant(cache=True, split_kv=True, paged=True)).export(tmp_path / "paged.py")
+    attngen("export", ALIBI, "--call", "paged", "-o", str(tmp_path / "paged.py"), cache_dir=tmp_path)
+    module = load_kernels(tmp_path / "paged.py", interpret=True)
+    (_, k_pages, v_pages), paged = paged_call(q, k, v, [17, 40], page_size=16, seed=0)
+    for extra in ({}, {"q_offset": 5}):
+        out, lse = module.forward(q, k_pages, v_pages, slopes, **paged, **extra)
+        want, stats = attn(q, k_pages, v_pages, return_stats=True, mode="decode", **paged, **extra)
+        assert torch.equal(out, want) and torch.equal(lse, stats.lse)
+    for wrong in ({**paged, "block_table": paged["block_table"] + 1}, {**paged, "block_table": paged["block_table"][:1]},
+                  {"block_table": paged["block_table"], "kv_lens": None}):
+        assert _refusal(module.forward, q, k_pages, v_pages, slopes, **wrong) == \
+            _refusal(attn, q, k_pages, v_pages, **wrong), wrong
+    assert _refusal(module.forward, q, k_pages[:, :1], v_pages, slopes, **paged) == \
+        _refusal(attn, q, k_pages[:, :1], v_pages, **paged)
+    with pytest.raises(ValueError, match=r"exports the kernels of plain and KV cache calls \(split-KV and paged too\), "
+                                         r"not those of a call with packed sequences"):
+        attn.for_call(Variant(packed=True)).export(tmp_path / "packed.py")
+    with pytest.raises(ValueError, match="call must be one of 'plain', 'cache', 'decode', 'paged', got 'packed'"):
+        attn.export(tmp_path / "packed.py", call="packed")
 
 
 def test_an_exported_linear_module_takes_inputs_as_attngen_does(tmp_path):

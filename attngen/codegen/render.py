@@ -18,8 +18,8 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
-from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, cache_positions, check_qkv,
-                   per_batch_integers, values_checkable)
+from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, cache_positions,
+                   check_pages_in_range, check_qkv, paged_view, per_batch_integers, values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -28,7 +28,7 @@ from .prune import without_unused_functions
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
-ENTRY_POINT_CAPTURES = {"kv_lens", "q_offset", "topk_floor"}  # the call tensors an entry point fills in
+ENTRY_POINT_CAPTURES = {"kv_lens", "q_offset", "block_table", "topk_floor"}  # the call tensors an entry point takes
 
 
 @lru_cache(maxsize=1)
@@ -543,10 +543,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "maps_rowdot": bool(grad_maps) and (softmax or threshold or normalized),
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
-        # the exported entry point fills in the tensors of a plain or KV cache call; other calls' modules have none
+        # the exported entry point takes the tensors of a plain or KV cache call; other calls' modules have none
         "entry_point": set(call_captures) <= ENTRY_POINT_CAPTURES,
         "cache": cache,
-        **_entry_point(MAX_HEAD_DIM, cache),
+        **_entry_point(MAX_HEAD_DIM, cache, "block_table" in call_captures),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -613,10 +613,11 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
-def _entry_point(max_head_dim: int, cache: bool = False) -> dict[str, str]:
+def _entry_point(max_head_dim: int, cache: bool = False, paged: bool = False) -> dict[str, str]:
     """The template values with which a module's entry point takes q, k and v (and, with ``cache``, a KV
-    cache's lengths and offsets) as attngen's calls do."""
-    functions = (check_qkv, autocast_qkv) + ((values_checkable, per_batch_integers, cache_positions) if cache else ())
+    cache's lengths and offsets; with ``paged``, its pages) as attngen's calls do."""
+    functions = (check_qkv, autocast_qkv) + ((values_checkable, per_batch_integers, cache_positions) if cache else ()) \
+        + ((paged_view, check_pages_in_range) if paged else ())
     return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in functions),
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
 

@@ -13,7 +13,7 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import Shape, check_inputs
-from ..qkv import KERNEL_DTYPES, cache_positions, values_checkable
+from ..qkv import KERNEL_DTYPES, cache_positions, check_pages_in_range, paged_view
 from ..scalars import integer
 from ..spec import check_dropout
 from ..stats import Stats, map_stats
@@ -100,36 +100,6 @@ def decoding(shape: Shape, q: torch.Tensor) -> bool:
     return q.is_cuda and shape.q_len <= 16 and shape.kv_len >= 1024
 
 
-def _pages(q, k, v, block_table, kv_lens) -> tuple[Shape, torch.Tensor]:
-    """Check a paged cache; its shape as a contiguous cache of ``max_pages * page_size`` keys would have."""
-    for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"with block_table, {name} must be pages [num_pages, kv_heads, page_size, head_dim], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v pages must have the same [num_pages, kv_heads, page_size], got {tuple(k.shape[:3])} "
-                         f"and {tuple(v.shape[:3])}")
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.is_floating_point() \
-            or block_table.dtype == torch.bool or block_table.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table must be an integer tensor [batch ({q.shape[0]}), max_pages], got "
-                         f"{block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__}"
-                         f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else ''}")
-    if kv_lens is None:
-        raise ValueError("a paged cache (block_table) needs kv_lens, the number of keys of each batch entry")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}; move it to {q.device}")
-    length = block_table.shape[1] * k.shape[2]
-    view = [t.as_strided((q.shape[0], t.shape[1], length, t.shape[3]), (0, 0, 0, 0)) for t in (k, v)]
-    return check_inputs(q, *view, KERNEL_DTYPES), block_table.to(torch.int32)
-
-
-def _check_pages_in_range(table: torch.Tensor, kv_lens: torch.Tensor, page_size: int, num_pages: int) -> None:
-    needed = torch.arange(table.shape[1], device=table.device)[None, :] * page_size < kv_lens[:, None]
-    used = table[needed]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
-        raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")
-
-
 def _dropout(spec, dropout_p, seed, device) -> dict[str, torch.Tensor]:
     """The stand-ins of a call with dropout (none without): its probability and seed as tensors."""
     rate = spec.dropout_p if dropout_p is None else dropout_p
@@ -164,7 +134,8 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
                              "sequences); col_sum is")
         tensors, q, k, v = _packed(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if block_table is not None:
-        shape, tensors["block_table"] = _pages(q, k, v, block_table, kv_lens)
+        k_cache, v_cache, tensors["block_table"] = paged_view(q, k, v, block_table, kv_lens)
+        shape = check_inputs(q, k_cache, v_cache, KERNEL_DTYPES)
     else:
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
     if max(shape.batch, shape.q_heads) > GRID_AXIS_LIMIT:
@@ -178,11 +149,10 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None
     if cache:
-        lens, tensors["q_offset"] = cache_positions(kv_lens, q_offset, shape.batch, shape.q_len, shape.kv_len,
-                                                    q.device)
-        tensors["kv_lens"] = lens
-        if block_table is not None and values_checkable(tensors["block_table"]):
-            _check_pages_in_range(tensors["block_table"], lens, k.shape[2], k.shape[0])
+        tensors["kv_lens"], tensors["q_offset"] = cache_positions(kv_lens, q_offset, shape.batch, shape.q_len,
+                                                                  shape.kv_len, q.device)
+        if block_table is not None:
+            check_pages_in_range(tensors["block_table"], tensors["kv_lens"], k.shape[2], k.shape[0])
     block_size = None
     if block_mask is not None:
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len, spec.mask_mod)

@@ -28,7 +28,7 @@ from .cache import cached_source
 from .index_ranges import check_index_ranges, index_reads
 from .linear import CompiledLinearAttention
 from .loader import load_kernels
-from .variants import KERNEL_CAPTURES, Variant
+from .variants import CALLS, EXPORTED_CALLS, KERNEL_CAPTURES, Variant
 
 
 def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torch.Tensor:
@@ -164,13 +164,18 @@ class CompiledAttention:
         """The generated kernel module's Python source."""
         return self.path.read_text()
 
-    def export(self, path) -> Path:
-        """Write the standalone kernel module (imports only torch and triton) to ``path``,
-        with the tile configurations tuned so far built in: this spec's plain calls, or those on a
-        KV cache (``attn.for_call(Variant(cache=True))``, split-KV too)."""
+    def export(self, path, call: str | None = None) -> Path:
+        """Write the standalone kernel module (imports only torch and triton) of this spec's calls of kind
+        ``call`` to ``path``, with the tile configurations tuned so far built in: ``"plain"``, ``"cache"``
+        (on a KV cache: its entry point takes kv_lens and q_offset), ``"decode"`` (the same, split-KV) or
+        ``"paged"`` (decoding from a paged cache, forward only); None: this object's own kind."""
+        if call is not None:
+            if call not in EXPORTED_CALLS:
+                raise ValueError(f"call must be one of {', '.join(map(repr, EXPORTED_CALLS))}, got {call!r}")
+            return self.for_call(CALLS[call]).export(path)
         if not set(self.call_captures) <= ENTRY_POINT_CAPTURES:
-            raise ValueError(f"attngen exports the kernels of plain and KV cache calls (split-KV too), not those "
-                             f"of a call with {self.variant.describe()}")
+            raise ValueError(f"attngen exports the kernels of plain and KV cache calls (split-KV and paged too), "
+                             f"not those of a call with {self.variant.describe()}")
         path = Path(path)
         tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
         path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", tuned, 1))

@@ -110,6 +110,19 @@ class Variant:
         return ", ".join(parts) or "plain"
 
 
+# kinds of call by name, as ``attngen show --call`` and ``export(path, call=...)`` take them (a call picks
+# its own, see attngen.runtime.calls)
+CALLS = {
+    "plain": Variant(),
+    "cache": Variant(cache=True),
+    "decode": Variant(cache=True, split_kv=True),
+    "paged": Variant(cache=True, split_kv=True, paged=True),
+    "packed": Variant(packed=True),
+    "dropout": Variant(dropout=True),
+}
+EXPORTED_CALLS = ("plain", "cache", "decode", "paged")  # those whose modules have an entry point
+
+
 def _and(first, second):
     if first is None or second is None:
         return second if first is None else first
