@@ -259,8 +259,9 @@ def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
         out, lse = module.forward(q, k_pages, v_pages, slopes, **paged, **extra)
         want, stats = attn(q, k_pages, v_pages, return_stats=True, mode="decode", **paged, **extra)
         assert torch.equal(out, want) and torch.equal(lse, stats.lse)
-    for wrong in ({**paged, "block_table": paged["block_table"] + 1}, {**paged, "block_table": paged["block_table"][:1]},
-                  {"block_table": paged["block_table"], "kv_lens": None}):
+    table = paged["block_table"]
+    for wrong in ({**paged, "block_table": table + 1}, {**paged, "block_table": table[:1]},
+                  {"block_table": table, "kv_lens": None}):
         assert _refusal(module.forward, q, k_pages, v_pages, slopes, **wrong) == \
             _refusal(attn, q, k_pages, v_pages, **wrong), wrong
     assert _refusal(module.forward, q, k_pages[:, :1], v_pages, slopes, **paged) == \
