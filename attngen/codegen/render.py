@@ -13,7 +13,7 @@ from typing import Callable
 
 import jinja2
 
-from .. import __version__
+from .. import __version__, index_checks
 from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
@@ -353,7 +353,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    call_captures: dict[str, int] | None = None, differential: bool = False,
                    cache: bool = False, support: bool = False, top_k: int | None = None,
-                   entropy: bool = False) -> dict:
+                   entropy: bool = False, index_reads=()) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     call_captures = call_captures or {}
     printer = TritonPrinter(graph)
@@ -543,10 +543,8 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "maps_rowdot": bool(grad_maps) and (softmax or threshold or normalized),
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
-        # the exported entry point takes the tensors of a plain or KV cache call; other calls' modules have none
-        "entry_point": set(call_captures) <= ENTRY_POINT_CAPTURES,
         "cache": cache,
-        **_entry_point(MAX_HEAD_DIM, cache, "block_table" in call_captures),
+        **_attention_entry_point(call_captures, index_reads),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -594,7 +592,7 @@ def _tidy(source: str) -> str:
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            call_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
-           support: bool = False, top_k: int | None = None, entropy: bool = False) -> str:
+           support: bool = False, top_k: int | None = None, entropy: bool = False, index_reads=()) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
     nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (an output of
@@ -607,19 +605,37 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     ``differential``: two score streams over the halves of q and k (outputs ``score`` and ``score2``),
     weighted by the per-head parameter ``lam``;
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
-    each row keeps its ``top_k`` largest logits (a cut-off per row, ``call_captures["topk_floor"]``)."""
+    each row keeps its ``top_k`` largest logits (a cut-off per row, ``call_captures["topk_floor"]``);
+    ``index_reads``: the captured-tensor reads a call bounds (see attngen.runtime.index_ranges), which the
+    entry point checks."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             call_captures or {}, differential, cache, support, top_k, entropy)
+                             call_captures or {}, differential, cache, support, top_k, entropy, index_reads)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
-def _entry_point(max_head_dim: int, cache: bool = False, paged: bool = False) -> dict[str, str]:
-    """The template values with which a module's entry point takes q, k and v (and, with ``cache``, a KV
-    cache's lengths and offsets; with ``paged``, its pages) as attngen's calls do."""
-    functions = (check_qkv, autocast_qkv) + ((values_checkable, per_batch_integers, cache_positions) if cache else ()) \
-        + ((paged_view, check_pages_in_range) if paged else ())
-    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in functions),
+def _entry_point(max_head_dim: int, *functions) -> dict[str, str]:
+    """The template values with which a module's entry point takes q, k and v as attngen's calls do, with
+    more of attngen/qkv.py's ``functions`` (for the call's own tensors)."""
+    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, autocast_qkv, *functions)),
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
+
+
+def _attention_entry_point(call_captures: dict[str, int], index_reads) -> dict[str, str]:
+    """The template values of an attention module's entry point: q, k, v and the call's own tensors taken as
+    attngen's calls take them, and ``index_reads`` (see attngen.runtime.index_ranges) checked as they check
+    them (those through a function of one expression aside, which a call tries value by value)."""
+    cache = "kv_lens" in call_captures
+    paged = "block_table" in call_captures
+    checks = inspect.getsource(index_checks)
+    return {
+        # the exported entry point takes the tensors of a plain or KV cache call; other calls' modules have none
+        "entry_point": set(call_captures) <= ENTRY_POINT_CAPTURES,
+        **_entry_point(MAX_HEAD_DIM, values_checkable, *((per_batch_integers, cache_positions) if cache else ()),
+                       *((paged_view, check_pages_in_range) if paged else ())),
+        # index_checks below its imports
+        "index_checks_source": checks[checks.index("\nINDICES = "):].strip(),
+        "index_reads": [repr(tuple(read)) for read in index_reads if read.bounds[0] != "function"],
+    }
 
 
 def render_linear(graph: Graph, spec_lines: list[str], normalize: bool, scale: float | None, eps: float,

@@ -16,6 +16,7 @@ from .. import stats as stats_module
 from ..codegen.render import ENTRY_POINT_CAPTURES, compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
+from ..index_checks import check_index_ranges
 from ..inputs import under_autocast
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
@@ -25,7 +26,7 @@ from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
 from .cache import cached_source
-from .index_ranges import check_index_ranges, index_reads
+from .index_ranges import index_reads, read_range
 from .linear import CompiledLinearAttention
 from .loader import load_kernels
 from .variants import CALLS, EXPORTED_CALLS, KERNEL_CAPTURES, Variant
@@ -157,7 +158,7 @@ class CompiledAttention:
                       maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
                       call_captures=self.call_captures, differential=self.spec.differential is not None,
-                      cache=self.variant.cache, top_k=self.spec.top_k)
+                      cache=self.variant.cache, top_k=self.spec.top_k, index_reads=self.index_reads)
 
     @property
     def source(self) -> str:
@@ -313,14 +314,16 @@ class CompiledAttention:
         extents = {"h": shape.q_heads}
         if not self.variant.packed:
             extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
-        call_tensors = {id(stand_in): (name, tensors.get(name, stand_in)) for name, stand_in in self.stand_ins.items()}
-        check_index_ranges(self.graph, self.index_reads, extents, call_tensors)
+        captures = [c.tensor for c in self.graph.captures]
+        call_tensors = {i: (name, tensors.get(name, captures[i])) for name, i in self.call_captures.items()}
+        check_index_ranges(captures, self.index_reads, extents, call_tensors, read_range)
         if self.sequence_reads and values_checkable(tensors["start_q"]):
             # the mods see each sequence as b and positions within it: up to the longest sequence's
             q_lens = torch.diff(tensors["start_q"], append=tensors["start_q"].new_tensor([shape.q_len]))
             longest = torch.stack([q_lens.max(), tensors["len_k"].max()]).tolist()  # one read on a GPU
             extents = {"h": shape.q_heads, "b": q_lens.numel(), "q_idx": longest[0], "kv_idx": longest[1]}
-            check_index_ranges(self.sequence_graph, self.sequence_reads, extents, {})
+            check_index_ranges([c.tensor for c in self.sequence_graph.captures], self.sequence_reads, extents, {},
+                               read_range)
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""

@@ -24,33 +24,31 @@ operations find:
 
 The bounds are plain Python arithmetic on nested tuples (no graph at call time), which torch.compile
 traces without a break (functions of one expression and loaded values are not found inside a trace).
-Other indices (parts of several expressions sharing an index, the score) are not checked.
+Other indices (parts of several expressions sharing an index, the score) are not checked. A call checks
+the reads with :func:`attngen.index_checks.check_index_ranges` (torch alone: exported modules do too,
+but for the functions of one expression, tried here value by value).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
+from typing import NamedTuple
 
 import numpy
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ..index_checks import _BY_CONSTANT, INDICES, index_names, index_range
 from ..ir.evaluate import evaluate_nodes
 from ..ir.graph import OPS, Graph
-from ..qkv import values_checkable
 
-INDICES = ("b", "h", "q_idx", "kv_idx")
 _AFFINE_OPS = {"input", "const", "add", "sub", "neg", "mul"}
-_BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
 _OF_TWO = ("add", "sub", "minimum", "maximum")  # two expressions on different indices
 
 
-@dataclass(frozen=True)
-class IndexRead:
+class IndexRead(NamedTuple):
     """Dimension ``dim`` of captured tensor ``capture`` read at the index ``bounds`` describes (see
-    :func:`index_range`); ``direct`` names the index when the read is at the index itself."""
+    :func:`~attngen.index_checks.index_range`); ``direct`` names the index when the read is at the index
+    itself. A tuple, as :func:`~attngen.index_checks.check_index_ranges` takes it."""
     capture: int
     dim: int
     bounds: tuple
@@ -92,7 +90,7 @@ def _bounds(graph: Graph, node: int) -> tuple | None:
         return op, inner, constant
     if op in _OF_TWO:
         parts = [_bounds(graph, a) for a in args]
-        if None in parts or _indices(parts[0]) & _indices(parts[1]):
+        if None in parts or index_names(parts[0]) & index_names(parts[1]):
             return None  # extremes of parts sharing an index need not be reached together
         return op, *parts
     return None
@@ -104,7 +102,7 @@ def _load_bounds(graph: Graph, node: int) -> tuple | None:
     parts = tuple(_bounds(graph, a) for a in graph.args(node))
     if None in parts or not all(_dense(p) for p in parts):
         return None
-    used = [_indices(p) for p in parts]
+    used = [index_names(p) for p in parts]
     if sum(map(len, used)) != len(set().union(*used)):
         return None
     return "load", graph.node(node)["capture"], parts
@@ -163,19 +161,6 @@ def _affine(graph: Graph, node: int) -> bool:
     return True
 
 
-def _indices(bounds: tuple) -> set[str]:
-    """The indices an expression depends on."""
-    if bounds[0] == "affine":
-        return {name for c, name in zip(bounds[2], INDICES) if c}
-    if bounds[0] == "function":
-        return _indices(bounds[1])
-    if bounds[0] == "load":
-        return set().union(*map(_indices, bounds[2]))
-    if bounds[0] in _BY_CONSTANT:
-        return _indices(bounds[1])
-    return _indices(bounds[1]) | _indices(bounds[2])
-
-
 def _dense(bounds: tuple) -> bool:
     """Whether the expression takes every integer between its extremes (in any box of indices)."""
     op = bounds[0]
@@ -188,52 +173,11 @@ def _dense(bounds: tuple) -> bool:
     return _dense(bounds[1]) and _dense(bounds[2])  # parts on different indices: sums, minima, maxima
 
 
-# (capture, box) -> the least and the greatest value of a captured tensor over a box of its indices
-# (inclusive (lo, hi) per dim), or None where a call cannot tell
-Values = Callable[[int, tuple], "tuple[int, int] | None"]
-
-
-def index_range(bounds: tuple, extents: dict[str, int], values: Values | None = None) -> tuple[int, int] | None:
-    """The least and the greatest value of the expression while each index runs over ``range(extents[name])``;
-    None where it reads a captured tensor whose ``values`` are unknown."""
-    op = bounds[0]
-    if op == "affine":
-        _, offset, coefficients = bounds
-        used = [(c, extents[name] - 1) for c, name in zip(coefficients, INDICES) if c]
-        return offset + sum(min(0, c * last) for c, last in used), offset + sum(max(0, c * last) for c, last in used)
-    if op == "load":
-        box = tuple(index_range(part, extents, values) for part in bounds[2])
-        return None if values is None or None in box else values(bounds[1], box)
-    inner = index_range(bounds[1], extents, values)
-    if inner is None:
-        return None
-    lo, hi = inner
-    if op in _BY_CONSTANT:
-        c = bounds[2]
-        if op == "mul":
-            return min(lo * c, hi * c), max(lo * c, hi * c)
-        if op == "floordiv":
-            return lo // c, hi // c
-        if lo // c != hi // c:  # the values pass a multiple of c: c - 1, then 0 are reached
-            return 0, c - 1
-        return lo % c, hi % c
-    other = index_range(bounds[2], extents, values)
-    if other is None:
-        return None
-    lo2, hi2 = other
-    if op == "add":
-        return lo + lo2, hi + hi2
-    if op == "sub":
-        return lo - hi2, hi - lo2
-    if op == "minimum":
-        return min(lo, lo2), min(hi, hi2)
-    return max(lo, lo2), max(hi, hi2)
-
-
-def read_range(bounds: tuple, extents: dict[str, int], values: Values | None = None) -> tuple[int, int] | None:
-    """The least and the greatest index of a read over the call's positions, or None where a call cannot
-    tell (a function of one expression inside a torch.compile trace, undefined or too many values, loaded
-    values ``values`` does not give)."""
+def read_range(bounds: tuple, extents: dict[str, int], values=None) -> tuple[int, int] | None:
+    """The least and the greatest index of a read over the call's positions (``values``: as
+    :func:`~attngen.index_checks.index_range` takes them), or None where a call cannot tell (a function of
+    one expression inside a torch.compile trace, undefined or too many values, loaded values ``values``
+    does not give)."""
     if bounds[0] != "function":
         return index_range(bounds, extents, values)
     if torch.compiler.is_compiling():  # tried at every value: no loop inside a trace
@@ -282,93 +226,3 @@ def _value(steps: tuple, x: int):
                 value = float(numpy.float32(value))
         values.append(value)
     return values[-1]
-
-
-_EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest))
-
-
-def _extremes(tensor: torch.Tensor, box: tuple) -> tuple[int, int]:
-    """The least and the greatest value of ``tensor`` over ``box``, read once per version of the tensor."""
-    key = (tensor._version, box)
-    known = _EXTREMES.get(tensor)
-    if known is None or known[0] != key:
-        least, greatest = torch.aminmax(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)])
-        known = key, tuple(torch.stack([least, greatest]).tolist())
-        _EXTREMES[tensor] = known
-    return known[1]
-
-
-def _captured_values(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tensor]]) -> Values:
-    """The :data:`Values` of the graph's captured tensors, a stand-in's (by ``id``) those of the call's own
-    tensor in ``call_tensors``, not found inside a torch.compile trace, while a CUDA graph is captured or for
-    a box that leaves the tensor (whose own read is refused)."""
-    def values(capture: int, box: tuple) -> tuple[int, int] | None:
-        tensor = graph.captures[capture].tensor
-        tensor = call_tensors.get(id(tensor), (None, tensor))[1]
-        if not values_checkable(tensor) or tensor.dim() != len(box) or \
-                any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
-            return None
-        return _extremes(tensor, box)
-    return values
-
-
-def _labels(graph: Graph, call_tensors: dict[int, tuple[str, torch.Tensor]]) -> list[str]:
-    """How an error names each captured tensor: a stand-in by its call argument, the spec's own tensors
-    numbered in the order the spec reads them (the stand-ins left out)."""
-    labels, own = [], 0
-    for capture in graph.captures:
-        name = call_tensors.get(id(capture.tensor), (None,))[0]
-        if name is None:
-            name, own = f"captured tensor #{own}", own + 1
-        labels.append(name)
-    return labels
-
-
-def _loaded(bounds: tuple) -> set[int]:
-    """The captured tensors whose values an expression reads (parts of a load read none)."""
-    op = bounds[0]
-    if op in ("affine", "function"):
-        return set()
-    if op == "load":
-        return {bounds[1]}
-    if op in _BY_CONSTANT:
-        return _loaded(bounds[1])
-    return _loaded(bounds[1]) | _loaded(bounds[2])
-
-
-def check_index_ranges(graph: Graph, reads: list[IndexRead], extents: dict[str, int],
-                       call_tensors: dict[int, tuple[str, torch.Tensor]]) -> None:
-    """Raise ValueError for a read that leaves its captured tensor at some position of a call whose
-    indices run over ``range(extents[name])``. Reads that use an index missing from ``extents`` (not
-    bounded: positions in packed sequences) are skipped, as are empty calls and the reads of stand-ins
-    (by ``id``, keys of ``call_tensors``: (name, the call's own tensor), which its checks bound), whose
-    values are the call tensors' (a KV cache's query offsets)."""
-    values = _captured_values(graph, call_tensors)
-    for read in reads:
-        used = [name for name in INDICES if name in _indices(read.bounds)]
-        tensor = graph.captures[read.capture].tensor
-        if id(tensor) in call_tensors or any(name not in extents or extents[name] == 0 for name in used):
-            continue
-        size = tensor.shape[read.dim]
-        if read.direct is not None:
-            if size < extents[read.direct]:
-                raise ValueError(
-                    f"{_labels(graph, call_tensors)[read.capture]} of shape {tuple(tensor.shape)} is indexed with "
-                    f"{read.direct} in dim {read.dim}, which runs to {extents[read.direct] - 1} in this call, but "
-                    f"that dim has {size} entries; give it {extents[read.direct]} (a [1, ...] tensor does not "
-                    "broadcast when indexed)")
-            continue
-        found = read_range(read.bounds, extents, values)
-        if found is None:
-            continue
-        lo, hi = found
-        if lo < 0 or hi >= size:
-            labels = _labels(graph, call_tensors)
-            loaded = " and ".join(labels[c] for c in sorted(_loaded(read.bounds)))
-            of = " and ".join(used) + (f" through the values of {loaded}" if loaded else "")
-            index = f"an expression of {of.removeprefix(' through ')} that runs from {lo} to {hi} in this call" \
-                if of else f"the constant {lo}"
-            raise ValueError(
-                f"{labels[read.capture]} of shape {tuple(tensor.shape)} is indexed in dim {read.dim} with "
-                f"{index}, but that dim has {size} entries (the kernels evaluate the mods at every position, "
-                f"masked ones too, and do not check bounds)")

@@ -1,0 +1,154 @@
+"""A call's captured-tensor reads checked against the tensors' sizes, with torch alone.
+
+The kernels read captured tensors without bound checks; :mod:`attngen.runtime.index_ranges` finds, when
+a spec compiles, the reads whose index range a call can bound (a read is ``(capture, dim, bounds,
+direct)``: see its ``IndexRead``), and a call checks them here before any kernel runs. The source of
+this module below its imports is also rendered into the kernel modules that have an entry point, whose
+exported ``forward`` refuses the same reads in the same words.
+"""
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .qkv import values_checkable
+
+INDICES = ("b", "h", "q_idx", "kv_idx")
+_BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
+_EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest))
+
+
+def index_range(bounds, extents, values=None):
+    """The least and the greatest value of the expression ``bounds`` describes while each index runs over
+    ``range(extents[name])``; None where it reads a captured tensor whose ``values(capture, box)`` (its
+    least and greatest value over a box of indices) are unknown."""
+    op = bounds[0]
+    if op == "affine":
+        _, offset, coefficients = bounds
+        used = [(c, extents[name] - 1) for c, name in zip(coefficients, INDICES) if c]
+        return offset + sum(min(0, c * last) for c, last in used), offset + sum(max(0, c * last) for c, last in used)
+    if op == "load":
+        box = tuple(index_range(part, extents, values) for part in bounds[2])
+        return None if values is None or None in box else values(bounds[1], box)
+    inner = index_range(bounds[1], extents, values)
+    if inner is None:
+        return None
+    lo, hi = inner
+    if op in _BY_CONSTANT:
+        c = bounds[2]
+        if op == "mul":
+            return min(lo * c, hi * c), max(lo * c, hi * c)
+        if op == "floordiv":
+            return lo // c, hi // c
+        if lo // c != hi // c:  # the values pass a multiple of c: c - 1, then 0 are reached
+            return 0, c - 1
+        return lo % c, hi % c
+    other = index_range(bounds[2], extents, values)
+    if other is None:
+        return None
+    lo2, hi2 = other
+    if op == "add":
+        return lo + lo2, hi + hi2
+    if op == "sub":
+        return lo - hi2, hi - lo2
+    if op == "minimum":
+        return min(lo, lo2), min(hi, hi2)
+    return max(lo, lo2), max(hi, hi2)
+
+
+def index_names(bounds):
+    """The indices an expression depends on."""
+    if bounds[0] == "affine":
+        return {name for c, name in zip(bounds[2], INDICES) if c}
+    if bounds[0] == "function":
+        return index_names(bounds[1])
+    if bounds[0] == "load":
+        return set().union(*map(index_names, bounds[2]))
+    if bounds[0] in _BY_CONSTANT:
+        return index_names(bounds[1])
+    return index_names(bounds[1]) | index_names(bounds[2])
+
+
+def _loaded(bounds):
+    """The captured tensors whose values an expression reads (parts of a load read none)."""
+    op = bounds[0]
+    if op in ("affine", "function"):
+        return set()
+    if op == "load":
+        return {bounds[1]}
+    if op in _BY_CONSTANT:
+        return _loaded(bounds[1])
+    return _loaded(bounds[1]) | _loaded(bounds[2])
+
+
+def _extremes(tensor, box):
+    """The least and the greatest value of ``tensor`` over ``box``, read once per version of the tensor."""
+    key = (tensor._version, box)
+    known = _EXTREMES.get(tensor)
+    if known is None or known[0] != key:
+        least, greatest = torch.aminmax(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)])
+        known = key, tuple(torch.stack([least, greatest]).tolist())
+        _EXTREMES[tensor] = known
+    return known[1]
+
+
+def captured_values(captures, call_tensors):
+    """``values(capture, box)`` for :func:`index_range`: the least and the greatest value of captured tensor
+    ``captures[capture]`` (the call's own tensor where ``call_tensors`` has one at that position) over a box,
+    not found inside a torch.compile trace, while a CUDA graph is captured or for a box that leaves the
+    tensor (whose own read is refused)."""
+    def values(capture, box):
+        tensor = call_tensors.get(capture, (None, captures[capture]))[1]
+        if not values_checkable(tensor) or tensor.dim() != len(box) or \
+                any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
+            return None
+        return _extremes(tensor, box)
+    return values
+
+
+def _labels(captures, call_tensors):
+    """How an error names each captured tensor: the call's own by its argument, the spec's own tensors
+    numbered in the order the spec reads them (the call's left out)."""
+    labels, own = [], 0
+    for capture in range(len(captures)):
+        name = call_tensors.get(capture, (None,))[0]
+        if name is None:
+            name, own = f"captured tensor #{own}", own + 1
+        labels.append(name)
+    return labels
+
+
+def check_index_ranges(captures, reads, extents, call_tensors, read_range=index_range):
+    """Raise ValueError for a read of ``captures`` (the captured tensors) that leaves its tensor at some
+    position of a call whose indices run over ``range(extents[name])``. ``call_tensors`` maps the position
+    of each of the call's own tensors among the captures to (its name, its tensor); their reads, which the
+    call's checks bound, are skipped, as are reads that use an index missing from ``extents`` (not bounded:
+    positions in packed sequences) and empty calls. ``read_range(bounds, extents, values)`` gives a read's
+    extremes, None where it cannot tell."""
+    values = captured_values(captures, call_tensors)
+    for capture, dim, bounds, direct in reads:
+        used = [name for name in INDICES if name in index_names(bounds)]
+        if capture in call_tensors or any(name not in extents or extents[name] == 0 for name in used):
+            continue
+        tensor = captures[capture]
+        size = tensor.shape[dim]
+        if direct is not None:
+            if size < extents[direct]:
+                raise ValueError(
+                    f"{_labels(captures, call_tensors)[capture]} of shape {tuple(tensor.shape)} is indexed with "
+                    f"{direct} in dim {dim}, which runs to {extents[direct] - 1} in this call, but that dim has "
+                    f"{size} entries; give it {extents[direct]} (a [1, ...] tensor does not broadcast when indexed)")
+            continue
+        found = read_range(bounds, extents, values)
+        if found is None:
+            continue
+        lo, hi = found
+        if lo < 0 or hi >= size:
+            labels = _labels(captures, call_tensors)
+            loaded = " and ".join(labels[c] for c in sorted(_loaded(bounds)))
+            of = " and ".join(used) + (f" through the values of {loaded}" if loaded else "")
+            index = f"an expression of {of.removeprefix(' through ')} that runs from {lo} to {hi} in this call" \
+                if of else f"the constant {lo}"
+            raise ValueError(
+                f"{labels[capture]} of shape {tuple(tensor.shape)} is indexed in dim {dim} with {index}, but "
+                f"that dim has {size} entries (the kernels evaluate the mods at every position, masked ones "
+                "too, and do not check bounds)")
