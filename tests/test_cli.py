@@ -289,6 +289,19 @@ def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
         attn.export(tmp_path / "packed.py", call="packed")
 
 
+def test_an_exported_sparsemax_module_decodes_with_its_unsplit_kernels(tmp_path):
+    """Sparsemax's threshold needs passes over the whole row: its decoding kernels are the unsplit ones (an
+    exported split-KV module before launched kernels it did not define)."""
+    attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Sparsemax(), mask_mod=ag.masks.causal))
+    path = attn.export(tmp_path / "sparsemax_decode.py", call="decode")
+    assert "split-KV" not in path.read_text().split('"""')[1]
+    module = load_kernels(path, interpret=True)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=gen), *(torch.randn(2, 2, 30, 16, generator=gen) for _ in range(2))
+    out, = module.forward(q, k, v, kv_lens=torch.tensor([10, 30]))  # sparsemax has no lse
+    assert torch.equal(out, attn(q, k, v, kv_lens=torch.tensor([10, 30]), mode="decode"))
+
+
 def test_an_exported_linear_module_takes_inputs_as_attngen_does(tmp_path):
     attn = ag.compile(ag.LinearAttentionSpec(feature_map="identity", decay="gated", normalize=False))
     module = load_kernels(attn.export(tmp_path / "refusing_gated.py"), interpret=True)

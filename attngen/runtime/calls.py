@@ -158,9 +158,8 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len, spec.mask_mod)
         block_size = blocks.block_size
         tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
-    # entmax's threshold needs passes over the whole row: it does not split
-    split_kv = spec.normalization.family != "threshold" and (
-        mode == "decode" or (mode in (None, "auto") and decoding(shape, q)))
+    # sparsemax and entmax run split-KV calls unsplit (see CompiledAttention.for_call)
+    split_kv = mode == "decode" or (mode in (None, "auto") and decoding(shape, q))
     tensors.update(_dropout(spec, dropout_p, seed, q.device))
     if spec.top_k is not None:  # a placeholder on q's device, never read: the generated forward computes the cut-offs
         tensors["topk_floor"] = torch.empty(1, 1, 1, device=q.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
@@ -212,7 +213,11 @@ class CompiledAttention:
         return copied
 
     def for_call(self, variant: Variant) -> CompiledAttention:
-        """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant."""
+        """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant.
+        Sparsemax and entmax never split a row's keys (their threshold needs passes over the whole row):
+        their split-KV calls run the unsplit kernels."""
+        if variant.split_kv and self.spec.normalization.family == "threshold":
+            variant = dataclasses.replace(variant, split_kv=False)
         if variant == self.variant:
             return self
         if variant not in self._variants:
