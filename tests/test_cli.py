@@ -218,6 +218,12 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
     assert "tensor #0 after q, k and v must be a torch.Tensor on q's device (cpu), got meta" in \
         _refusal(module.forward, q, q, q, slopes.to("meta"))[1]
     torch.testing.assert_close(module.forward(q, q, q, slopes)[0], attn(q, q, q), rtol=0, atol=0)
+    assert "captured tensor #0 must be a float tensor of rank 1, as the spec's was, got torch.int64 of shape (4,)" \
+        in _refusal(module.forward, q, q, q, torch.arange(4))[1]
+    assert "captured tensor #0 must be a float tensor of rank 1, as the spec's was, got torch.float32 of shape " \
+           "(1, 4)" in _refusal(module.forward, q, q, q, slopes[None])[1]
+    assert "captured tensor #0 requires grad, but this module computes no gradient for it" in \
+        _refusal(module.forward, q, q, q, slopes.clone().requires_grad_())[1]
     short = slopes[:2]  # for 4 heads: read out of bounds by the kernels (as before), were it not refused
     with_short = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - short[h] * (q_idx - kv_idx)))
     assert _refusal(module.forward, q, q, q, short) == _refusal(with_short, q, q, q)
