@@ -29,8 +29,6 @@ from .testing.cases import Case
 from .testing.linear_properties import gates
 
 
-
-
 class UsageError(Exception):
     """A mistake on the command line; printed without a traceback."""
 
