@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import reference
+from .codegen.render import cache_arguments
 from .errors import SpecError
 from .runtime import cache, plan
 from .runtime.autotune import median_seconds
@@ -143,11 +144,8 @@ def print_machine_code(attn, dims: tuple[int, int], heads: int = 8, length: int 
 def cmd_export(args) -> int:
     attn = _for_call(_compile(args), args.call)
     path = attn.export(args.output)
-    if isinstance(attn, CompiledLinearAttention):
-        entry = "forward(q, k, v, g=None)"
-    else:
-        cache = ", block_table, kv_lens, q_offset=None" if attn.variant.paged else ", kv_lens=None, q_offset=None"
-        entry = f"forward(q, k, v, *captured{cache if attn.variant.cache else ''})"
+    entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else \
+        f"forward(q, k, v, *captured{cache_arguments(attn.variant.cache, attn.variant.paged)})"
     print(f"wrote {path}: import it with only torch and triton; {entry} is the entry point")
     return 0
 

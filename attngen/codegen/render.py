@@ -544,7 +544,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
         "cache": cache,
-        **_attention_entry_point(call_captures, index_reads),
+        **_attention_entry_point(call_captures, cache, index_reads),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -620,16 +620,24 @@ def _entry_point(max_head_dim: int, *functions) -> dict[str, str]:
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
 
 
-def _attention_entry_point(call_captures: dict[str, int], index_reads) -> dict[str, str]:
+def cache_arguments(cache: bool, paged: bool) -> str:
+    """The keyword arguments an attention module's entry point takes after ``q, k, v, *captured``: a KV
+    cache's (``cache``), a paged one's (``paged``), or none."""
+    if paged:
+        return ", block_table, kv_lens, q_offset=None"
+    return ", kv_lens=None, q_offset=None" if cache else ""
+
+
+def _attention_entry_point(call_captures: dict[str, int], cache: bool, index_reads) -> dict[str, str]:
     """The template values of an attention module's entry point: q, k, v and the call's own tensors taken as
     attngen's calls take them, and ``index_reads`` (see attngen.runtime.index_ranges) checked as they check
     them (those through a function of one expression aside, which a call tries value by value)."""
-    cache = "kv_lens" in call_captures
     paged = "block_table" in call_captures
     checks = inspect.getsource(index_checks)
     return {
         # the exported entry point takes the tensors of a plain or KV cache call; other calls' modules have none
         "entry_point": set(call_captures) <= ENTRY_POINT_CAPTURES,
+        "cache_arguments": cache_arguments(cache, paged),
         **_entry_point(MAX_HEAD_DIM, values_checkable, *((per_batch_integers, cache_positions) if cache else ()),
                        *((paged_view, check_pages_in_range) if paged else ())),
         # index_checks below its imports
