@@ -275,19 +275,15 @@ def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
             _refusal(attn, q, k_pages, v_pages, **wrong), wrong
     assert _refusal(module.forward, q, k_pages[:, :1], v_pages, slopes, **paged) == \
         _refusal(attn, q, k_pages[:, :1], v_pages, **paged)
-    table = torch.randn(45)  # read at the queries' positions in the cache, q_idx + q_offset
-    by_position = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[q_idx]))
+    biases = torch.randn(45)  # read at the queries' positions in the cache, q_idx + q_offset
+    by_position = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + biases[q_idx]))
     module = load_kernels(by_position.export(tmp_path / "by_position.py", call="cache"), interpret=True)
-    for offset in (42, 43):  # positions up to 44, then 45: past the table
-        if offset == 42:
-            torch.testing.assert_close(module.forward(q, k, v, table, kv_lens=lens, q_offset=offset)[0],
-                                       by_position(q, k, v, kv_lens=lens, q_offset=offset), rtol=0, atol=0)
-        else:
-            assert "captured tensor #0 of shape (45,) is indexed in dim 0 with an expression of b and q_idx through " \
-                   "the values of q_offset that runs from 43 to 45" in \
-                   _refusal(module.forward, q, k, v, table, kv_lens=lens, q_offset=offset)[1]
-            assert _refusal(module.forward, q, k, v, table, kv_lens=lens, q_offset=offset) == \
-                _refusal(by_position, q, k, v, kv_lens=lens, q_offset=offset)
+    torch.testing.assert_close(module.forward(q, k, v, biases, kv_lens=lens, q_offset=42)[0],  # positions up to 44
+                               by_position(q, k, v, kv_lens=lens, q_offset=42), rtol=0, atol=0)
+    refused = _refusal(module.forward, q, k, v, biases, kv_lens=lens, q_offset=43)  # up to 45: past the biases
+    assert "captured tensor #0 of shape (45,) is indexed in dim 0 with an expression of b and q_idx through the " \
+           "values of q_offset that runs from 43 to 45" in refused[1]
+    assert refused == _refusal(by_position, q, k, v, kv_lens=lens, q_offset=43)
     with pytest.raises(ValueError, match=r"exports the kernels of plain and KV cache calls \(split-KV and paged too\), "
                                          r"not those of a call with packed sequences"):
         attn.for_call(Variant(packed=True)).export(tmp_path / "packed.py")
