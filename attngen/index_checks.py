@@ -13,7 +13,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .qkv import values_checkable
 
 INDICES = ("b", "h", "q_idx", "kv_idx")
-_BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
+BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
 _EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest))
 
 
@@ -33,7 +33,7 @@ def index_range(bounds, extents, values=None):
     if inner is None:
         return None
     lo, hi = inner
-    if op in _BY_CONSTANT:
+    if op in BY_CONSTANT:
         c = bounds[2]
         if op == "mul":
             return min(lo * c, hi * c), max(lo * c, hi * c)
@@ -63,7 +63,7 @@ def index_names(bounds):
         return index_names(bounds[1])
     if bounds[0] == "load":
         return set().union(*map(index_names, bounds[2]))
-    if bounds[0] in _BY_CONSTANT:
+    if bounds[0] in BY_CONSTANT:
         return index_names(bounds[1])
     return index_names(bounds[1]) | index_names(bounds[2])
 
@@ -75,7 +75,7 @@ def _loaded(bounds):
         return set()
     if op == "load":
         return {bounds[1]}
-    if op in _BY_CONSTANT:
+    if op in BY_CONSTANT:
         return _loaded(bounds[1])
     return _loaded(bounds[1]) | _loaded(bounds[2])
 

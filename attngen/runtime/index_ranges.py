@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from ..index_checks import _BY_CONSTANT, INDICES, index_names, index_range
+from ..index_checks import BY_CONSTANT, INDICES, index_names, index_range
 from ..ir.evaluate import evaluate_nodes
 from ..ir.graph import OPS, Graph
 
@@ -71,7 +71,7 @@ def index_reads(graph: Graph) -> list[IndexRead]:
 
 def _bounds(graph: Graph, node: int) -> tuple | None:
     """``node`` as a tree of ``("affine", offset, coefficients)`` leaves, ``(op, tree, constant)`` for
-    ``_BY_CONSTANT`` and ``(op, tree, tree)`` for ``_OF_TWO``, or None where its extremes are not exact."""
+    ``BY_CONSTANT`` and ``(op, tree, tree)`` for ``_OF_TWO``, or None where its extremes are not exact."""
     if graph.dtype(node) != "int":
         return None
     if _affine(graph, node):
@@ -81,7 +81,7 @@ def _bounds(graph: Graph, node: int) -> tuple | None:
         return _load_bounds(graph, node)
     if op == "mul" and graph.is_const(args[0]):
         args = args[::-1]
-    if op in _BY_CONSTANT and graph.is_const(args[1]):
+    if op in BY_CONSTANT and graph.is_const(args[1]):
         constant, inner = graph.node(args[1])["value"], _bounds(graph, args[0])
         if inner is None or not isinstance(constant, int) or (op != "mul" and constant <= 0):
             return None
@@ -168,7 +168,7 @@ def _dense(bounds: tuple) -> bool:
         return all(c in (-1, 0, 1) for c in bounds[2])
     if op in ("mod", "load"):
         return False
-    if op in _BY_CONSTANT:
+    if op in BY_CONSTANT:
         return _dense(bounds[1]) and (op == "floordiv" or bounds[2] in (-1, 1))
     return _dense(bounds[1]) and _dense(bounds[2])  # parts on different indices: sums, minima, maxima
 
