@@ -36,7 +36,7 @@ class AttentionSpec:
             signature); ``score`` is already multiplied by ``scale``.
         mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``; True keeps a key.
         normalization: how each row of scores becomes weights (``norms.Softmax()``).
-        scale: multiplies ``q @ k^T``; ``None`` means ``1 / sqrt(Dqk)``.
+        scale: multiplies ``q @ k^T`` (any finite number); ``None`` means ``1 / sqrt(Dqk)``.
         stats: per-row statistics returned with ``return_stats=True``;
             ``None`` means ``("lse",)`` for the softmax family and ``()`` for
             elementwise normalizations (which have no row normalizer).
@@ -77,8 +77,8 @@ class AttentionSpec:
         row_stats = self.normalization.family == "softmax"
         if self.scale is not None:
             scale = real(self.scale)
-            if scale is None or not math.isfinite(scale) or scale <= 0:
-                raise SpecError(f"scale must be a positive finite number or None, got {self.scale!r}")
+            if scale is None or not math.isfinite(scale):
+                raise SpecError(f"scale must be a finite number or None, got {self.scale!r}")
             object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "dropout_p", check_dropout(self.dropout_p, "dropout_p"))
         _check_differential(self)

@@ -225,7 +225,7 @@ def test_float_index_is_rejected():
     (dict(score_mod=lambda s, b, h: s), "score_mod must take 5 positional arguments"),
     (dict(mask_mod=lambda b, h, q_idx: True), "mask_mod must take 4 positional arguments"),
     (dict(score_mod="causal"), "score_mod must be a function"),
-    (dict(scale=-1.0), "scale must be a positive finite number"),
+    (dict(scale=float("inf")), "scale must be a finite number"),
     (dict(stats=("lse", "bogus")), "unsupported stat 'bogus'"),
     (dict(normalization="softmax"), "normalization must be an attngen.norms object"),
 ])

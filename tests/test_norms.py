@@ -83,6 +83,17 @@ def test_normalization_matches_reference(norm_name, mask_name, case):
     check_variant(_variant(norm_name, mask_name), case)
 
 
+@pytest.mark.parametrize("scale", [-0.8, 0.0])
+@pytest.mark.parametrize("norm_name", [*NORMS, "stick_breaking"])
+def test_scale_of_either_sign(norm_name, scale):
+    """A scale of 0 or below, as FlexAttention and SDPA take it: softmax's row max, which the kernels take
+    over the unscaled products for a positive scale, is then the scaled scores' own."""
+    captures, make_norm = NORMS.get(norm_name, (_none, lambda c: norms.StickBreaking()))
+    variant = Variant(f"{norm_name}-scale", captures, lambda c: ag.AttentionSpec(
+        mask_mod=MASKS["empty_rows"], normalization=make_norm(c), scale=scale))
+    check_variant(variant, CASES[1])
+
+
 @pytest.mark.parametrize("case", CASES[1:], ids=case_id)
 @pytest.mark.parametrize("norm_name, mode", [("sparsemax", "auto"), ("entmax_1_3", "auto"), ("entmax_learnable", "auto"),
                                              ("softpick", "auto"), ("softpick", "decode"),

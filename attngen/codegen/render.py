@@ -532,9 +532,10 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "logit_lines": [], "logit_backward_lines": [], "logit_grads": [], **logit,
         "support": support,
         "scale": repr(None if scale is None else float(scale)),
-        # the softmax of q . k^T * scale itself (scale > 0, checked by the spec): its weights fold the scale into
+        # the softmax of q . k^T * scale itself, scale > 0 (None: 1/sqrt(Dqk)): its weights fold the scale into
         # exp2's multiply-add, exp2(dot * scale log2 e - max log2 e), and the row max is the products' max, scaled
-        "scaled_dot": online and not differential and graph.input_name(outputs["score"]) == "score",
+        "scaled_dot": online and not differential and graph.input_name(outputs["score"]) == "score"
+                      and (scale is None or scale > 0),
         "maps": map_context,
         "summed_maps": repr([f"the {m['name']} map" for m in summed_maps]),
         "forward_only_stats": repr(no_gradient_outputs),
