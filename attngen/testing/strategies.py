@@ -213,7 +213,7 @@ def specs(draw, heads: int = 4, batch: int = 2, max_len: int = 80, score_mods=sc
     mask = draw(masks(batch=batch, heads=heads, max_len=max_len)) if draw(st.booleans()) \
         else Snippet("mask_mod", "mask_mod = None")
     norm = draw(normalizations(heads=heads))
-    scale = draw(st.sampled_from(["None", "0.3", "1.0"]))
+    scale = draw(st.sampled_from(["None", "0.3", "1.0", "-0.3"]))
     plain = norm.value.family == "softmax" and norm.value.sink is None and norm.value.affine is None
     extra = ""
     if plain and draw(st.integers(0, 3)) == 0:
