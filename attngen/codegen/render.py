@@ -28,7 +28,6 @@ from .prune import without_unused_functions
 TEMPLATE = "attention.py.j2"
 LINEAR_TEMPLATE = "linear.py.j2"
 TEMPLATE_VERSION = 1
-ENTRY_POINT_CAPTURES = {"kv_lens", "q_offset", "block_table", "topk_floor"}  # the call tensors an entry point takes
 
 
 @lru_cache(maxsize=1)
@@ -353,7 +352,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    call_captures: dict[str, int] | None = None, differential: bool = False,
                    cache: bool = False, support: bool = False, top_k: int | None = None,
-                   entropy: bool = False, index_reads=()) -> dict:
+                   entropy: bool = False, index_reads=(), entry_point: bool = True) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     call_captures = call_captures or {}
     printer = TritonPrinter(graph)
@@ -545,7 +544,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
         "cache": cache,
-        **_attention_entry_point(call_captures, cache, index_reads),
+        **_attention_entry_point(entry_point, call_captures, cache, index_reads),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -593,7 +592,8 @@ def _tidy(source: str) -> str:
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            call_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
-           support: bool = False, top_k: int | None = None, entropy: bool = False, index_reads=()) -> str:
+           support: bool = False, top_k: int | None = None, entropy: bool = False, index_reads=(),
+           entry_point: bool = True) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
     nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (an output of
@@ -608,9 +608,11 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
     each row keeps its ``top_k`` largest logits (a cut-off per row, ``call_captures["topk_floor"]``);
     ``index_reads``: the captured-tensor reads a call bounds (see attngen.runtime.index_ranges), which the
-    entry point checks."""
+    entry point checks; ``entry_point``: the module takes q, k, v as attngen's plain and KV cache calls do
+    (``forward``; other calls' modules have none)."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             call_captures or {}, differential, cache, support, top_k, entropy, index_reads)
+                             call_captures or {}, differential, cache, support, top_k, entropy, index_reads,
+                             entry_point)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
@@ -629,15 +631,15 @@ def cache_arguments(cache: bool, paged: bool) -> str:
     return ", kv_lens=None, q_offset=None" if cache else ""
 
 
-def _attention_entry_point(call_captures: dict[str, int], cache: bool, index_reads) -> dict[str, str]:
+def _attention_entry_point(entry_point: bool, call_captures: dict[str, int], cache: bool,
+                           index_reads) -> dict[str, str]:
     """The template values of an attention module's entry point: q, k, v and the call's own tensors taken as
     attngen's calls take them, and ``index_reads`` (see attngen.runtime.index_ranges) checked as they check
     them (those through a function of one expression aside, which a call tries value by value)."""
     paged = "block_table" in call_captures
     checks = inspect.getsource(index_checks)
     return {
-        # the exported entry point takes the tensors of a plain or KV cache call; other calls' modules have none
-        "entry_point": set(call_captures) <= ENTRY_POINT_CAPTURES,
+        "entry_point": entry_point,
         "cache_arguments": cache_arguments(cache, paged),
         **_entry_point(MAX_HEAD_DIM, values_checkable, *((per_batch_integers, cache_positions) if cache else ()),
                        *((paged_view, check_pages_in_range) if paged else ())),

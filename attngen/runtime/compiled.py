@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .. import stats as stats_module
-from ..codegen.render import ENTRY_POINT_CAPTURES, compiler_digest, render
+from ..codegen.render import compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
 from ..index_checks import check_index_ranges
@@ -159,7 +159,8 @@ class CompiledAttention:
                       maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
                       call_captures=self.call_captures, differential=self.spec.differential is not None,
-                      cache=self.variant.cache, top_k=self.spec.top_k, index_reads=self.index_reads)
+                      cache=self.variant.cache, top_k=self.spec.top_k, index_reads=self.index_reads,
+                      entry_point=self.variant.has_entry_point)
 
     @property
     def source(self) -> str:
@@ -175,7 +176,7 @@ class CompiledAttention:
             if call not in EXPORTED_CALLS:
                 raise ValueError(f"call must be one of {', '.join(map(repr, EXPORTED_CALLS))}, got {call!r}")
             return self.for_call(CALLS[call]).export(path)
-        if not set(self.call_captures) <= ENTRY_POINT_CAPTURES:
+        if not self.variant.has_entry_point:
             raise ValueError(f"attngen exports the kernels of plain and KV cache calls (split-KV and paged too), "
                              f"not those of a call with {self.variant.describe()}")
         path = Path(path)

@@ -100,6 +100,12 @@ class Variant:
         traced = dataclasses.replace(spec, score_mod=score, second_score_mod=second, mask_mod=mask, stats=stats)
         return traced, key_count
 
+    @property
+    def has_entry_point(self) -> bool:
+        """Whether this kind of call's module takes q, k, v as attngen's calls do (and so can be exported):
+        plain calls and those on a KV cache, split-KV and paged too; not packed, block-mask or dropout calls."""
+        return self.block_size is None and not self.packed and not self.dropout
+
     def describe(self) -> str:
         parts = [f"block mask of {self.block_size[0]} x {self.block_size[1]} blocks"] if self.block_size else []
         parts += ["KV cache (kv_lens, q_offset)"] if self.cache else []
@@ -120,7 +126,7 @@ CALLS = {
     "packed": Variant(packed=True),
     "dropout": Variant(dropout=True),
 }
-EXPORTED_CALLS = ("plain", "cache", "decode", "paged")  # those whose modules have an entry point
+EXPORTED_CALLS = tuple(name for name, call in CALLS.items() if call.has_entry_point)
 
 
 def _and(first, second):
