@@ -241,6 +241,7 @@ def test_fuzzer_goes_on_past_near_misses_only(monkeypatch, error, stops):
 
 def test_fuzzed_calls_cover_every_kind_of_call_the_spec_allows():
     kinds = {"plain": set(), "col_sum": set(), "pooled": set()}
+    offset = set()  # the kinds of cache call that put the queries anywhere in the cache (q_offset)
     case = Case(2, 2, 1, 3, 10, 8, 8)
     specs = {"plain": ag.AttentionSpec(), "col_sum": ag.AttentionSpec(stats=("col_sum",)),
              "pooled": ag.AttentionSpec(stats=(ag.stats.pooled(2, 2),))}
@@ -251,7 +252,9 @@ def test_fuzzed_calls_cover_every_kind_of_call_the_spec_allows():
         for name, spec in specs.items():
             (q, k, v), call = data.draw(fuzz_calls(case, spec)).value(*case.tensors())
             kind = "packed" if "cu_seqlens_q" in call else "paged" if "block_table" in call else None
-            kinds[name].add((kind, *sorted(call), call.get("mode")))
+            kinds[name].add((kind, *sorted(set(call) - {"q_offset"}), call.get("mode")))
+            if "q_offset" in call:
+                offset.add((kind, call["mode"]))
             if kind == "paged":  # the pages hold the cache
                 assert torch.equal(ag.reference.gather_pages(k, call["block_table"])[:, :, :case.kv_len],
                                    case.tensors()[1])
@@ -269,6 +272,7 @@ def test_fuzzed_calls_cover_every_kind_of_call_the_spec_allows():
     for name, expected in (("plain", both | packed | cache), ("col_sum", both | packed | cache),
                            ("pooled", both | cache)):  # pooled maps would straddle packed sequences
         assert kinds[name] == expected, (name, kinds[name] ^ expected)
+    assert offset == {(kind, mode) for kind in (None, "paged") for mode in ("prefill", "decode")}
 
 
 def test_a_fuzz_report_reproduces_its_call():

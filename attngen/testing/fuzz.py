@@ -160,9 +160,9 @@ def fuzz_masks(draw, heads: int = 4, batch: int = 2, max_len: int = 80) -> Snipp
 @st.composite
 def fuzz_calls(draw, case: Case, spec) -> Snippet:
     """How a fuzzed spec is called (variable ``CALL``: ``CALL(q, k, v)`` gives the call's positional and
-    keyword arguments): on the whole inputs, on a KV cache of random lengths (split-KV or not, paged or
-    not), with a random block mask (also on a contiguous cache), or on packed sequences of random
-    lengths; each with or without dropout."""
+    keyword arguments): on the whole inputs, on a KV cache of random lengths and query offsets (split-KV
+    or not, paged or not), with a random block mask (also on a contiguous cache), or on packed sequences
+    of random lengths; each with or without dropout."""
     maps = map_stats(spec.stats)
     kinds = ["dense", "blocks", "cache", "paged"] \
         + ([] if any(m.block_q is not None for m in maps) else ["packed"])  # no pooled maps of packed sequences
@@ -176,6 +176,9 @@ def fuzz_calls(draw, case: Case, spec) -> Snippet:
     if kind in ("cache", "paged"):
         lens = draw(st.lists(st.integers(0, case.kv_len), **batch))
         extra.append(f"mode={draw(st.sampled_from(['prefill', 'decode']))!r}")
+        if draw(st.booleans()):  # queries anywhere in the cache rather than its last tokens
+            offsets = draw(st.lists(st.integers(0, max(0, case.kv_len - case.q_len)), **batch))
+            extra.append(f"q_offset=torch.tensor({offsets})")
         if kind == "paged":
             return _call(f"attngen.testing.paged_call(q, k, v, {lens}, page_size={draw(st.sampled_from([4, 16]))}, "
                          f"seed={draw(st.integers(0, 9999))}, {_join(extra)})")
