@@ -7,6 +7,8 @@ this module below its imports is also rendered into the kernel modules that have
 exported ``forward`` refuses the same reads in the same words.
 """
 
+import functools
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -15,6 +17,23 @@ from .qkv import values_checkable
 INDICES = ("b", "h", "q_idx", "kv_idx")
 BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
 _EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest))
+# the IR's ops (attngen/ir/graph.py's OPS) with torch, on tensors of the result's type ("where" and the
+# comparisons aside; "to_int": the result type's .to() converts, rounding toward zero), and its types
+TORCH_OPS = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
+    "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"), "mod": torch.remainder,
+    "pow": torch.pow, "minimum": torch.minimum, "maximum": torch.maximum,
+    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "cos": torch.cos, "sin": torch.sin, "erf": torch.erf,
+    "atan": torch.atan, "log1p": torch.log1p, "expm1": torch.expm1,
+    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
+    "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor, "not": torch.bitwise_not,
+    "to_int": lambda a: a,
+}
+_COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
+TORCH_TYPES = {"float": torch.float64, "int": torch.int64, "bool": torch.bool}
+MAX_FUNCTION_VALUES = 1 << 22  # a function of one index expression is tried at up to this many values
+_CHUNK = 1 << 16  # values tried at once
 
 
 def index_range(bounds, extents, values=None):
@@ -53,6 +72,76 @@ def index_range(bounds, extents, values=None):
     if op == "minimum":
         return min(lo, lo2), min(hi, hi2)
     return max(lo, lo2), max(hi, hi2)
+
+
+def read_range(bounds, extents, values=None):
+    """:func:`index_range`, and for a function of one index expression, ``("function", inner, steps)``
+    (e.g. T5's buckets of ``kv_idx - q_idx``), the extremes of ``steps`` over every value of ``inner``
+    (:func:`function_range`); None where a call cannot tell, and for those inside a torch.compile trace."""
+    if bounds[0] != "function":
+        return index_range(bounds, extents, values)
+    if torch.compiler.is_compiling():  # tried at every value: not inside a trace
+        return None
+    return function_range(bounds[2], *index_range(bounds[1], extents))
+
+
+@functools.lru_cache(maxsize=256)
+def function_range(steps, lo, hi):
+    """The least and the greatest value of ``steps`` (see attngen.runtime.index_ranges) at every value from
+    ``lo`` to ``hi`` of their inner expression; None where one is undefined or there are too many."""
+    if hi - lo >= MAX_FUNCTION_VALUES:
+        return None
+    extremes = []
+    for start in range(lo, hi + 1, _CHUNK):
+        found = _function_values(steps, torch.arange(start, min(start + _CHUNK - 1, hi) + 1))
+        if found is None:
+            return None
+        extremes += torch.stack([found.min(), found.max()]).tolist()
+    return min(extremes), max(extremes)
+
+
+def _function_values(steps, inner):
+    """``steps`` at each value of ``inner`` (int64) on the CPU, floats rounded to float32 after each op as
+    the kernels round them; None where one is undefined: a NaN or infinite float or one out of int64's
+    range converted to an int, an integer divided by 0 (``where`` takes the branch it selects, so T5's
+    unselected log(0) is harmless)."""
+    values, undefined = [], []
+    try:
+        for step in steps:
+            if step[0] == "inner":
+                value, bad = inner, torch.tensor(False)
+            elif step[0] == "const":
+                value, bad = torch.tensor(step[1], dtype=torch.float64 if isinstance(step[1], float) else None), \
+                    torch.tensor(False)
+            else:
+                value, bad = _step(*step, values, undefined)
+            values.append(value)
+            undefined.append(bad)
+    except RuntimeError:  # e.g. an int to a negative int power
+        return None
+    return None if bool(undefined[-1].any()) else values[-1]
+
+
+def _step(op, kind, args, values, undefined):
+    """(value, undefined) of one op of a function of one index expression over all its values at once."""
+    a, bad = [values[i] for i in args], functools.reduce(torch.logical_or, (undefined[i] for i in args))
+    dtype = TORCH_TYPES[kind]
+    if op == "where":
+        value = torch.where(a[0].bool(), a[1].to(dtype), a[2].to(dtype))
+        bad = undefined[args[0]] | torch.where(a[0].bool(), undefined[args[1]], undefined[args[2]])
+    elif op in _COMPARISONS:
+        value = TORCH_OPS[op](*a)
+    elif op == "to_int":
+        value = a[0].to(dtype)  # rounding toward zero
+        if a[0].is_floating_point():
+            bad = bad | ~(a[0].abs() < 2.0 ** 63)  # NaN too
+    else:
+        a = [x.to(dtype) for x in a]
+        if op in ("floordiv", "mod") and kind == "int":
+            bad = bad | (a[1] == 0)
+            a[1] = torch.where(a[1] == 0, 1, a[1])
+        value = TORCH_OPS[op](*a)
+    return (value.to(torch.float32).to(dtype) if kind == "float" else value), bad
 
 
 def index_names(bounds):
@@ -117,13 +206,12 @@ def _labels(captures, call_tensors):
     return labels
 
 
-def check_index_ranges(captures, reads, extents, call_tensors, read_range=index_range):
+def check_index_ranges(captures, reads, extents, call_tensors):
     """Raise ValueError for a read of ``captures`` (the captured tensors) that leaves its tensor at some
     position of a call whose indices run over ``range(extents[name])``. ``call_tensors`` maps the position
     of each of the call's own tensors among the captures to (its name, its tensor); their reads, which the
     call's checks bound, are skipped, as are reads that use an index missing from ``extents`` (not bounded:
-    positions in packed sequences) and empty calls. ``read_range(bounds, extents, values)`` gives a read's
-    extremes, None where it cannot tell."""
+    positions in packed sequences) and empty calls."""
     values = captured_values(captures, call_tensors)
     for capture, dim, bounds, direct in reads:
         used = [name for name in INDICES if name in index_names(bounds)]

@@ -233,6 +233,24 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
         torch.testing.assert_close(out, attn(q.bfloat16(), q, q), rtol=0, atol=0)
 
 
+def test_an_exported_module_checks_reads_through_a_function_of_one_offset(tmp_path):
+    """A table read at buckets of ``kv_idx - q_idx`` that grow with the distance (T5's, unclamped): attngen
+    tries the buckets at each offset, and so does the exported module (before: it read past the table)."""
+    def spec(table):
+        return ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx:
+                                s + table[h, torch.log1p(torch.abs(kv_idx - q_idx).float()).long()])
+    table = torch.randn(2, 4)  # buckets 0..3: offsets up to 53 in magnitude
+    attn = ag.compile(spec(table))
+    module = load_kernels(attn.export(tmp_path / "buckets.py"), interpret=True)
+    assert any(read[2][0] == "function" for read in module.INDEX_READS)
+    q = torch.randn(1, 2, 50, 16)
+    torch.testing.assert_close(module.forward(q, q, q, table)[0], attn(q, q, q), rtol=0, atol=0)
+    long_q = torch.randn(1, 2, 60, 16)  # offsets up to 59: bucket 4
+    error = _refusal(module.forward, long_q, long_q, long_q, table)
+    assert error == _refusal(attn, long_q, long_q, long_q)
+    assert "indexed in dim 1 with an expression of q_idx and kv_idx that runs from 0 to 4 in this call" in error[1]
+
+
 def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
     """``attngen export --call cache`` / ``decode`` (split-KV) / ``paged``: ``forward`` takes the call's kv_lens,
     q_offset (and block_table) as ``attn(...)`` does, bit for bit (forward and backward where there is one);

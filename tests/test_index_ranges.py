@@ -6,8 +6,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attngen as ag
-from attngen.index_checks import INDICES, captured_values
-from attngen.runtime.index_ranges import index_reads, read_range
+from attngen.index_checks import INDICES, captured_values, read_range
+from attngen.runtime.index_ranges import index_reads
 from attngen.trace import trace
 
 from variants import T5_BUCKET
@@ -105,17 +105,18 @@ def test_a_range_through_loaded_values_is_exact(first, second, seed, combine):
             (expected.min().item(), expected.max().item())
 
 
-@pytest.mark.parametrize("q_len, kv_len", [(13, 21), (300, 40)])
+@pytest.mark.parametrize("q_len, kv_len", [(13, 21), (300, 40), (50000, 70000)])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_a_function_of_one_offset_is_tried_at_each_value(q_len, kv_len, bidirectional):
     """T5's buckets of kv_idx - q_idx go through where, log and conversions: the read is a function of one
-    offset, tried at each of its values (floats rounded to float32 as the kernels round them)."""
+    offset, tried at each of its values (floats rounded to float32 as the kernels round them), at lengths
+    of 64k and more too (120k offsets, tried at once with torch)."""
     table = torch.zeros(1, 32)
     graph = trace(lambda s, b, h, q_idx, kv_idx: s + table[h, T5_BUCKET(kv_idx - q_idx, bidirectional)],
                   None, ag.norms.Softmax())
     reads = {read.dim: read for read in index_reads(graph)}
     assert reads[1].bounds[0] == "function"
-    buckets = T5_BUCKET(torch.arange(kv_len)[None, :] - torch.arange(q_len)[:, None], bidirectional)
+    buckets = T5_BUCKET(torch.arange(1 - q_len, kv_len), bidirectional)  # at every offset kv_idx - q_idx
     extents = {"b": 1, "h": 1, "q_idx": q_len, "kv_idx": kv_len}
     assert read_range(reads[1].bounds, extents) == (buckets.min().item(), buckets.max().item())
 

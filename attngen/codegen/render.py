@@ -635,7 +635,7 @@ def _attention_entry_point(entry_point: bool, call_captures: dict[str, int], cac
                            index_reads) -> dict[str, str]:
     """The template values of an attention module's entry point: q, k, v and the call's own tensors taken as
     attngen's calls take them, and ``index_reads`` (see attngen.runtime.index_ranges) checked as they check
-    them (those through a function of one expression aside, which a call tries value by value)."""
+    them."""
     paged = "block_table" in call_captures
     checks = inspect.getsource(index_checks)
     return {
@@ -645,7 +645,7 @@ def _attention_entry_point(entry_point: bool, call_captures: dict[str, int], cac
                        *((paged_view, check_pages_in_range) if paged else ())),
         # index_checks below its imports
         "index_checks_source": checks[checks.index("\nINDICES = "):].strip(),
-        "index_reads": [repr(tuple(read)) for read in index_reads if read.bounds[0] != "function"],
+        "index_reads": [repr(tuple(read)) for read in index_reads],
     }
 
 

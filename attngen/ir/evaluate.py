@@ -10,21 +10,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..index_checks import TORCH_OPS, TORCH_TYPES
 from .graph import Graph
-
-_TORCH_DTYPE = {"float": torch.float64, "int": torch.int64, "bool": torch.bool}
-
-_FUNCTIONS = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
-    "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"), "mod": torch.remainder,
-    "pow": torch.pow, "minimum": torch.minimum, "maximum": torch.maximum,
-    "neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "cos": torch.cos, "sin": torch.sin, "erf": torch.erf,
-    "atan": torch.atan, "log1p": torch.log1p, "expm1": torch.expm1,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
-    "and": torch.bitwise_and, "or": torch.bitwise_or, "xor": torch.bitwise_xor, "not": torch.bitwise_not,
-    "to_int": lambda a: a,  # its argument, converted to int64 as every op's are (rounding toward zero)
-}
 
 
 def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterable[int] | None = None,
@@ -37,7 +24,7 @@ def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterabl
     values: dict[int, torch.Tensor] = {}
     for n in graph.order(roots):
         attrs, args = graph.node(n), [values[a] for a in graph.args(n)]
-        op, dtype = attrs["op"], _TORCH_DTYPE[attrs["dtype"]]
+        op, dtype = attrs["op"], TORCH_TYPES[attrs["dtype"]]
         if op == "input":
             value = torch.as_tensor(env[attrs["name"]])
         elif op == "const":
@@ -49,9 +36,9 @@ def evaluate_nodes(graph: Graph, env: Mapping[str, torch.Tensor], roots: Iterabl
         elif op == "where":
             value = torch.where(args[0].bool(), args[1].to(dtype), args[2].to(dtype))
         elif op in ("lt", "le", "gt", "ge", "eq", "ne"):
-            value = _FUNCTIONS[op](*args)
+            value = TORCH_OPS[op](*args)
         else:  # arithmetic and logic: compute in the result's type
-            value = _FUNCTIONS[op](*(a.to(dtype) for a in args))
+            value = TORCH_OPS[op](*(a.to(dtype) for a in args))
         values[n] = value.to(dtype)
     return values
 

@@ -27,7 +27,7 @@ from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
 from .cache import cached_source
-from .index_ranges import index_reads, read_range
+from .index_ranges import index_reads
 from .linear import CompiledLinearAttention
 from .loader import load_kernels
 from .variants import CALLS, EXPORTED_CALLS, KERNEL_CAPTURES, Variant
@@ -322,14 +322,13 @@ class CompiledAttention:
             extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
         captures = [c.tensor for c in self.graph.captures]
         call_tensors = {i: (name, tensors.get(name, captures[i])) for name, i in self.call_captures.items()}
-        check_index_ranges(captures, self.index_reads, extents, call_tensors, read_range)
+        check_index_ranges(captures, self.index_reads, extents, call_tensors)
         if self.sequence_reads and values_checkable(tensors["start_q"]):
             # the mods see each sequence as b and positions within it: up to the longest sequence's
             q_lens = torch.diff(tensors["start_q"], append=tensors["start_q"].new_tensor([shape.q_len]))
             longest = torch.stack([q_lens.max(), tensors["len_k"].max()]).tolist()  # one read on a GPU
             extents = {"h": shape.q_heads, "b": q_lens.numel(), "q_idx": longest[0], "kv_idx": longest[1]}
-            check_index_ranges([c.tensor for c in self.sequence_graph.captures], self.sequence_reads, extents, {},
-                               read_range)
+            check_index_ranges([c.tensor for c in self.sequence_graph.captures], self.sequence_reads, extents, {})
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""

@@ -15,8 +15,8 @@ operations find:
   on them, so a call refuses only reads that do leave the tensor;
 * any expression of the indices that depends on them through one affine expression taking every
   integer between its extremes (T5's buckets of ``kv_idx - q_idx``, through ``where``, ``log`` and
-  conversions): its value is tried at each of them (up to 65536, float ops rounded to float32 as the
-  kernels round them), once per call shape;
+  conversions): its value is tried at each of them (up to 4M, with torch, float ops rounded to float32
+  as the kernels round them), once per call shape;
 * values read from an integer captured tensor at indices of the kinds above that each take every
   integer between their extremes and share no index (``bias[h, buckets[q_idx, kv_idx]]``,
   ``doc_bias[doc_ids[b, q_idx]]``): the reads cover a box of that tensor, whose least and greatest
@@ -25,19 +25,16 @@ operations find:
 The bounds are plain Python arithmetic on nested tuples (no graph at call time), which torch.compile
 traces without a break (functions of one expression and loaded values are not found inside a trace).
 Other indices (parts of several expressions sharing an index, the score) are not checked. A call checks
-the reads with :func:`attngen.index_checks.check_index_ranges` (torch alone: exported modules do too,
-but for the functions of one expression, tried here value by value).
+the reads with :func:`attngen.index_checks.check_index_ranges` (torch alone: exported modules do too).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
-import numpy
 import torch
 
-from ..index_checks import BY_CONSTANT, INDICES, index_names, index_range
+from ..index_checks import BY_CONSTANT, INDICES, index_names
 from ..ir.evaluate import evaluate_nodes
 from ..ir.graph import OPS, Graph
 
@@ -171,58 +168,3 @@ def _dense(bounds: tuple) -> bool:
     if op in BY_CONSTANT:
         return _dense(bounds[1]) and (op == "floordiv" or bounds[2] in (-1, 1))
     return _dense(bounds[1]) and _dense(bounds[2])  # parts on different indices: sums, minima, maxima
-
-
-def read_range(bounds: tuple, extents: dict[str, int], values=None) -> tuple[int, int] | None:
-    """The least and the greatest index of a read over the call's positions (``values``: as
-    :func:`~attngen.index_checks.index_range` takes them), or None where a call cannot tell (a function of
-    one expression inside a torch.compile trace, undefined or too many values, loaded values ``values``
-    does not give)."""
-    if bounds[0] != "function":
-        return index_range(bounds, extents, values)
-    if torch.compiler.is_compiling():  # tried at every value: no loop inside a trace
-        return None
-    return _function_range(bounds[2], index_range(bounds[1], extents))
-
-
-_MAX_VALUES = 1 << 16  # a function of one index expression is tried at up to this many values
-
-
-def _function_range(steps: tuple, inner: tuple[int, int]) -> tuple[int, int] | None:
-    """The least and the greatest value of ``steps`` over every value of the inner expression, None where
-    one is undefined (a float out of the int range converted, NaN) or the values are too many to try."""
-    lo, hi = inner
-    if hi - lo >= _MAX_VALUES:
-        return None
-    return _tried(steps, lo, hi)
-
-
-@functools.lru_cache(maxsize=256)
-def _tried(steps: tuple, lo: int, hi: int) -> tuple[int, int] | None:
-    results = [_value(steps, x) for x in range(lo, hi + 1)]
-    return None if None in results else (min(results), max(results))
-
-
-def _value(steps: tuple, x: int):
-    """``steps`` at inner value ``x``, floats rounded to float32 after each op as the kernels round them;
-    None where undefined (``where`` takes the branch it selects, so T5's unselected log(0) is harmless)."""
-    values = []
-    for step in steps:
-        if step[0] in ("inner", "const"):
-            values.append(x if step[0] == "inner" else step[1])
-            continue
-        op, dtype, args = step
-        a = [values[i] for i in args]
-        if op == "where":
-            value = None if a[0] is None else a[1] if a[0] else a[2]
-        elif None in a:
-            value = None
-        else:
-            try:
-                value = OPS[op].evaluate(*a)
-            except (ArithmeticError, ValueError):
-                value = None
-            if value is not None and dtype == "float":
-                value = float(numpy.float32(value))
-        values.append(value)
-    return values[-1]
