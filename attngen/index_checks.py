@@ -12,7 +12,7 @@ import functools
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .qkv import values_checkable
+from .qkv import least_and_greatest, values_checkable
 
 INDICES = ("b", "h", "q_idx", "kv_idx")
 BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
@@ -174,8 +174,7 @@ def _extremes(tensor, box):
     key = (tensor._version, box)
     known = _EXTREMES.get(tensor)
     if known is None or known[0] != key:
-        least, greatest = torch.aminmax(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)])
-        known = key, tuple(torch.stack([least, greatest]).tolist())
+        known = key, tuple(least_and_greatest(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)]))
         _EXTREMES[tensor] = known
     return known[1]
 

@@ -73,6 +73,11 @@ def values_checkable(t):
     return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def least_and_greatest(t):
+    """[the least, the greatest] value of the non-empty tensor ``t``: one read on a GPU."""
+    return torch.stack(torch.aminmax(t)).tolist()
+
+
 def per_batch_integers(name, value, batch, device):
     """``value`` (an int or a 1-d integer tensor with one entry per batch entry) as an int32 tensor
     [batch] on ``device``."""
@@ -94,7 +99,11 @@ def cache_positions(kv_lens, q_offset, batch, q_len, kv_len, device):
     (an int or [batch] ints; None: the caches are full) between 0 and kv_len; ``q_offset`` (likewise; None:
     kv_lens - q_len, the queries being the last tokens)."""
     lens = per_batch_integers("kv_lens", kv_len if kv_lens is None else kv_lens, batch, device)
-    if values_checkable(lens) and bool(((lens < 0) | (lens > kv_len)).any()):  # one read on a GPU
+    if isinstance(kv_lens, torch.Tensor):
+        extremes = least_and_greatest(lens) if values_checkable(lens) and batch else []
+    else:  # an int: checked without reading the device
+        extremes = [] if kv_lens is None else [int(kv_lens)]
+    if any(n < 0 or n > kv_len for n in extremes):
         raise ValueError(f"kv_lens must be between 0 and the cache length ({kv_len}), got {lens.tolist()}")
     offset = lens - q_len if q_offset is None else q_offset
     return lens, per_batch_integers("q_offset", offset, batch, device)
@@ -131,6 +140,8 @@ def check_pages_in_range(table, kv_lens, page_size, num_pages):
     if not values_checkable(table):
         return
     needed = torch.arange(table.shape[1], device=table.device)[None, :] * page_size < kv_lens[:, None]
-    used = table[needed]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+    if not table.numel():
+        return
+    least, greatest = torch.stack([torch.where(needed, table, 0).min(), torch.where(needed, table, -1).max()]).tolist()
+    if least < 0 or greatest >= num_pages:  # (no page needed: 0 and -1)
         raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")

@@ -103,6 +103,19 @@ def test_empty_caches_for_every_family(name, mode):
     assert_matches_reference(EMPTY_CACHE_SPECS[name](4), q, k, v, kv_lens=torch.tensor([0, 3]), mode=mode)
 
 
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("name", sorted(EMPTY_CACHE_SPECS))
+def test_a_cache_may_hold_anything_past_kv_lens(name, mode):
+    """A cache's keys past kv_lens[b] are not read, as FlashAttention's KV cache kernels read none: NaN
+    there (memory a serving engine got from torch.empty) leaves the output, statistics and gradients the
+    reference's (before: masked weights times NaN values made the rows NaN, and their gradients)."""
+    q, k, v = (t.detach() for t in Case(2, 4, 2, 3, 45, 16, 16).tensors())
+    lens = torch.tensor([17, 40])
+    for b, n in enumerate(lens.tolist()):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    assert_matches_reference(EMPTY_CACHE_SPECS[name](4), q, k, v, kv_lens=lens, mode=mode)
+
+
 def test_cache_with_a_block_mask():
     """Block-sparse decoding: the block mask is over the call's own rows and the cache's keys."""
     q, k, v = Case(2, 2, 2, 2, 96, 16, 16).tensors()
@@ -254,6 +267,7 @@ def test_paged_cache_has_no_backward():
     (lambda c: {**c, "block_table": c["block_table"][:2]}, r"integer tensor \[batch \(3\), max_pages\]"),
     (lambda c: {**c, "block_table": c["block_table"].float()}, "integer tensor"),
     (lambda c: {**c, "block_table": torch.full_like(c["block_table"], 20)}, r"pages outside 0..19"),
+    (lambda c: {**c, "block_table": c["block_table"].index_fill(1, torch.tensor([1]), -1)}, r"pages outside 0..19"),
     (lambda c: {**c, "kv_lens": torch.tensor([57, 1, 1])}, r"between 0 and the cache length \(56\)"),
 ])
 def test_bad_paged_calls(change, message):
@@ -262,6 +276,21 @@ def test_bad_paged_calls(change, message):
     call = change({"kv_lens": torch.tensor([9, 9, 9]), "block_table": table})
     with pytest.raises(ValueError, match=message):
         ag.compile(ag.AttentionSpec())(q, k_pages, v_pages, **call)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("padding", [-1, 20])
+def test_a_block_table_may_hold_anything_past_kv_lens(padding, mode):
+    """Entries past each batch entry's kv_lens (padding, as serving engines leave it) are neither checked
+    nor read, though a tile of keys spans them (before: read, and a page -1's values made the output NaN)."""
+    k_pages, v_pages, table = paged_cache()
+    q = torch.randn(3, 4, 1, 16)
+    kv_lens = torch.tensor([9, 16, 5])  # pages of 8 keys: the first 2, 2 and 1 of each row are read
+    padded = table.clone()
+    padded[:, 2:], padded[2, 1:] = padding, padding
+    attn = ag.compile(ag.AttentionSpec())
+    assert torch.equal(attn(q, k_pages, v_pages, kv_lens=kv_lens, block_table=padded, mode=mode),
+                       attn(q, k_pages, v_pages, kv_lens=kv_lens, block_table=table, mode=mode))
 
 
 # -- packed sequences ----------------------------------------------------------------------

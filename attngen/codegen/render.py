@@ -19,7 +19,8 @@ from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
 from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, cache_positions,
-                   check_pages_in_range, check_qkv, paged_view, per_batch_integers, values_checkable)
+                   check_pages_in_range, check_qkv, least_and_greatest, paged_view, per_batch_integers,
+                   values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -270,10 +271,10 @@ def _power_lines(name: str, base: str, exponent: int) -> list[str]:
     return lines + [f"{name} = {' * '.join(factors)}"]
 
 
-def kv_loads(paged: bool, table: str) -> dict[str, str]:
-    """The forward kernels' key and value tile loads: dense, or through the paged cache's ``table``.
-    ``load_kt`` is the keys' second column part where the head dim is split (``DQK_T > 0``), ``load_k2``
-    the second half of the keys' columns (differential attention's K2)."""
+def kv_loads(paged: bool, table: str, rows: str) -> dict[str, str]:
+    """The forward kernels' key and value tile loads of the first ``rows`` keys: dense, or through the paged
+    cache's ``table``. ``load_kt`` is the keys' second column part where the head dim is split
+    (``DQK_T > 0``), ``load_k2`` the second half of the keys' columns (differential attention's K2)."""
     loads = {}
     for name, tensor, cols, width in (("load_k", "K", "offs_dqk", "DQK"), ("load_kt", "K", "offs_dqt", "DQK"),
                                       ("load_k2", "K + DQK * stride_kd", "offs_dqk", "DQK"),
@@ -281,9 +282,9 @@ def kv_loads(paged: bool, table: str) -> dict[str, str]:
         strides = ", ".join(f"stride_{tensor[0].lower()}{axis}" for axis in ("b", "h", "n", "d"))
         if paged:
             loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, {cols}, "
-                           f"{strides}, LK, {width})")
+                           f"{strides}, {rows}, {width})")
         else:
-            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, {cols}, {strides}, LK, {width}, EVEN_N)"
+            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, {cols}, {strides}, {rows}, {width}, EVEN_N)"
     return loads
 
 
@@ -355,6 +356,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                    entropy: bool = False, index_reads=(), entry_point: bool = True) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     call_captures = call_captures or {}
+    kv_rows = "kv_rows" if cache else "LK"  # the keys a tile may load (see the template's kv_rows_line)
     printer = TritonPrinter(graph)
     outputs = graph.outputs
     online = normalization.family in ONLINE_FAMILIES
@@ -477,7 +479,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "entropy_output": entropy_output,
         "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
-        **kv_loads("block_table" in call_captures, f"cap{call_captures.get('block_table')}"),
+        **kv_loads("block_table" in call_captures, f"cap{call_captures.get('block_table')}", kv_rows),
+        # a KV cache's keys past kv_lens[b] are neither read nor valid: they may hold anything (NaN, a paged
+        # cache's pages not in the pool), which masked weights times values would let into the output
+        "kv_rows": kv_rows,
+        "kv_lens_capture": f"cap{call_captures.get('kv_lens')}",
         "paged": "block_table" in call_captures,
         "table_capture": call_captures.get("block_table"),
         "top_k": top_k,
@@ -641,7 +647,8 @@ def _attention_entry_point(entry_point: bool, call_captures: dict[str, int], cac
     return {
         "entry_point": entry_point,
         "cache_arguments": cache_arguments(cache, paged),
-        **_entry_point(MAX_HEAD_DIM, values_checkable, *((per_batch_integers, cache_positions) if cache else ()),
+        **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest,
+                       *((per_batch_integers, cache_positions) if cache else ()),
                        *((paged_view, check_pages_in_range) if paged else ())),
         # index_checks below its imports
         "index_checks_source": checks[checks.index("\nINDICES = "):].strip(),
