@@ -271,21 +271,22 @@ def _power_lines(name: str, base: str, exponent: int) -> list[str]:
     return lines + [f"{name} = {' * '.join(factors)}"]
 
 
-def kv_loads(paged: bool, table: str, rows: str) -> dict[str, str]:
-    """The forward kernels' key and value tile loads of the first ``rows`` keys: dense, or through the paged
-    cache's ``table``. ``load_kt`` is the keys' second column part where the head dim is split
-    (``DQK_T > 0``), ``load_k2`` the second half of the keys' columns (differential attention's K2)."""
-    loads = {}
-    for name, tensor, cols, width in (("load_k", "K", "offs_dqk", "DQK"), ("load_kt", "K", "offs_dqt", "DQK"),
-                                      ("load_k2", "K + DQK * stride_kd", "offs_dqk", "DQK"),
-                                      ("load_v", "V", "offs_dv", "DV")):
+def kv_loads(paged: bool, table: str) -> dict[str, Callable[[str, str], str]]:
+    """The forward kernels' key and value tile loads, of ``(rows, even)``: the first ``rows`` keys (``even``:
+    whether every tile is whole), dense or through the paged cache's ``table``. ``load_kt`` is the keys'
+    second column part where the head dim is split (``DQK_T > 0``), ``load_k2`` the second half of the
+    keys' columns (differential attention's K2)."""
+    def load(tensor: str, cols: str, width: str) -> Callable[[str, str], str]:
         strides = ", ".join(f"stride_{tensor[0].lower()}{axis}" for axis in ("b", "h", "n", "d"))
-        if paged:
-            loads[name] = (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, {cols}, "
-                           f"{strides}, {rows}, {width})")
-        else:
-            loads[name] = f"_load_tile({tensor}, b, hk, offs_n, {cols}, {strides}, {rows}, {width}, EVEN_N)"
-    return loads
+
+        def rendered(rows: str, even: str) -> str:
+            if paged:
+                return (f"_load_pages({tensor}, {table}, {table}_s0, {table}_s1, PAGE, b, hk, offs_n, {cols}, "
+                        f"{strides}, {rows}, {width})")
+            return f"_load_tile({tensor}, b, hk, offs_n, {cols}, {strides}, {rows}, {width}, {even})"
+        return rendered
+    return {"load_k": load("K", "offs_dqk", "DQK"), "load_kt": load("K", "offs_dqt", "DQK"),
+            "load_k2": load("K + DQK * stride_kd", "offs_dqk", "DQK"), "load_v": load("V", "offs_dv", "DV")}
 
 
 def tile_function_lines(printer: TritonPrinter, output: str, name: str) -> list[str]:
@@ -356,7 +357,6 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                    entropy: bool = False, index_reads=(), entry_point: bool = True) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     call_captures = call_captures or {}
-    kv_rows = "kv_rows" if cache else "LK"  # the keys a tile may load (see the template's kv_rows_line)
     printer = TritonPrinter(graph)
     outputs = graph.outputs
     online = normalization.family in ONLINE_FAMILIES
@@ -479,10 +479,11 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "entropy_output": entropy_output,
         "entmax_per_head": entmax_per_head,
         **(threshold_context(normalization) if threshold else {}),
-        **kv_loads("block_table" in call_captures, f"cap{call_captures.get('block_table')}", kv_rows),
-        # a KV cache's keys past kv_lens[b] are neither read nor valid: they may hold anything (NaN, a paged
-        # cache's pages not in the pool), which masked weights times values would let into the output
-        "kv_rows": kv_rows,
+        **kv_loads("block_table" in call_captures, f"cap{call_captures.get('block_table')}"),
+        # a KV cache's keys past kv_lens[b] are not loaded (zeros instead, masked): they may hold anything (NaN,
+        # a paged cache's pages not in the pool), which masked weights times values would let into the output.
+        # Tiles kept whole lie within kv_lens; the others load the first kv_rows keys (template: kv_rows_line)
+        "kv_limit": lambda masked: ("kv_rows", "False") if cache and masked != "False" else ("LK", "EVEN_N"),
         "kv_lens_capture": f"cap{call_captures.get('kv_lens')}",
         "paged": "block_table" in call_captures,
         "table_capture": call_captures.get("block_table"),
