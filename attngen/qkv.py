@@ -137,11 +137,10 @@ def paged_view(q, k, v, block_table, kv_lens):
 def check_pages_in_range(table, kv_lens, page_size, num_pages):
     """Refuse a block table that, within each batch entry's ``kv_lens`` keys, names a page that is not
     there (where the values may be read: see values_checkable)."""
-    if not values_checkable(table):
+    if not values_checkable(table) or not table.numel():
         return
     needed = torch.arange(table.shape[1], device=table.device)[None, :] * page_size < kv_lens[:, None]
-    if not table.numel():
-        return
+    # one read on a GPU; entries no row needs count as 0 for the least and -1 for the greatest, which pass
     least, greatest = torch.stack([torch.where(needed, table, 0).min(), torch.where(needed, table, -1).max()]).tolist()
-    if least < 0 or greatest >= num_pages:  # (no page needed: 0 and -1)
+    if least < 0 or greatest >= num_pages:
         raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")
