@@ -96,7 +96,7 @@ def function_range(steps, lo, hi):
         found = _function_values(steps, torch.arange(start, min(start + _CHUNK - 1, hi) + 1))
         if found is None:
             return None
-        extremes += torch.stack([found.min(), found.max()]).tolist()
+        extremes += least_and_greatest(found)
     return min(extremes), max(extremes)
 
 
