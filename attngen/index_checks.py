@@ -179,13 +179,12 @@ def _extremes(tensor, box):
     return known[1]
 
 
-def captured_values(captures, call_tensors):
+def captured_values(captures):
     """``values(capture, box)`` for :func:`index_range`: the least and the greatest value of captured tensor
-    ``captures[capture]`` (the call's own tensor where ``call_tensors`` has one at that position) over a box,
-    not found inside a torch.compile trace, while a CUDA graph is captured or for a box that leaves the
-    tensor (whose own read is refused)."""
+    ``captures[capture]`` over a box, not found inside a torch.compile trace, while a CUDA graph is captured
+    or for a box that leaves the tensor (whose own read is refused)."""
     def values(capture, box):
-        tensor = call_tensors.get(capture, (None, captures[capture]))[1]
+        tensor = captures[capture]
         if not values_checkable(tensor) or tensor.dim() != len(box) or \
                 any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
             return None
@@ -193,35 +192,36 @@ def captured_values(captures, call_tensors):
     return values
 
 
-def _labels(captures, call_tensors):
+def _labels(captures, call_captures):
     """How an error names each captured tensor: the call's own by its argument, the spec's own tensors
     numbered in the order the spec reads them (the call's left out)."""
+    names = {position: name for name, position in call_captures.items()}
     labels, own = [], 0
     for capture in range(len(captures)):
-        name = call_tensors.get(capture, (None,))[0]
+        name = names.get(capture)
         if name is None:
             name, own = f"captured tensor #{own}", own + 1
         labels.append(name)
     return labels
 
 
-def check_index_ranges(captures, reads, extents, call_tensors):
-    """Raise ValueError for a read of ``captures`` (the captured tensors) that leaves its tensor at some
-    position of a call whose indices run over ``range(extents[name])``. ``call_tensors`` maps the position
-    of each of the call's own tensors among the captures to (its name, its tensor); their reads, which the
-    call's checks bound, are skipped, as are reads that use an index missing from ``extents`` (not bounded:
-    positions in packed sequences) and empty calls."""
-    values = captured_values(captures, call_tensors)
+def check_index_ranges(captures, reads, extents, call_captures):
+    """Raise ValueError for a read of ``captures`` (the captured tensors, the call's own among them) that
+    leaves its tensor at some position of a call whose indices run over ``range(extents[name])``.
+    ``call_captures`` maps the name of each of the call's own tensors to its position among the captures;
+    their reads, which the call's checks bound, are skipped, as are reads that use an index missing from
+    ``extents`` (not bounded: positions in packed sequences) and empty calls."""
+    values = captured_values(captures)
     for capture, dim, bounds, direct in reads:
         used = [name for name in INDICES if name in index_names(bounds)]
-        if capture in call_tensors or any(name not in extents or extents[name] == 0 for name in used):
+        if capture in call_captures.values() or any(name not in extents or extents[name] == 0 for name in used):
             continue
         tensor = captures[capture]
         size = tensor.shape[dim]
         if direct is not None:
             if size < extents[direct]:
                 raise ValueError(
-                    f"{_labels(captures, call_tensors)[capture]} of shape {tuple(tensor.shape)} is indexed with "
+                    f"{_labels(captures, call_captures)[capture]} of shape {tuple(tensor.shape)} is indexed with "
                     f"{direct} in dim {dim}, which runs to {extents[direct] - 1} in this call, but that dim has "
                     f"{size} entries; give it {extents[direct]} (a [1, ...] tensor does not broadcast when indexed)")
             continue
@@ -230,7 +230,7 @@ def check_index_ranges(captures, reads, extents, call_tensors):
             continue
         lo, hi = found
         if lo < 0 or hi >= size:
-            labels = _labels(captures, call_tensors)
+            labels = _labels(captures, call_captures)
             loaded = " and ".join(labels[c] for c in sorted(_loaded(bounds)))
             of = " and ".join(used) + (f" through the values of {loaded}" if loaded else "")
             index = f"an expression of {of.removeprefix(' through ')} that runs from {lo} to {hi} in this call" \

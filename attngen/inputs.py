@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .qkv import MAX_HEAD_DIM, autocast_qkv, check_qkv
+from .qkv import MAX_HEAD_DIM, check_qkv, under_autocast
 
 
 @dataclass(frozen=True)
@@ -29,17 +29,13 @@ def _transformed(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def under_autocast(call):
-    """``call(self, q, k, v, ...)`` as torch's SDPA and FlexAttention behave under ``torch.autocast``
-    (see :func:`autocast_qkv`)."""
+def method_under_autocast(method):
+    """``method(self, q, k, v, ...)`` run under ``torch.autocast`` as :func:`under_autocast` runs a function."""
 
-    @functools.wraps(call)
-    def cast(self, q, k, v, *args, **kwargs):
-        q, k, v, autocast = autocast_qkv(q, k, v)
-        if autocast is None:
-            return call(self, q, k, v, *args, **kwargs)
-        with torch.autocast(autocast, enabled=False):
-            return call(self, q, k, v, *args, **kwargs)
+    @functools.wraps(method)
+    def cast(self, *args, **kwargs):
+        bound = under_autocast(lambda *a, **kw: method(self, *a, **kw))
+        return bound(*args, **kwargs)
     return cast
 
 

@@ -3,6 +3,7 @@ cache's lengths and offsets, and a paged cache's pages. The source of these is a
 kernel modules, whose entry point, exported, treats its inputs the same way (refusing the same mistakes
 in the same words)."""
 
+import functools
 import numbers
 
 import torch
@@ -52,18 +53,23 @@ def check_qkv(q, k, v, dtypes=None, max_head_dim=None):
     return B, Hq, Hkv, Lq, k.shape[2], Dqk, v.shape[3]
 
 
-def autocast_qkv(q, k, v):
-    """(q, k, v, device) as torch's SDPA and FlexAttention take them under ``torch.autocast``: where autocast
-    is on for q's device, q, k and v cast to its dtype (float64 aside) and that device type, under whose
-    ``torch.autocast(device, enabled=False)`` the call then runs (so its own float32 products stay float32);
-    elsewhere q, k, v unchanged and None."""
-    device = q.device.type if isinstance(q, torch.Tensor) else None
-    if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return q, k, v, None
-    dtype = torch.get_autocast_dtype(device)
-    q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-               else t for t in (q, k, v))
-    return q, k, v, device
+def under_autocast(call):
+    """``call(q, k, v, ...)`` as torch's SDPA and FlexAttention run under ``torch.autocast``: where autocast
+    is on for q's device, q, k and v are cast to its dtype (float64 aside) and the call runs under
+    ``torch.autocast(device, enabled=False)`` (so its own float32 products stay float32); elsewhere it
+    runs on q, k, v unchanged."""
+
+    @functools.wraps(call)
+    def cast(q, k, v, *args, **kwargs):
+        device = q.device.type if isinstance(q, torch.Tensor) else None
+        if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+            return call(q, k, v, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                   else t for t in (q, k, v))
+        with torch.autocast(device, enabled=False):
+            return call(q, k, v, *args, **kwargs)
+    return cast
 
 
 def values_checkable(t):

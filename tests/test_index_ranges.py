@@ -101,7 +101,7 @@ def test_a_range_through_loaded_values_is_exact(first, second, seed, combine):
     if len(used) == len(set(used)) and simple:
         assert len(reads) == 1
     for read in reads:
-        assert read_range(read.bounds, EXTENTS, captured_values([c.tensor for c in graph.captures], {})) == \
+        assert read_range(read.bounds, EXTENTS, captured_values([c.tensor for c in graph.captures])) == \
             (expected.min().item(), expected.max().item())
 
 

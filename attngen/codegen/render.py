@@ -18,9 +18,9 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
-from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, autocast_qkv, cache_positions,
+from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions,
                    check_pages_in_range, check_qkv, least_and_greatest, paged_view, per_batch_integers,
-                   values_checkable)
+                   under_autocast, values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -626,7 +626,7 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
 def _entry_point(max_head_dim: int, *functions) -> dict[str, str]:
     """The template values with which a module's entry point takes q, k and v as attngen's calls do, with
     more of attngen/qkv.py's ``functions`` (for the call's own tensors)."""
-    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, autocast_qkv, *functions)),
+    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, under_autocast, *functions)),
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
 
 

@@ -18,7 +18,7 @@ from ..codegen.render import compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
 from ..index_checks import check_index_ranges
-from ..inputs import under_autocast
+from ..inputs import method_under_autocast
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..norms import WEIGHT_FAMILIES
@@ -260,7 +260,7 @@ class CompiledAttention:
         return plan.tile_states(attn.kernel_graph(), kernels, tensors, shape.batch, shape.q_heads, shape.q_len,
                                 shape.kv_len, config)
 
-    @under_autocast
+    @method_under_autocast
     def __call__(self, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None,
                  cu_seqlens_q=None, cu_seqlens_k=None, mode: str | None = None, dropout_p: float | None = None,
                  seed: int | None = None, return_stats: bool = False):
@@ -311,18 +311,16 @@ class CompiledAttention:
             self._build()
         return load_kernels(self.path, interpret=device.type == "cpu")
 
-    def _check_index_ranges(self, shape, tensors: dict[str, torch.Tensor]) -> None:
-        """Raise where a captured tensor is too small for a read indexed with ``b``, ``h``, ``q_idx``,
-        ``kv_idx`` or an affine expression of them (see index_ranges); under a KV cache the mods' query
-        positions ``q_idx + q_offset[b]`` take the call's offsets (a device read where a read depends
-        on them); with packed sequences the spec's own reads are checked at positions within the longest
-        sequence (a device read)."""
+    def _check_index_ranges(self, shape, captures: list[torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Raise where a captured tensor of ``captures`` (as :meth:`_captures` passes them) is too small for
+        a read indexed with ``b``, ``h``, ``q_idx``, ``kv_idx`` or an affine expression of them (see
+        index_ranges); under a KV cache the mods' query positions ``q_idx + q_offset[b]`` take the call's
+        offsets (a device read where a read depends on them); with packed sequences the spec's own reads are
+        checked at positions within the longest sequence (a device read)."""
         extents = {"h": shape.q_heads}
         if not self.variant.packed:
             extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
-        captures = [c.tensor for c in self.graph.captures]
-        call_tensors = {i: (name, tensors.get(name, captures[i])) for name, i in self.call_captures.items()}
-        check_index_ranges(captures, self.index_reads, extents, call_tensors)
+        check_index_ranges(captures, self.index_reads, extents, self.call_captures)
         if self.sequence_reads and values_checkable(tensors["start_q"]):
             # the mods see each sequence as b and positions within it: up to the longest sequence's
             q_lens = torch.diff(tensors["start_q"], append=tensors["start_q"].new_tensor([shape.q_len]))
@@ -332,10 +330,10 @@ class CompiledAttention:
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""
-        self._check_index_ranges(shape, tensors)
+        captures = self._captures(q.device, tensors)
+        self._check_index_ranges(shape, captures, tensors)
         kernels = self._kernels(q.device)
         params = per_head_parameters(self.spec, shape.q_heads, q.device)
-        captures = self._captures(q.device, tensors)
         if autotune.enabled(q):
             autotune.ensure_tuned(kernels, self.key, q, k, v, captures, params)
         out, *stats = kernels.attention(q, k, v, captures, params)

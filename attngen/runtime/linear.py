@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ..codegen.render import compiler_digest, render_linear
-from ..inputs import check_inputs, under_autocast
+from ..inputs import check_inputs, method_under_autocast
 from ..linear import LinearAttentionSpec, LinearState
 from ..qkv import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM
 from ..trace import trace_feature_map
@@ -86,7 +86,7 @@ class CompiledLinearAttention:
         """Pickles as its spec, compiled again when loaded (from the disk cache)."""
         return CompiledLinearAttention, (self.spec,)
 
-    @under_autocast
+    @method_under_autocast
     def __call__(self, q, k, v, *, log_decay=None, state=None, return_state: bool = False):
         """Causal linear attention of q [B,Hq,L,Dqk], k [B,Hkv,L,Dqk], v [B,Hkv,L,Dv] -> [B,Hq,L,Dv]
         (with ``causal=False``, k and v may have another length).
@@ -127,7 +127,7 @@ class CompiledLinearAttention:
             out = out / (phi_q @ phi_k.sum(2, keepdim=True).transpose(-1, -2) + self.spec.eps)
         return out.to(q.dtype)
 
-    @under_autocast
+    @method_under_autocast
     def step(self, q, k, v, state: LinearState, *, log_decay=None):
         """Continue from ``state`` over the tokens of q [B,Hq,T,Dqk], k, v [B,Hkv,T,D] one at a time
         (the recurrent form, for decoding): returns ``(out [B,Hq,T,Dv], the new LinearState)``.
