@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from . import reference
-from .codegen.render import cache_arguments
 from .errors import SpecError
 from .runtime import cache, plan
 from .runtime.autotune import median_seconds
@@ -145,7 +144,7 @@ def cmd_export(args) -> int:
     attn = _for_call(_compile(args), args.call)
     path = attn.export(args.output)
     entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else \
-        f"forward(q, k, v, *captured{cache_arguments(attn.variant.cache, attn.variant.paged)})"
+        f"forward(q, k, v, *captured{attn.entry_point.arguments()})"
     print(f"wrote {path}: import it with only torch and triton; {entry} is the entry point")
     return 0
 
@@ -291,7 +290,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--call", choices=EXPORTED_CALLS, default="plain",
                         help="the kernels of this kind of call: plain, on a KV cache (forward takes kv_lens and "
                              "q_offset), decoding from one (the same, split-KV) or from a paged one (block_table "
-                             "too; forward only) (default: plain)")
+                             "too; forward only), on packed sequences (cu_seqlens_q and cu_seqlens_k) or with "
+                             "dropout (dropout_p and seed) (default: plain)")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "
                                         "shapes; prints a runnable snippet for the smallest failing case")
     check.add_argument("--examples", type=int, help="shapes per property (default 20, --deep 200)")

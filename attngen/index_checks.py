@@ -239,3 +239,17 @@ def check_index_ranges(captures, reads, extents, call_captures):
                 f"{labels[capture]} of shape {tuple(tensor.shape)} is indexed in dim {dim} with {index}, but "
                 f"that dim has {size} entries (the kernels evaluate the mods at every position, masked ones "
                 "too, and do not check bounds)")
+
+
+def check_sequence_reads(captures, reads, positions, heads, total_q):
+    """Raise ValueError for a read of ``captures`` (the spec's own captured tensors) that leaves its tensor in
+    a call on packed sequences (``positions``: :func:`packed_positions`' tensors; ``total_q`` queries):
+    ``reads`` are the spec's own, its mods seeing each sequence as ``b`` and positions within it, checked
+    at positions up to the longest sequence's."""
+    start_q = positions["start_q"]
+    if not reads or not values_checkable(start_q):
+        return
+    q_lens = torch.diff(start_q, append=start_q.new_tensor([total_q]))
+    longest_q, longest_k = torch.stack([q_lens.max(), positions["len_k"].max()]).tolist()  # one read on a GPU
+    extents = {"h": heads, "b": q_lens.numel(), "q_idx": longest_q, "kv_idx": longest_k}
+    check_index_ranges(captures, reads, extents, {})

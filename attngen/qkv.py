@@ -1,5 +1,5 @@
 """q, k and v at an attention call's entry, with torch alone: their checks, autocast's casts, a KV
-cache's lengths and offsets, and a paged cache's pages. The source of these is also rendered into the
+cache's lengths and offsets, a paged cache's pages, packed sequences and dropout. The source of these is also rendered into the
 kernel modules, whose entry point, exported, treats its inputs the same way (refusing the same mistakes
 in the same words)."""
 
@@ -150,3 +150,63 @@ def check_pages_in_range(table, kv_lens, page_size, num_pages):
     least, greatest = torch.stack([torch.where(needed, table, 0).min(), torch.where(needed, table, -1).max()]).tolist()
     if least < 0 or greatest >= num_pages:
         raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")
+
+
+def packed_view(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Sequences packed as q, k, v [tokens, heads, D] (``cu_seqlens_q`` / ``_k`` [batch + 1]: where each
+    starts) as ``(positions, q, k, v)``: the per-token tensors of :func:`packed_positions`, and q, k, v seen
+    as one batch entry [1, heads, tokens, D]."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"with cu_seqlens, {name} must have 3 dimensions [tokens, heads, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if isinstance(cu, torch.Tensor) and cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; move it to {q.device}")
+    positions = packed_positions(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    return positions, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+
+
+def packed_positions(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
+    """What the kernels read of packed sequences, from their cumulative lengths: each query's and key's
+    sequence (``seq_q``, ``seq_k``), where each sequence starts (``start_q``, ``start_k``) and its number of
+    keys (``len_k``), as int32 tensors."""
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.is_floating_point() or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-d integer tensor [batch + 1] of cumulative sequence lengths, "
+                             f"got {cu if not isinstance(cu, torch.Tensor) else (cu.dtype, tuple(cu.shape))}")
+        if values_checkable(cu):  # one read on a GPU
+            first, last, decreasing = torch.stack([cu[0].long(), cu[-1].long(), (cu[1:] < cu[:-1]).sum()]).tolist()
+            if first != 0 or last != total or decreasing:
+                raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
+                                 f"({total}), got {cu.tolist()}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+
+    def sequence_of_each_token(cu, total):
+        lengths = (cu[1:] - cu[:-1]).long()
+        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device, dtype=torch.int32), lengths,
+                                       output_size=total)
+    return {"seq_q": sequence_of_each_token(cu_seqlens_q, total_q),
+            "seq_k": sequence_of_each_token(cu_seqlens_k, total_k),
+            "start_q": cu_seqlens_q[:-1].to(torch.int32), "start_k": cu_seqlens_k[:-1].to(torch.int32),
+            "len_k": (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)}
+
+
+def dropout_rate(rate):
+    """``rate`` as a float: a dropout probability, in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def dropout_tensors(rate, seed, device):
+    """A call's dropout probability ``rate`` and ``seed`` (an int; None: drawn from torch's generator, so
+    reproducible under torch.manual_seed) as the kernels read them, on ``device``."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return {"dropout_seed": torch.tensor([int(seed)], dtype=torch.int64, device=device),
+            "dropout_p": torch.tensor([dropout_rate(rate)], device=device)}

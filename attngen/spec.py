@@ -12,6 +12,7 @@ import torch
 from . import stats as stats_module
 from .errors import SpecError
 from .norms import WEIGHT_FAMILIES, Normalization, Softmax
+from .qkv import dropout_rate
 from .scalars import integer, real
 
 
@@ -80,7 +81,10 @@ class AttentionSpec:
             if scale is None or not math.isfinite(scale):
                 raise SpecError(f"scale must be a finite number or None, got {self.scale!r}")
             object.__setattr__(self, "scale", scale)
-        object.__setattr__(self, "dropout_p", check_dropout(self.dropout_p, "dropout_p"))
+        try:
+            object.__setattr__(self, "dropout_p", dropout_rate(self.dropout_p))
+        except ValueError as error:
+            raise SpecError(str(error)) from None
         _check_differential(self)
         _check_top_k(self)
         if self.stats is None:
@@ -150,14 +154,6 @@ def _check_top_k(spec: AttentionSpec) -> None:
                         f"family, softpick, signed softmax, sparsemax / entmax, stick-breaking), without affine "
                         f"output or differential streams, got {norm!r}"
                         + (" with differential" if spec.differential is not None else ""))
-
-
-def check_dropout(rate, name: str) -> int | float:
-    """``rate`` as a Python number; a dropout probability outside [0, 1) is refused."""
-    number = real(rate)
-    if number is None or not 0 <= number < 1:
-        raise SpecError(f"{name} must be a number in [0, 1), got {rate!r}")
-    return number
 
 
 def _check_stats(stats: tuple, normalization: Normalization) -> None:

@@ -302,11 +302,81 @@ def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
     assert "captured tensor #0 of shape (45,) is indexed in dim 0 with an expression of b and q_idx through the " \
            "values of q_offset that runs from 43 to 45" in refused[1]
     assert refused == _refusal(by_position, q, k, v, kv_lens=lens, q_offset=43)
-    with pytest.raises(ValueError, match=r"exports the kernels of plain and KV cache calls \(split-KV and paged too\), "
-                                         r"not those of a call with packed sequences"):
-        attn.for_call(Variant(packed=True)).export(tmp_path / "packed.py")
-    with pytest.raises(ValueError, match="call must be one of 'plain', 'cache', 'decode', 'paged', got 'packed'"):
-        attn.export(tmp_path / "packed.py", call="packed")
+    with pytest.raises(ValueError, match=r"exports the kernels of every kind of call but those with a block mask, "
+                                         r"not those of a call with block mask of 16 x 16 blocks"):
+        attn.for_call(Variant(block_size=(16, 16))).export(tmp_path / "blocks.py")
+    with pytest.raises(ValueError, match="call must be one of 'plain', 'cache', 'decode', 'paged', 'packed', "
+                                         "'dropout', got 'blocks'"):
+        attn.export(tmp_path / "blocks.py", call="blocks")
+
+
+def _same_call(module_call, attngen_call, inputs):
+    """Run both calls on copies of ``inputs`` (q, k, v) and their backward: the outputs, the row statistics
+    and the gradients agree bit for bit."""
+    exported, expected = ([t.clone().requires_grad_() for t in inputs] for _ in range(2))
+    out, lse = module_call(*exported)
+    (out.sum() + lse.sum()).backward()
+    want, stats = attngen_call(*expected)
+    (want.sum() + stats.lse.sum()).backward()
+    for got, wanted in ((out, want), (lse, stats.lse), *zip((t.grad for t in exported), (t.grad for t in expected))):
+        assert torch.equal(got, wanted)
+
+
+def test_an_exported_packed_module_takes_packed_sequences_as_attngen_does(tmp_path):
+    """``attngen export --call packed``: ``forward`` takes q, k, v [tokens, heads, D] with cu_seqlens_q / _k and
+    returns packed outputs, as ``attn(...)`` does bit for bit (forward and backward); it refuses what attngen
+    refuses, and checks the spec's own reads within each sequence."""
+    alibi = runpy.run_path(ALIBI)
+    attn, slopes = ag.compile(alibi["SPEC"]), alibi["SLOPES"]
+    attngen("export", ALIBI, "--call", "packed", "-o", str(tmp_path / "packed.py"), cache_dir=tmp_path)
+    module = load_kernels(tmp_path / "packed.py", interpret=True)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 8, 16, generator=gen)
+    k, v = (torch.randn(20, 2, 16, generator=gen) for _ in range(2))
+    packed = {"cu_seqlens_q": torch.tensor([0, 5, 5, 12]), "cu_seqlens_k": torch.tensor([0, 9, 11, 20])}
+    _same_call(lambda *qkv: module.forward(*qkv, slopes, **packed),
+               lambda *qkv: attn(*qkv, return_stats=True, **packed), (q, k, v))
+    for wrong in ({**packed, "cu_seqlens_q": torch.tensor([0, 5, 5, 13])},
+                  {**packed, "cu_seqlens_k": torch.tensor([0.0, 9.0, 11.0, 20.0])},
+                  {**packed, "cu_seqlens_k": torch.tensor([0, 20])}):
+        assert _refusal(module.forward, q, k, v, slopes, **wrong) == _refusal(attn, q, k, v, **wrong), wrong
+    assert _refusal(module.forward, q[None], k, v, slopes, **packed) == _refusal(attn, q[None], k, v, **packed)
+    biases = torch.randn(7)  # read at positions within a sequence: the longest has 7 queries
+    by_position = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + biases[q_idx]))
+    module = load_kernels(by_position.export(tmp_path / "by_position.py", call="packed"), interpret=True)
+    assert module.SEQUENCE_READS
+    torch.testing.assert_close(module.forward(q, k, v, biases, **packed)[0], by_position(q, k, v, **packed),
+                               rtol=0, atol=0)
+    longer = {**packed, "cu_seqlens_q": torch.tensor([0, 4, 4, 12])}  # 8 queries: past the biases
+    refused = _refusal(module.forward, q, k, v, biases, **longer)
+    assert "captured tensor #0 of shape (7,) is indexed with q_idx in dim 0, which runs to 7" in refused[1]
+    assert refused == _refusal(by_position, q, k, v, **longer)
+
+
+def test_an_exported_dropout_module_drops_what_attngen_drops(tmp_path):
+    """``export(path, call="dropout")``: ``forward`` takes dropout_p (the spec's by default) and seed, and drops
+    the weights an attngen call with that seed drops, bit for bit (forward and backward)."""
+    alibi = runpy.run_path(ALIBI)
+    attn, slopes = ag.compile(alibi["SPEC"]), alibi["SLOPES"]
+    module = load_kernels(attn.export(tmp_path / "dropout.py", call="dropout"), interpret=True)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 9, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 13, 16, generator=gen) for _ in range(2))
+    dropout = {"dropout_p": 0.3, "seed": 7}
+    _same_call(lambda *qkv: module.forward(*qkv, slopes, **dropout),
+               lambda *qkv: attn(*qkv, return_stats=True, **dropout), (q, k, v))
+    assert not torch.equal(module.forward(q, k, v, slopes, dropout_p=0.3, seed=8)[0], attn(q, k, v, **dropout))
+    torch.manual_seed(3)
+    drawn = module.forward(q, k, v, slopes, dropout_p=0.3)[0]
+    torch.manual_seed(3)
+    assert torch.equal(drawn, attn(q, k, v, dropout_p=0.3))  # the seed drawn from torch's generator alike
+    assert torch.equal(module.forward(q, k, v, slopes, dropout_p=0.0)[0], attn(q, k, v))
+    for wrong in ({"dropout_p": 1.0}, {"dropout_p": -0.1}, {"dropout_p": 0.1, "seed": 1.5}):
+        assert _refusal(module.forward, q, k, v, slopes, **wrong) == _refusal(attn, q, k, v, **wrong), wrong
+    assert "missing 1 required keyword-only argument: 'dropout_p'" in _refusal(module.forward, q, k, v, slopes)[1]
+    with_rate = ag.compile(ag.AttentionSpec(score_mod=alibi["alibi"], dropout_p=0.25))
+    module = load_kernels(with_rate.export(tmp_path / "with_rate.py", call="dropout"), interpret=True)
+    assert torch.equal(module.forward(q, k, v, slopes, seed=5)[0], with_rate(q, k, v, seed=5))
 
 
 def test_an_exported_sparsemax_module_decodes_with_its_unsplit_kernels(tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -18,9 +19,9 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
-from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions,
-                   check_pages_in_range, check_qkv, least_and_greatest, paged_view, per_batch_integers,
-                   under_autocast, values_checkable)
+from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions, check_pages_in_range,
+                   check_qkv, dropout_rate, dropout_tensors, least_and_greatest, packed_positions, packed_view,
+                   paged_view, per_batch_integers, under_autocast, values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -354,7 +355,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    call_captures: dict[str, int] | None = None, differential: bool = False,
                    cache: bool = False, support: bool = False, top_k: int | None = None,
-                   entropy: bool = False, index_reads=(), entry_point: bool = True) -> dict:
+                   entropy: bool = False, entry_point=None) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     call_captures = call_captures or {}
     printer = TritonPrinter(graph)
@@ -551,7 +552,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
         "cache": cache,
-        **_attention_entry_point(entry_point, call_captures, cache, index_reads),
+        **_attention_entry_point(entry_point),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -596,11 +597,37 @@ def _tidy(source: str) -> str:
     return re.sub(r"\n{4,}", "\n\n\n", without_unused_functions(source))
 
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """How a module's ``forward`` takes q, k and v and the call's own tensors, as attngen's calls take them:
+    on KV caches (``cache``; ``paged``), on packed sequences (``packed``: ``cu_seqlens_q`` / ``_k``), with
+    ``dropout`` (its ``dropout_p`` defaulting to the spec's, required where that is 0). It checks
+    ``index_reads`` (see attngen.runtime.index_ranges) and, for packed sequences, the spec's own
+    ``sequence_reads`` (of its own captured tensors, at ``sequence_captures`` among the module's) within
+    each sequence."""
+    cache: bool = False
+    paged: bool = False
+    packed: bool = False
+    dropout: bool = False
+    dropout_p: float = 0.0
+    index_reads: tuple = ()
+    sequence_reads: tuple = ()
+    sequence_captures: tuple = ()
+
+    def arguments(self) -> str:
+        """The keyword arguments ``forward`` takes after ``q, k, v, *captured``."""
+        arguments = ", block_table, kv_lens, q_offset=None" if self.paged else \
+            ", kv_lens=None, q_offset=None" if self.cache else ", cu_seqlens_q, cu_seqlens_k" if self.packed else ""
+        if self.dropout:
+            arguments += f", dropout_p={self.dropout_p!r}, seed=None" if self.dropout_p else ", dropout_p, seed=None"
+        return arguments
+
+
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            call_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
-           support: bool = False, top_k: int | None = None, entropy: bool = False, index_reads=(),
-           entry_point: bool = True) -> str:
+           support: bool = False, top_k: int | None = None, entropy: bool = False,
+           entry_point: EntryPoint | None = EntryPoint()) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
     nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (an output of
@@ -608,18 +635,15 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     logit); ``scale`` None means 1/sqrt(Dqk);
     ``split_kv`` splits the forward pass's keys over programs and merges them (decoding);
     ``call_captures`` locates the call's own tensors among the captured ones, by name (see
-    :class:`~attngen.runtime.variants.Variant`): a KV cache's ``kv_lens`` / ``q_offset``, and those the
-    kernels read themselves: a paged cache's ``block_table``, ``dropout_seed`` / ``dropout_p``;
-    ``differential``: two score streams over the halves of q and k (outputs ``score`` and ``score2``),
-    weighted by the per-head parameter ``lam``;
+    :class:`~attngen.runtime.variants.Variant`): a KV cache's ``kv_lens`` / ``q_offset``, packed sequences'
+    positions, and those the kernels read themselves: a paged cache's ``block_table``, ``dropout_seed`` /
+    ``dropout_p``; ``differential``: two score streams over the halves of q and k (outputs ``score`` and
+    ``score2``), weighted by the per-head parameter ``lam``;
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
     each row keeps its ``top_k`` largest logits (a cut-off per row, ``call_captures["topk_floor"]``);
-    ``index_reads``: the captured-tensor reads a call bounds (see attngen.runtime.index_ranges), which the
-    entry point checks; ``entry_point``: the module takes q, k, v as attngen's plain and KV cache calls do
-    (``forward``; other calls' modules have none)."""
+    ``entry_point``: the module's ``forward`` (None: the module has none; calls with a block mask)."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
-                             call_captures or {}, differential, cache, support, top_k, entropy, index_reads,
-                             entry_point)
+                             call_captures or {}, differential, cache, support, top_k, entropy, entry_point)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
@@ -630,30 +654,25 @@ def _entry_point(max_head_dim: int, *functions) -> dict[str, str]:
             "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
 
 
-def cache_arguments(cache: bool, paged: bool) -> str:
-    """The keyword arguments an attention module's entry point takes after ``q, k, v, *captured``: a KV
-    cache's (``cache``), a paged one's (``paged``), or none."""
-    if paged:
-        return ", block_table, kv_lens, q_offset=None"
-    return ", kv_lens=None, q_offset=None" if cache else ""
-
-
-def _attention_entry_point(entry_point: bool, call_captures: dict[str, int], cache: bool,
-                           index_reads) -> dict[str, str]:
-    """The template values of an attention module's entry point: q, k, v and the call's own tensors taken as
-    attngen's calls take them, and ``index_reads`` (see attngen.runtime.index_ranges) checked as they check
-    them."""
-    paged = "block_table" in call_captures
+def _attention_entry_point(entry_point: EntryPoint | None) -> dict[str, str]:
+    """The template values of an attention module's entry point (see :class:`EntryPoint`)."""
+    if entry_point is None:
+        return {"entry_point": False}
     checks = inspect.getsource(index_checks)
     return {
-        "entry_point": entry_point,
-        "cache_arguments": cache_arguments(cache, paged),
+        "entry_point": True,
+        "packed": entry_point.packed,
+        "call_arguments": entry_point.arguments(),
         **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest,
-                       *((per_batch_integers, cache_positions) if cache else ()),
-                       *((paged_view, check_pages_in_range) if paged else ())),
+                       *((per_batch_integers, cache_positions) if entry_point.cache else ()),
+                       *((paged_view, check_pages_in_range) if entry_point.paged else ()),
+                       *((packed_view, packed_positions) if entry_point.packed else ()),
+                       *((dropout_rate, dropout_tensors) if entry_point.dropout else ())),
         # index_checks below its imports
         "index_checks_source": checks[checks.index("\nINDICES = "):].strip(),
-        "index_reads": [repr(tuple(read)) for read in index_reads],
+        "index_reads": [repr(tuple(read)) for read in entry_point.index_reads],
+        "sequence_reads": [repr(tuple(read)) for read in entry_point.sequence_reads],
+        "sequence_captures": repr(tuple(entry_point.sequence_captures)),
     }
 
 

@@ -13,11 +13,10 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import Shape, check_inputs
-from ..qkv import KERNEL_DTYPES, cache_positions, check_pages_in_range, paged_view
-from ..scalars import integer
-from ..spec import check_dropout
+from ..qkv import (KERNEL_DTYPES, cache_positions, check_pages_in_range, dropout_rate, dropout_tensors, packed_view,
+                   paged_view)
 from ..stats import Stats, map_stats
-from .variants import Variant, packed_tensors
+from .variants import Variant
 
 
 @dataclass
@@ -43,18 +42,6 @@ class Call:
         if stats is None:
             return out
         return out, Stats(**{name: getattr(stats, name)[0] for name in stats.names()})
-
-
-def _packed(q, k, v, cu_seqlens_q, cu_seqlens_k):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"with cu_seqlens, {name} must have 3 dimensions [tokens, heads, head_dim], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if isinstance(cu, torch.Tensor) and cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; move it to {q.device}")
-    tensors = packed_tensors(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    return tensors, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
 
 
 def _jagged_at_length(t) -> bool:
@@ -102,16 +89,8 @@ def decoding(shape: Shape, q: torch.Tensor) -> bool:
 
 def _dropout(spec, dropout_p, seed, device) -> dict[str, torch.Tensor]:
     """The stand-ins of a call with dropout (none without): its probability and seed as tensors."""
-    rate = spec.dropout_p if dropout_p is None else dropout_p
-    rate = check_dropout(rate, "dropout_p")
-    if rate == 0:
-        return {}
-    if seed is None:  # a fresh mask per call, reproducible under torch.manual_seed
-        seed = int(torch.randint(0, 2**62, (1,)))
-    if integer(seed) is None:
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    return {"dropout_seed": torch.tensor([integer(seed)], dtype=torch.int64, device=device),
-            "dropout_p": torch.tensor([float(rate)], device=device)}
+    rate = dropout_rate(spec.dropout_p if dropout_p is None else dropout_p)
+    return dropout_tensors(rate, seed, device) if rate else {}
 
 
 def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None, cu_seqlens_q=None,
@@ -132,7 +111,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         if any(s.block_q is not None for s in map_stats(spec.stats)):
             raise ValueError("pooled maps are not defined for packed sequences (their blocks would straddle "
                              "sequences); col_sum is")
-        tensors, q, k, v = _packed(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        tensors, q, k, v = packed_view(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if block_table is not None:
         k_cache, v_cache, tensors["block_table"] = paged_view(q, k, v, block_table, kv_lens)
         shape = check_inputs(q, k_cache, v_cache, KERNEL_DTYPES)

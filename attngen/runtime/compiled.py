@@ -14,10 +14,10 @@ import torch
 import triton
 
 from .. import stats as stats_module
-from ..codegen.render import compiler_digest, render
+from ..codegen.render import EntryPoint, compiler_digest, render
 from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
-from ..index_checks import check_index_ranges
+from ..index_checks import check_index_ranges, check_sequence_reads
 from ..inputs import method_under_autocast
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
@@ -109,9 +109,12 @@ class CompiledAttention:
         self.expectations = stats_module.kernel_expectations(traced.stats, self.spec.normalization)
         self.index_reads = index_reads(self.graph)
         # packed sequences: the mods' own reads, at positions within each sequence (which the rewritten
-        # graph computes from the call's tensors, beyond what its reads can bound)
-        self.sequence_graph = self._trace(self.spec, None) if self.variant.packed else None
-        self.sequence_reads = index_reads(self.sequence_graph) if self.variant.packed else []
+        # graph computes from the call's tensors, beyond what its reads can bound), of their own captures
+        # (``sequence_captures``: their places among the rewritten graph's)
+        sequence_graph = self._trace(self.spec, None) if self.variant.packed else None
+        self.sequence_reads = index_reads(sequence_graph) if sequence_graph else []
+        places = {id(c.tensor): i for i, c in enumerate(self.graph.captures)}
+        self.sequence_captures = [places[id(c.tensor)] for c in sequence_graph.captures] if sequence_graph else []
         if self.variant == Variant():
             _warn_of_soft_masks(self.graph, self.spec)
         for name in KERNEL_CAPTURES:  # stand-ins the kernels read themselves: after the mods' captures
@@ -159,8 +162,16 @@ class CompiledAttention:
                       maps=stats_module.map_stats(self.spec.stats),
                       scale=self.spec.scale, split_kv=self.variant.split_kv,
                       call_captures=self.call_captures, differential=self.spec.differential is not None,
-                      cache=self.variant.cache, top_k=self.spec.top_k, index_reads=self.index_reads,
-                      entry_point=self.variant.has_entry_point)
+                      cache=self.variant.cache, top_k=self.spec.top_k, entry_point=self.entry_point)
+
+    @property
+    def entry_point(self) -> EntryPoint | None:
+        """How the generated module's ``forward`` takes this kind of call (None: it has no entry point)."""
+        if not self.variant.has_entry_point:
+            return None
+        variant = self.variant
+        return EntryPoint(variant.cache, variant.paged, variant.packed, variant.dropout, self.spec.dropout_p,
+                          tuple(self.index_reads), tuple(self.sequence_reads), tuple(self.sequence_captures))
 
     @property
     def source(self) -> str:
@@ -170,14 +181,16 @@ class CompiledAttention:
     def export(self, path, call: str | None = None) -> Path:
         """Write the standalone kernel module (imports only torch and triton) of this spec's calls of kind
         ``call`` to ``path``, with the tile configurations tuned so far built in: ``"plain"``, ``"cache"``
-        (on a KV cache: its entry point takes kv_lens and q_offset), ``"decode"`` (the same, split-KV) or
-        ``"paged"`` (decoding from a paged cache, forward only); None: this object's own kind."""
+        (on a KV cache: its entry point takes kv_lens and q_offset), ``"decode"`` (the same, split-KV),
+        ``"paged"`` (decoding from a paged cache, forward only), ``"packed"`` (packed sequences: it takes
+        cu_seqlens_q and cu_seqlens_k) or ``"dropout"`` (it takes dropout_p and seed); None: this object's
+        own kind."""
         if call is not None:
             if call not in EXPORTED_CALLS:
                 raise ValueError(f"call must be one of {', '.join(map(repr, EXPORTED_CALLS))}, got {call!r}")
             return self.for_call(CALLS[call]).export(path)
         if not self.variant.has_entry_point:
-            raise ValueError(f"attngen exports the kernels of plain and KV cache calls (split-KV and paged too), "
+            raise ValueError(f"attngen exports the kernels of every kind of call but those with a block mask, "
                              f"not those of a call with {self.variant.describe()}")
         path = Path(path)
         tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
@@ -321,12 +334,9 @@ class CompiledAttention:
         if not self.variant.packed:
             extents.update(b=shape.batch, q_idx=shape.q_len, kv_idx=shape.kv_len)
         check_index_ranges(captures, self.index_reads, extents, self.call_captures)
-        if self.sequence_reads and values_checkable(tensors["start_q"]):
-            # the mods see each sequence as b and positions within it: up to the longest sequence's
-            q_lens = torch.diff(tensors["start_q"], append=tensors["start_q"].new_tensor([shape.q_len]))
-            longest = torch.stack([q_lens.max(), tensors["len_k"].max()]).tolist()  # one read on a GPU
-            extents = {"h": shape.q_heads, "b": q_lens.numel(), "q_idx": longest[0], "kv_idx": longest[1]}
-            check_index_ranges([c.tensor for c in self.sequence_graph.captures], self.sequence_reads, extents, {})
+        if self.variant.packed:
+            check_sequence_reads([captures[i] for i in self.sequence_captures], self.sequence_reads, tensors,
+                                 shape.q_heads, shape.q_len)
 
     def _run(self, q, k, v, shape, tensors: dict[str, torch.Tensor]):
         """(out, Stats) of the kernels on dense q, k, v with the call's stand-in replacements."""

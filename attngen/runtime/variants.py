@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import blocks_mask_mod
-from ..qkv import values_checkable
 from ..spec import AttentionSpec
 from ..stats import expectations_moved
 
@@ -103,8 +102,8 @@ class Variant:
     @property
     def has_entry_point(self) -> bool:
         """Whether this kind of call's module takes q, k, v as attngen's calls do (and so can be exported):
-        plain calls and those on a KV cache, split-KV and paged too; not packed, block-mask or dropout calls."""
-        return self.block_size is None and not self.packed and not self.dropout
+        every kind but calls with a block mask."""
+        return self.block_size is None
 
     def describe(self) -> str:
         parts = [f"block mask of {self.block_size[0]} x {self.block_size[1]} blocks"] if self.block_size else []
@@ -164,25 +163,3 @@ def _unpack(score, mask, t):
             sequence, q_pos, kv_pos = local(b, q_idx, kv_idx)
             return same_sequence(b, h, q_idx, kv_idx) & mask(sequence, h, q_pos, kv_pos)
     return new_score, new_mask
-
-
-def packed_tensors(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int) -> dict:
-    """The stand-ins of a packed call, from its cumulative sequence lengths."""
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.is_floating_point() or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-d integer tensor [batch + 1] of cumulative sequence lengths, "
-                             f"got {cu if not isinstance(cu, torch.Tensor) else (cu.dtype, tuple(cu.shape))}")
-        if values_checkable(cu) and (int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any())):
-            raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
-                             f"({total}), got {cu.tolist()}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-
-    def ids(cu, total):
-        lengths = (cu[1:] - cu[:-1]).long()
-        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device, **_INT), lengths,
-                                       output_size=total)
-    return {"seq_q": ids(cu_seqlens_q, total_q), "seq_k": ids(cu_seqlens_k, total_k),
-            "start_q": cu_seqlens_q[:-1].to(torch.int32), "start_k": cu_seqlens_k[:-1].to(torch.int32),
-            "len_k": (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)}
