@@ -395,6 +395,10 @@ class Proxy:
     def _scalar(self, *_):
         raise self.tracer.fail("traced values are scalars: they have no len() and cannot be iterated")
 
+    def __round__(self, *_):
+        raise self.tracer.fail("Python's round() takes no traced value (nor a torch tensor): use torch.round(x), "
+                               "with decimals=n for n digits")
+
     __int__ = __float__ = _number
     __index__ = _index
     __len__ = __iter__ = _scalar

@@ -172,8 +172,9 @@ TABLE = torch.randn(8)
     (lambda s, b, h, q_idx, kv_idx: s.add_(1.0), r"in-place methods such as .add_\(\) are not traced: write "
                                                  r"s = s.add\(...\)"),
     (lambda s, b, h, q_idx, kv_idx: None, r"score_mod returned None: is its return statement missing\?"),
+    (lambda s, b, h, q_idx, kv_idx: round(s), r"Python's round\(\) takes no traced value .* torch.round\(x\)"),
 ], ids=["math", "float", "item", "list", "range", "numpy", "numpy_binary", "numpy_array", "numpy_capture",
-         "in_place", "none"])
+         "in_place", "none", "round"])
 def test_python_values_of_traced_values_are_named(score_mod, message):
     """Where a mod asks a traced value for a Python number, index, numpy array or in-place update, the
     error says which and what to write instead (before: "Python control flow" for all but in-place)."""
