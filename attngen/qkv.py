@@ -11,6 +11,7 @@ import torch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 1024  # attention; above 256 (MLA's 576 / 512) the kernels take small tiles
 LINEAR_MAX_HEAD_DIM = 256  # linear attention keeps a [Dqk, Dv] state in each program
+GRID_AXIS_LIMIT = 65535  # programs along a CUDA launch grid's axes 1 and 2, the kernels' heads and batch entries
 
 
 def check_qkv(q, k, v, dtypes=None, max_head_dim=None):
@@ -70,6 +71,41 @@ def under_autocast(call):
         with torch.autocast(device, enabled=False):
             return call(q, k, v, *args, **kwargs)
     return cast
+
+
+def check_launch(batch, q_heads, qk_dim, differential):
+    """Refuse a call the attention kernels cannot launch: more than GRID_AXIS_LIMIT batch entries or query
+    heads, or, for ``differential`` attention, an odd head dim of q and k (they split in halves)."""
+    if max(batch, q_heads) > GRID_AXIS_LIMIT:
+        raise ValueError(f"a call takes at most {GRID_AXIS_LIMIT} batch entries and {GRID_AXIS_LIMIT} query heads "
+                         f"(a CUDA launch grid's programs along an axis), got a batch of {batch} and "
+                         f"{q_heads} query heads: split the call")
+    if differential and qk_dim % 2:
+        raise ValueError(f"differential attention splits q and k in halves: their head dim must be even, "
+                         f"got {qk_dim}")
+
+
+def per_head_tensor(name, value, heads, device):
+    """A per-head parameter (a number, or a floating-point tensor of one entry per query head or of one
+    value) as the contiguous float32 [heads] tensor the kernels read (autograd-connected)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((heads,), float(value), device=device)
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+    if not value.is_floating_point() or value.dim() > 1:
+        raise TypeError(f"{name} must be a floating-point tensor of one entry per query head ({heads}), got a "
+                        f"{value.dtype} tensor of shape {tuple(value.shape)}")
+    if value.dim() == 1 and value.shape[0] != heads:
+        raise ValueError(f"{name} has {value.shape[0]} entries; expected one per query head ({heads})")
+    return value.float().expand(heads).contiguous()
+
+
+def check_entmax_alpha(name, alpha):
+    """Refuse an entmax ``alpha`` [heads] outside (1, 2], where it is on the CPU; a GPU call does not
+    synchronize to read it (a learnable alpha changes every step): the kernels give a head whose alpha is
+    out of range NaN outputs and a NaN alpha gradient."""
+    if alpha.device.type == "cpu" and values_checkable(alpha) and not bool(((alpha > 1) & (alpha <= 2)).all()):
+        raise ValueError(f"{name} must be in (1, 2] for every head, got {alpha.tolist()}")
 
 
 def values_checkable(t):

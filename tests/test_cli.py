@@ -233,6 +233,34 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
         torch.testing.assert_close(out, attn(q.bfloat16(), q, q), rtol=0, atol=0)
 
 
+def test_an_exported_module_checks_its_per_head_tensors(tmp_path):
+    """The tensors after the captured ones, the normalization's per-head parameters, are taken as attngen takes
+    them (before: a short sink was read past its end, and an entmax alpha out of range gave NaN rows), and a
+    differential module refuses an odd head dim as attngen does (before: it split q and k unevenly)."""
+    q = torch.randn(1, 4, 8, 16)
+    sink = torch.zeros(4, requires_grad=True)
+    attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Softmax(sink=sink)))
+    module = load_kernels(attn.export(tmp_path / "sink.py"), interpret=True)
+    assert torch.equal(module.forward(q, q, q, sink)[0], attn(q, q, q))
+    assert torch.equal(module.forward(q, q, q, torch.tensor(0.0))[0], attn(q, q, q))  # one value for every head
+    assert "sink has 2 entries; expected one per query head (4)" in _refusal(module.forward, q, q, q, sink[:2])[1]
+    for wrong in (sink.long(), sink[:, None]):
+        assert _refusal(module.forward, q, q, q, wrong) == (
+            TypeError, f"sink must be a floating-point tensor of one entry per query head (4), got a {wrong.dtype} "
+                       f"tensor of shape {tuple(wrong.shape)}")
+    alpha = torch.tensor([1.5, 1.25, 1.75, 2.0])
+    attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Entmax(alpha=alpha)))
+    module = load_kernels(attn.export(tmp_path / "entmax.py"), interpret=True)
+    assert torch.equal(module.forward(q, q, q, alpha)[0], attn(q, q, q))
+    assert "entmax_alpha must be in (1, 2] for every head, got [1.5, 1.25, 1.0, 2.0]" in \
+        _refusal(module.forward, q, q, q, torch.tensor([1.5, 1.25, 1.0, 2.0]))[1]
+    attn = ag.compile(ag.AttentionSpec(differential=0.5))
+    module = load_kernels(attn.export(tmp_path / "differential.py"), interpret=True)
+    assert torch.equal(module.forward(q, q, q, torch.full((4,), 0.5))[0], attn(q, q, q))
+    odd = q[..., :15]
+    assert _refusal(module.forward, odd, odd, odd, torch.full((4,), 0.5)) == _refusal(attn, odd, odd, odd)
+
+
 def test_an_exported_module_checks_reads_through_a_function_of_one_offset(tmp_path):
     """A table read at buckets of ``kv_idx - q_idx`` that grow with the distance (T5's, unclamped): attngen
     tries the buckets at each offset, and so does the exported module (before: it read past the table)."""

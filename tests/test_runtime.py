@@ -15,7 +15,7 @@ import torch
 
 import attngen as ag
 from attngen.codegen.prune import without_unused_functions
-from attngen.runtime.calls import GRID_AXIS_LIMIT
+from attngen.qkv import GRID_AXIS_LIMIT
 from attngen.runtime.variants import Variant
 
 SPEC_SCRIPT = textwrap.dedent("""

@@ -19,9 +19,10 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
-from ..qkv import (KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions, check_pages_in_range,
-                   check_qkv, dropout_rate, dropout_tensors, least_and_greatest, packed_positions, packed_view,
-                   paged_view, per_batch_integers, under_autocast, values_checkable)
+from ..qkv import (GRID_AXIS_LIMIT, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions,
+                   check_entmax_alpha, check_launch, check_pages_in_range, check_qkv, dropout_rate, dropout_tensors,
+                   least_and_greatest, packed_positions, packed_view, paged_view, per_batch_integers, per_head_tensor,
+                   under_autocast, values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -552,7 +553,7 @@ def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normaliza
         "map_lines": map_lines(maps),
         "qk_parts_source": inspect.getsource(qk_parts).rstrip(),
         "cache": cache,
-        **_attention_entry_point(entry_point),
+        **_attention_entry_point(entry_point, params),
         "map_dp": " + ".join(f"tl.load(DMAP{m['index']} + map_offset{m['index']}, mask=keep, other=0.0)"
                              f" * map_scale{m['index']}" for m in grad_maps),
         "stat_lines": stat_lines,
@@ -647,15 +648,17 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     return _tidy(environment().get_template(TEMPLATE).render(**context))
 
 
-def _entry_point(max_head_dim: int, *functions) -> dict[str, str]:
+def _entry_point(max_head_dim: int, *functions, **constants) -> dict:
     """The template values with which a module's entry point takes q, k and v as attngen's calls do, with
-    more of attngen/qkv.py's ``functions`` (for the call's own tensors)."""
+    more of attngen/qkv.py's ``functions`` (for the call's own tensors) and the ``constants`` they read."""
     return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, under_autocast, *functions)),
-            "kernel_dtypes": repr(KERNEL_DTYPES), "max_head_dim": repr(max_head_dim)}
+            "qkv_constants": {"KERNEL_DTYPES": repr(KERNEL_DTYPES), "MAX_HEAD_DIM": repr(max_head_dim),
+                              **{name: repr(value) for name, value in constants.items()}}}
 
 
-def _attention_entry_point(entry_point: EntryPoint | None) -> dict[str, str]:
-    """The template values of an attention module's entry point (see :class:`EntryPoint`)."""
+def _attention_entry_point(entry_point: EntryPoint | None, norm_params: list[str]) -> dict:
+    """The template values of an attention module's entry point (see :class:`EntryPoint`), which takes the
+    per-head tensors ``norm_params`` after the captured ones."""
     if entry_point is None:
         return {"entry_point": False}
     checks = inspect.getsource(index_checks)
@@ -663,11 +666,13 @@ def _attention_entry_point(entry_point: EntryPoint | None) -> dict[str, str]:
         "entry_point": True,
         "packed": entry_point.packed,
         "call_arguments": entry_point.arguments(),
-        **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest,
+        **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest, check_launch, per_head_tensor,
+                       *((check_entmax_alpha,) if "entmax_alpha" in norm_params else ()),
                        *((per_batch_integers, cache_positions) if entry_point.cache else ()),
                        *((paged_view, check_pages_in_range) if entry_point.paged else ()),
                        *((packed_view, packed_positions) if entry_point.packed else ()),
-                       *((dropout_rate, dropout_tensors) if entry_point.dropout else ())),
+                       *((dropout_rate, dropout_tensors) if entry_point.dropout else ()),
+                       GRID_AXIS_LIMIT=GRID_AXIS_LIMIT),
         # index_checks below its imports
         "index_checks_source": checks[checks.index("\nINDICES = "):].strip(),
         "index_reads": [repr(tuple(read)) for read in entry_point.index_reads],

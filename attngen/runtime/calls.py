@@ -13,7 +13,7 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import Shape, check_inputs
-from ..qkv import (KERNEL_DTYPES, cache_positions, check_pages_in_range, dropout_rate, dropout_tensors, packed_view,
+from ..qkv import (KERNEL_DTYPES, cache_positions, check_launch, check_pages_in_range, dropout_rate, dropout_tensors, packed_view,
                    paged_view)
 from ..stats import Stats, map_stats
 from .variants import Variant
@@ -79,7 +79,6 @@ def _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k):
 
 
 MODES = (None, "auto", "decode", "prefill")
-GRID_AXIS_LIMIT = 65535  # programs along a CUDA launch grid's axes 1 and 2, the kernels' heads and batch entries
 
 
 def decoding(shape: Shape, q: torch.Tensor) -> bool:
@@ -117,13 +116,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
         shape = check_inputs(q, k_cache, v_cache, KERNEL_DTYPES)
     else:
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
-    if max(shape.batch, shape.q_heads) > GRID_AXIS_LIMIT:
-        raise ValueError(f"a call takes at most {GRID_AXIS_LIMIT} batch entries and {GRID_AXIS_LIMIT} query heads "
-                         f"(a CUDA launch grid's programs along an axis), got a batch of {shape.batch} and "
-                         f"{shape.q_heads} query heads: split the call")
-    if spec.differential is not None and shape.qk_dim % 2:
-        raise ValueError(f"differential attention splits q and k in halves: their head dim must be even, "
-                         f"got {shape.qk_dim}")
+    check_launch(shape.batch, shape.q_heads, shape.qk_dim, spec.differential is not None)
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
     cache = kv_lens is not None or q_offset is not None

@@ -22,7 +22,7 @@ from ..inputs import method_under_autocast
 from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..norms import WEIGHT_FAMILIES
-from ..qkv import values_checkable
+from ..qkv import check_entmax_alpha, per_head_tensor
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
@@ -33,17 +33,6 @@ from .loader import load_kernels
 from .variants import CALLS, EXPORTED_CALLS, KERNEL_CAPTURES, Variant
 
 
-def _per_head_tensor(name: str, value, heads: int, device: torch.device) -> torch.Tensor:
-    """A normalization parameter as a contiguous float32 [heads] tensor (autograd-connected)."""
-    if not isinstance(value, torch.Tensor):
-        return torch.full((heads,), float(value), device=device)
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}")
-    if value.dim() == 1 and value.shape[0] != heads:
-        raise ValueError(f"{name} has {value.shape[0]} entries; expected one per query head ({heads})")
-    return value.float().expand(heads).contiguous()
-
-
 def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -> list[torch.Tensor]:
     """The per-head tensors the kernels take: a sink, an affine output's alpha and beta, entmax's
     alpha, or differential attention's lambda (in the generated module's NORM_PARAMETERS order)."""
@@ -51,20 +40,17 @@ def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -
     name = type(normalization).__name__
     found = []
     if normalization.sink is not None:
-        found.append(_per_head_tensor(f"{name}(sink=...)", normalization.sink, heads, device))
+        found.append(per_head_tensor(f"{name}(sink=...)", normalization.sink, heads, device))
     if normalization.affine is not None:
         alpha, beta = normalization.affine
-        found += [_per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
-                  _per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
+        found += [per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
+                  per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
     if normalization.family == "threshold" and normalization.per_head:
-        alpha = _per_head_tensor(f"{name}(alpha=...)", normalization.alpha, heads, device)
-        # checked on the CPU; a GPU call does not synchronize to read it (a learnable alpha changes every
-        # step): the kernels give a head whose alpha is out of range NaN outputs and a NaN alpha gradient
-        if alpha.device.type == "cpu" and values_checkable(alpha) and not bool(((alpha > 1) & (alpha <= 2)).all()):
-            raise ValueError(f"{name}(alpha=...) must be in (1, 2] for every head, got {alpha.tolist()}")
+        alpha = per_head_tensor(f"{name}(alpha=...)", normalization.alpha, heads, device)
+        check_entmax_alpha(f"{name}(alpha=...)", alpha)
         found.append(alpha)
     if spec.differential is not None:
-        found.append(_per_head_tensor("differential", spec.differential, heads, device))
+        found.append(per_head_tensor("differential", spec.differential, heads, device))
     return found
 
 
