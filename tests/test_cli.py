@@ -379,6 +379,9 @@ def test_an_exported_packed_module_takes_packed_sequences_as_attngen_does(tmp_pa
     refused = _refusal(module.forward, q, k, v, biases, **longer)
     assert "captured tensor #0 of shape (7,) is indexed with q_idx in dim 0, which runs to 7" in refused[1]
     assert refused == _refusal(by_position, q, k, v, **longer)
+    pooled = ag.compile(ag.AttentionSpec(stats=("lse", ag.stats.pooled(4, 4))))  # before: exported, maps straddling
+    with pytest.raises(ValueError, match="pooled maps are not defined for packed sequences"):
+        pooled.export(tmp_path / "pooled.py", call="packed")
 
 
 def test_an_exported_dropout_module_drops_what_attngen_drops(tmp_path):

@@ -92,6 +92,13 @@ def _dropout(spec, dropout_p, seed, device) -> dict[str, torch.Tensor]:
     return dropout_tensors(rate, seed, device) if rate else {}
 
 
+def check_packable(spec) -> None:
+    """Refuse packed sequences for a spec with pooled maps: their blocks would straddle sequences."""
+    if any(s.block_q is not None for s in map_stats(spec.stats)):
+        raise ValueError("pooled maps are not defined for packed sequences (their blocks would straddle "
+                         "sequences); col_sum is")
+
+
 def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, block_table=None, cu_seqlens_q=None,
             cu_seqlens_k=None, mode=None, dropout_p=None, seed=None) -> Call:
     """Check a call's arguments and build its :class:`Call`."""
@@ -107,9 +114,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
             raise ValueError("packed sequences need both cu_seqlens_q and cu_seqlens_k")
         if block_mask is not None or kv_lens is not None or q_offset is not None or block_table is not None:
             raise ValueError("cu_seqlens cannot be combined with block_mask, kv_lens, q_offset or block_table")
-        if any(s.block_q is not None for s in map_stats(spec.stats)):
-            raise ValueError("pooled maps are not defined for packed sequences (their blocks would straddle "
-                             "sequences); col_sum is")
+        check_packable(spec)
         tensors, q, k, v = packed_view(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if block_table is not None:
         k_cache, v_cache, tensors["block_table"] = paged_view(q, k, v, block_table, kv_lens)

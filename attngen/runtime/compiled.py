@@ -33,24 +33,31 @@ from .loader import load_kernels
 from .variants import CALLS, EXPORTED_CALLS, KERNEL_CAPTURES, Variant
 
 
-def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -> list[torch.Tensor]:
-    """The per-head tensors the kernels take: a sink, an affine output's alpha and beta, entmax's
-    alpha, or differential attention's lambda (in the generated module's NORM_PARAMETERS order)."""
+def _norm_parameters(spec: AttentionSpec) -> list[tuple[str, object]]:
+    """The per-head parameters of the kernels as the spec holds them (numbers or tensors), each with the
+    name an error gives it: a sink, an affine output's alpha and beta, entmax's alpha, or differential
+    attention's lambda (in the generated module's NORM_PARAMETERS order)."""
     normalization = spec.normalization
     name = type(normalization).__name__
     found = []
     if normalization.sink is not None:
-        found.append(per_head_tensor(f"{name}(sink=...)", normalization.sink, heads, device))
+        found.append((f"{name}(sink=...)", normalization.sink))
     if normalization.affine is not None:
         alpha, beta = normalization.affine
-        found += [per_head_tensor(f"{name}(alpha=...)", alpha, heads, device),
-                  per_head_tensor(f"{name}(beta=...)", beta, heads, device)]
+        found += [(f"{name}(alpha=...)", alpha), (f"{name}(beta=...)", beta)]
     if normalization.family == "threshold" and normalization.per_head:
-        alpha = per_head_tensor(f"{name}(alpha=...)", normalization.alpha, heads, device)
-        check_entmax_alpha(f"{name}(alpha=...)", alpha)
-        found.append(alpha)
+        found.append((f"{name}(alpha=...)", normalization.alpha))
     if spec.differential is not None:
-        found.append(per_head_tensor("differential", spec.differential, heads, device))
+        found.append(("differential", spec.differential))
+    return found
+
+
+def per_head_parameters(spec: AttentionSpec, heads: int, device: torch.device) -> list[torch.Tensor]:
+    """The per-head float32 [heads] tensors the kernels take (see :func:`_norm_parameters`)."""
+    parameters = _norm_parameters(spec)
+    found = [per_head_tensor(name, value, heads, device) for name, value in parameters]
+    if spec.normalization.family == "threshold" and spec.normalization.per_head:  # entmax's alpha, its only one
+        check_entmax_alpha(parameters[0][0], found[0])
     return found
 
 
@@ -159,6 +166,14 @@ class CompiledAttention:
         return EntryPoint(variant.cache, variant.paged, variant.packed, variant.dropout, self.spec.dropout_p,
                           tuple(self.index_reads), tuple(self.sequence_reads), tuple(self.sequence_captures))
 
+    def exported_tensors(self, device=None) -> list[torch.Tensor]:
+        """The tensors an exported module's ``forward`` takes after q, k and v, in its order: the spec's
+        captured tensors (in the order its mods first read them), then the normalization's per-head
+        parameters (NORM_PARAMETERS; a number as a 0-d float32 tensor on ``device``)."""
+        own = [c.tensor for i, c in enumerate(self.graph.captures) if i not in self.call_captures.values()]
+        return own + [value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
+                      for _, value in _norm_parameters(self.spec)]
+
     @property
     def source(self) -> str:
         """The generated kernel module's Python source."""
@@ -178,6 +193,8 @@ class CompiledAttention:
         if not self.variant.has_entry_point:
             raise ValueError(f"attngen exports the kernels of every kind of call but those with a block mask, "
                              f"not those of a call with {self.variant.describe()}")
+        if self.variant.packed:
+            calls.check_packable(self.spec)
         path = Path(path)
         tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
         path.write_text(self.source.replace("TUNED_CONFIGS = {}\n", tuned, 1))
