@@ -40,14 +40,14 @@ def load(name, path):
     return module
 
 module, decoding = load("alibi_softcap_kernel", sys.argv[1]), load("alibi_softcap_decode", sys.argv[2])
-q, k, v, slopes, q_new, kv_lens = torch.load(sys.argv[3])
+q, k, v, captured, q_new, kv_lens = torch.load(sys.argv[3])
 q, k, v = (t.requires_grad_() for t in (q, k, v))
-out, lse = module.forward(q, k, v, slopes)          # the captured tensors, in capture order
+out, lse = module.forward(q, k, v, *captured)       # the spec's captured tensors ([slopes]), in its order
 out.sum().backward()
-new_out, _ = decoding.forward(q_new, k.detach(), v.detach(), slopes, kv_lens=kv_lens)  # k, v as caches
+new_out, _ = decoding.forward(q_new, k.detach(), v.detach(), *captured, kv_lens=kv_lens)  # k, v as caches
 torch.save([out.detach(), lse, q.grad, k.grad, v.grad, new_out], sys.argv[4])
 try:
-    module.forward(q, k[..., :32], v, slopes)       # a mistake: refused in attngen's words
+    module.forward(q, k[..., :32], v, *captured)    # a mistake: refused in attngen's words
 except ValueError as error:
     print(f"  a bad call, refused: {error}")
 """
@@ -61,7 +61,7 @@ with tempfile.TemporaryDirectory() as folder:
     q, k, v = (torch.randn(2, 4, 100, 64, device=device) for _ in range(3))
     q_new = torch.randn(2, 4, 1, 64, device=device)  # one new token per sequence
     kv_lens = torch.tensor([60, 100], device=device)  # keys held by each sequence's cache (k, v: 100 slots)
-    torch.save([q, k, v, slopes, q_new, kv_lens], folder / "inputs.pt")
+    torch.save([q, k, v, attn.exported_tensors(), q_new, kv_lens], folder / "inputs.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
     done = subprocess.run([sys.executable, "-c", RUN_WITHOUT_ATTNGEN, str(path), str(decode_path),
                            str(folder / "inputs.pt"), str(folder / "outputs.pt")],
