@@ -1,7 +1,7 @@
 """q, k and v at an attention call's entry, with torch alone: their checks, autocast's casts, a KV
-cache's lengths and offsets, a paged cache's pages, packed sequences and dropout. The source of these is also rendered into the
-kernel modules, whose entry point, exported, treats its inputs the same way (refusing the same mistakes
-in the same words)."""
+cache's lengths and offsets, a paged cache's pages, packed sequences, dropout and the per-head
+parameters. The source of these is also rendered into the kernel modules, whose entry point, exported,
+treats its inputs the same way (refusing the same mistakes in the same words)."""
 
 import functools
 import numbers

@@ -13,8 +13,8 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import Shape, check_inputs
-from ..qkv import (KERNEL_DTYPES, cache_positions, check_launch, check_pages_in_range, dropout_rate, dropout_tensors, packed_view,
-                   paged_view)
+from ..qkv import (KERNEL_DTYPES, cache_positions, check_launch, check_pages_in_range, dropout_rate, dropout_tensors,
+                   packed_view, paged_view)
 from ..stats import Stats, map_stats
 from .variants import Variant
 
