@@ -188,6 +188,49 @@ def check_pages_in_range(table, kv_lens, page_size, num_pages):
         raise ValueError(f"block_table refers to pages outside 0..{num_pages - 1} within kv_lens")
 
 
+def jagged_at_length(t) -> bool:
+    """Whether ``t`` is a jagged nested tensor [batch, heads, j, head_dim], ragged in its length only."""
+    return isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged and t.dim() == 4 \
+        and [d for d, size in enumerate(t.shape) if not isinstance(size, int)] == [2]
+
+
+def tensor_kind(t) -> str:
+    """What ``t`` is, for an error message."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    if not t.is_nested:
+        return f"a dense tensor of shape {tuple(t.shape)}"
+    if t.layout != torch.jagged:
+        return f"a {t.layout} nested tensor"
+    return f"a jagged nested tensor of shape {tuple(t.shape)}"
+
+
+@torch.compiler.disable  # torch.compile cannot trace the checks of a nested tensor's shape: a graph break
+def jagged_view(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Jagged nested tensors ``[batch, heads, j, head_dim]`` (SDPA's layout for them) as the packed values
+    and offsets of a cu_seqlens call: ``(cu_seqlens_q, cu_seqlens_k, q, k, v)``; see :func:`packed_view`."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not jagged_at_length(t):
+            raise ValueError(f"with nested tensors, q, k and v must each be a jagged nested tensor [batch, heads, "
+                             f"j, head_dim] (torch.nested.nested_tensor of [tokens, heads, head_dim] sequences, "
+                             f"layout=torch.jagged, then .transpose(1, 2)); {name} is {tensor_kind(t)}")
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        raise ValueError("nested tensors carry their sequence lengths: pass no cu_seqlens_q / cu_seqlens_k")
+    if k.offsets() is not v.offsets() and not torch.equal(k.offsets(), v.offsets()):
+        raise ValueError(f"k and v must hold sequences of the same lengths, got offsets {k.offsets().tolist()} "
+                         f"and {v.offsets().tolist()}")
+    return q.offsets(), k.offsets(), *(t.transpose(1, 2).values() for t in (q, k, v))
+
+
+def packed_output(out, nested_offsets=None):
+    """The kernels' output [1, HQ, tokens, DV] on packed sequences as the call returns it: [tokens, HQ, DV], or
+    a jagged nested tensor [batch, HQ, j, DV] where q came as one (``nested_offsets``: its offsets)."""
+    out = out[0].transpose(0, 1)
+    if nested_offsets is None:
+        return out
+    return torch.nested.nested_tensor_from_jagged(out, nested_offsets).transpose(1, 2)
+
+
 def packed_view(q, k, v, cu_seqlens_q, cu_seqlens_k):
     """Sequences packed as q, k, v [tokens, heads, D] (``cu_seqlens_q`` / ``_k`` [batch + 1]: where each
     starts) as ``(positions, q, k, v)``: the per-token tensors of :func:`packed_positions`, and q, k, v seen

@@ -369,6 +369,15 @@ def test_an_exported_packed_module_takes_packed_sequences_as_attngen_does(tmp_pa
                   {**packed, "cu_seqlens_k": torch.tensor([0, 20])}):
         assert _refusal(module.forward, q, k, v, slopes, **wrong) == _refusal(attn, q, k, v, **wrong), wrong
     assert _refusal(module.forward, q[None], k, v, slopes, **packed) == _refusal(attn, q[None], k, v, **packed)
+
+    def nested(lengths, heads):  # SDPA's layout of jagged sequences: [batch, heads, j, head_dim]
+        return torch.nested.nested_tensor([torch.randn(n, heads, 16, generator=gen) for n in lengths],
+                                          layout=torch.jagged).transpose(1, 2)
+    q_nested, k_nested, v_nested = nested([5, 2, 7], 8), nested([9, 2, 9], 2), nested([9, 2, 9], 2)
+    got, want = module.forward(q_nested, k_nested, v_nested, slopes)[0], attn(q_nested, k_nested, v_nested)
+    assert got.is_nested and torch.equal(got.offsets(), want.offsets()) and torch.equal(got.values(), want.values())
+    for args, call in (((q_nested, k, v), {}), ((q_nested, k_nested, v_nested), packed)):
+        assert _refusal(module.forward, *args, slopes, **call) == _refusal(attn, *args, **call)
     biases = torch.randn(7)  # read at positions within a sequence: the longest has 7 queries
     by_position = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + biases[q_idx]))
     module = load_kernels(by_position.export(tmp_path / "by_position.py", call="packed"), interpret=True)

@@ -21,8 +21,8 @@ from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
 from ..qkv import (GRID_AXIS_LIMIT, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions,
                    check_entmax_alpha, check_launch, check_pages_in_range, check_qkv, dropout_rate, dropout_tensors,
-                   least_and_greatest, packed_positions, packed_view, paged_view, per_batch_integers, per_head_tensor,
-                   under_autocast, values_checkable)
+                   jagged_at_length, jagged_view, least_and_greatest, packed_output, packed_positions, packed_view,
+                   paged_view, per_batch_integers, per_head_tensor, tensor_kind, under_autocast, values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -618,7 +618,8 @@ class EntryPoint:
     def arguments(self) -> str:
         """The keyword arguments ``forward`` takes after ``q, k, v, *captured``."""
         arguments = ", block_table, kv_lens, q_offset=None" if self.paged else \
-            ", kv_lens=None, q_offset=None" if self.cache else ", cu_seqlens_q, cu_seqlens_k" if self.packed else ""
+            ", kv_lens=None, q_offset=None" if self.cache else \
+            ", cu_seqlens_q=None, cu_seqlens_k=None" if self.packed else ""
         if self.dropout:
             arguments += f", dropout_p={self.dropout_p!r}, seed=None" if self.dropout_p else ", dropout_p, seed=None"
         return arguments
@@ -670,7 +671,8 @@ def _attention_entry_point(entry_point: EntryPoint | None, norm_params: list[str
                        *((check_entmax_alpha,) if "entmax_alpha" in norm_params else ()),
                        *((per_batch_integers, cache_positions) if entry_point.cache else ()),
                        *((paged_view, check_pages_in_range) if entry_point.paged else ()),
-                       *((packed_view, packed_positions) if entry_point.packed else ()),
+                       *((jagged_at_length, tensor_kind, jagged_view, packed_output, packed_view, packed_positions)
+                         if entry_point.packed else ()),
                        *((dropout_rate, dropout_tensors) if entry_point.dropout else ()),
                        GRID_AXIS_LIMIT=GRID_AXIS_LIMIT),
         # index_checks below its imports

@@ -14,7 +14,7 @@ import torch
 from ..blocks import as_block_mask
 from ..inputs import Shape, check_inputs
 from ..qkv import (KERNEL_DTYPES, cache_positions, check_launch, check_pages_in_range, dropout_rate, dropout_tensors,
-                   packed_view, paged_view)
+                   jagged_view, packed_output, packed_view, paged_view)
 from ..stats import Stats, map_stats
 from .variants import Variant
 
@@ -36,46 +36,10 @@ class Call:
         nested ones a jagged nested ``[batch, heads, j, dim]`` (and the packed statistics)."""
         if not self.variant.packed:
             return out if stats is None else (out, stats)
-        out = out[0].transpose(0, 1)
-        if self.nested_offsets is not None:
-            out = torch.nested.nested_tensor_from_jagged(out, self.nested_offsets).transpose(1, 2)
+        out = packed_output(out, self.nested_offsets)
         if stats is None:
             return out
         return out, Stats(**{name: getattr(stats, name)[0] for name in stats.names()})
-
-
-def _jagged_at_length(t) -> bool:
-    """Whether ``t`` is a jagged nested tensor [batch, heads, j, head_dim], ragged in its length only."""
-    return isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged and t.dim() == 4 \
-        and [d for d, size in enumerate(t.shape) if not isinstance(size, int)] == [2]
-
-
-def _kind(t) -> str:
-    """What ``t`` is, for an error message."""
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    if not t.is_nested:
-        return f"a dense tensor of shape {tuple(t.shape)}"
-    if t.layout != torch.jagged:
-        return f"a {t.layout} nested tensor"
-    return f"a jagged nested tensor of shape {tuple(t.shape)}"
-
-
-@torch.compiler.disable  # torch.compile cannot trace the checks of a nested tensor's shape: a graph break
-def _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k):
-    """Jagged nested tensors ``[batch, heads, j, head_dim]`` (SDPA's layout for them) as the packed values
-    and offsets of a cu_seqlens call: ``(cu_seqlens_q, cu_seqlens_k, q, k, v)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not _jagged_at_length(t):
-            raise ValueError(f"with nested tensors, q, k and v must each be a jagged nested tensor [batch, heads, "
-                             f"j, head_dim] (torch.nested.nested_tensor of [tokens, heads, head_dim] sequences, "
-                             f"layout=torch.jagged, then .transpose(1, 2)); {name} is {_kind(t)}")
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        raise ValueError("nested tensors carry their sequence lengths: pass no cu_seqlens_q / cu_seqlens_k")
-    if k.offsets() is not v.offsets() and not torch.equal(k.offsets(), v.offsets()):
-        raise ValueError(f"k and v must hold sequences of the same lengths, got offsets {k.offsets().tolist()} "
-                         f"and {v.offsets().tolist()}")
-    return q.offsets(), k.offsets(), *(t.transpose(1, 2).values() for t in (q, k, v))
 
 
 MODES = (None, "auto", "decode", "prefill")
@@ -107,7 +71,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
     tensors: dict[str, torch.Tensor] = {}
     nested = any(isinstance(t, torch.Tensor) and t.is_nested for t in (q, k, v))
     if nested:
-        cu_seqlens_q, cu_seqlens_k, q, k, v = _jagged(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        cu_seqlens_q, cu_seqlens_k, q, k, v = jagged_view(q, k, v, cu_seqlens_q, cu_seqlens_k)
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
