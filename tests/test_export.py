@@ -34,6 +34,14 @@ def _inputs(draw, call: str, q, k, v):
 MODES = {"cache": "prefill", "decode": "decode", "paged": "decode"}
 
 
+def _outcome(call):
+    """What ``call()`` returns, or the ValueError or TypeError it raises."""
+    try:
+        return call()
+    except (ValueError, TypeError) as refused:
+        return refused
+
+
 @settings(max_examples=14, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(spec=specs(heads=4, batch=2, max_len=40), case=shapes(max_len=40, batch=2, heads=4),
        call=st.sampled_from(EXPORTED_CALLS), data=st.data())
@@ -50,8 +58,11 @@ def test_an_exported_module_computes_what_attngen_computes(tmp_path_factory, spe
     module = load_kernels(attn.export(path, call=call), interpret=True)
     inputs, keywords = _inputs(data.draw, call, *case.tensors(requires_grad=call != "paged"))
     tensors = attn.exported_tensors()
-    got = module.forward(*inputs, *tensors, **keywords)[0]
-    want = attn(*inputs, mode=MODES.get(call), **keywords)
+    got = _outcome(lambda: module.forward(*inputs, *tensors, **keywords)[0])
+    want = _outcome(lambda: attn(*inputs, mode=MODES.get(call), **keywords))
+    if isinstance(want, Exception):  # e.g. a table read at the positions of queries before a short cache
+        assert (type(got), str(got)) == (type(want), str(want))
+        return
     assert torch.equal(got, want)
     if call != "paged":
         wrt = [*inputs, *(t for t in tensors if t.requires_grad)]
