@@ -605,7 +605,8 @@ class EntryPoint:
     ``dropout`` (its ``dropout_p`` defaulting to the spec's, required where that is 0). It checks
     ``index_reads`` (see attngen.runtime.index_ranges) and, for packed sequences, the spec's own
     ``sequence_reads`` (of its own captured tensors, at ``sequence_captures`` among the module's) within
-    each sequence."""
+    each sequence. ``parameter_defaults``: the spec's number for each per-head parameter it fixes (None for
+    a tensor); where it fixes them all, ``forward`` may be called without them."""
     cache: bool = False
     paged: bool = False
     packed: bool = False
@@ -614,6 +615,7 @@ class EntryPoint:
     index_reads: tuple = ()
     sequence_reads: tuple = ()
     sequence_captures: tuple = ()
+    parameter_defaults: tuple = ()
 
     def arguments(self) -> str:
         """The keyword arguments ``forward`` takes after ``q, k, v, *captured``."""
@@ -680,6 +682,7 @@ def _attention_entry_point(entry_point: EntryPoint | None, norm_params: list[str
         "index_reads": [repr(tuple(read)) for read in entry_point.index_reads],
         "sequence_reads": [repr(tuple(read)) for read in entry_point.sequence_reads],
         "sequence_captures": repr(tuple(entry_point.sequence_captures)),
+        "parameter_defaults": repr(tuple(entry_point.parameter_defaults)),
     }
 
 

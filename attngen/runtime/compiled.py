@@ -163,8 +163,11 @@ class CompiledAttention:
         if not self.variant.has_entry_point:
             return None
         variant = self.variant
+        defaults = tuple(None if isinstance(value, torch.Tensor) else float(value)
+                         for _, value in _norm_parameters(self.spec))
         return EntryPoint(variant.cache, variant.paged, variant.packed, variant.dropout, self.spec.dropout_p,
-                          tuple(self.index_reads), tuple(self.sequence_reads), tuple(self.sequence_captures))
+                          tuple(self.index_reads), tuple(self.sequence_reads), tuple(self.sequence_captures),
+                          defaults)
 
     def exported_tensors(self, device=None) -> list[torch.Tensor]:
         """The tensors an exported module's ``forward`` takes after q, k and v, in its order: the spec's
