@@ -32,10 +32,11 @@ def _transformed(t: torch.Tensor) -> bool:
 def method_under_autocast(method):
     """``method(self, q, k, v, ...)`` run under ``torch.autocast`` as :func:`under_autocast` runs a function."""
 
+    run = under_autocast(lambda q, k, v, self, *args, **kwargs: method(self, q, k, v, *args, **kwargs))
+
     @functools.wraps(method)
-    def cast(self, *args, **kwargs):
-        bound = under_autocast(lambda *a, **kw: method(self, *a, **kw))
-        return bound(*args, **kwargs)
+    def cast(self, q, k, v, *args, **kwargs):
+        return run(q, k, v, self, *args, **kwargs)
     return cast
 
 
