@@ -7,15 +7,20 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import types
 import warnings
 
 import pytest
 import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 import attngen as ag
 from attngen.codegen.prune import without_unused_functions
 from attngen.qkv import GRID_AXIS_LIMIT
+from attngen.runtime.loader import load_kernels
 from attngen.runtime.variants import Variant
 
 SPEC_SCRIPT = textwrap.dedent("""
@@ -170,6 +175,30 @@ def test_captured_values_are_kernel_arguments_not_part_of_the_key():
     assert ag.compile(_scaled_by(torch.rand(2))).key != ag.compile(_scaled_by(torch.rand(2, 2)[0].long())).key
 
 
+
+
+def test_kernels_imported_at_once_from_two_threads_keep_their_kind(tmp_path):
+    """``triton.jit`` decides at decoration whether a kernel is interpreted, from a switch global to the
+    process: a compiled module imported while an interpreted one is (a model's first CUDA and CPU calls made
+    from two threads) must neither flip the other's kernels nor take its switch."""
+    slow_module = "import time\nimport triton\ntime.sleep(0.3)\n\n@triton.jit\ndef kernel(x):\n    pass\n"
+    for name in ("cpu", "cuda"):
+        (tmp_path / f"{name}.py").write_text(slow_module)
+    modules = {}
+
+    def load(name, interpret):
+        modules[name] = load_kernels(tmp_path / f"{name}.py", interpret=interpret)
+
+    threads = [threading.Thread(target=load, args=("cpu", True)), threading.Thread(target=load, args=("cuda", False))]
+    switch = triton.knobs.runtime.interpret
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    assert isinstance(modules["cpu"].kernel, InterpretedFunction)
+    assert not isinstance(modules["cuda"].kernel, InterpretedFunction)
+    assert triton.knobs.runtime.interpret == switch
 
 
 def test_interpreted_kernels_raise_no_numpy_warnings():

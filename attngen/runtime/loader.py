@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import re
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +15,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 _modules: dict[tuple[str, bool], ModuleType] = {}
+_importing = threading.Lock()  # Triton's interpreter switch is global: one import at a time
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -49,21 +51,29 @@ def load_kernels(path: Path, interpret: bool) -> ModuleType:
     if interpret:
         check_interpreter()
     if key not in _modules:
-        name = f"attngen_kernels_{path.stem}_{'interpreted' if interpret else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        previous = triton.knobs.runtime.interpret
-        triton.knobs.runtime.interpret = interpret
-        try:
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        finally:
-            triton.knobs.runtime.interpret = previous
-        for kernel in vars(module).values():
-            if isinstance(kernel, InterpretedFunction):
-                kernel.run = _quiet(kernel.run)
-        _modules[key] = module
+        with _importing:
+            if key not in _modules:
+                _modules[key] = _import(path, interpret)
     return _modules[key]
+
+
+def _import(path: Path, interpret: bool) -> ModuleType:
+    """Execute the module at ``path`` with Triton's interpreter switched ``interpret`` while its kernels are
+    decorated (``triton.jit`` reads the switch then)."""
+    name = f"attngen_kernels_{path.stem}_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    previous = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = interpret
+    try:
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        triton.knobs.runtime.interpret = previous
+    for kernel in vars(module).values():
+        if isinstance(kernel, InterpretedFunction):
+            kernel.run = _quiet(kernel.run)
+    return module
 
 
 def _quiet(run):
