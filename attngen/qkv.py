@@ -250,18 +250,21 @@ def packed_positions(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
     """What the kernels read of packed sequences, from their cumulative lengths: each query's and key's
     sequence (``seq_q``, ``seq_k``), where each sequence starts (``start_q``, ``start_k``) and its number of
     keys (``len_k``), as int32 tensors."""
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+    cumulative = (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k))
+    for name, cu, total in cumulative:
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.is_floating_point() or cu.numel() < 2:
             raise ValueError(f"{name} must be a 1-d integer tensor [batch + 1] of cumulative sequence lengths, "
                              f"got {cu if not isinstance(cu, torch.Tensor) else (cu.dtype, tuple(cu.shape))}")
-        if values_checkable(cu):  # one read on a GPU
-            first, last, decreasing = torch.stack([cu[0].long(), cu[-1].long(), (cu[1:] < cu[:-1]).sum()]).tolist()
-            if first != 0 or last != total or decreasing:
-                raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
-                                 f"({total}), got {cu.tolist()}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if values_checkable(cu_seqlens_q):  # one read on a GPU, for both
+        summaries = torch.stack([torch.stack([cu[0].long(), cu[-1].long(), (cu[1:] < cu[:-1]).sum()])
+                                 for _, cu, _ in cumulative]).tolist()
+        for (name, cu, total), (first, last, decreasing) in zip(cumulative, summaries):
+            if first != 0 or last != total or decreasing:
+                raise ValueError(f"{name} must start at 0, never decrease and end at the number of packed tokens "
+                                 f"({total}), got {cu.tolist()}")
 
     def sequence_of_each_token(cu, total):
         lengths = (cu[1:] - cu[:-1]).long()

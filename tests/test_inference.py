@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attngen as ag
+from attngen.qkv import packed_positions
 from attngen.runtime.variants import Variant
 from attngen.testing import Case, assert_matches_reference
 
@@ -443,6 +444,17 @@ def test_bad_cumulative_lengths(cu_q, message):
     with pytest.raises(ValueError, match=message):
         ag.compile(ag.AttentionSpec())(q, k, v, cu_seqlens_q=torch.tensor(cu_q),
                                        cu_seqlens_k=cu_k if len(cu_q) == 3 else torch.tensor([0, 1, 5, 9]))
+
+
+def test_both_cumulative_lengths_are_checked_with_one_read(monkeypatch):
+    """Each read of a tensor's values waits for a GPU: cu_seqlens_q and cu_seqlens_k are checked by one."""
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    positions = packed_positions(torch.tensor([0, 5, 9]), torch.tensor([0, 2, 6]), 9, 6)
+    assert len(reads) == 1
+    assert positions["len_k"].tolist() == [2, 4]
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must start at 0.*\(6\), got \[0, 2, 7\]"):
+        packed_positions(torch.tensor([0, 5, 9]), torch.tensor([0, 2, 7]), 9, 6)
 
 
 CACHE_MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_head"),
