@@ -236,7 +236,8 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
 def test_an_exported_module_checks_its_per_head_tensors(tmp_path):
     """The tensors after the captured ones, the normalization's per-head parameters, are taken as attngen takes
     them (before: a short sink was read past its end, and an entmax alpha out of range gave NaN rows), and a
-    differential module refuses an odd head dim as attngen does (before: it split q and k unevenly)."""
+    differential module refuses an odd head dim as attngen does (before: it split q and k unevenly). Those the
+    spec fixes as numbers may be left out, the others passed alone."""
     q = torch.randn(1, 4, 8, 16)
     sink = torch.zeros(4, requires_grad=True)
     attn = ag.compile(ag.AttentionSpec(normalization=ag.norms.Softmax(sink=sink)))
@@ -258,15 +259,17 @@ def test_an_exported_module_checks_its_per_head_tensors(tmp_path):
     module = load_kernels(attn.export(tmp_path / "differential.py"), interpret=True)
     assert torch.equal(module.forward(q, q, q, torch.full((4,), 0.5))[0], attn(q, q, q))
     assert torch.equal(module.forward(q, q, q)[0], attn(q, q, q))  # the spec's number by default
-    assert "forward takes q, k, v and 1 more tensors (0 captured, then lam; the spec fixes them to (0.5,), their " \
-           "default), got 2" in _refusal(module.forward, q, q, q, sink, sink)[1]
+    assert "forward takes q, k, v and 1 more tensors (0 captured, then lam; those the spec fixes may be left out: " \
+           "lam=0.5), got 2" in _refusal(module.forward, q, q, q, sink, sink)[1]
     odd = q[..., :15]
     assert _refusal(module.forward, odd, odd, odd, torch.full((4,), 0.5)) == _refusal(attn, odd, odd, odd)
     affine = ag.compile(ag.AttentionSpec(normalization=ag.norms.AffineSoftmax(alpha=sink + 1.5, beta=0.25)))
     module = load_kernels(affine.export(tmp_path / "affine.py"), interpret=True)  # a tensor, then a number
     assert module.PARAMETER_DEFAULTS == (None, 0.25)
     assert torch.equal(module.forward(q, q, q, *affine.exported_tensors())[0], affine(q, q, q))
-    assert "then alpha, beta), got 0" in _refusal(module.forward, q, q, q)[1]
+    assert torch.equal(module.forward(q, q, q, sink + 1.5)[0], affine(q, q, q))  # the learnable alpha alone
+    assert "then alpha, beta; those the spec fixes may be left out: beta=0.25), got 0" in \
+        _refusal(module.forward, q, q, q)[1]
 
 
 def test_an_exported_module_checks_reads_through_a_function_of_one_offset(tmp_path):

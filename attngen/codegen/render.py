@@ -606,7 +606,7 @@ class EntryPoint:
     ``index_reads`` (see attngen.runtime.index_ranges) and, for packed sequences, the spec's own
     ``sequence_reads`` (of its own captured tensors, at ``sequence_captures`` among the module's) within
     each sequence. ``parameter_defaults``: the spec's number for each per-head parameter it fixes (None for
-    a tensor); where it fixes them all, ``forward`` may be called without them."""
+    a tensor), which ``forward`` may be called without."""
     cache: bool = False
     paged: bool = False
     packed: bool = False
