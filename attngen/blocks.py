@@ -28,60 +28,75 @@ class BlockMask:
     def __init__(self, blocks: torch.Tensor, block_size: tuple[int, int] | int):
         if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4:
             raise ValueError("block_mask must be a 4-d tensor [batch or 1, heads or 1, q blocks, kv blocks "
-                             f"(or indices)], got {_describe(blocks)}")
+                             f"(or indices)], got {describe_value(blocks)}")
         if blocks.is_floating_point() or blocks.is_complex():
             raise TypeError(f"block_mask must be a bool tensor or integer block indices, got {blocks.dtype}")
-        sizes = (block_size, block_size) if integer(block_size) is not None \
-            else tuple(block_size) if isinstance(block_size, (tuple, list)) else ()
-        if len(sizes) != 2 or not all(integer(s) is not None and s >= 1 for s in sizes):
-            raise ValueError(f"block_size must be a positive int or a pair (block_q, block_k), got {block_size!r}")
         self.blocks = blocks
-        self.block_size = tuple(integer(s) for s in sizes)
+        self.block_size = block_size_pair(block_size)
 
     @classmethod
     def from_dense(cls, blocks: torch.Tensor, q_len: int, kv_len: int) -> BlockMask:
         """A bool ``[B|1, H|1, nq, nk]`` block matrix whose blocks are ``ceil(Lq/nq) x ceil(Lk/nk)`` tokens."""
-        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4 or blocks.dtype != torch.bool:
-            raise ValueError("block_mask must be an attngen.BlockMask or a bool tensor [batch or 1, heads or 1, "
-                             f"q blocks, kv blocks], got {_describe(blocks)}")
-        nq, nk = blocks.shape[2:]
-        if nq == 0 or nk == 0:
-            raise ValueError(f"block_mask has shape {tuple(blocks.shape)}: it needs at least one block per axis")
-        return cls(blocks, (max(1, math.ceil(q_len / nq)), max(1, math.ceil(kv_len / nk))))
+        return cls(blocks, dense_block_size(blocks, q_len, kv_len))
 
     def dense(self, batch: int, heads: int, q_len: int, kv_len: int) -> torch.Tensor:
         """The bool block matrix, checked against a call's sizes and expanded to ``[batch, heads, nq, nk]``
         (a view: batch or head dimensions of size 1 are not copied)."""
-        block_q, block_k = self.block_size
-        need_q, need_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
-        blocks = self.blocks
-        for dim, (name, size) in enumerate((("batch", batch), ("heads", heads))):
-            if blocks.shape[dim] not in (1, size):
-                raise ValueError(f"block_mask has {blocks.shape[dim]} {name}; expected 1 or {size} "
-                                 f"(q has shape [{batch}, {heads}, {q_len}, ...])")
-        if blocks.shape[2] < need_q:
-            raise ValueError(f"block_mask has {blocks.shape[2]} q blocks of {block_q} tokens; "
-                             f"{q_len} queries need {need_q}")
-        if blocks.dtype == torch.bool:
-            if blocks.shape[3] < need_k:
-                raise ValueError(f"block_mask has {blocks.shape[3]} kv blocks of {block_k} tokens; "
-                                 f"{kv_len} keys need {need_k}")
-        else:
-            blocks = self._from_indices(max(need_k, 1))
-        return blocks.expand(batch, heads, *blocks.shape[2:])
-
-    def _from_indices(self, kv_blocks: int) -> torch.Tensor:
-        """Per-row block indices as a bool block matrix (out-of-range indices are refused)."""
-        indices = self.blocks.long()
-        valid = indices >= 0
-        if bool((indices[valid] >= kv_blocks).any()):
-            raise ValueError(f"block_mask indices must be below the number of kv blocks ({kv_blocks}), "
-                             f"got {int(indices.max())}")
-        return _scatter_blocks(torch.where(valid, indices, kv_blocks), kv_blocks)
+        return block_matrix(self.blocks, self.block_size, batch, heads, q_len, kv_len)
 
     def __repr__(self) -> str:
         kind = "bool" if self.blocks.dtype == torch.bool else "indices"
         return f"BlockMask({kind} {tuple(self.blocks.shape)}, block_size={self.block_size})"
+
+
+def block_size_pair(block_size) -> tuple[int, int]:
+    """``block_size``, a positive int or a pair ``(block_q, block_k)`` of them, as a pair."""
+    sizes = (block_size, block_size) if integer(block_size) is not None \
+        else tuple(block_size) if isinstance(block_size, (tuple, list)) else ()
+    if len(sizes) != 2 or not all(integer(s) is not None and s >= 1 for s in sizes):
+        raise ValueError(f"block_size must be a positive int or a pair (block_q, block_k), got {block_size!r}")
+    return tuple(integer(s) for s in sizes)
+
+
+def dense_block_size(blocks, q_len, kv_len):
+    """The block size of a bool block matrix ``blocks`` [B|1, H|1, nq, nk] over ``q_len`` x ``kv_len`` tokens:
+    ``(ceil(q_len / nq), ceil(kv_len / nk))``."""
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4 or blocks.dtype != torch.bool:
+        raise ValueError("block_mask must be an attngen.BlockMask, a FlexAttention BlockMask or a bool tensor "
+                         f"[batch or 1, heads or 1, q blocks, kv blocks], got {describe_value(blocks)}")
+    nq, nk = blocks.shape[2:]
+    if nq == 0 or nk == 0:
+        raise ValueError(f"block_mask has shape {tuple(blocks.shape)}: it needs at least one block per axis")
+    return max(1, math.ceil(q_len / nq)), max(1, math.ceil(kv_len / nk))
+
+
+def block_matrix(blocks, block_size, batch, heads, q_len, kv_len):
+    """``blocks`` (a bool block matrix, or integer per-row block indices whose negative entries are padding;
+    ``[B|1, H|1, nq, nk or k]``, of ``block_size`` tokens) as the kernels read it: a bool
+    ``[batch, heads, nq, nk]`` view (batch or head dimensions of size 1 are not copied), checked against a
+    call's sizes."""
+    block_q, block_k = block_size
+    need_q, need_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+    for dim, (name, size) in enumerate((("batch", batch), ("heads", heads))):
+        if blocks.shape[dim] not in (1, size):
+            raise ValueError(f"block_mask has {blocks.shape[dim]} {name}; expected 1 or {size} "
+                             f"(q has shape [{batch}, {heads}, {q_len}, ...])")
+    if blocks.shape[2] < need_q:
+        raise ValueError(f"block_mask has {blocks.shape[2]} q blocks of {block_q} tokens; "
+                         f"{q_len} queries need {need_q}")
+    if blocks.dtype == torch.bool:
+        if blocks.shape[3] < need_k:
+            raise ValueError(f"block_mask has {blocks.shape[3]} kv blocks of {block_k} tokens; "
+                             f"{kv_len} keys need {need_k}")
+    else:
+        kv_blocks = max(need_k, 1)
+        indices = blocks.long()
+        valid = indices >= 0
+        if bool((indices[valid] >= kv_blocks).any()):
+            raise ValueError(f"block_mask indices must be below the number of kv blocks ({kv_blocks}), "
+                             f"got {int(indices.max())}")
+        blocks = scatter_blocks(torch.where(valid, indices, kv_blocks), kv_blocks)
+    return blocks.expand(batch, heads, *blocks.shape[2:])
 
 
 def flex_block_mask(block_mask):
@@ -125,10 +140,8 @@ def _from_flex(flex) -> BlockMask:
     passed to many calls (every layer of a model), so the result is kept with the mask while it holds
     the same tensors, unchanged: their version counters, which in-place torch operations advance, are
     compared."""
-    lists = [(flex.kv_num_blocks, flex.kv_indices)]
-    if flex.full_kv_num_blocks is not None:
-        lists.append((flex.full_kv_num_blocks, flex.full_kv_indices))
-    tensors = tuple(t for pair in lists for t in pair)
+    tensors = tuple(t for t in (flex.kv_num_blocks, flex.kv_indices, flex.full_kv_num_blocks, flex.full_kv_indices)
+                    if t is not None)
     try:  # nothing is kept for inference tensors (no version counter) nor inside torch.compile's trace
         versions = None if torch.compiler.is_compiling() else tuple(t._version for t in tensors)
     except RuntimeError:
@@ -137,16 +150,25 @@ def _from_flex(flex) -> BlockMask:
     if versions is not None and kept is not None and kept[1] == versions \
             and all(a is b for a, b in zip(kept[0], tensors, strict=True)):
         return kept[2]
-    kv_blocks = flex.kv_indices.shape[-1]
-    columns = torch.cat([torch.where(torch.arange(kv_blocks, device=indices.device) < counts[..., None],
-                                     indices, kv_blocks) for counts, indices in lists], dim=-1)
-    converted = BlockMask(_scatter_blocks(columns, kv_blocks), tuple(flex.BLOCK_SIZE))
+    converted = BlockMask(flex_blocks(flex), tuple(flex.BLOCK_SIZE))
     if versions is not None:
         _FROM_FLEX[flex] = (tensors, versions, converted)
     return converted
 
 
-def _scatter_blocks(columns: torch.Tensor, kv_blocks: int) -> torch.Tensor:
+def flex_blocks(flex):
+    """A FlexAttention ``BlockMask``'s partial and full blocks as one bool block matrix ``[B|1, H|1, nq, nk]``:
+    one scatter of their per-row lists."""
+    lists = [(flex.kv_num_blocks, flex.kv_indices)]
+    if flex.full_kv_num_blocks is not None:
+        lists.append((flex.full_kv_num_blocks, flex.full_kv_indices))
+    kv_blocks = flex.kv_indices.shape[-1]
+    columns = torch.cat([torch.where(torch.arange(kv_blocks, device=indices.device) < counts[..., None],
+                                     indices, kv_blocks) for counts, indices in lists], dim=-1)
+    return scatter_blocks(columns, kv_blocks)
+
+
+def scatter_blocks(columns, kv_blocks):
     """The bool block matrix ``[..., nq, kv_blocks]`` with True at each row's ``columns``; a column of
     ``kv_blocks`` (padding) sets nothing."""
     dense = torch.zeros(*columns.shape[:-1], kv_blocks + 1, dtype=torch.bool, device=columns.device)
@@ -168,7 +190,8 @@ def _name(fn) -> str:
     return "None" if fn is None else getattr(fn, "__name__", repr(fn))
 
 
-def _describe(value) -> str:
+def describe_value(value) -> str:
+    """``value`` in an error: a tensor's dtype and shape, else its type."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"

@@ -7,6 +7,7 @@ A spec file is a Python file that defines an ``AttentionSpec`` (or a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import runpy
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from .runtime.autotune import median_seconds
 from .linear import LinearAttentionSpec, LinearState
 from .runtime.compiled import CompiledAttention, compile as compile_spec
 from .runtime.linear import CompiledLinearAttention
-from .runtime.variants import CALLS, EXPORTED_CALLS
+from .runtime.variants import CALLS
 from .spec import AttentionSpec
 from .testing.cases import Case
 from .testing.linear_properties import gates
@@ -77,13 +78,24 @@ def write_dot(graph, path: Path) -> None:
     subprocess.run(["dot", f"-T{path.suffix[1:]}", "-o", str(path)], input=dot, text=True, check=True)
 
 
-def _for_call(attn, call: str):
-    """``attn`` compiled for the kind of call named ``call`` (a key of CALLS)."""
-    if call == "plain":
+def _for_call(attn, args):
+    """``attn`` compiled for the kind of call named ``args.call`` (a key of CALLS), with a block mask of
+    ``args.block_mask`` blocks where given."""
+    if args.call == "plain" and args.block_mask is None:
         return attn
     if isinstance(attn, CompiledLinearAttention):
-        raise UsageError("linear attention has one kind of call: leave out --call")
-    return attn.for_call(CALLS[call])
+        raise UsageError("linear attention has one kind of call: leave out --call and --block-mask")
+    if args.call == "packed" and args.block_mask is not None:
+        raise UsageError("packed sequences cannot be combined with a block mask: leave out --block-mask")
+    return attn.for_call(dataclasses.replace(CALLS[args.call], block_size=args.block_mask))
+
+
+def block_size(text: str) -> tuple[int, int]:
+    """``"B"`` or ``"BQxBK"`` (e.g. ``64x128``) as (block_q, block_k), positive integers."""
+    parts = text.split("x")
+    if len(parts) > 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected a block size B or BQxBK (positive integers), got {text!r}")
+    return int(parts[0]), int(parts[-1])
 
 
 def cmd_show(args) -> int:
@@ -91,9 +103,9 @@ def cmd_show(args) -> int:
     linear = isinstance(attn, CompiledLinearAttention)
     if linear and (args.plan or args.blocks):
         raise UsageError("linear attention has no mask plan: it visits every chunk up to the diagonal")
-    if args.call != "plain" and (args.blocks or args.machine_code):
-        raise UsageError("--blocks and --machine-code describe the plain call: leave out --call")
-    attn = _for_call(attn, args.call)
+    if (args.call != "plain" or args.block_mask) and (args.blocks or args.machine_code):
+        raise UsageError("--blocks and --machine-code describe the plain call: leave out --call and --block-mask")
+    attn = _for_call(attn, args)
     every = not (args.ir or args.source or args.plan)
     if every:
         print("# spec\n" + "\n".join(attn.description) + "\n")  # and the kind of call
@@ -141,7 +153,7 @@ def print_machine_code(attn, dims: tuple[int, int], heads: int = 8, length: int 
 
 
 def cmd_export(args) -> int:
-    attn = _for_call(_compile(args), args.call)
+    attn = _for_call(_compile(args), args)
     path = attn.export(args.output)
     entry = "forward(q, k, v, g=None)" if isinstance(attn, CompiledLinearAttention) else \
         f"forward(q, k, v, *captured{attn.entry_point.arguments()})"
@@ -281,17 +293,22 @@ def parser() -> argparse.ArgumentParser:
                       help="the kernels of this kind of call: a KV cache (kv_lens, q_offset), decoding from one "
                            "(split-KV; sparsemax / entmax do not split), from a paged cache, packed sequences "
                            "(cu_seqlens) or dropout (default: plain)")
+    show.add_argument("--block-mask", type=block_size, metavar="B", help="the kernels of such calls with a block mask "
+                      "of blocks of B tokens (or BQxBK, e.g. 64x128)")
     show.add_argument("--graph", metavar="FILE", help="draw the IR graph to FILE (.dot; .png/.svg need Graphviz)")
     show.add_argument("--machine-code", type=head_dims, metavar="D", help="also build the kernels for Hopper (sm_90, "
                       "bf16, head dim D, or DQK/DV such as 576/512; no GPU needed) and print registers, spills, "
                       "shared memory and MMA instructions")
     export = command("export", cmd_export, "write a standalone kernel file that needs only torch and triton")
     export.add_argument("-o", "--output", required=True, help="the .py file to write")
-    export.add_argument("--call", choices=EXPORTED_CALLS, default="plain",
+    export.add_argument("--call", choices=CALLS, default="plain",
                         help="the kernels of this kind of call: plain, on a KV cache (forward takes kv_lens and "
                              "q_offset), decoding from one (the same, split-KV) or from a paged one (block_table "
                              "too; forward only), on packed sequences (cu_seqlens_q and cu_seqlens_k) or with "
                              "dropout (dropout_p and seed) (default: plain)")
+    export.add_argument("--block-mask", type=block_size, metavar="B",
+                        help="the kernels of such calls with a block mask of blocks of B tokens (or BQxBK, e.g. "
+                             "64x128): forward takes block_mask")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "
                                         "shapes; prints a runnable snippet for the smallest failing case")
     check.add_argument("--examples", type=int, help="shapes per property (default 20, --deep 200)")

@@ -60,8 +60,12 @@ def test_show_prints_the_kernels_of_a_kind_of_call(tmp_path):
     assert "def _load_pages(" in paged and "def _attn_bwd_dq(" not in paged
     plan = attngen("show", ALIBI, "--call", "cache", "--plan", cache_dir=tmp_path).stdout
     assert "live = (kv_lo < t" in plan
+    blocks = attngen("show", ALIBI, "--block-mask", "32x16", "--source", cache_dir=tmp_path).stdout
+    assert "forward(q, k, v, *captured, block_mask)" in blocks and "BLOCK_SIZE = (32, 16)" in blocks
     for args, message in [(("--call", "decode", "--blocks", "64"), "describe the plain call: leave out --call"),
-                          (("--call", "pages"), "invalid choice: 'pages'")]:
+                          (("--call", "pages"), "invalid choice: 'pages'"),
+                          (("--call", "packed", "--block-mask", "16"), "cannot be combined with a block mask"),
+                          (("--block-mask", "16x0"), "expected a block size B or BQxBK (positive integers)")]:
         bad = attngen("show", ALIBI, *args, cache_dir=tmp_path, check=False)
         assert bad.returncode == 2 and message in bad.stderr
     linear = attngen("show", str(ROOT / "specs" / "retention.py"), "--call", "packed", cache_dir=tmp_path, check=False)
@@ -341,9 +345,6 @@ def test_an_exported_kv_cache_module_takes_the_cache_as_attngen_does(tmp_path):
     assert "captured tensor #0 of shape (45,) is indexed in dim 0 with an expression of b and q_idx through the " \
            "values of q_offset that runs from 43 to 45" in refused[1]
     assert refused == _refusal(by_position, q, k, v, kv_lens=lens, q_offset=43)
-    with pytest.raises(ValueError, match=r"exports the kernels of every kind of call but those with a block mask, "
-                                         r"not those of a call with block mask of 16 x 16 blocks"):
-        attn.for_call(Variant(block_size=(16, 16))).export(tmp_path / "blocks.py")
     with pytest.raises(ValueError, match="call must be one of 'plain', 'cache', 'decode', 'paged', 'packed', "
                                          "'dropout', got 'blocks'"):
         attn.export(tmp_path / "blocks.py", call="blocks")
@@ -402,6 +403,44 @@ def test_an_exported_packed_module_takes_packed_sequences_as_attngen_does(tmp_pa
     pooled = ag.compile(ag.AttentionSpec(stats=("lse", ag.stats.pooled(4, 4))))  # before: exported, maps straddling
     with pytest.raises(ValueError, match="pooled maps are not defined for packed sequences"):
         pooled.export(tmp_path / "pooled.py", call="packed")
+
+
+def test_an_exported_block_mask_module_takes_block_masks_as_attngen_does(tmp_path):
+    """``attngen export --block-mask BQxBK`` (``attn.with_block_mask(...).export``), with any kind of call but
+    packed sequences: ``forward`` takes ``block_mask`` as ``attn(...)`` does, bit for bit (forward and backward):
+    a bool block matrix, an attngen.BlockMask (bool, or per-row indices) or a FlexAttention BlockMask, of the
+    blocks it was built for (before: such calls were not exported)."""
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    alibi = runpy.run_path(ALIBI)
+    attn, slopes = ag.compile(alibi["SPEC"]), alibi["SLOPES"]
+    attngen("export", ALIBI, "--call", "cache", "--block-mask", "16x8", "-o", str(tmp_path / "blocks.py"),
+            cache_dir=tmp_path)
+    module = load_kernels(tmp_path / "blocks.py", interpret=True)
+    assert module.BLOCK_SIZE == (16, 8)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 32, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(2))
+    cache = {"kv_lens": torch.tensor([35, 40])}
+    matrix = torch.rand(2, 1, 2, 5, generator=gen) < 0.6
+    flex = create_block_mask(alibi["SPEC"].mask_mod, 1, 1, 32, 40, device="cpu", BLOCK_SIZE=(16, 8))
+    indices = torch.tensor([[[[4, -1], [0, 2]]]])
+    for block_mask in (matrix, ag.BlockMask(matrix, (16, 8)), ag.BlockMask(indices, (16, 8)),
+                       FlexBlockMask.from_kv_blocks(flex.kv_num_blocks, flex.kv_indices, flex.full_kv_num_blocks,
+                                                    flex.full_kv_indices, BLOCK_SIZE=flex.BLOCK_SIZE)):
+        _same_call(lambda *qkv: module.forward(*qkv, slopes, block_mask=block_mask, **cache),
+                   lambda *qkv: attn(*qkv, block_mask=block_mask, return_stats=True, **cache), (q, k, v))
+    assert "the same blocks without it, BlockMask.from_kv_blocks(" in \
+        _refusal(module.forward, q, k, v, slopes, block_mask=flex, **cache)[1]  # its own mask_mod: attngen's?
+    assert _refusal(module.forward, q, k, v, slopes, block_mask=ag.BlockMask(matrix, 8), **cache) == (
+        ValueError, "block_mask has blocks of 8 x 8 tokens; this module's kernels were built for blocks of 16 x 8: "
+                    "export it for those")
+    for wrong in (torch.cat([matrix, matrix[:1]]), matrix.int(), ag.BlockMask(torch.tensor([[[[5]]]]), (16, 8))):
+        assert _refusal(module.forward, q, k, v, slopes, block_mask=wrong, **cache) == \
+            _refusal(attn, q, k, v, block_mask=wrong, **cache), wrong
+    with pytest.raises(ValueError, match="packed sequences cannot be combined with a block mask"):
+        attn.with_block_mask(16).export(tmp_path / "packed.py", call="packed")
 
 
 def test_an_exported_dropout_module_drops_what_attngen_drops(tmp_path):

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import attngen as ag
+from attngen.blocks import block_size_pair
 from attngen.runtime.loader import load_kernels
-from attngen.runtime.variants import EXPORTED_CALLS
+from attngen.runtime.variants import CALLS
 from attngen.stats import map_stats
 from attngen.testing.cases import packed_call, paged_call
 from attngen.testing.strategies import shapes, specs
@@ -31,6 +32,18 @@ def _inputs(draw, call: str, q, k, v):
     return (q, k, v), {}
 
 
+def _block_mask(draw, block_size, inputs, keywords) -> ag.BlockMask:
+    """A drawn block mask of ``block_size`` blocks for a call on ``inputs``: a bool block matrix, or per-row kv
+    block indices (-1: padding)."""
+    (q, k, _), (block_q, block_k) = inputs, block_size_pair(block_size)
+    kv_len = keywords["block_table"].shape[1] * k.shape[2] if "block_table" in keywords else k.shape[2]
+    q_blocks, kv_blocks = -(-q.shape[2] // block_q), -(-kv_len // block_k)
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 99)))
+    if draw(st.booleans()):
+        return ag.BlockMask(torch.rand(q.shape[0], 1, q_blocks, kv_blocks, generator=generator) < 0.7, block_size)
+    return ag.BlockMask(torch.randint(-1, kv_blocks, (1, q.shape[1], q_blocks, 2), generator=generator), block_size)
+
+
 MODES = {"cache": "prefill", "decode": "decode", "paged": "decode"}
 
 
@@ -42,21 +55,27 @@ def _outcome(call):
         return refused
 
 
-@settings(max_examples=14, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=16, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(spec=specs(heads=4, batch=2, max_len=40), case=shapes(max_len=40, batch=2, heads=4),
-       call=st.sampled_from(EXPORTED_CALLS), data=st.data())
+       call=st.sampled_from(list(CALLS)), data=st.data())
 def test_an_exported_module_computes_what_attngen_computes(tmp_path_factory, spec, case, call, data):
     """``forward(q, k, v, *attn.exported_tensors(), **call)`` of the module ``attn.export(path, call=...)`` wrote
-    gives attngen's output and gradients (of q, k, v and the learnable tensors) bit for bit: the same kernels,
-    fed the same tensors (paged calls have no backward)."""
+    (``attn.with_block_mask(block_size)``'s for calls with a block mask) gives attngen's output and gradients
+    (of q, k, v and the learnable tensors) bit for bit: the same kernels, fed the same tensors (paged calls have
+    no backward)."""
+    block_size = None if call == "packed" else data.draw(st.sampled_from([None, 8, (4, 16)]), label="block_size")
+    event(f"{call} call{' with a block mask' if block_size is not None else ''}")
     attn = ag.compile(spec.value)
     path = tmp_path_factory.mktemp("export") / f"{call}.py"
     if call == "packed" and any(m.block_q is not None for m in map_stats(spec.value.stats)):
         with pytest.raises(ValueError, match="pooled maps are not defined for packed sequences"):
             attn.export(path, call=call)
         return
-    module = load_kernels(attn.export(path, call=call), interpret=True)
+    exported = attn if block_size is None else attn.with_block_mask(block_size)
+    module = load_kernels(exported.export(path, call=call), interpret=True)
     inputs, keywords = _inputs(data.draw, call, *case.tensors(requires_grad=call != "paged"))
+    if block_size is not None:
+        keywords["block_mask"] = _block_mask(data.draw, block_size, inputs, keywords)
     tensors = attn.exported_tensors()
     got = _outcome(lambda: module.forward(*inputs, *tensors, **keywords)[0])
     want = _outcome(lambda: attn(*inputs, mode=MODES.get(call), **keywords))

@@ -15,6 +15,8 @@ from typing import Callable
 import jinja2
 
 from .. import __version__, index_checks
+from ..blocks import (block_matrix, dense_block_size, describe_value, flex_block_mask, flex_blocks, flex_mask_mod,
+                      scatter_blocks)
 from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
@@ -352,11 +354,43 @@ def capture_gradient_context(tagged_grads: list[tuple[str, dict]], stick: bool) 
 EXP2_LIMIT = 3.4028234663852886e38 / 1.4426950408889634
 
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """How a module's ``forward`` takes q, k and v and the call's own tensors, as attngen's calls take them:
+    on KV caches (``cache``; ``paged``), on packed sequences (``packed``: ``cu_seqlens_q`` / ``_k``), with
+    ``dropout`` (its ``dropout_p`` defaulting to the spec's, required where that is 0), with a block mask of
+    blocks of ``block_size`` tokens (``block_mask``; None: none). It checks ``index_reads`` (see
+    attngen.runtime.index_ranges) and, for packed sequences, the spec's own ``sequence_reads`` (of its own
+    captured tensors, at ``sequence_captures`` among the module's) within each sequence.
+    ``parameter_defaults``: the spec's number for each per-head parameter it fixes (None for a tensor), which
+    ``forward`` may be called without."""
+    cache: bool = False
+    paged: bool = False
+    packed: bool = False
+    dropout: bool = False
+    dropout_p: float = 0.0
+    block_size: tuple[int, int] | None = None
+    index_reads: tuple = ()
+    sequence_reads: tuple = ()
+    sequence_captures: tuple = ()
+    parameter_defaults: tuple = ()
+
+    def arguments(self) -> str:
+        """The keyword arguments ``forward`` takes after ``q, k, v, *captured``."""
+        arguments = ", block_mask" if self.block_size else ""
+        arguments += ", block_table, kv_lens, q_offset=None" if self.paged else \
+            ", kv_lens=None, q_offset=None" if self.cache else \
+            ", cu_seqlens_q=None, cu_seqlens_k=None" if self.packed else ""
+        if self.dropout:
+            arguments += f", dropout_p={self.dropout_p!r}, seed=None" if self.dropout_p else ", dropout_p, seed=None"
+        return arguments
+
+
 def kernel_context(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool,
                    maps: list[MapStat], scale: float | None, split_kv: bool = False,
                    call_captures: dict[str, int] | None = None, differential: bool = False,
                    cache: bool = False, support: bool = False, top_k: int | None = None,
-                   entropy: bool = False, entry_point=None) -> dict:
+                   entropy: bool = False, entry_point: EntryPoint = EntryPoint()) -> dict:
     """Everything the template needs, derived from an optimized graph and the normalization."""
     call_captures = call_captures or {}
     printer = TritonPrinter(graph)
@@ -598,40 +632,11 @@ def _tidy(source: str) -> str:
     return re.sub(r"\n{4,}", "\n\n\n", without_unused_functions(source))
 
 
-@dataclass(frozen=True)
-class EntryPoint:
-    """How a module's ``forward`` takes q, k and v and the call's own tensors, as attngen's calls take them:
-    on KV caches (``cache``; ``paged``), on packed sequences (``packed``: ``cu_seqlens_q`` / ``_k``), with
-    ``dropout`` (its ``dropout_p`` defaulting to the spec's, required where that is 0). It checks
-    ``index_reads`` (see attngen.runtime.index_ranges) and, for packed sequences, the spec's own
-    ``sequence_reads`` (of its own captured tensors, at ``sequence_captures`` among the module's) within
-    each sequence. ``parameter_defaults``: the spec's number for each per-head parameter it fixes (None for
-    a tensor), which ``forward`` may be called without."""
-    cache: bool = False
-    paged: bool = False
-    packed: bool = False
-    dropout: bool = False
-    dropout_p: float = 0.0
-    index_reads: tuple = ()
-    sequence_reads: tuple = ()
-    sequence_captures: tuple = ()
-    parameter_defaults: tuple = ()
-
-    def arguments(self) -> str:
-        """The keyword arguments ``forward`` takes after ``q, k, v, *captured``."""
-        arguments = ", block_table, kv_lens, q_offset=None" if self.paged else \
-            ", kv_lens=None, q_offset=None" if self.cache else \
-            ", cu_seqlens_q=None, cu_seqlens_k=None" if self.packed else ""
-        if self.dropout:
-            arguments += f", dropout_p={self.dropout_p!r}, seed=None" if self.dropout_p else ", dropout_p, seed=None"
-        return arguments
-
-
 def render(graph: Graph, spec_lines: list[str], normalization: Normalization, row_max: bool = False,
            maps: list[MapStat] = (), scale: float | None = None, split_kv: bool = False,
            call_captures: dict[str, int] | None = None, differential: bool = False, cache: bool = False,
            support: bool = False, top_k: int | None = None, entropy: bool = False,
-           entry_point: EntryPoint | None = EntryPoint()) -> str:
+           entry_point: EntryPoint = EntryPoint()) -> str:
     """The Python source of the kernel module for ``graph``; ``row_max`` adds each row's max
     logit to the outputs, ``maps`` the block-pooled weight maps, ``support`` each row's count of
     nonzero weights (normalizations with ``exact_zeros``), ``entropy`` the rows' entropy (an output of
@@ -645,7 +650,7 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
     ``score2``), weighted by the per-head parameter ``lam``;
     ``cache``: k and v are KV caches, of which a call reads only the first ``kv_lens`` keys; ``top_k``:
     each row keeps its ``top_k`` largest logits (a cut-off per row, ``call_captures["topk_floor"]``);
-    ``entry_point``: the module's ``forward`` (None: the module has none; calls with a block mask)."""
+    ``entry_point``: how the module's ``forward`` takes a call."""
     context = kernel_context(graph, spec_lines, normalization, row_max, list(maps), scale, split_kv,
                              call_captures or {}, differential, cache, support, top_k, entropy, entry_point)
     return _tidy(environment().get_template(TEMPLATE).render(**context))
@@ -659,15 +664,14 @@ def _entry_point(max_head_dim: int, *functions, **constants) -> dict:
                               **{name: repr(value) for name, value in constants.items()}}}
 
 
-def _attention_entry_point(entry_point: EntryPoint | None, norm_params: list[str]) -> dict:
+def _attention_entry_point(entry_point: EntryPoint, norm_params: list[str]) -> dict:
     """The template values of an attention module's entry point (see :class:`EntryPoint`), which takes the
     per-head tensors ``norm_params`` after the captured ones."""
-    if entry_point is None:
-        return {"entry_point": False}
     checks = inspect.getsource(index_checks)
+    block_mask = {"BLOCK_SIZE": entry_point.block_size} if entry_point.block_size else {}
     return {
-        "entry_point": True,
         "packed": entry_point.packed,
+        "block_mask": bool(block_mask),
         "call_arguments": entry_point.arguments(),
         **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest, check_launch, per_head_tensor,
                        *((check_entmax_alpha,) if "entmax_alpha" in norm_params else ()),
@@ -676,7 +680,9 @@ def _attention_entry_point(entry_point: EntryPoint | None, norm_params: list[str
                        *((jagged_at_length, tensor_kind, jagged_view, packed_output, packed_view, packed_positions)
                          if entry_point.packed else ()),
                        *((dropout_rate, dropout_tensors) if entry_point.dropout else ()),
-                       GRID_AXIS_LIMIT=GRID_AXIS_LIMIT),
+                       *((describe_value, dense_block_size, block_matrix, scatter_blocks, flex_block_mask,
+                          flex_mask_mod, flex_blocks) if block_mask else ()),
+                       GRID_AXIS_LIMIT=GRID_AXIS_LIMIT, **block_mask),
         # index_checks below its imports
         "index_checks_source": checks[checks.index("\nINDICES = "):].strip(),
         "index_reads": [repr(tuple(read)) for read in entry_point.index_reads],

@@ -15,7 +15,7 @@ import triton
 
 from .. import stats as stats_module
 from ..codegen.render import EntryPoint, compiler_digest, render
-from ..blocks import BlockMask, flex_block_mask, flex_mask_mod
+from ..blocks import BlockMask, block_size_pair, flex_block_mask, flex_mask_mod
 from ..errors import user_stacklevel
 from ..index_checks import check_index_ranges, check_sequence_reads
 from ..inputs import method_under_autocast
@@ -30,7 +30,7 @@ from .cache import cached_source
 from .index_ranges import index_reads
 from .linear import CompiledLinearAttention
 from .loader import load_kernels
-from .variants import CALLS, EXPORTED_CALLS, KERNEL_CAPTURES, Variant
+from .variants import CALLS, KERNEL_CAPTURES, Variant
 
 
 def _norm_parameters(spec: AttentionSpec) -> list[tuple[str, object]]:
@@ -159,15 +159,13 @@ class CompiledAttention:
 
     @property
     def entry_point(self) -> EntryPoint | None:
-        """How the generated module's ``forward`` takes this kind of call (None: it has no entry point)."""
-        if not self.variant.has_entry_point:
-            return None
+        """How the generated module's ``forward`` takes this kind of call."""
         variant = self.variant
         defaults = tuple(None if isinstance(value, torch.Tensor) else float(value)
                          for _, value in _norm_parameters(self.spec))
         return EntryPoint(variant.cache, variant.paged, variant.packed, variant.dropout, self.spec.dropout_p,
-                          tuple(self.index_reads), tuple(self.sequence_reads), tuple(self.sequence_captures),
-                          defaults)
+                          variant.block_size, tuple(self.index_reads), tuple(self.sequence_reads),
+                          tuple(self.sequence_captures), defaults)
 
     def exported_tensors(self, device=None) -> list[torch.Tensor]:
         """The tensors an exported module's ``forward`` takes after q, k and v, in its order: the spec's
@@ -188,15 +186,15 @@ class CompiledAttention:
         (on a KV cache: its entry point takes kv_lens and q_offset), ``"decode"`` (the same, split-KV),
         ``"paged"`` (decoding from a paged cache, forward only), ``"packed"`` (packed sequences: it takes
         cu_seqlens_q and cu_seqlens_k) or ``"dropout"`` (it takes dropout_p and seed); None: this object's
-        own kind."""
+        own kind. Calls with a block mask: ``attn.with_block_mask(block_size).export(path, call=...)``."""
         if call is not None:
-            if call not in EXPORTED_CALLS:
-                raise ValueError(f"call must be one of {', '.join(map(repr, EXPORTED_CALLS))}, got {call!r}")
-            return self.for_call(CALLS[call]).export(path)
-        if not self.variant.has_entry_point:
-            raise ValueError(f"attngen exports the kernels of every kind of call but those with a block mask, "
-                             f"not those of a call with {self.variant.describe()}")
+            if call not in CALLS:
+                raise ValueError(f"call must be one of {', '.join(map(repr, CALLS))}, got {call!r}")
+            variant = dataclasses.replace(CALLS[call], block_size=self.variant.block_size)
+            return self.for_call(variant).export(path)
         if self.variant.packed:
+            if self.variant.block_size is not None:
+                raise ValueError("packed sequences cannot be combined with a block mask")
             calls.check_packable(self.spec)
         path = Path(path)
         tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
@@ -244,9 +242,11 @@ class CompiledAttention:
             self._variants[variant] = CompiledAttention(self.spec, variant)
         return self._variants[variant]
 
-    def with_block_mask(self, block_size: tuple[int, int]) -> CompiledAttention:
-        """This spec with a call-time block mask of ``block_size`` anded to its mask_mod."""
-        return self.for_call(Variant(block_size=tuple(block_size)))
+    def with_block_mask(self, block_size: int | tuple[int, int]) -> CompiledAttention:
+        """This spec's plain calls with a block mask of ``block_size`` (an int, or a pair (block_q, block_k))
+        anded to its mask_mod: what ``attn(q, k, v, block_mask=...)`` runs; its ``export`` writes their
+        kernels."""
+        return self.for_call(Variant(block_size=block_size_pair(block_size)))
 
     def block_stats(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1, *, block_m: int | None = None,
                     block_n: int | None = None, device=None, **call) -> dict[str, int]:

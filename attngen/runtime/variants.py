@@ -99,12 +99,6 @@ class Variant:
         traced = dataclasses.replace(spec, score_mod=score, second_score_mod=second, mask_mod=mask, stats=stats)
         return traced, key_count
 
-    @property
-    def has_entry_point(self) -> bool:
-        """Whether this kind of call's module takes q, k, v as attngen's calls do (and so can be exported):
-        every kind but calls with a block mask."""
-        return self.block_size is None
-
     def describe(self) -> str:
         parts = [f"block mask of {self.block_size[0]} x {self.block_size[1]} blocks"] if self.block_size else []
         parts += ["KV cache (kv_lens, q_offset)"] if self.cache else []
@@ -125,7 +119,6 @@ CALLS = {
     "packed": Variant(packed=True),
     "dropout": Variant(dropout=True),
 }
-EXPORTED_CALLS = tuple(name for name, call in CALLS.items() if call.has_entry_point)
 
 
 def _and(first, second):
