@@ -85,8 +85,6 @@ def _for_call(attn, args):
         return attn
     if isinstance(attn, CompiledLinearAttention):
         raise UsageError("linear attention has one kind of call: leave out --call and --block-mask")
-    if args.call == "packed" and args.block_mask is not None:
-        raise UsageError("packed sequences cannot be combined with a block mask: leave out --block-mask")
     return attn.for_call(dataclasses.replace(CALLS[args.call], block_size=args.block_mask))
 
 

@@ -193,8 +193,6 @@ class CompiledAttention:
             variant = dataclasses.replace(CALLS[call], block_size=self.variant.block_size)
             return self.for_call(variant).export(path)
         if self.variant.packed:
-            if self.variant.block_size is not None:
-                raise ValueError("packed sequences cannot be combined with a block mask")
             calls.check_packable(self.spec)
         path = Path(path)
         tuned = f"TUNED_CONFIGS = {autotune.stored(self.key)!r}\n"
@@ -234,6 +232,8 @@ class CompiledAttention:
         """This spec compiled for a kind of call (see :mod:`attngen.runtime.variants`), once per variant.
         Sparsemax and entmax never split a row's keys (their threshold needs passes over the whole row):
         their split-KV calls run the unsplit kernels."""
+        if variant.packed and variant.block_size is not None:
+            raise ValueError("packed sequences cannot be combined with a block mask")
         if variant.split_kv and self.spec.normalization.family == "threshold":
             variant = dataclasses.replace(variant, split_kv=False)
         if variant == self.variant:
