@@ -39,10 +39,10 @@ class BlockMask:
         """A bool ``[B|1, H|1, nq, nk]`` block matrix whose blocks are ``ceil(Lq/nq) x ceil(Lk/nk)`` tokens."""
         return cls(blocks, dense_block_size(blocks, q_len, kv_len))
 
-    def dense(self, batch: int, heads: int, q_len: int, kv_len: int) -> torch.Tensor:
-        """The bool block matrix, checked against a call's sizes and expanded to ``[batch, heads, nq, nk]``
-        (a view: batch or head dimensions of size 1 are not copied)."""
-        return block_matrix(self.blocks, self.block_size, batch, heads, q_len, kv_len)
+    def dense(self, batch: int, heads: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        """The bool block matrix, checked against a call's sizes and q's ``device`` and expanded to
+        ``[batch, heads, nq, nk]`` (a view: batch or head dimensions of size 1 are not copied)."""
+        return block_matrix(self.blocks, self.block_size, batch, heads, q_len, kv_len, device)
 
     def __repr__(self) -> str:
         kind = "bool" if self.blocks.dtype == torch.bool else "indices"
@@ -70,11 +70,13 @@ def dense_block_size(blocks, q_len, kv_len):
     return max(1, math.ceil(q_len / nq)), max(1, math.ceil(kv_len / nk))
 
 
-def block_matrix(blocks, block_size, batch, heads, q_len, kv_len):
+def block_matrix(blocks, block_size, batch, heads, q_len, kv_len, device):
     """``blocks`` (a bool block matrix, or integer per-row block indices whose negative entries are padding;
     ``[B|1, H|1, nq, nk or k]``, of ``block_size`` tokens) as the kernels read it: a bool
     ``[batch, heads, nq, nk]`` view (batch or head dimensions of size 1 are not copied), checked against a
-    call's sizes."""
+    call's sizes and q's ``device``."""
+    if blocks.device != device:
+        raise ValueError(f"block_mask is on {blocks.device} but q is on {device}; move it to {device}")
     block_q, block_k = block_size
     need_q, need_k = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
     for dim, (name, size) in enumerate((("batch", batch), ("heads", heads))):

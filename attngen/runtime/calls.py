@@ -98,7 +98,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
     if block_mask is not None:
         blocks = as_block_mask(block_mask, shape.q_len, shape.kv_len, spec.mask_mod)
         block_size = blocks.block_size
-        tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
+        tensors["blocks"] = blocks.dense(shape.batch, shape.q_heads, shape.q_len, shape.kv_len, q.device)
     # sparsemax and entmax run split-KV calls unsplit (see CompiledAttention.for_call)
     split_kv = mode == "decode" or (mode in (None, "auto") and decoding(shape, q))
     tensors.update(_dropout(spec, dropout_p, seed, q.device))

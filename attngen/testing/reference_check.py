@@ -60,7 +60,7 @@ def _with_blocks(spec: AttentionSpec, block_mask, q, k, call: dict) -> Attention
     table = call.get("block_table")
     kv_len = k.shape[2] if table is None else table.shape[1] * k.shape[2]
     blocks = as_block_mask(block_mask, q.shape[2], kv_len, spec.mask_mod)
-    dense = blocks.dense(q.shape[0], q.shape[1], q.shape[2], kv_len)
+    dense = blocks.dense(q.shape[0], q.shape[1], q.shape[2], kv_len, q.device)
     in_kept_block = blocks_mask_mod(dense, blocks.block_size)
     if call.get("kv_lens") is not None or call.get("q_offset") is not None:
         lens = call.get("kv_lens")
