@@ -158,7 +158,7 @@ class CompiledAttention:
                       cache=self.variant.cache, top_k=self.spec.top_k, entry_point=self.entry_point)
 
     @property
-    def entry_point(self) -> EntryPoint | None:
+    def entry_point(self) -> EntryPoint:
         """How the generated module's ``forward`` takes this kind of call."""
         variant = self.variant
         defaults = tuple(None if isinstance(value, torch.Tensor) else float(value)
