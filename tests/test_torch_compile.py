@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import flex_attention
 
 import attngen as ag
+from attngen.runtime.loader import load_kernels
 
 from variants import T5_BUCKET
 
@@ -282,3 +283,24 @@ def test_fullgraph_compile_under_autocast():
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16 and grads[0].dtype == torch.float32
     torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
     torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("call", ["plain", "cache", "block_mask"])
+def test_an_exported_module_inside_fullgraph_compile(call, tmp_path):
+    """An exported ``forward`` (its checks, autocast wrapper and custom op) traces without a graph break and
+    gives attngen's eager output and gradients bit for bit: a model that ships the module can compile it."""
+    slopes = torch.linspace(0.1, 0.8, 4)
+    attn = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+                                       mask_mod=ag.masks.causal))
+    keywords = {"plain": {}, "cache": {"kv_lens": torch.tensor([30, 17])},
+                "block_mask": {"block_mask": ag.BlockMask(torch.tensor([[[[True, False], [True, True]]]]), 16)}}[call]
+    exported = attn.with_block_mask(16) if call == "block_mask" else attn
+    module = load_kernels(exported.export(tmp_path / "module.py", call="cache" if call == "cache" else "plain"),
+                          interpret=True)
+    q, k, v = (torch.randn(2, 4, 30, 16, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    compiled = torch.compile(lambda q, k, v: module.forward(q, k, v, slopes, **keywords)[0], fullgraph=True)
+    got, want = compiled(q, k, v), attn(q, k, v, **keywords)
+    assert torch.equal(got, want)
+    for got_grad, want_grad in zip(*(torch.autograd.grad(out.sum(), (q, k, v)) for out in (got, want))):
+        assert torch.equal(got_grad, want_grad)

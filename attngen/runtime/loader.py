@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import re
 import sys
@@ -60,7 +61,9 @@ def load_kernels(path: Path, interpret: bool) -> ModuleType:
 def _import(path: Path, interpret: bool) -> ModuleType:
     """Execute the module at ``path`` with Triton's interpreter switched ``interpret`` while its kernels are
     decorated (``triton.jit`` reads the switch then)."""
-    name = f"attngen_kernels_{path.stem}_{'interpreted' if interpret else 'compiled'}"
+    # one name per file: torch.compile's guards find a module's globals under its name in sys.modules
+    folder = hashlib.sha256(str(Path(path).resolve().parent).encode()).hexdigest()[:12]
+    name = f"attngen_kernels_{path.stem}_{folder}_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     previous = triton.knobs.runtime.interpret
