@@ -73,6 +73,18 @@ def under_autocast(call):
     return cast
 
 
+def check_device(device, interpreted=None):
+    """Refuse q's ``device`` where the kernels cannot run: they run on CUDA GPUs, and on CPU tensors through
+    Triton's interpreter (``interpreted``: whether a module's kernels were imported that way; None: attngen
+    picks per call)."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q is on {device}; attngen's kernels run on CUDA GPUs and (interpreted) on CPU")
+    if device.type == "cpu" and interpreted is False:
+        raise ValueError("q is on the CPU, but this module's kernels were imported compiled, for a GPU: set "
+                         "TRITON_INTERPRET=1 before importing triton to run them on CPU tensors (Triton's "
+                         "interpreter), or move q, k and v to a CUDA device")
+
+
 def check_launch(batch, q_heads, qk_dim, differential):
     """Refuse a call the attention kernels cannot launch: more than GRID_AXIS_LIMIT batch entries or query
     heads, or, for ``differential`` attention, an odd head dim of q and k (they split in halves)."""

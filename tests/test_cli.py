@@ -214,9 +214,12 @@ def test_an_exported_module_takes_inputs_as_attngen_does(tmp_path):
     wrong = {"dtypes": (q.bfloat16(), q, q), "float64": (q, q, q.double()), "q's head dim": (q[..., :8], q, q),
              "rank": (q[0], q, q), "heads": (q, q[:, :3], q[:, :3]), "k and v lengths": (q, q, q[:, :, :5]),
              "batch": (q, q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1)), "integers": (q, q, q.int()),
-             "head dim 0": (q[..., :0], q[..., :0], q)}
+             "head dim 0": (q[..., :0], q[..., :0], q), "device": (q.to("meta"),) * 3}
     for what, (q_, k_, v_) in wrong.items():  # before: the mismatched head dim and dtypes ran, reading out of step
         assert _refusal(module.forward, q_, k_, v_, slopes) == _refusal(attn, q_, k_, v_), what
+    compiled = load_kernels(tmp_path / "refusing_alibi.py", interpret=False)  # as imported without TRITON_INTERPRET
+    assert "this module's kernels were imported compiled, for a GPU: set TRITON_INTERPRET=1 before importing " \
+           "triton" in _refusal(compiled.forward, q, q, q, slopes)[1]  # before: Triton's "0 active drivers"
     assert "forward takes q, k, v and 1 more tensors (1 captured, then no parameters), got 0" in \
         _refusal(module.forward, q, q, q)[1]
     assert "tensor #0 after q, k and v must be a torch.Tensor on q's device (cpu), got meta" in \
@@ -504,6 +507,11 @@ def test_an_exported_linear_module_takes_inputs_as_attngen_does(tmp_path):
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out, attn(q, q.bfloat16(), q, log_decay=g), rtol=0, atol=0)
     assert "this spec's decay is learnable or gated: pass g" in _refusal(module.forward, q, q, q)[1]
+    meta = q.to("meta")
+    assert _refusal(module.forward, meta, meta, meta, g.to("meta")) == \
+        _refusal(attn, meta, meta, meta, log_decay=g.to("meta"))
+    compiled = load_kernels(tmp_path / "refusing_gated.py", interpret=False)
+    assert "set TRITON_INTERPRET=1" in _refusal(compiled.forward, q, q, q, g)[1]
     retention = ag.compile(ag.LinearAttentionSpec(feature_map="identity", decay=0.9, normalize=False, scale=0.5))
     module = load_kernels(retention.export(tmp_path / "retention.py"), interpret=True)
     torch.testing.assert_close(module.forward(q, q, q)[0], retention(q, q, q), rtol=0, atol=0)  # its decay, its scale

@@ -21,7 +21,7 @@ from ..head_dims import qk_parts
 from ..ir.graph import Graph
 from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
-from ..qkv import (GRID_AXIS_LIMIT, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions,
+from ..qkv import (GRID_AXIS_LIMIT, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions, check_device,
                    check_entmax_alpha, check_launch, check_pages_in_range, check_qkv, dropout_rate, dropout_tensors,
                    jagged_at_length, jagged_view, least_and_greatest, packed_output, packed_positions, packed_view,
                    paged_view, per_batch_integers, per_head_tensor, tensor_kind, under_autocast, values_checkable)
@@ -659,7 +659,8 @@ def render(graph: Graph, spec_lines: list[str], normalization: Normalization, ro
 def _entry_point(max_head_dim: int, *functions, **constants) -> dict:
     """The template values with which a module's entry point takes q, k and v as attngen's calls do, with
     more of attngen/qkv.py's ``functions`` (for the call's own tensors) and the ``constants`` they read."""
-    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip() for f in (check_qkv, under_autocast, *functions)),
+    return {"qkv_source": "\n\n\n".join(inspect.getsource(f).rstrip()
+                                       for f in (check_qkv, check_device, under_autocast, *functions)),
             "qkv_constants": {"KERNEL_DTYPES": repr(KERNEL_DTYPES), "MAX_HEAD_DIM": repr(max_head_dim),
                               **{name: repr(value) for name, value in constants.items()}}}
 

@@ -13,8 +13,8 @@ import torch
 
 from ..blocks import as_block_mask
 from ..inputs import Shape, check_inputs
-from ..qkv import (KERNEL_DTYPES, cache_positions, check_launch, check_pages_in_range, dropout_rate, dropout_tensors,
-                   jagged_view, packed_output, packed_view, paged_view)
+from ..qkv import (KERNEL_DTYPES, cache_positions, check_device, check_launch, check_pages_in_range, dropout_rate,
+                   dropout_tensors, jagged_view, packed_output, packed_view, paged_view)
 from ..stats import Stats, map_stats
 from .variants import Variant
 
@@ -86,8 +86,7 @@ def prepare(spec, q, k, v, *, block_mask=None, kv_lens=None, q_offset=None, bloc
     else:
         shape = check_inputs(q, k, v, KERNEL_DTYPES)
     check_launch(shape.batch, shape.q_heads, shape.qk_dim, spec.differential is not None)
-    if q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"q is on {q.device}; attngen runs on CUDA GPUs and (interpreted) on CPU")
+    check_device(q.device)
     cache = kv_lens is not None or q_offset is not None
     if cache:
         tensors["kv_lens"], tensors["q_offset"] = cache_positions(kv_lens, q_offset, shape.batch, shape.q_len,

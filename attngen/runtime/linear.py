@@ -12,7 +12,7 @@ import triton
 from ..codegen.render import compiler_digest, render_linear
 from ..inputs import check_inputs, method_under_autocast
 from ..linear import LinearAttentionSpec, LinearState
-from ..qkv import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM
+from ..qkv import KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, check_device
 from ..trace import trace_feature_map
 from . import tracing
 from .cache import cached_source
@@ -105,6 +105,7 @@ class CompiledLinearAttention:
         if shape.q_len != shape.kv_len:
             raise ValueError(f"causal linear attention runs over one sequence: q and k must have the same length, "
                              f"got {shape.q_len} and {shape.kv_len}")
+        check_device(q.device)
         g = self.spec.log_decays(shape.batch, shape.q_heads, shape.q_len, q.device, log_decay)
         tracing.ready(q, self._traced_name, "")
         kernels = self._kernels(q.device)
