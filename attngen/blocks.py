@@ -36,7 +36,7 @@ class BlockMask:
 
     @classmethod
     def from_dense(cls, blocks: torch.Tensor, q_len: int, kv_len: int) -> BlockMask:
-        """A bool ``[B|1, H|1, nq, nk]`` block matrix whose blocks are ``ceil(Lq/nq) x ceil(Lk/nk)`` tokens."""
+        """A bool ``[B|1, H|1, nq, nk]`` block matrix whose blocks are ``Lq/nq x Lk/nk`` tokens."""
         return cls(blocks, dense_block_size(blocks, q_len, kv_len))
 
     def dense(self, batch: int, heads: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -59,15 +59,20 @@ def block_size_pair(block_size) -> tuple[int, int]:
 
 
 def dense_block_size(blocks, q_len, kv_len):
-    """The block size of a bool block matrix ``blocks`` [B|1, H|1, nq, nk] over ``q_len`` x ``kv_len`` tokens:
-    ``(ceil(q_len / nq), ceil(kv_len / nk))``."""
+    """The block size of a bool block matrix ``blocks`` [B|1, H|1, nq, nk] over ``q_len`` x ``kv_len`` tokens,
+    ``(q_len / nq, kv_len / nk)`` (1 for no tokens); lengths that are not multiples of the counts are refused."""
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4 or blocks.dtype != torch.bool:
         raise ValueError("block_mask must be an attngen.BlockMask, a FlexAttention BlockMask or a bool tensor "
                          f"[batch or 1, heads or 1, q blocks, kv blocks], got {describe_value(blocks)}")
     nq, nk = blocks.shape[2:]
     if nq == 0 or nk == 0:
         raise ValueError(f"block_mask has shape {tuple(blocks.shape)}: it needs at least one block per axis")
-    return max(1, math.ceil(q_len / nq)), max(1, math.ceil(kv_len / nk))
+    for tokens, count, name in ((q_len, nq, "queries"), (kv_len, nk, "keys")):
+        if tokens % count:  # blocks of several sizes make this count (128-token blocks over 1000 keys: 8)
+            raise ValueError(f"block_mask is a bool block matrix of {nq} x {nk} blocks, which does not say their "
+                             f"size: {tokens} {name} do not split evenly into {count} blocks; pass it with its "
+                             "size, attngen.BlockMask(block_mask, block_size=(block_q, block_k))")
+    return max(1, q_len // nq), max(1, kv_len // nk)
 
 
 def block_matrix(blocks, block_size, batch, heads, q_len, kv_len, device):

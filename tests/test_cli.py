@@ -439,8 +439,11 @@ def test_an_exported_block_mask_module_takes_block_masks_as_attngen_does(tmp_pat
     assert _refusal(module.forward, q, k, v, slopes, block_mask=ag.BlockMask(matrix, 8), **cache) == (
         ValueError, "block_mask has blocks of 8 x 8 tokens; this module's kernels were built for blocks of 16 x 8: "
                     "export it for those")
-    for wrong in (torch.cat([matrix, matrix[:1]]), matrix.int(), ag.BlockMask(torch.tensor([[[[5]]]]), (16, 8)),
-                  matrix.to("meta")):  # before: the module passed another device's tensor to the kernels
+    assert "(2 x 5 blocks over 30 x 40 tokens; blocks of this module's size that do not split the tokens evenly " \
+        "are passed as attngen.BlockMask(block_mask, BLOCK_SIZE))" in \
+        _refusal(module.forward, q[:, :, :30], k, v, slopes, block_mask=matrix, **cache)[1]  # 15 x 8 blocks
+    for wrong in (torch.cat([matrix, matrix[:1]]), matrix.int(), matrix[..., :3],  # 3 kv blocks: 40 keys unevenly
+                  ag.BlockMask(torch.tensor([[[[5]]]]), (16, 8)), matrix.to("meta")):  # before: the module passed another device's tensor to the kernels
         assert _refusal(module.forward, q, k, v, slopes, block_mask=wrong, **cache) == \
             _refusal(attn, q, k, v, block_mask=wrong, **cache), wrong
     with pytest.raises(ValueError, match="packed sequences cannot be combined with a block mask"):

@@ -335,6 +335,20 @@ def test_bool_block_mask_matches_reference(mask_mod, batch_heads):
     assert out[:, :, :25].abs().max() == 0
 
 
+def test_a_bool_block_matrix_that_does_not_split_the_lengths_evenly_needs_its_size():
+    """A bool block matrix says its block size by dividing the lengths: 3 blocks over 70 queries could be of
+    24 to 34 tokens (before: taken as ceil(70 / 3) = 24, silently not the 32 it was built for); it is
+    refused, naming ag.BlockMask, which takes it with its size."""
+    q, k, v = _qkv(1, 2, 2, 70, 64)
+    blocks = torch.rand(1, 2, 3, 2, generator=torch.Generator().manual_seed(2)) > 0.5
+    attn = ag.compile(ag.AttentionSpec())
+    with pytest.raises(ValueError, match=r"block matrix of 3 x 2 blocks, which does not say their size: 70 queries "
+                                         r"do not split evenly into 3 blocks; pass it with its size, "
+                                         r"attngen\.BlockMask\(block_mask, block_size=\(block_q, block_k\)\)"):
+        attn(q, k, v, block_mask=blocks)
+    _run_both(ag.AttentionSpec(), q, k, v, ag.BlockMask(blocks, (32, 32)), _blocked(blocks, (32, 32)))
+
+
 def test_block_indices_and_explicit_block_size():
     q, k, v = _qkv(1, 2, 2, 70, 130)
     indices = torch.tensor([[[[0, 3], [1, -1], [-1, -1], [2, 3]]]])  # [1, 1, 4 q blocks, 2 per row]

@@ -286,7 +286,7 @@ class CompiledAttention:
         """Attention of q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv] -> [B,Hq,Lq,Dv].
 
         ``block_mask`` (an :class:`attngen.BlockMask`, a bool block matrix
-        ``[B|1, Hq|1, nq, nk]`` of ``ceil(Lq/nq) x ceil(Lk/nk)`` blocks, or a
+        ``[B|1, Hq|1, nq, nk]`` of ``Lq/nq x Lk/nk`` blocks (the counts dividing the lengths), or a
         FlexAttention ``BlockMask`` whose mask_mod is the spec's or the no-op)
         limits attention to its kept blocks, on top of the spec's mask_mod.
         ``kv_lens`` ([B] ints): k and v are caches holding ``kv_lens[b]`` keys for

@@ -62,7 +62,7 @@ def _import(path: Path, interpret: bool) -> ModuleType:
     """Execute the module at ``path`` with Triton's interpreter switched ``interpret`` while its kernels are
     decorated (``triton.jit`` reads the switch then)."""
     # one name per file: torch.compile's guards find a module's globals under its name in sys.modules
-    folder = hashlib.sha256(str(Path(path).resolve().parent).encode()).hexdigest()[:12]
+    folder = hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:12]
     name = f"attngen_kernels_{path.stem}_{folder}_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

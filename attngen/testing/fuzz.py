@@ -184,11 +184,15 @@ def fuzz_calls(draw, case: Case, spec) -> Snippet:
                          f"seed={draw(st.integers(0, 9999))}, {_join(extra)})")
         extra.append(f"kv_lens=torch.tensor({lens})")
     if kind == "blocks" or (kind == "cache" and draw(st.booleans())):
-        # [B or 1, Hq or 1, nq, nk] blocks of ceil(Lq / nq) x ceil(Lk / nk) tokens
+        # [B or 1, Hq or 1, nq, nk] blocks of any size: a bool matrix says it by dividing the lengths evenly
+        size = (draw(st.integers(1, case.q_len)), draw(st.integers(1, case.kv_len)))
         sizes = (draw(st.sampled_from([1, case.batch])), draw(st.sampled_from([1, case.q_heads])),
-                 draw(st.integers(1, case.q_len)), draw(st.integers(1, case.kv_len)))
-        extra.append("block_mask=" + seeded(f"torch.rand({sizes}, ", draw(st.integers(0, 9999))) +
-                     f" > {draw(st.sampled_from([0.2, 0.6]))}")
+                 -(-case.q_len // size[0]), -(-case.kv_len // size[1]))
+        blocks = seeded(f"torch.rand({sizes}, ", draw(st.integers(0, 9999))) + \
+            f" > {draw(st.sampled_from([0.2, 0.6]))}"
+        even = case.q_len % size[0] == 0 and case.kv_len % size[1] == 0
+        extra.append(f"block_mask={blocks}" if even and draw(st.booleans())
+                     else f"block_mask=attngen.BlockMask({blocks}, block_size={size})")
     return _call(f"((q, k, v), dict({_join(extra)}))")
 
 
