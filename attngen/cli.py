@@ -356,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SpecError, ValueError, TypeError) as error:
         print(f"attngen {args.command}: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that cannot be written or read: -o in a missing folder, the cache
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"attngen {args.command}: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -86,6 +86,17 @@ def test_show_machine_code_builds_for_hopper_without_a_gpu(tmp_path):
     assert bad.returncode == 2 and "expected a head dim D or DQK/DV (positive integers), got '64x'" in bad.stderr
 
 
+def test_a_file_that_cannot_be_written_is_named_without_a_traceback(tmp_path):
+    """``export -o`` into a missing folder, or a cache folder that is a file (before: Python tracebacks)."""
+    missing = attngen("export", ALIBI, "-o", str(tmp_path / "missing" / "alibi.py"), cache_dir=tmp_path, check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.endswith(f"attngen export: {tmp_path / 'missing' / 'alibi.py'}: No such file or directory\n")
+    (tmp_path / "file").write_text("")
+    cache = attngen("compile", ALIBI, cache_dir=tmp_path / "file", check=False)
+    assert cache.returncode == 1 and "Traceback" not in cache.stderr
+    assert f"attngen compile: attngen cannot write its kernel cache in {tmp_path / 'file'}" in cache.stderr
+
+
 def test_show_and_export_a_linear_attention_spec(tmp_path):
     retention = str(ROOT / "specs" / "retention.py")
     out = attngen("show", retention, cache_dir=tmp_path).stdout

@@ -4,6 +4,7 @@ import ast
 import contextlib
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,17 @@ def test_second_process_reuses_the_disk_cache(tmp_path):
     assert '"hit": false' in first and '"hit": true' in second
     assert first.split('"key"')[1] == second.split('"key"')[1]
     assert len(list(tmp_path.glob("*.py"))) == 1
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """ATTNGEN_CACHE_DIR pointing at a file (or below one) says so and names the variable (was a bare
+    FileExistsError: [Errno 17] File exists)."""
+    (tmp_path / "file").write_text("")
+    for folder in (tmp_path / "file", tmp_path / "file" / "sub"):
+        monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(folder))
+        with pytest.raises(OSError, match=f"attngen cannot write its kernel cache in {re.escape(str(folder))} "
+                                          r"\(.*\); set ATTNGEN_CACHE_DIR to a folder it can write"):
+            ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s * 1.25))
 
 
 def test_generated_source_is_deterministic(tmp_path, monkeypatch):

@@ -26,7 +26,12 @@ def cached_source(key: str, build: Callable[[], str]) -> tuple[Path, bool]:
     path = directory / f"{key}.py"
     if path.exists():
         return path, True
-    write_atomic(path, build())
+    source = build()
+    try:
+        write_atomic(path, source)
+    except OSError as error:  # a file where the folder should be, no permission, a full disk
+        raise OSError(error.errno, f"attngen cannot write its kernel cache in {directory} ({error.strerror}: "
+                                   f"{error.filename}); set ATTNGEN_CACHE_DIR to a folder it can write") from error
     return path, False
 
 
