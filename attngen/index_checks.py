@@ -170,11 +170,16 @@ def _loaded(bounds):
 
 
 def _extremes(tensor, box):
-    """The least and the greatest value of ``tensor`` over ``box``, read once per version of the tensor."""
+    """The least and the greatest value of ``tensor`` over ``box``, read once per version of the tensor
+    (every time for an inference tensor, which has no version counter)."""
+    def read():
+        return tuple(least_and_greatest(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)]))
+    if tensor.is_inference():
+        return read()
     key = (tensor._version, box)
     known = _EXTREMES.get(tensor)
     if known is None or known[0] != key:
-        known = key, tuple(least_and_greatest(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)]))
+        known = key, read()
         _EXTREMES[tensor] = known
     return known[1]
 

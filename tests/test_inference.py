@@ -556,3 +556,40 @@ def test_bad_dropout_arguments(call, message):
         ag.compile(ag.AttentionSpec())(q, k, v, **call)
     with pytest.raises(ag.SpecError, match="dropout_p must be"):
         ag.AttentionSpec(dropout_p=1.5)
+
+
+# -- torch.inference_mode -----------------------------------------------------------------
+
+
+def test_every_kind_of_call_runs_on_inference_tensors():
+    """Tensors made under torch.inference_mode (q, k, v, the call's tensors and the spec's captured ones)
+    give what the same values give under no_grad, bit for bit. Before: a captured integer table read at an
+    index (``bias[h, buckets[q_idx, kv_idx]]``) raised 'Inference tensors do not track version counter'
+    (its checked extremes were kept by version)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def calls(make):
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (make(torch.randn(2, h, 24, 16, generator=gen)) for h in (4, 2, 2))
+        buckets, table = make(torch.randint(0, 5, (24, 24), generator=gen)), make(torch.randn(4, 5, generator=gen))
+        doc_ids, lens = make(torch.tensor([[0] * 10 + [1] * 14, [0] * 20 + [1] * 4])), make(torch.tensor([17, 24]))
+        pages = [make(torch.randn(6, 2, 8, 16, generator=gen)) for _ in range(2)]
+        cu = make(torch.tensor([0, 9, 24], dtype=torch.int32))
+        bucketed = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, buckets[q_idx, kv_idx]],
+                                               mask_mod=ag.masks.document(doc_ids), stats=("lse", "max")))
+        causal = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+        flex = create_block_mask(ag.masks.causal, None, None, 24, 24, device="cpu", BLOCK_SIZE=8)
+        out, stats = bucketed(q, k, v, return_stats=True)
+        return [out, stats.lse, stats.max, bucketed(q, k, v, block_mask=make(torch.eye(3, dtype=torch.bool)
+                                                                                         [None, None])),
+                causal(q[:, :, :2], k, v, kv_lens=lens, mode="decode"), ag.attention(q, k, v, block_mask=flex),
+                causal(q[:, :, :1], *pages, block_table=make(torch.tensor([[0, 1, 2], [3, 4, 5]])), kv_lens=lens),
+                causal(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=cu,
+                       cu_seqlens_k=cu)]
+
+    with torch.no_grad():
+        expected = calls(lambda t: t)
+    with torch.inference_mode():
+        got = calls(lambda t: t.clone())
+    assert all(t.is_inference() for t in torch.utils._pytree.tree_leaves(got))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
