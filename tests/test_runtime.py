@@ -213,6 +213,34 @@ def test_kernels_imported_at_once_from_two_threads_keep_their_kind(tmp_path):
     assert triton.knobs.runtime.interpret == switch
 
 
+def test_interpreted_calls_from_several_threads_give_their_own_results():
+    """Triton's interpreter swaps functions of triton.language in and out around each launch, for the whole
+    process: calls made from several threads at once (a CPU server's request threads) broke each other's
+    launches ('Did you forget to add @triton.jit ?'); launches are now taken one at a time."""
+    specs = [ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s - 0.1 * (q_idx - kv_idx),
+                              mask_mod=ag.masks.causal), ag.AttentionSpec(normalization=ag.norms.Sigmoid())]
+    attns = [ag.compile(spec) for spec in specs]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [[torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3)] for _ in range(4)]
+    expected = [[attn(*qkv) for qkv in inputs] for attn in attns]
+    failures = []
+
+    def work(which):
+        try:
+            for _ in range(3):
+                for qkv, out in zip(inputs, expected[which]):
+                    assert torch.equal(attns[which](*qkv), out)
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            failures.append(repr(error)[:300])
+
+    threads = [threading.Thread(target=work, args=(i % 2,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
 def test_interpreted_kernels_raise_no_numpy_warnings():
     """Triton's interpreter computes every lane of a tile, masked ones too, and both sides of a where (stick-
     breaking's entropy term divides 0 by 0 on the side it drops): the launches keep numpy's floating-point

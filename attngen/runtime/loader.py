@@ -17,6 +17,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 _modules: dict[tuple[str, bool], ModuleType] = {}
 _importing = threading.Lock()  # Triton's interpreter switch is global: one import at a time
+_interpreting = threading.Lock()  # so is the interpreter's patching of triton.language: one launch at a time
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -75,15 +76,18 @@ def _import(path: Path, interpret: bool) -> ModuleType:
         triton.knobs.runtime.interpret = previous
     for kernel in vars(module).values():
         if isinstance(kernel, InterpretedFunction):
-            kernel.run = _quiet(kernel.run)
+            kernel.run = _serial_and_quiet(kernel.run)
     return module
 
 
-def _quiet(run):
-    """An interpreted kernel's launch without numpy's floating-point warnings: the interpreter computes every
-    lane of a tile, masked ones too (a masked key's 0 / 0, exp of a -inf score), which the kernels drop."""
+def _serial_and_quiet(run):
+    """An interpreted kernel's launch, one at a time in the process (Triton's interpreter swaps functions of
+    triton.language in and out around each launch: two threads launching at once broke each other's with
+    'Did you forget to add @triton.jit ?'), without numpy's floating-point warnings: the interpreter
+    computes every lane of a tile, masked ones too (a masked key's 0 / 0, exp of a -inf score), which the
+    kernels drop."""
     @functools.wraps(run)
-    def quiet(*args, **kwargs):
-        with numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    def serial_and_quiet(*args, **kwargs):
+        with _interpreting, numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):
             return run(*args, **kwargs)
-    return quiet
+    return serial_and_quiet
