@@ -216,7 +216,7 @@ def check_index_ranges(captures, reads, extents, call_captures):
     ``call_captures`` maps the name of each of the call's own tensors to its position among the captures;
     their reads, which the call's checks bound, are skipped, as are reads that use an index missing from
     ``extents`` (not bounded: positions in packed sequences) and empty calls."""
-    values = captured_values(captures)
+    values = captured_values(_live_offsets(captures, reads, call_captures))
     for capture, dim, bounds, direct in reads:
         used = [name for name in INDICES if name in index_names(bounds)]
         if capture in call_captures.values() or any(name not in extents or extents[name] == 0 for name in used):
@@ -244,6 +244,21 @@ def check_index_ranges(captures, reads, extents, call_captures):
                 f"{labels[capture]} of shape {tuple(tensor.shape)} is indexed in dim {dim} with {index}, but "
                 f"that dim has {size} entries (the kernels evaluate the mods at every position, masked ones "
                 "too, and do not check bounds)")
+
+
+def _live_offsets(captures, reads, call_captures):
+    """``captures`` with a KV cache call's ``q_offset`` as the reads see it: no kernel evaluates a mod for
+    a batch entry whose cache is empty (kv_lens 0; it has no key), so its offset, negative by default,
+    takes the greatest of the others' (0 if none) instead of widening the positions checked."""
+    at = call_captures.get("q_offset")
+    if at is None or not any(at in _loaded(bounds) for _, _, bounds, _ in reads) \
+            or not values_checkable(captures[at]) or not captures[at].numel():
+        return captures
+    offsets, live = captures[at], captures[call_captures["kv_lens"]] > 0
+    greatest = torch.where(live, offsets, torch.iinfo(offsets.dtype).min).amax()
+    captures = list(captures)
+    captures[at] = torch.where(live, offsets, torch.where(live.any(), greatest, 0))
+    return captures
 
 
 def check_sequence_reads(captures, reads, positions, heads, total_q):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attngen as ag
+from attngen.testing import assert_matches_reference
 
 from variants import T5_BUCKET
 
@@ -120,6 +121,38 @@ def test_kv_cache_positions_are_checked_against_captured_tensors():
     by_key = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + short[kv_idx]))
     with pytest.raises(ValueError, match=r"indexed with kv_idx in dim 0, which runs to 39 in this call"):
         by_key(q, k, v, kv_lens=torch.tensor([30, 21]))
+
+
+def test_an_empty_cache_entry_widens_no_checked_position(monkeypatch):
+    """A batch entry whose cache is empty (kv_lens 0: an idle slot of a serving batch) has no key, so no
+    kernel evaluates a mod for it (recorded below: score_fn sees the other entries alone, forward, split-KV
+    and backward); its default offset, kv_lens - Lq < 0, no longer refuses a table read at the queries'
+    positions (before: 'runs from -1 to ...'). The live entries' positions are still checked."""
+    from attngen.runtime import loader
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 1, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(3, 2, 32, 16, generator=gen, requires_grad=True) for _ in range(2))
+    lens = torch.tensor([0, 10, 32])
+    relative = torch.randn(2, 63, generator=gen, requires_grad=True)  # q - kv + 31 over queries 0..31
+    spec = ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + relative[h, q_idx - kv_idx + 31],
+                            mask_mod=ag.masks.causal)
+    attn = ag.compile(spec)
+    for mode in ("prefill", "decode"):
+        assert_matches_reference(spec, q, k, v, kv_lens=lens, mode=mode)
+    evaluated = set()
+    for module in list(loader._modules.values()):
+        for name in ("score_fn", "score_fn_backward"):
+            def recording(*args, _traced=getattr(module, name)):
+                evaluated.update(int(b) for b in np.unique(args[1].handle.data))
+                return _traced(*args)
+            monkeypatch.setattr(module, name, recording)
+    attn(q, k, v, kv_lens=lens, mode="prefill").sum().backward()
+    with torch.no_grad():
+        attn(q, k, v, kv_lens=lens, mode="decode")
+    assert evaluated == {1, 2}
+    with pytest.raises(ValueError, match="through the values of q_offset that runs from -1 to 62 in this call"):
+        attn(q, k, v, kv_lens=torch.tensor([1, 0, 32]), q_offset=torch.tensor([-1, 5, 31]))
 
 
 def test_packed_sequence_positions_are_checked_against_captured_tensors():
