@@ -96,6 +96,26 @@ def block_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[-1])
 
 
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def device_name(text: str) -> str:
+    """``cpu``, or ``cuda`` / ``cuda:N`` where torch sees that GPU."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA devices here")
+    return text
+
+
 def cmd_show(args) -> int:
     attn = _compile(args)
     linear = isinstance(attn, CompiledLinearAttention)
@@ -286,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--ir", action="store_true", help="print only the IR")
     show.add_argument("--source", action="store_true", help="print only the generated module")
     show.add_argument("--plan", action="store_true", help="print only the mask plan (which tiles are visited)")
-    show.add_argument("--blocks", type=int, metavar="L", help="also count empty/full/partial tiles at length L")
+    show.add_argument("--blocks", type=positive_int, metavar="L", help="also count empty/full/partial tiles at length L")
     show.add_argument("--call", choices=CALLS, default="plain",
                       help="the kernels of this kind of call: a KV cache (kv_lens, q_offset), decoding from one "
                            "(split-KV; sparsemax / entmax do not split), from a paged cache, packed sequences "
@@ -309,12 +329,12 @@ def parser() -> argparse.ArgumentParser:
                              "64x128): forward takes block_mask")
     check = command("check", cmd_check, "property-test a spec: the float64 reference and invariants, on random "
                                         "shapes; prints a runnable snippet for the smallest failing case")
-    check.add_argument("--examples", type=int, help="shapes per property (default 20, --deep 200)")
+    check.add_argument("--examples", type=positive_int, help="shapes per property (default 20, --deep 200)")
     check.add_argument("--deep", action="store_true", help="more examples, lengths up to 256, bf16 and fp16 too")
-    check.add_argument("--heads", type=int, default=8, help="query heads, as the spec's captured tensors expect "
+    check.add_argument("--heads", type=positive_int, default=8, help="query heads, as the spec's captured tensors expect "
                                                             "(default 8)")
-    check.add_argument("--batch", type=int, default=2, help="largest batch (default 2)")
-    check.add_argument("--max-len", type=int, help="longest Lq / Lk (default 96, --deep 256)")
+    check.add_argument("--batch", type=positive_int, default=2, help="largest batch (default 2)")
+    check.add_argument("--max-len", type=positive_int, help="longest Lq / Lk (default 96, --deep 256)")
     check.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0: the same run every time)")
     check.add_argument("--property", nargs="*", help="run only these properties (names as in the report)")
     fuzz = commands.add_parser("fuzz", help="check random specs from a grammar against the reference",
@@ -327,19 +347,20 @@ def parser() -> argparse.ArgumentParser:
                                            "within twice their bounds (float32 rounding of ill-conditioned "
                                            "specs) is printed as a near miss and the run goes on")
     fuzz.set_defaults(function=cmd_fuzz)
-    fuzz.add_argument("--examples", type=int, help="random specs (default 100, --deep 10000)")
+    fuzz.add_argument("--examples", type=positive_int, help="random specs (default 100, --deep 10000)")
     fuzz.add_argument("--deep", action="store_true", help="10,000 specs, lengths up to 128, bf16 and fp16 too "
                                                           "(hours on a CPU: run it in the background)")
     fuzz.add_argument("--half", action="store_true", help="bf16 and fp16 inputs too")
-    fuzz.add_argument("--max-len", type=int, help="longest Lq / Lk (default 48, --deep 128)")
+    fuzz.add_argument("--max-len", type=positive_int, help="longest Lq / Lk (default 48, --deep 128)")
     fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
     fuzz.add_argument("--strict", action="store_true", help="stop at near misses too")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     bench = command("bench", cmd_bench, "time a spec against the reference and SDPA")
-    bench.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
-    bench.add_argument("--shape", type=int, nargs=4, metavar=("B", "H", "L", "D"), default=(1, 8, 128, 64),
+    bench.add_argument("--device", type=device_name, default=default_device,
+                       help=f"cpu, cuda or cuda:N (default: {default_device})")
+    bench.add_argument("--shape", type=positive_int, nargs=4, metavar=("B", "H", "L", "D"), default=(1, 8, 128, 64),
                        help="batch, heads, sequence length, head dim (default 1 8 128 64)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs (default 3)")
     cache_parser = command("cache", cmd_cache, "list or clear the cache of generated modules")
     cache_parser.add_argument("action", choices=("ls", "clear"))
     return main

@@ -34,6 +34,39 @@ def test_every_command_has_help(command, tmp_path):
     assert command in attngen("--help", cache_dir=tmp_path).stdout
 
 
+OUT_OF_RANGE = [  # (arguments, the usage error); the comments say what they did before
+    (("check", ALIBI, "--examples", "0"), "argument --examples: expected a positive integer, got '0'"),  # held
+    (("check", ALIBI, "--heads", "0"), "argument --heads: expected a positive integer, got '0'"),  # 9 failed
+    (("fuzz", "--max-len", "0"), "argument --max-len: expected a positive integer, got '0'"),  # ran at 48
+    (("fuzz", "--examples", "0"), "argument --examples: expected a positive integer, got '0'"),  # ran 100
+    (("bench", ALIBI, "--shape", "-1", "8", "16", "16"), "argument --shape: expected a positive integer, got '-1'"),
+    (("bench", ALIBI, "--repeats", "0"), "argument --repeats: expected a positive integer, got '0'"),  # IndexError
+    (("bench", ALIBI, "--device", "tpu"), "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (("show", ALIBI, "--blocks", "-5"), "argument --blocks: expected a positive integer, got '-5'"),
+]
+
+
+@pytest.mark.parametrize("args, message", OUT_OF_RANGE,
+                         ids=[" ".join(a for a in args if a != ALIBI) for args, _ in OUT_OF_RANGE])
+def test_numbers_and_devices_out_of_range_are_usage_errors(args, message, capsys):
+    """Before: counts of 0 ran nothing and reported success, or fell back to the default, and negative
+    sizes or unknown devices ended in torch's tracebacks."""
+    from attngen.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no GPU")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    from attngen.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", ALIBI, "--device", "cuda"])  # before: AssertionError: Torch not compiled with CUDA enabled
+    assert "argument --device: 'cuda': torch sees 0 CUDA devices here" in capsys.readouterr().err
+
+
 def test_compile_then_the_cache_is_hit_and_listed_and_cleared(tmp_path):
     assert "generated" in attngen("compile", ALIBI, cache_dir=tmp_path).stdout
     assert "loaded from the cache" in attngen("compile", ALIBI, cache_dir=tmp_path).stdout
