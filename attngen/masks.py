@@ -90,7 +90,8 @@ def prefix_lm(prefix: int | torch.Tensor) -> Mask:
 
     ``prefix`` is an int or a per-batch integer tensor of shape [B].
     """
-    if isinstance(prefix, torch.Tensor):
+    if integer(prefix) is None:
+        _integers("prefix_lm", "prefix", prefix, (1,), "[B] or an int")
         return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix[b]) | (q_idx >= kv_idx), "prefix_lm(tensor)")
     [prefix] = _sizes("prefix_lm", 0, prefix=prefix)
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix) | (q_idx >= kv_idx), f"prefix_lm({prefix})")
@@ -99,7 +100,7 @@ def prefix_lm(prefix: int | torch.Tensor) -> Mask:
 @_made_by_its_call
 def document(doc_ids: torch.Tensor) -> Mask:
     """Queries see only keys of the same document; ``doc_ids`` is [B, L] (or [L]) integer ids."""
-    if doc_ids.dim() == 1:
+    if _integers("document", "doc_ids", doc_ids, (1, 2), "[B, L] or [L]").dim() == 1:
         return Mask(lambda b, h, q_idx, kv_idx: doc_ids[q_idx] == doc_ids[kv_idx], "document")
     return Mask(lambda b, h, q_idx, kv_idx: doc_ids[b, q_idx] == doc_ids[b, kv_idx], "document")
 
@@ -141,9 +142,14 @@ def global_tokens(n: int) -> Mask:
 
 
 @_made_by_its_call
-def padding(lengths: torch.Tensor) -> Mask:
-    """Keys at or past ``lengths[b]`` (an integer tensor of shape [B]) are padding."""
-    return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], "padding")
+def padding(lengths: int | torch.Tensor) -> Mask:
+    """Keys at or past ``lengths[b]`` (an integer tensor of shape [B], or one int for every batch entry)
+    are padding."""
+    if integer(lengths) is None:
+        _integers("padding", "lengths", lengths, (1,), "[B] or an int")
+        return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], "padding")
+    [lengths] = _sizes("padding", 0, lengths=lengths)
+    return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths, f"padding({lengths})")
 
 
 def _window_1d(q, k, size: int, kernel: int, dilation: int):
@@ -181,6 +187,16 @@ def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: 
         rows = _window_1d(q_idx % plane // width, kv_idx % plane // width, height, kernel, dilation)
         return depths & rows & _window_1d(q_idx % width, kv_idx % width, width, kernel, dilation)
     return Mask(mask, f"neighborhood_3d({depth}, {height}, {width}, {kernel}, {dilation})")
+
+
+def _integers(name: str, label: str, tensor, dims: tuple[int, ...], shape: str) -> torch.Tensor:
+    """``tensor``, refused unless it is an integer tensor with one of ``dims`` dimensions."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() not in dims or tensor.is_floating_point() \
+            or tensor.is_complex() or tensor.dtype == torch.bool:
+        got = f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) \
+            else type(tensor).__name__
+        raise ValueError(f"{name}: {label} must be an integer tensor {shape}, got {got}")
+    return tensor
 
 
 def _sizes(name: str, least: int, **sizes: int) -> tuple[int, ...]:

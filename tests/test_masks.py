@@ -76,6 +76,8 @@ def test_patterns():
     assert torch.equal(keep_matrix(masks.strided(5))[0], (q >= k) & ((q - k) % 5 == 0))
     padded = keep_matrix(masks.padding(LENGTHS), batch=2)
     assert padded[0].sum(-1).eq(20).all() and padded[1].sum(-1).eq(7).all()
+    assert torch.equal(keep_matrix(masks.padding(7), batch=2),
+                       keep_matrix(masks.padding(torch.tensor([7, 7])), batch=2))
     assert keep_matrix(masks.neighborhood_3d(3, 3, 4, 3), 36)[0].sum(-1).eq(27).all()
 
 
@@ -84,6 +86,27 @@ def test_patterns():
 def test_bad_sizes(make):
     with pytest.raises(ValueError, match="must be a positive int"):
         make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: masks.padding(torch.tensor([20.0, 7.0])), "padding: lengths must be an integer tensor [B] or an int, "
+                                                       "got a torch.float32 tensor of shape (2,)"),
+    (lambda: masks.padding([20, 7]), "padding: lengths must be an integer tensor [B] or an int, got list"),
+    (lambda: masks.padding(-1), "padding: lengths must be an int >= 0, got -1"),
+    (lambda: masks.prefix_lm(torch.tensor([[5, 12]])), "prefix_lm: prefix must be an integer tensor [B] or an int, "
+                                                       "got a torch.int64 tensor of shape (1, 2)"),
+    (lambda: masks.document([0, 0, 1]), "document: doc_ids must be an integer tensor [B, L] or [L], got list"),
+    (lambda: masks.document(torch.zeros(2, 2, 16, dtype=torch.long)), "document: doc_ids must be an integer tensor "
+                                                                      "[B, L] or [L], got a torch.int64 tensor"),
+    (lambda: masks.document(torch.ones(2, 16, dtype=torch.bool)), "document: doc_ids must be an integer tensor"),
+])
+def test_masks_of_tensors_name_the_tensor_they_want(make, message):
+    """Before: a list failed in doc_ids.dim(), a per-batch tensor of the wrong rank failed while tracing
+    ('mask_mod: a vector of 2 entries is used as a value'), padding(7) too ('int' object is not
+    subscriptable, at <unknown location>), and float lengths were taken."""
+    with pytest.raises(ValueError) as refused:
+        make()
+    assert message in str(refused.value)
 
 
 def test_static_masks_get_closed_form_loop_ranges():
