@@ -304,3 +304,27 @@ def test_an_exported_module_inside_fullgraph_compile(call, tmp_path):
     assert torch.equal(got, want)
     for got_grad, want_grad in zip(*(torch.autograd.grad(out.sum(), (q, k, v)) for out in (got, want))):
         assert torch.equal(got_grad, want_grad)
+
+
+def test_torch_export_of_a_model_gives_its_outputs(tmp_path):
+    """torch.export.export traces a model's calls into the program as the spec's custom op (a KV cache call
+    here); the program, also saved and loaded, gives the model's output bit for bit. The spec's learnable
+    tensors read through a closure become constants of the program (no gradient reaches them through it)."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.slopes = torch.nn.Parameter(torch.linspace(0.1, 0.5, 2))
+            slopes = self.slopes
+            self.attn = ag.compile(ag.AttentionSpec(
+                score_mod=lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx), mask_mod=ag.masks.causal))
+
+        def forward(self, q, k, v, kv_lens):
+            return self.attn(q, k, v, kv_lens=kv_lens)
+
+    model, gen = Model(), torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 20, 16, generator=gen),
+              torch.randn(2, 2, 20, 16, generator=gen), torch.tensor([10, 20]))
+    program = torch.export.export(model, inputs)
+    torch.export.save(program, tmp_path / "model.pt2")
+    for loaded in (program, torch.export.load(tmp_path / "model.pt2")):
+        assert torch.equal(loaded.module()(*inputs), model(*inputs))
