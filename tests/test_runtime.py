@@ -48,6 +48,18 @@ def test_second_process_reuses_the_disk_cache(tmp_path):
     assert len(list(tmp_path.glob("*.py"))) == 1
 
 
+def test_compiled_attention_shows_its_spec_and_module():
+    """repr names the spec, the kind of call and the generated module (was ``<... object at 0x...>``)."""
+    attn = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
+    decode = attn.for_call(Variant(cache=True, split_kv=True))
+    assert repr(attn) == ("CompiledAttention(score_mod = None, mask_mod = causal, normalization = Softmax(sink=None), "
+                          f"scale = 1/sqrt(Dqk), stats = ('lse',); {attn.path})")
+    assert "call variant: KV cache (kv_lens, q_offset), split-KV forward (decoding); " in repr(decode)
+    linear = ag.compile(ag.LinearAttentionSpec())
+    assert repr(linear).startswith("CompiledLinearAttention(feature_map = 'elu+1', decay = None,")
+    assert repr(linear).endswith(f"; {linear.path})")
+
+
 def test_a_cache_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     """ATTNGEN_CACHE_DIR pointing at a file (or below one) says so and names the variable (was a bare
     FileExistsError: [Errno 17] File exists)."""

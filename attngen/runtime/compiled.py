@@ -220,6 +220,9 @@ class CompiledAttention:
         """Pickles as its spec (with module-level mods), compiled again when loaded (from the disk cache)."""
         return CompiledAttention, (self.spec, self.variant)
 
+    def __repr__(self) -> str:
+        return f"CompiledAttention({', '.join(self.description)}; {self.path})"
+
     def __deepcopy__(self, memo):
         """A copy of all it holds, not a recompiled spec: the tensors its graph captured (through a closure
         too, which deepcopy does not copy) become the copies made by the same deepcopy, e.g. a copied

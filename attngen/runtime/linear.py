@@ -86,6 +86,9 @@ class CompiledLinearAttention:
         """Pickles as its spec, compiled again when loaded (from the disk cache)."""
         return CompiledLinearAttention, (self.spec,)
 
+    def __repr__(self) -> str:
+        return f"CompiledLinearAttention({', '.join(self.description)}; {self.path})"
+
     @method_under_autocast
     def __call__(self, q, k, v, *, log_decay=None, state=None, return_state: bool = False):
         """Causal linear attention of q [B,Hq,L,Dqk], k [B,Hkv,L,Dqk], v [B,Hkv,L,Dv] -> [B,Hq,L,Dv]
