@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .scalars import integer
+from .scalars import integer, sizes
 
 MaskFn = Callable[..., object]
 
@@ -79,7 +79,7 @@ causal.__doc__ = "Query i sees keys 0..i."
 @_made_by_its_call
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Query i sees keys i-left .. i+right (right=0: a causal window of left+1 keys)."""
-    left, right = _sizes("sliding_window", 0, left=left, right=right)
+    left, right = sizes("sliding_window", 0, left=left, right=right)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx <= left) & (kv_idx - q_idx <= right),
                 f"sliding_window({left}, {right})")
 
@@ -93,7 +93,7 @@ def prefix_lm(prefix: int | torch.Tensor) -> Mask:
     if integer(prefix) is None:
         _integers("prefix_lm", "prefix", prefix, (1,), "[B] or an int")
         return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix[b]) | (q_idx >= kv_idx), "prefix_lm(tensor)")
-    [prefix] = _sizes("prefix_lm", 0, prefix=prefix)
+    [prefix] = sizes("prefix_lm", 0, prefix=prefix)
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < prefix) | (q_idx >= kv_idx), f"prefix_lm({prefix})")
 
 
@@ -108,21 +108,21 @@ def document(doc_ids: torch.Tensor) -> Mask:
 @_made_by_its_call
 def chunked(size: int) -> Mask:
     """Queries see only keys of their own chunk of ``size`` positions (local, non-causal)."""
-    [size] = _sizes("chunked", 1, size=size)
+    [size] = sizes("chunked", 1, size=size)
     return Mask(lambda b, h, q_idx, kv_idx: q_idx // size == kv_idx // size, f"chunked({size})")
 
 
 @_made_by_its_call
 def block_causal(block: int) -> Mask:
     """Causal between blocks of ``block`` positions, full inside a block (block diffusion)."""
-    [block] = _sizes("block_causal", 1, block=block)
+    [block] = sizes("block_causal", 1, block=block)
     return Mask(lambda b, h, q_idx, kv_idx: kv_idx // block <= q_idx // block, f"block_causal({block})")
 
 
 @_made_by_its_call
 def dilated_sliding_window(window: int, dilation: int) -> Mask:
     """Causal window of ``window`` keys spaced ``dilation`` apart: q - kv in {0, d, ..., (window-1) d}."""
-    window, dilation = _sizes("dilated_sliding_window", 1, window=window, dilation=dilation)
+    window, dilation = sizes("dilated_sliding_window", 1, window=window, dilation=dilation)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx >= 0) & (q_idx - kv_idx < window * dilation)
                 & ((q_idx - kv_idx) % dilation == 0), f"dilated_sliding_window({window}, {dilation})")
 
@@ -130,14 +130,14 @@ def dilated_sliding_window(window: int, dilation: int) -> Mask:
 @_made_by_its_call
 def strided(stride: int) -> Mask:
     """Causal keys whose distance to the query is a multiple of ``stride`` (Sparse Transformer)."""
-    [stride] = _sizes("strided", 1, stride=stride)
+    [stride] = sizes("strided", 1, stride=stride)
     return Mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx) % stride == 0), f"strided({stride})")
 
 
 @_made_by_its_call
 def global_tokens(n: int) -> Mask:
     """The first ``n`` positions see and are seen by every position; combine with a local mask by ``|``."""
-    [n] = _sizes("global_tokens", 1, n=n)
+    [n] = sizes("global_tokens", 1, n=n)
     return Mask(lambda b, h, q_idx, kv_idx: (kv_idx < n) | (q_idx < n), f"global_tokens({n})")
 
 
@@ -148,7 +148,7 @@ def padding(lengths: int | torch.Tensor) -> Mask:
     if integer(lengths) is None:
         _integers("padding", "lengths", lengths, (1,), "[B] or an int")
         return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], "padding")
-    [lengths] = _sizes("padding", 0, lengths=lengths)
+    [lengths] = sizes("padding", 0, lengths=lengths)
     return Mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths, f"padding({lengths})")
 
 
@@ -166,7 +166,7 @@ def _window_1d(q, k, size: int, kernel: int, dilation: int):
 @_made_by_its_call
 def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a row-major ``height x width`` grid (NATTEN-style, clamped at borders)."""
-    height, width, kernel, dilation = _sizes("neighborhood_2d", 1, height=height, width=width, kernel=kernel,
+    height, width, kernel, dilation = sizes("neighborhood_2d", 1, height=height, width=width, kernel=kernel,
                                              dilation=dilation)
 
     def mask(b, h, q_idx, kv_idx):
@@ -178,7 +178,7 @@ def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> 
 @_made_by_its_call
 def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a ``depth x height x width`` volume (row-major), clamped at borders."""
-    depth, height, width, kernel, dilation = _sizes("neighborhood_3d", 1, depth=depth, height=height, width=width,
+    depth, height, width, kernel, dilation = sizes("neighborhood_3d", 1, depth=depth, height=height, width=width,
                                                     kernel=kernel, dilation=dilation)
     plane = height * width
 
@@ -197,14 +197,3 @@ def _integers(name: str, label: str, tensor, dims: tuple[int, ...], shape: str) 
             else type(tensor).__name__
         raise ValueError(f"{name}: {label} must be an integer tensor {shape}, got {got}")
     return tensor
-
-
-def _sizes(name: str, least: int, **sizes: int) -> tuple[int, ...]:
-    """The sizes as Python ints, in order; refuses one that is not an int (numpy's included) of at least
-    ``least``."""
-    ints = {label: integer(value) for label, value in sizes.items()}
-    for label, value in ints.items():
-        if value is None or value < least:
-            raise ValueError(f"{name}: {label} must be {'a positive int' if least else 'an int >= 0'}, "
-                             f"got {sizes[label]!r}")
-    return tuple(ints.values())

@@ -19,3 +19,14 @@ def real(value) -> int | float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return int(value) if isinstance(value, numbers.Integral) else float(value)
     return None
+
+
+def sizes(name: str, least: int, **sizes: int) -> tuple[int, ...]:
+    """The sizes as Python ints, in order; refuses one that is not an int (numpy's included) of at least
+    ``least``."""
+    ints = {label: integer(value) for label, value in sizes.items()}
+    for label, value in ints.items():
+        if value is None or value < least:
+            raise ValueError(f"{name}: {label} must be {'a positive int' if least else 'an int >= 0'}, "
+                             f"got {sizes[label]!r}")
+    return tuple(ints.values())

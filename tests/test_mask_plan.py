@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -549,3 +550,16 @@ def test_each_tiling_is_summarized_and_listed_once_per_call(tiles, monkeypatch):
     assert (forward["index_select"], forward["aminmax"], forward["amin"], forward["amax"]) == (tilings, tilings, 0, 0)
     assert (backward["index_select"], backward["aminmax"]) == (0, 0), backward
     assert_matches_reference(spec, q, k, v)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(q_len=-5, kv_len=10), "tile_plan: q_len must be an int >= 0, got -5"),  # torch's negative dimension
+    (dict(q_len=64.5, kv_len=64), "tile_plan: q_len must be an int >= 0, got 64.5"),  # torch.empty's TypeError
+    (dict(q_len=64, kv_len=64, block_m=0), "tile_plan: block_m must be a positive int, got 0"),  # ZeroDivisionError
+    (dict(q_len=64, kv_len=64, heads=0), "tile_plan: heads must be a positive int, got 0"),
+])
+def test_plan_sizes_out_of_range_are_named(arguments, message):
+    attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attn.block_stats(**arguments)
+    assert attn.block_stats(0, 0) == {"total": 0, "empty": 0, "full": 0, "partial": 0}

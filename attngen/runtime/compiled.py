@@ -23,6 +23,7 @@ from ..ir.graph import Capture
 from ..linear import LinearAttentionSpec
 from ..norms import WEIGHT_FAMILIES
 from ..qkv import check_entmax_alpha, per_head_tensor
+from ..scalars import sizes
 from ..spec import AttentionSpec
 from ..trace import trace
 from . import autotune, calls, plan, tracing
@@ -266,17 +267,20 @@ class CompiledAttention:
                   block_n: int | None = None, device=None, **call):
         """Per tile, what :meth:`block_stats` counts: bool tensors ``(visited, full)`` of shape
         ``[batch, heads, q tiles, kv tiles]``."""
+        q_len, kv_len, batch = sizes("tile_plan", 0, q_len=q_len, kv_len=kv_len, batch=batch)
+        [heads] = sizes("tile_plan", 1, heads=heads)
+        given = {name: size for name, size in (("block_m", block_m), ("block_n", block_n)) if size is not None}
+        tiles = dict(zip((name.upper() for name in given), sizes("tile_plan", 1, **given)))
         captures = [c.tensor for c in self.graph.captures]
         device = torch.device(device or (captures[0].device if captures else "cpu"))
         packed = call.get("cu_seqlens_q") is not None
-        sizes = [((q_len, heads), (kv_len, heads)) if packed else ((batch, heads, q_len), (batch, heads, kv_len))][0]
-        q, k = (torch.empty(*size, 1, device=device) for size in sizes)
+        shapes = ((q_len, heads), (kv_len, heads)) if packed else ((batch, heads, q_len), (batch, heads, kv_len))
+        q, k = (torch.empty(*shape, 1, device=device) for shape in shapes)
         prepared = calls.prepare(self.spec, q, k, k, **call)
         attn = self.for_call(prepared.variant)
         kernels = load_kernels(attn.path, interpret=True)
         example = torch.empty(0, 0, 0, 64, dtype=torch.bfloat16, device="meta")
-        config = {**kernels.default_config(example, example, example, device.type),
-                  **{k: v for k, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)) if v is not None}}
+        config = {**kernels.default_config(example, example, example, device.type), **tiles}
         tensors = kernels.prepare_captures(attn._captures(device, prepared.tensors))
         shape = prepared.shape
         return plan.tile_states(attn.kernel_graph(), kernels, tensors, shape.batch, shape.q_heads, shape.q_len,
