@@ -306,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--ir", action="store_true", help="print only the IR")
     show.add_argument("--source", action="store_true", help="print only the generated module")
     show.add_argument("--plan", action="store_true", help="print only the mask plan (which tiles are visited)")
-    show.add_argument("--blocks", type=positive_int, metavar="L", help="also count empty/full/partial tiles at length L")
+    show.add_argument("--blocks", type=positive_int, metavar="L",
+                      help="also count empty/full/partial tiles at length L")
     show.add_argument("--call", choices=CALLS, default="plain",
                       help="the kernels of this kind of call: a KV cache (kv_lens, q_offset), decoding from one "
                            "(split-KV; sparsemax / entmax do not split), from a paged cache, packed sequences "
@@ -331,8 +332,8 @@ def parser() -> argparse.ArgumentParser:
                                         "shapes; prints a runnable snippet for the smallest failing case")
     check.add_argument("--examples", type=positive_int, help="shapes per property (default 20, --deep 200)")
     check.add_argument("--deep", action="store_true", help="more examples, lengths up to 256, bf16 and fp16 too")
-    check.add_argument("--heads", type=positive_int, default=8, help="query heads, as the spec's captured tensors expect "
-                                                            "(default 8)")
+    check.add_argument("--heads", type=positive_int, default=8,
+                       help="query heads, as the spec's captured tensors expect (default 8)")
     check.add_argument("--batch", type=positive_int, default=2, help="largest batch (default 2)")
     check.add_argument("--max-len", type=positive_int, help="longest Lq / Lk (default 96, --deep 256)")
     check.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0: the same run every time)")

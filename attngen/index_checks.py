@@ -10,13 +10,11 @@ exported ``forward`` refuses the same reads in the same words.
 import functools
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .qkv import least_and_greatest, values_checkable
+from .qkv import kept_extremes, least_and_greatest, values_checkable
 
 INDICES = ("b", "h", "q_idx", "kv_idx")
 BY_CONSTANT = ("floordiv", "mod", "mul")  # an expression and a constant
-_EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest))
 # the IR's ops (attngen/ir/graph.py's OPS) with torch, on tensors of the result's type ("where" and the
 # comparisons aside; "to_int": the result type's .to() converts, rounding toward zero), and its types
 TORCH_OPS = {
@@ -169,21 +167,6 @@ def _loaded(bounds):
     return _loaded(bounds[1]) | _loaded(bounds[2])
 
 
-def _extremes(tensor, box):
-    """The least and the greatest value of ``tensor`` over ``box``, read once per version of the tensor
-    (every time for an inference tensor, which has no version counter)."""
-    def read():
-        return tuple(least_and_greatest(tensor[tuple(slice(lo, hi + 1) for lo, hi in box)]))
-    if tensor.is_inference():
-        return read()
-    key = (tensor._version, box)
-    known = _EXTREMES.get(tensor)
-    if known is None or known[0] != key:
-        known = key, read()
-        _EXTREMES[tensor] = known
-    return known[1]
-
-
 def captured_values(captures):
     """``values(capture, box)`` for :func:`index_range`: the least and the greatest value of captured tensor
     ``captures[capture]`` over a box, not found inside a torch.compile trace, while a CUDA graph is captured
@@ -193,7 +176,7 @@ def captured_values(captures):
         if not values_checkable(tensor) or tensor.dim() != len(box) or \
                 any(lo < 0 or hi >= n for (lo, hi), n in zip(box, tensor.shape)):
             return None
-        return _extremes(tensor, box)
+        return kept_extremes(tensor, box)
     return values
 
 

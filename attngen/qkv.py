@@ -7,11 +7,13 @@ import functools
 import numbers
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 1024  # attention; above 256 (MLA's 576 / 512) the kernels take small tiles
 LINEAR_MAX_HEAD_DIM = 256  # linear attention keeps a [Dqk, Dv] state in each program
 GRID_AXIS_LIMIT = 65535  # programs along a CUDA launch grid's axes 1 and 2, the kernels' heads and batch entries
+_KEPT_EXTREMES = WeakIdKeyDictionary()  # tensor -> ((its version, box), (least, greatest)): see kept_extremes
 
 
 def check_qkv(q, k, v, dtypes=None, max_head_dim=None):
@@ -132,6 +134,23 @@ def least_and_greatest(t):
     return torch.stack(torch.aminmax(t)).tolist()
 
 
+def kept_extremes(t, box=None):
+    """(the least, the greatest) value of ``t`` over ``box`` (a (first, last) index per dimension; None: all
+    of it), read once per version of ``t``: the calls of a model's layers that share a tensor (kv_lens, a
+    captured table) wait for a GPU once while in-place torch operations leave it alone (an inference
+    tensor, which has no version counter, is read every time)."""
+    def read():
+        return tuple(least_and_greatest(t if box is None else t[tuple(slice(lo, hi + 1) for lo, hi in box)]))
+    if t.is_inference():
+        return read()
+    key = (t._version, box)
+    known = _KEPT_EXTREMES.get(t)
+    if known is None or known[0] != key:
+        known = key, read()
+        _KEPT_EXTREMES[t] = known
+    return known[1]
+
+
 def per_batch_integers(name, value, batch, device):
     """``value`` (an int or a 1-d integer tensor with one entry per batch entry) as an int32 tensor
     [batch] on ``device``."""
@@ -153,8 +172,8 @@ def cache_positions(kv_lens, q_offset, batch, q_len, kv_len, device):
     (an int or [batch] ints; None: the caches are full) between 0 and kv_len; ``q_offset`` (likewise; None:
     kv_lens - q_len, the queries being the last tokens)."""
     lens = per_batch_integers("kv_lens", kv_len if kv_lens is None else kv_lens, batch, device)
-    if isinstance(kv_lens, torch.Tensor):
-        extremes = least_and_greatest(lens) if values_checkable(lens) and batch else []
+    if isinstance(kv_lens, torch.Tensor):  # read once for every layer's call while it holds the same values
+        extremes = kept_extremes(kv_lens) if values_checkable(kv_lens) and batch else []
     else:  # an int: checked without reading the device
         extremes = [] if kv_lens is None else [int(kv_lens)]
     if any(n < 0 or n > kv_len for n in extremes):

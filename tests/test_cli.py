@@ -487,7 +487,8 @@ def test_an_exported_block_mask_module_takes_block_masks_as_attngen_does(tmp_pat
         "are passed as attngen.BlockMask(block_mask, BLOCK_SIZE))" in \
         _refusal(module.forward, q[:, :, :30], k, v, slopes, block_mask=matrix, **cache)[1]  # 15 x 8 blocks
     for wrong in (torch.cat([matrix, matrix[:1]]), matrix.int(), matrix[..., :3],  # 3 kv blocks: 40 keys unevenly
-                  ag.BlockMask(torch.tensor([[[[5]]]]), (16, 8)), matrix.to("meta")):  # before: the module passed another device's tensor to the kernels
+                  ag.BlockMask(torch.tensor([[[[5]]]]), (16, 8)),
+                  matrix.to("meta")):  # before: the module passed another device's tensor to the kernels
         assert _refusal(module.forward, q, k, v, slopes, block_mask=wrong, **cache) == \
             _refusal(attn, q, k, v, block_mask=wrong, **cache), wrong
     with pytest.raises(ValueError, match="packed sequences cannot be combined with a block mask"):

@@ -457,6 +457,27 @@ def test_both_cumulative_lengths_are_checked_with_one_read(monkeypatch):
         packed_positions(torch.tensor([0, 5, 9]), torch.tensor([0, 2, 7]), 9, 6)
 
 
+def test_the_layers_of_a_decoding_step_read_kv_lens_once(monkeypatch):
+    """Each read of kv_lens's values (to check them) waits for a GPU: the calls of every layer of one step,
+    which share the tensor, read it once; an in-place update (the next step) is read again and checked
+    (before: one read per call, so one wait per layer)."""
+    attn = ag.compile(ag.AttentionSpec(mask_mod=masks.causal))
+    q, k, v = (torch.randn(2, 2, n, 16, generator=torch.Generator().manual_seed(n)) for n in (1, 24, 24))
+    first = attn(q, k, v, kv_lens=torch.tensor([10, 20]))  # builds and imports the kernels
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    lens = torch.tensor([10, 20])
+    for _ in range(4):  # four layers
+        assert torch.equal(attn(q, k, v, kv_lens=lens), first)
+    assert len(reads) == 1
+    lens += 1
+    attn(q, k, v, kv_lens=lens)
+    assert len(reads) == 2
+    lens += 4
+    with pytest.raises(ValueError, match=r"kv_lens must be between 0 and the cache length \(24\), got \[15, 25\]"):
+        attn(q, k, v, kv_lens=lens)
+
+
 CACHE_MAPS = (ag.stats.col_sum(), ag.stats.col_sum(reduce_heads=True, name="per_kv_head"),
               ag.stats.pooled(4, 8, "mean", name="pooled"), ag.stats.pooled(3, 5, "sum", name="coarse"),
               ag.stats.pooled(2, 16, "max", name="peak"))
@@ -575,13 +596,14 @@ def test_every_kind_of_call_runs_on_inference_tensors():
         doc_ids, lens = make(torch.tensor([[0] * 10 + [1] * 14, [0] * 20 + [1] * 4])), make(torch.tensor([17, 24]))
         pages = [make(torch.randn(6, 2, 8, 16, generator=gen)) for _ in range(2)]
         cu = make(torch.tensor([0, 9, 24], dtype=torch.int32))
-        bucketed = ag.compile(ag.AttentionSpec(score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, buckets[q_idx, kv_idx]],
-                                               mask_mod=ag.masks.document(doc_ids), stats=("lse", "max")))
+        bucketed = ag.compile(ag.AttentionSpec(
+            score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, buckets[q_idx, kv_idx]],
+            mask_mod=ag.masks.document(doc_ids), stats=("lse", "max")))
         causal = ag.compile(ag.AttentionSpec(mask_mod=ag.masks.causal))
         flex = create_block_mask(ag.masks.causal, None, None, 24, 24, device="cpu", BLOCK_SIZE=8)
         out, stats = bucketed(q, k, v, return_stats=True)
-        return [out, stats.lse, stats.max, bucketed(q, k, v, block_mask=make(torch.eye(3, dtype=torch.bool)
-                                                                                         [None, None])),
+        diagonal = make(torch.eye(3, dtype=torch.bool)[None, None])  # blocks of 8 x 8 tokens
+        return [out, stats.lse, stats.max, bucketed(q, k, v, block_mask=diagonal),
                 causal(q[:, :, :2], k, v, kv_lens=lens, mode="decode"), ag.attention(q, k, v, block_mask=flex),
                 causal(q[:, :, :1], *pages, block_table=make(torch.tensor([[0, 1, 2], [3, 4, 5]])), kv_lens=lens),
                 causal(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens_q=cu,

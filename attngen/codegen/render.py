@@ -23,8 +23,9 @@ from ..ir.passes.ranges import SEGMENTS
 from ..norms import ONLINE_FAMILIES, WEIGHT_FAMILIES, Normalization
 from ..qkv import (GRID_AXIS_LIMIT, KERNEL_DTYPES, LINEAR_MAX_HEAD_DIM, MAX_HEAD_DIM, cache_positions, check_device,
                    check_entmax_alpha, check_launch, check_pages_in_range, check_qkv, dropout_rate, dropout_tensors,
-                   jagged_at_length, jagged_view, least_and_greatest, packed_output, packed_positions, packed_view,
-                   paged_view, per_batch_integers, per_head_tensor, tensor_kind, under_autocast, values_checkable)
+                   jagged_at_length, jagged_view, kept_extremes, least_and_greatest, packed_output, packed_positions,
+                   packed_view, paged_view, per_batch_integers, per_head_tensor, tensor_kind, under_autocast,
+                   values_checkable)
 from ..runtime.plan import depends_on_head, layout, same_for_all_heads
 from ..stats import MapStat, forward_only
 from .printer import TritonPrinter
@@ -674,7 +675,8 @@ def _attention_entry_point(entry_point: EntryPoint, norm_params: list[str]) -> d
         "packed": entry_point.packed,
         "block_mask": bool(block_mask),
         "call_arguments": entry_point.arguments(),
-        **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest, check_launch, per_head_tensor,
+        **_entry_point(MAX_HEAD_DIM, values_checkable, least_and_greatest, kept_extremes, check_launch,
+                       per_head_tensor,
                        *((check_entmax_alpha,) if "entmax_alpha" in norm_params else ()),
                        *((per_batch_integers, cache_positions) if entry_point.cache else ()),
                        *((paged_view, check_pages_in_range) if entry_point.paged else ()),
