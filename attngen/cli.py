@@ -111,7 +111,7 @@ def device_name(text: str) -> str:
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
         raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA devices here")
     return text
 

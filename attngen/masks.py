@@ -167,7 +167,7 @@ def _window_1d(q, k, size: int, kernel: int, dilation: int):
 def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a row-major ``height x width`` grid (NATTEN-style, clamped at borders)."""
     height, width, kernel, dilation = sizes("neighborhood_2d", 1, height=height, width=width, kernel=kernel,
-                                             dilation=dilation)
+                                            dilation=dilation)
 
     def mask(b, h, q_idx, kv_idx):
         rows = _window_1d(q_idx // width, kv_idx // width, height, kernel, dilation)
@@ -179,7 +179,7 @@ def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> 
 def neighborhood_3d(depth: int, height: int, width: int, kernel: int, dilation: int = 1) -> Mask:
     """Neighborhood attention on a ``depth x height x width`` volume (row-major), clamped at borders."""
     depth, height, width, kernel, dilation = sizes("neighborhood_3d", 1, depth=depth, height=height, width=width,
-                                                    kernel=kernel, dilation=dilation)
+                                                   kernel=kernel, dilation=dilation)
     plane = height * width
 
     def mask(b, h, q_idx, kv_idx):

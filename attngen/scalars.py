@@ -21,12 +21,12 @@ def real(value) -> int | float | None:
     return None
 
 
-def sizes(name: str, least: int, **sizes: int) -> tuple[int, ...]:
-    """The sizes as Python ints, in order; refuses one that is not an int (numpy's included) of at least
-    ``least``."""
-    ints = {label: integer(value) for label, value in sizes.items()}
+def sizes(name: str, least: int, **given: int) -> tuple[int, ...]:
+    """The sizes ``given`` as Python ints, in order; refuses one that is not an int (numpy's included) of at
+    least ``least``, naming ``name`` and the argument."""
+    ints = {label: integer(value) for label, value in given.items()}
     for label, value in ints.items():
         if value is None or value < least:
             raise ValueError(f"{name}: {label} must be {'a positive int' if least else 'an int >= 0'}, "
-                             f"got {sizes[label]!r}")
+                             f"got {given[label]!r}")
     return tuple(ints.values())
